@@ -70,12 +70,13 @@ def add_at(xp, target, index, values):
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel dispatch. An op written in NumPy calls `accelerated(reference_fn, *arrays)` and gets back
-# the function to run: a registered kernel for that reference when kernels are enabled and the
-# arrays live on a device that kernel serves, else the reference itself. The reference is the
-# readable definition; a kernel is registered only beside a test that it equals the reference.
+# Kernel dispatch. An op is a reference: a Function class (functional.py) or a plain array function
+# (the AdamW update). `accelerated(reference, *arrays)` gives back what to run: a kernel registered
+# for that reference and the arrays' device when kernels are enabled, else the reference itself.
+# A kernel for a Function is a class with the same forward(ctx, ...)/backward(ctx, dout) signature;
+# it keeps its own saved context. A kernel is registered only beside a test that it equals the reference.
 
-_kernels = {}  # (reference function, device) -> kernel function
+_kernels = {}  # (reference, device) -> kernel
 _kernels_loaded = False
 
 
@@ -99,9 +100,12 @@ def _load_kernels():
 
 
 def accelerated(reference, *arrays):
-    """The function to run for `reference` on these arrays: a kernel if one serves them, else `reference`."""
+    """What to run for `reference` on these arrays: a kernel if one serves them, else `reference`."""
     if not kernels_enabled():
         return reference
     if not _kernels_loaded:
         _load_kernels()
-    return _kernels.get((reference, device_of(arrays[0]) if arrays else "cpu"), reference)
+    if not _kernels:
+        return reference
+    device = next((device_of(a) for a in arrays if hasattr(a, "dtype")), "cpu")
+    return _kernels.get((reference, device), reference)
