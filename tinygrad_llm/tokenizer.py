@@ -1,0 +1,543 @@
+"""Tokenizers: text <-> lists of integer token ids.
+
+Two kinds, with the same surface (`encode`, `decode`, `vocab_size`, `to_dict`):
+
+- `CharTokenizer`: one id per distinct character, the tiny-Shakespeare baseline.
+- `BPETokenizer`: byte-level byte pair encoding with a regex pre-split and special tokens,
+  following tiktoken's interface and producing tiktoken's ids for the same ranks.
+
+`tokenizer_from_dict(d)` rebuilds either kind from its `to_dict()` (checkpoints and meta.json store
+that dict). Design notes, the tie-break and the end-of-text convention: docs/tokenizer.md.
+"""
+import codecs
+import heapq
+import json
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from itertools import chain
+from pathlib import Path
+
+import regex
+
+# The pre-split patterns of GPT-2 and GPT-4 (cl100k): text is cut into pieces (words with their
+# leading space, number runs, punctuation runs, whitespace runs) and BPE never merges across pieces.
+# These are tiktoken's spellings (r50k_base and cl100k_base), so splits agree with theirs.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                      r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+
+
+class CharTokenizer:
+    """One token per character, ids in sorted character order.
+
+    >>> tok = CharTokenizer.from_text("hello")
+    >>> tok.chars, tok.vocab_size
+    (['e', 'h', 'l', 'o'], 4)
+    >>> tok.encode("hole")
+    [1, 3, 2, 0]
+    >>> tok.decode([1, 0, 2, 2, 3])
+    'hello'
+    """
+
+    def __init__(self, chars):
+        chars = list(chars)
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise ValueError("CharTokenizer needs distinct single characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            # find the first unknown character only on the error path, so encoding stays one pass
+            position, char = next((i, c) for i, c in enumerate(text) if c not in self.stoi)
+            raise ValueError(f"character {char!r} at position {position} is not in the "
+                             f"vocabulary of {self.vocab_size} characters") from None
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]  # accepts numpy integers from sampled arrays
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return "".join([self.chars[i] for i in ids])
+
+    def to_dict(self):
+        return {"kind": "char", "chars": "".join(self.chars)}
+
+    @classmethod
+    def from_dict(cls, d):
+        if d.get("kind") != "char":
+            raise ValueError(f"not a CharTokenizer dict (kind={d.get('kind')!r})")
+        return cls(d["chars"])
+
+
+_ENCODE_CACHE_LIMIT = 1 << 18  # pieces remembered per tokenizer; beyond this, new pieces are not cached
+_FILE_FORMAT, _FILE_VERSION = "tinygrad_llm.bpe", 1
+
+
+# What \p{L}, \p{N} and \s mean on ASCII text, spelled out for the standard library's `re`
+# (Python >= 3.11 has the possessive quantifiers the split patterns use). Spelled out because the
+# `regex` module's \s leaves out \x1c..\x1f, which `re`'s \s would include.
+_ASCII_CLASSES = {r"\p{L}": "A-Za-z", r"\p{N}": "0-9", r"\s": r"\t\n\x0b\x0c\r "}
+
+
+def _ascii_twin(pattern):
+    """The split pattern for text known to be ASCII, compiled with the standard `re`, which runs
+    the GPT patterns about 2.5x faster than `regex` (tests check that both give the same pieces);
+    None if the pattern holds a class this table does not translate.
+
+    >>> _ascii_twin(r" ?\\p{L}+|\\p{N}|[^\\s\\p{L}]").pattern
+    ' ?[A-Za-z]+|[0-9]|[^\\\\t\\\\n\\\\x0b\\\\x0c\\\\r A-Za-z]'
+    """
+    if not pattern.isascii():
+        return None
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        if pattern.startswith(r"\p{", i):
+            token = pattern[i:i + 5]
+        else:
+            token = pattern[i:i + 2] if pattern[i] == "\\" else pattern[i]
+        if token in _ASCII_CLASSES:
+            out.append(_ASCII_CLASSES[token] if in_class else f"[{_ASCII_CLASSES[token]}]")
+        elif token == r"\S" and not in_class:
+            out.append("[^" + _ASCII_CLASSES[r"\s"] + "]")
+        elif token[0] == "\\" and token[1] in "pPSwWdDbB":
+            return None
+        else:
+            in_class = (in_class or token == "[") and token != "]"
+            out.append(token)
+        i += len(token)
+    return re.compile("".join(out))
+
+
+def _replace_pair(ids, pair, new_id):
+    """Replace each occurrence of `pair` in `ids` by `new_id`, scanning left to right.
+
+    >>> _replace_pair([1, 2, 3, 1, 2], (1, 2), 4)
+    [4, 3, 4]
+    >>> _replace_pair([5, 5, 5], (5, 5), 6)   # overlapping occurrences: the leftmost wins
+    [6, 5]
+    """
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _merge_by_rank(piece, ranks):
+    """Token ids of one piece (bytes) the way tiktoken computes them: start from single bytes, then
+    repeatedly join the adjacent pair whose joined bytes have the lowest rank (the leftmost on a tie)
+    until no adjacent pair joins into a known token.
+
+    >>> _merge_by_rank(b"abcab", {b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"abc": 4})
+    [4, 3]
+
+    (ab at rank 3 is joined twice, then ab+c at rank 4; ab+ab is not a token.) Quadratic in the
+    piece length, which the split pattern keeps short for text.
+    """
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best_rank, best_i = None, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best_rank is None or rank < best_rank):
+                best_rank, best_i = rank, i
+        if best_rank is None:
+            break
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return [ranks[part] for part in parts]
+
+
+def _special_regex(tokens):
+    # longest first, so that of two special tokens where one is a prefix of the other the longer wins
+    return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+
+
+def _count_pieces(text, pattern, special_tokens):
+    """Counter of the regex pieces of `text` (a str, or an iterable of str blocks), with special-token
+    strings cut out first so that no merge ever learns part of one."""
+    split, split_ascii = regex.compile(pattern), _ascii_twin(pattern)
+    special = _special_regex(special_tokens) if special_tokens else None
+    counts = Counter()
+    for block in [text] if isinstance(text, str) else text:
+        for part in special.split(block)[::2] if special else [block]:  # [::2] drops the specials
+            counts.update((split_ascii if split_ascii and part.isascii() else split).findall(part))
+    return counts
+
+
+def _add_token(vocab, ranks, pair):
+    """The id of the token made of `pair`, appended to vocab/ranks unless its bytes are known already
+    (two different pairs can spell the same bytes; ranks map bytes to one id, as tiktoken's do)."""
+    joined = vocab[pair[0]] + vocab[pair[1]]
+    if joined not in ranks:
+        ranks[joined] = len(vocab)
+        vocab.append(joined)
+    return ranks[joined]
+
+
+def _byte_ranks():
+    vocab = [bytes([b]) for b in range(256)]
+    return vocab, {token: i for i, token in enumerate(vocab)}
+
+
+def train_ranks_reference(piece_counts, vocab_size):
+    """The readable BPE training loop: count every pair, merge the most frequent, repeat.
+
+    Same result as the fast loop in BPETokenizer.train (tests check it); it recounts all pairs of
+    all pieces at every merge, so it is slow. piece_counts: {piece str: count}; returns bytes -> rank.
+    """
+    vocab, ranks = _byte_ranks()
+    words = [(list(piece.encode("utf-8")), count) for piece, count in piece_counts.items()]
+    while len(vocab) < vocab_size:
+        pair_counts = Counter()
+        for ids, count in words:
+            for pair in zip(ids, ids[1:]):
+                pair_counts[pair] += count
+        if not pair_counts:
+            break
+        pair = min(pair_counts, key=lambda p: (-pair_counts[p], p))  # most frequent, then smallest ids
+        new_id = _add_token(vocab, ranks, pair)
+        words = [(_replace_pair(ids, pair, new_id), count) for ids, count in words]
+    return ranks
+
+
+def _train_ranks(piece_counts, vocab_size, verbose=False):
+    """Fast BPE training, same merges as train_ranks_reference.
+
+    Three things make it fast: each distinct piece is one word with a count (tiny Shakespeare's
+    263k pieces are 15k words); pair counts are updated only for the words that hold the merged
+    pair (`where` finds them); and a heap of (-count, left id, right id) gives the next pair. Heap
+    entries are not removed when a count changes: a fresh entry is pushed, and popped entries whose
+    count no longer matches are skipped.
+    """
+    vocab, ranks = _byte_ranks()
+    words = [list(piece.encode("utf-8")) for piece in piece_counts]
+    counts = list(piece_counts.values())
+    pair_counts = defaultdict(int)
+    where = defaultdict(set)  # pair -> indices of words that held it (some may no longer)
+    for w, ids in enumerate(words):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += counts[w]
+            where[pair].add(w)
+    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    n_merges = max(vocab_size - 256, 1)
+    while len(vocab) < vocab_size and heap:
+        negative_count, a, b = heapq.heappop(heap)
+        pair = (a, b)
+        if pair_counts.get(pair) != -negative_count:
+            continue  # stale entry
+        new_id = _add_token(vocab, ranks, pair)
+        changed = set()
+        for w in where.pop(pair):
+            old = words[w]
+            new = _replace_pair(old, pair, new_id)
+            if len(new) == len(old):
+                continue  # the word lost this pair to an earlier merge
+            # take the word's old pairs out of the counts and put its new pairs in
+            for p in zip(old, old[1:]):
+                pair_counts[p] -= counts[w]
+                changed.add(p)
+            for p in zip(new, new[1:]):
+                pair_counts[p] += counts[w]
+                where[p].add(w)
+                changed.add(p)
+            words[w] = new
+        for p in changed:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], *p))
+            else:
+                del pair_counts[p]
+        if verbose and (len(vocab) - 256) % max(n_merges // 100, 1) == 0:
+            print(f"\rBPE training: {len(vocab) - 256}/{n_merges} merges", end="", file=sys.stderr)
+    if verbose:
+        print(file=sys.stderr)
+    return ranks
+
+
+class IncrementalDecoder:
+    """Decodes a stream of token ids, holding back the bytes of a character that is split across
+    tokens until the rest arrives, so streamed text never shows a spurious "\\ufffd".
+
+    >>> tok = BPETokenizer.from_tiktoken({bytes([b]): b for b in range(256)}, GPT4_SPLIT_PATTERN)
+    >>> dec = tok.incremental_decoder()
+    >>> [dec.feed(i) for i in "é!".encode("utf-8")]   # é is the two bytes 0xC3 0xA9
+    ['', 'é', '!']
+    >>> dec.flush()
+    ''
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids):
+        """ids: one id or a list of ids; returns the text completed so far."""
+        return self.utf8.decode(self.tokenizer.decode_bytes([ids] if isinstance(ids, int) else ids))
+
+    def flush(self):
+        """Text held back at the end of the stream (an incomplete character becomes "\\ufffd")."""
+        return self.utf8.decode(b"", final=True)
+
+
+class BPETokenizer:
+    """Byte-level byte pair encoding with a regex pre-split and special tokens, as in GPT-2/GPT-4.
+
+    Text is cut into pieces by `pattern`; each piece's UTF-8 bytes start as ids 0..255 and are
+    merged into longer tokens by rank. `mergeable_ranks` (bytes -> rank, the rank is the token id)
+    and `pattern` are tiktoken's format, so tiktoken built from them gives the same ids.
+
+    Worked example (the tie-break and the end-of-text placement are in docs/tokenizer.md):
+
+    >>> tok = BPETokenizer.train("aaabdaaabac", vocab_size=259, special_tokens=["<|endoftext|>"])
+    >>> [token for token, rank in tok.mergeable_ranks.items() if rank >= 256]
+    [b'aa', b'ab', b'aaab']
+    >>> tok.encode("aaabdaaabac")              # aaab d aaab a c
+    [258, 100, 258, 97, 99]
+    >>> tok.encode("<|endoftext|>aa", allowed_special="all")
+    [259, 256]
+    >>> tok.decode([258, 100])
+    'aaabd'
+    """
+
+    def __init__(self, mergeable_ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None):
+        ranks = dict(mergeable_ranks)
+        special_tokens = dict(special_tokens or {})
+        if not all(isinstance(k, bytes) for k in ranks) or sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError("mergeable_ranks must map bytes to the ranks 0..n-1, each used once")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"mergeable_ranks lacks {len(missing)} single bytes (first: {bytes(missing[:1])!r}); "
+                             "byte-level BPE needs all 256 so that any text can be encoded")
+        clash = [t for t, i in special_tokens.items() if i < len(ranks) or list(special_tokens.values()).count(i) > 1]
+        if clash:
+            raise ValueError(f"special token {clash[0]!r} has id {special_tokens[clash[0]]}, which is "
+                             f"taken by another token (the {len(ranks)} ranks use ids 0..{len(ranks) - 1})")
+        self.mergeable_ranks = ranks
+        self.pattern = pattern
+        self.special_tokens = special_tokens
+        self._split = regex.compile(pattern)
+        self._split_ascii = _ascii_twin(pattern)
+        self._decoder = {i: token for token, i in ranks.items()}
+        self._decoder.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
+        self._cache = {}  # piece str -> tuple of ids: text repeats its words, so most pieces are seen before
+
+    # ----- training and construction -----
+
+    @classmethod
+    def train(cls, text, vocab_size, pattern=GPT4_SPLIT_PATTERN, special_tokens=(), verbose=False):
+        """Learn vocab_size - 256 merges from `text` (a str, or an iterable of str blocks).
+
+        vocab_size counts the 256 bytes and the merges; special tokens take the ids after them.
+        Each step merges the most frequent adjacent pair; among equally frequent pairs, the one
+        with the smaller (left id, right id). Training stops early if no pair is left.
+        """
+        if vocab_size < 256:
+            raise ValueError(f"vocab_size must be at least 256 (the single bytes), got {vocab_size}")
+        special_tokens = list(special_tokens)
+        duplicates = sorted({t for t in special_tokens if special_tokens.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate special tokens: {duplicates}")
+        ranks = _train_ranks(_count_pieces(text, pattern, special_tokens), vocab_size, verbose)
+        return cls(ranks, pattern, {t: len(ranks) + i for i, t in enumerate(special_tokens)})
+
+    @classmethod
+    def from_tiktoken(cls, mergeable_ranks, pattern, special_tokens=None):
+        """From tiktoken's parts, e.g. enc._mergeable_ranks, enc._pat_str, enc._special_tokens."""
+        return cls(mergeable_ranks, pattern, special_tokens)
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json_path, vocab_bpe_path):
+        """From OpenAI's GPT-2 `encoder.json` (token -> id) and `vocab.bpe` (the merges, in order).
+
+        Those files spell each byte as a printable character (see _gpt2_byte_alphabet). The ranks
+        come from encoder.json; vocab.bpe must agree: its i-th merge is the token of rank 256 + i.
+        """
+        alphabet = _gpt2_byte_alphabet()
+
+        def to_bytes(word):
+            try:
+                return bytes(alphabet[c] for c in word)
+            except KeyError:
+                raise ValueError(f"{encoder_json_path}: {word!r} is not in GPT-2's byte alphabet") from None
+
+        encoder = json.loads(Path(encoder_json_path).read_text(encoding="utf-8"))
+        special = {t: encoder.pop(t) for t in ("<|endoftext|>",) if t in encoder}
+        ranks = {to_bytes(word): i for word, i in encoder.items()}
+        lines = Path(vocab_bpe_path).read_text(encoding="utf-8").split("\n")
+        merges = [line.split(" ") for line in lines[1:] if line]  # line 0 is "#version: ..."
+        for i, (left, right) in enumerate(merges):
+            if ranks.get(to_bytes(left) + to_bytes(right)) != 256 + i:
+                raise ValueError(f"{vocab_bpe_path}: merge {i} ({left} {right}) does not match "
+                                 f"{encoder_json_path}, which gives it id {ranks.get(to_bytes(left) + to_bytes(right))}")
+        return cls(ranks, GPT2_SPLIT_PATTERN, special)
+
+    # ----- encoding -----
+
+    @property
+    def n_vocab(self):
+        return max(self._decoder) + 1
+
+    vocab_size = n_vocab
+
+    def _encode_piece(self, piece):
+        ids = self._cache.get(piece)
+        if ids is None:
+            data = piece.encode("utf-8")
+            # a whole piece that is a token stays one token, even if merges by rank would split it
+            ids = (self.mergeable_ranks[data],) if data in self.mergeable_ranks else tuple(
+                _merge_by_rank(data, self.mergeable_ranks))
+            if len(self._cache) < _ENCODE_CACHE_LIMIT:
+                self._cache[piece] = ids
+        return ids
+
+    def encode_ordinary(self, text):
+        """Ids of `text`, with special-token strings treated as plain text."""
+        cache = self._cache
+        ascii_only = self._split_ascii is not None and text.isascii()
+        pieces = (self._split_ascii if ascii_only else self._split).findall(text)
+        try:  # the fast path: every piece seen before, so the whole loop runs in C
+            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        except KeyError:
+            return list(chain.from_iterable(map(self._encode_piece, pieces)))
+
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        """Ids of `text`. Special tokens as in tiktoken: a special token found in the text raises
+        ValueError if it is disallowed (by default, all that are not allowed), becomes its special
+        id if allowed (a set of names, or "all"), and is plain text otherwise.
+
+        >>> tok = BPETokenizer.train("hi", 256, special_tokens=["<|endoftext|>"])
+        >>> tok.encode("hi<|endoftext|>", allowed_special={"<|endoftext|>"})
+        [104, 105, 256]
+        >>> len(tok.encode("<|endoftext|>", disallowed_special=()))   # 13 plain bytes
+        13
+        """
+        if allowed_special == "all":
+            allowed_special = set(self.special_tokens)
+        if disallowed_special == "all":
+            disallowed_special = set(self.special_tokens) - set(allowed_special)
+        unknown = (set(allowed_special) | set(disallowed_special)) - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"unknown special tokens {sorted(unknown)}; this tokenizer has {sorted(self.special_tokens)}")
+        if disallowed_special:
+            found = _special_regex(disallowed_special).search(text)
+            if found:
+                raise ValueError(f"text contains the special token {found.group()!r} at position {found.start()}, "
+                                 f"which is disallowed. Pass allowed_special={{{found.group()!r}}} (or 'all') to encode "
+                                 "it as its special id, or disallowed_special=() to encode it as plain text.")
+        if not allowed_special:
+            return self.encode_ordinary(text)
+        ids = []
+        for i, part in enumerate(_special_regex(allowed_special).split(text)):
+            # split with a capturing group alternates: text, special, text, special, ..., text
+            if i % 2:
+                ids.append(self.special_tokens[part])
+            else:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    # ----- decoding -----
+
+    def decode_bytes(self, ids):
+        try:
+            return b"".join([self._decoder[i] for i in ids])
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary of {self.n_vocab}") from None
+
+    def decode(self, ids, errors="replace"):
+        """Text of `ids`; bytes that are not valid UTF-8 (a character cut in two) become "\\ufffd"."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def incremental_decoder(self):
+        return IncrementalDecoder(self)
+
+    # ----- saving and loading -----
+
+    def to_dict(self):
+        """JSON-ready: the tokens in rank order as hex strings, the pattern, the special tokens."""
+        tokens = sorted(self.mergeable_ranks, key=self.mergeable_ranks.get)
+        return {"kind": "bpe", "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "tokens": [t.hex() for t in tokens]}
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict) or d.get("kind") != "bpe":
+            raise ValueError(f"not a BPETokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
+        try:
+            ranks = {bytes.fromhex(t): i for i, t in enumerate(d["tokens"])}
+            pattern, special = d["pattern"], dict(d["special_tokens"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed BPETokenizer dict: {e!r}") from None
+        if len(ranks) != len(d["tokens"]):
+            raise ValueError("malformed BPETokenizer dict: a token is listed twice")
+        return cls(ranks, pattern, special)
+
+    def save(self, path):
+        """Write `path` (JSON: format, version, the dict above) and, beside it with the suffix
+        .vocab, a listing to read: one line per id with the token's text."""
+        path = Path(path)
+        if path.suffix == ".vocab":
+            raise ValueError(f"{path}: the .vocab suffix is reserved for the readable listing")
+        payload = {"format": _FILE_FORMAT, "version": _FILE_VERSION, **self.to_dict()}
+        listing = [f"{i}\t{self._decoder[i].decode('utf-8', errors='replace')!r}" for i in sorted(self._decoder)]
+        for target, text in ((path, json.dumps(payload)), (path.with_suffix(".vocab"), "\n".join(listing) + "\n")):
+            tmp = Path(str(target) + ".tmp")  # write then rename: a crash never leaves half a file
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not a tinygrad_llm BPE tokenizer file (not JSON)") from None
+        if not isinstance(payload, dict) or payload.get("format") != _FILE_FORMAT:
+            raise ValueError(f"{path} is not a tinygrad_llm BPE tokenizer file (format is not {_FILE_FORMAT!r})")
+        if payload.get("version") != _FILE_VERSION:
+            raise ValueError(f"{path} has format version {payload.get('version')!r}; "
+                             f"this code reads version {_FILE_VERSION}")
+        try:
+            return cls.from_dict(payload)
+        except ValueError as e:
+            raise ValueError(f"{path} is corrupt: {e}") from None
+
+
+def _gpt2_byte_alphabet():
+    """GPT-2's files spell byte b as one printable character: bytes that print as themselves
+    (b'!'..b'~', 0xA1..0xAC, 0xAE..0xFF) keep their code point; the other 68 (controls, space,
+    0x7F..0xA0, 0xAD) take code points 256, 257, ... in byte order: b' ' is 'Ġ' (256 + 32).
+    Returns character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    alphabet = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in alphabet.values()]
+    alphabet.update({chr(256 + n): b for n, b in enumerate(others)})
+    return alphabet
+
+
+def tokenizer_from_dict(d):
+    """Rebuild a tokenizer from its `to_dict()`, whichever kind it is."""
+    kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind not in kinds:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[kind].from_dict(d)
