@@ -102,7 +102,7 @@ def _as_array(data, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
     xp = backend.array_module(data)
-    if isinstance(data, (list, tuple, float, int, bool)) and dtype is None:
+    if isinstance(data, (list, tuple, float, int, bool)) and not isinstance(data, np.generic) and dtype is None:
         array = np.asarray(data)
         # Python floats become float32, as torch.tensor([1.0]) does; arrays keep their own dtype.
         return array.astype(np.float32) if array.dtype == np.float64 else array
