@@ -1,0 +1,597 @@
+"""The op library: the layers of a GPT, each a fused Function with a handwritten backward.
+
+Names and semantics mirror torch.nn.functional, so a reader can put the two side by side; the
+differences are stated where they occur (linear's w is (in, out); cross_entropy's class axis is last;
+rows with nothing to attend to or nothing to average give zeros, not NaN).
+
+Each op reads as one screen: the shape contract on the docstring's first line, the forward written
+against the inputs' array module `xp` (numpy or cupy), the saved context, one comment line stating
+the derivative in the code's symbols, the backward, and a link to its derivation in docs/backward/.
+The public function below each class checks its inputs and calls `.apply`. Every op computes in its
+input dtype. Composite twins built only from Tensor primitives live in composite.py (for the tests).
+"""
+import math
+
+import numpy as np
+
+from .backend import add_at, array_module
+from .tensor import Function, Tensor, unbroadcast
+
+
+def _data(x):
+    return x.data if isinstance(x, Tensor) else x
+
+
+def _require_float(op, name, x):
+    if x is not None and np.dtype(x.dtype).kind != "f":
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _require_int(op, name, x):
+    if np.dtype(x.dtype).kind not in "iu":
+        raise TypeError(f"{op}: {name} must hold integers, got dtype {x.dtype}")
+
+
+def _sum_to_last(a):
+    """(..., C) -> (C,): the sum over every leading axis (a parameter's gradient)."""
+    return a.reshape(-1, a.shape[-1]).sum(axis=0)
+
+
+# ---- linear --------------------------------------------------------------------------------------
+
+class Linear(Function):
+    """(..., IN), (IN, OUT), (OUT,) -> (..., OUT): out = x w + b, with w stored (in, out) as in GPT-2."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        ctx.x, ctx.w, ctx.has_b = x, w, b is not None
+        out = x @ w
+        return out + b if b is not None else out
+
+    # derivation: docs/backward/linear.md
+    @staticmethod
+    def backward(ctx, dout):
+        x, w = ctx.x, ctx.w
+        dout2 = dout.reshape(-1, dout.shape[-1])
+        need = ctx.needs_input_grad
+        # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
+        dx = (dout @ w.T) if need[0] else None
+        dw = (x.reshape(-1, x.shape[-1]).T @ dout2) if need[1] else None
+        db = dout2.sum(axis=0) if ctx.has_b and need[2] else None
+        return dx, dw, db
+
+
+def linear(x, w, b=None):
+    """(..., IN), (IN, OUT), (OUT,) -> (..., OUT). Unlike torch's (out, in), w is (in, out): out = x w + b."""
+    for name, t in (("x", x), ("w", w), ("b", b)):
+        _require_float("linear", name, t)
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"linear: x has shape {tuple(x.shape)} but w has shape {tuple(w.shape)}; expected x (..., IN) and w (IN, OUT)")
+    if b is not None and tuple(b.shape) != (w.shape[1],):
+        raise ValueError(f"linear: b has shape {tuple(b.shape)} but w has shape {tuple(w.shape)}; expected b ({w.shape[1]},)")
+    return Linear.apply(x, w, b)
+
+
+# ---- embedding -----------------------------------------------------------------------------------
+
+class Embedding(Function):
+    """(B,T) int, (V,C) -> (B,T,C): row idx[b,t] of the table w (any index shape)."""
+
+    @staticmethod
+    def forward(ctx, idx, w):
+        ctx.idx, ctx.w_shape, ctx.dtype = idx, w.shape, w.dtype
+        return w[idx]
+
+    # derivation: docs/backward/embedding.md
+    @staticmethod
+    def backward(ctx, dout):
+        xp = array_module(dout)
+        dw = xp.zeros(ctx.w_shape, dtype=ctx.dtype)
+        # dw[v] = sum of dout[b,t] over every (b,t) with idx[b,t] == v (repeated ids accumulate)
+        add_at(xp, dw, ctx.idx.reshape(-1), dout.reshape(-1, ctx.w_shape[1]))
+        return None, dw
+
+
+def embedding(idx, w):
+    """(B,T) int, (V,C) -> (B,T,C). Ids outside [0, V) raise IndexError."""
+    idx = _data(idx)
+    _require_int("embedding", "idx", idx)
+    _require_float("embedding", "w", w)
+    if w.ndim != 2:
+        raise ValueError(f"embedding: w must be a (V, C) table, got shape {tuple(w.shape)}")
+    V = w.shape[0]
+    if idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            raise IndexError(f"embedding: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {V}) of w {tuple(w.shape)}")
+    return Embedding.apply(idx, w)
+
+
+# ---- normalisation -------------------------------------------------------------------------------
+
+class LayerNorm(Function):
+    """(B,T,C), (C,), (C,) -> (B,T,C): normalise over the last axis, then scale by w and shift by b."""
+
+    @staticmethod
+    def forward(ctx, x, w=None, b=None, eps=1e-5):
+        xp = array_module(x)
+        mean = x.mean(axis=-1, keepdims=True)
+        xc = x - mean
+        rstd = 1 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+        xhat = xc * rstd
+        ctx.x, ctx.w, ctx.mean, ctx.rstd, ctx.has_b = x, w, mean, rstd, b is not None
+        out = xhat * w if w is not None else xhat
+        return out + b if b is not None else out
+
+    # derivation: docs/backward/layer_norm.md
+    @staticmethod
+    def backward(ctx, dout):
+        xhat = (ctx.x - ctx.mean) * ctx.rstd
+        dxhat = dout * ctx.w if ctx.w is not None else dout
+        need = ctx.needs_input_grad
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat),  db = sum(dout)
+        dx = None
+        if need[0]:
+            dx = ctx.rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        dw = _sum_to_last(dout * xhat) if len(need) > 1 and need[1] else None
+        db = _sum_to_last(dout) if len(need) > 2 and need[2] else None
+        return dx, dw, db
+
+
+def _check_norm_params(op, x, params):
+    _require_float(op, "x", x)
+    for name, p in params:
+        _require_float(op, name, p)
+        if p is not None and tuple(p.shape) != (x.shape[-1],):
+            raise ValueError(f"{op}: x has last axis {x.shape[-1]} but {name} has shape {tuple(p.shape)}; expected ({x.shape[-1]},)")
+
+
+def layer_norm(x, w=None, b=None, eps=1e-5):
+    """(B,T,C), (C,), (C,) -> (B,T,C). Over the last axis only; w and b may be None."""
+    _check_norm_params("layer_norm", x, (("w", w), ("b", b)))
+    return LayerNorm.apply(x, w, b, eps=float(eps))
+
+
+class RMSNorm(Function):
+    """(B,T,C), (C,) -> (B,T,C): x / sqrt(mean(x^2) + eps) over the last axis, scaled by w."""
+
+    @staticmethod
+    def forward(ctx, x, w=None, eps=None):
+        xp = array_module(x)
+        rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+        ctx.x, ctx.w, ctx.rstd = x, w, rstd
+        xhat = x * rstd
+        return xhat * w if w is not None else xhat
+
+    # derivation: docs/backward/rms_norm.md
+    @staticmethod
+    def backward(ctx, dout):
+        xhat = ctx.x * ctx.rstd
+        dxhat = dout * ctx.w if ctx.w is not None else dout
+        need = ctx.needs_input_grad
+        # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat)
+        dx = ctx.rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)) if need[0] else None
+        dw = _sum_to_last(dout * xhat) if len(need) > 1 and need[1] else None
+        return dx, dw
+
+
+def rms_norm(x, w=None, eps=None):
+    """(B,T,C), (C,) -> (B,T,C). eps=None means np.finfo(x.dtype).eps, as torch.nn.functional.rms_norm."""
+    _check_norm_params("rms_norm", x, (("w", w),))
+    eps = float(np.finfo(x.dtype).eps) if eps is None else float(eps)
+    return RMSNorm.apply(x, w, eps=eps)
+
+
+# ---- activations ---------------------------------------------------------------------------------
+
+def _exp_neg_square(x):
+    """exp(-x^2) without the rounding of x*x amplified by exp: x = hi + lo with hi^2 exact."""
+    xp = array_module(x)
+    hi = xp.round(x * 4096) / 4096
+    return xp.exp(-hi * hi) * xp.exp(-(x - hi) * (x + hi))
+
+
+def _erf(x):
+    """erf(x) in float64 to ~1e-15 relative error (numpy has no erf; see docs/backward/gelu.md).
+
+    |x| < 2.5: erf(x) = 2/sqrt(pi) exp(-x^2) sum_n (2x^2)^n x / (1*3*...*(2n+1)), every term positive.
+    |x| >= 2.5: erf(x) = sign(x) (1 - erfc(|x|)) with erfc from its continued fraction.
+    """
+    xp = array_module(x)
+    x = xp.asarray(x, dtype=np.float64)
+    ax = xp.abs(x)
+    small = xp.minimum(ax, 2.5)
+    term, total, two_x2 = small.copy(), small.copy(), 2 * small * small
+    for n in range(60):  # at |x| = 2.5 the terms fall below 1e-17 of the sum after ~40 steps
+        term = term * two_x2 / (2 * n + 3)
+        total = total + term
+    series = 2 / math.sqrt(math.pi) * _exp_neg_square(small) * total
+    return xp.where(ax < 2.5, series, 1 - _erfc_large(xp.maximum(ax, 2.5))) * xp.sign(x)
+
+
+def _erfc_large(x):
+    """erfc(x) for x >= 2.5: exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))), 40 levels."""
+    x = array_module(x).minimum(x, 40.0)  # erfc(40) underflows to 0 anyway; keeps inf out of the fraction
+    t = x.copy()
+    for n in range(40, 0, -1):
+        t = x + (n / 2) / t
+    return _exp_neg_square(x) / (math.sqrt(math.pi) * t)
+
+
+def _normal_cdf(x):
+    """Phi(x) = (1 + erf(x/sqrt2)) / 2, through erfc in the far left tail (no cancellation)."""
+    xp = array_module(x)
+    z = xp.asarray(x, dtype=np.float64) / math.sqrt(2)
+    left_tail = 0.5 * _erfc_large(xp.maximum(-z, 2.5))
+    return xp.where(z <= -2.5, left_tail, 0.5 * (1 + _erf(z))).astype(x.dtype)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+class GELU(Function):
+    """(...) -> (...): x Phi(x) ("none", exact, via erf) or its tanh approximation ("tanh")."""
+
+    @staticmethod
+    def forward(ctx, x, approximate="none"):
+        xp = array_module(x)
+        ctx.x, ctx.approximate = x, approximate
+        if approximate == "tanh":
+            ctx.t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+            return 0.5 * x * (1 + ctx.t)
+        ctx.cdf = _normal_cdf(x)
+        return x * ctx.cdf
+
+    # derivation: docs/backward/gelu.md
+    @staticmethod
+    def backward(ctx, dout):
+        xp = array_module(dout)
+        x = ctx.x
+        if ctx.approximate == "tanh":
+            # dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)),  t = tanh(u)
+            t = ctx.t
+            return dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x))
+        # dx = dout * (Phi(x) + x phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
+        return dout * (ctx.cdf + x * xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+
+
+def gelu(x, approximate="none"):
+    """(...) -> (...). approximate="none" is the exact erf form (torch's default), "tanh" GPT-2's form."""
+    _require_float("gelu", "x", x)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return GELU.apply(x, approximate=approximate)
+
+
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow: exp of -|x| only."""
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+class SiLU(Function):
+    """(...) -> (...): x sigmoid(x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.x, ctx.sig = x, _sigmoid(x)
+        return x * ctx.sig
+
+    # derivation: docs/backward/silu_and_swiglu.md
+    @staticmethod
+    def backward(ctx, dout):
+        sig = ctx.sig
+        # dx = dout * sig * (1 + x (1 - sig))
+        return dout * sig * (1 + ctx.x * (1 - sig))
+
+
+def silu(x):
+    """(...) -> (...): x * sigmoid(x)."""
+    _require_float("silu", "x", x)
+    return SiLU.apply(x)
+
+
+class SwiGLU(Function):
+    """(B,T,H), (B,T,H) -> (B,T,H): silu(gate) * up (broadcasting allowed)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        sig = _sigmoid(gate)
+        ctx.gate, ctx.up, ctx.sig = gate, up, sig
+        return gate * sig * up
+
+    # derivation: docs/backward/silu_and_swiglu.md
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up, sig = ctx.gate, ctx.up, ctx.sig
+        need = ctx.needs_input_grad
+        # dgate = dout * up * sig * (1 + gate (1 - sig)),  dup = dout * gate * sig
+        dgate = unbroadcast(dout * up * sig * (1 + gate * (1 - sig)), gate.shape) if need[0] else None
+        dup = unbroadcast(dout * gate * sig, up.shape) if need[1] else None
+        return dgate, dup
+
+
+def swiglu(gate, up):
+    """(B,T,H), (B,T,H) -> (B,T,H): silu(gate) * up, the gated unit of Llama's MLP."""
+    _require_float("swiglu", "gate", gate)
+    _require_float("swiglu", "up", up)
+    try:
+        np.broadcast_shapes(tuple(gate.shape), tuple(up.shape))
+    except ValueError:
+        raise ValueError(f"swiglu: gate has shape {tuple(gate.shape)} and up has shape {tuple(up.shape)}; they must broadcast") from None
+    return SwiGLU.apply(gate, up)
+
+
+# ---- softmax -------------------------------------------------------------------------------------
+
+class Softmax(Function):
+    """(..., N, ...) -> same: exp(x) / sum(exp(x)) along `axis`, computed from x - max(x)."""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = array_module(x)
+        e = xp.exp(x - x.max(axis=axis, keepdims=True))
+        ctx.p, ctx.axis = e / e.sum(axis=axis, keepdims=True), axis
+        return ctx.p
+
+    # derivation: docs/backward/softmax.md
+    @staticmethod
+    def backward(ctx, dout):
+        p = ctx.p
+        # dx = p * (dout - sum(dout * p))
+        return p * (dout - (dout * p).sum(axis=ctx.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """(..., N, ...) -> same: x - logsumexp(x) along `axis`, computed from x - max(x)."""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = array_module(x)
+        shifted = x - x.max(axis=axis, keepdims=True)
+        ctx.out, ctx.axis = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True)), axis
+        return ctx.out
+
+    # derivation: docs/backward/softmax.md
+    @staticmethod
+    def backward(ctx, dout):
+        xp = array_module(dout)
+        # dx = dout - softmax(x) * sum(dout),  softmax(x) = exp(out)
+        return dout - xp.exp(ctx.out) * dout.sum(axis=ctx.axis, keepdims=True)
+
+
+def _check_axis(op, x, axis):
+    if not -x.ndim <= axis < max(x.ndim, 1):
+        raise ValueError(f"{op}: axis {axis} is out of range for shape {tuple(x.shape)}")
+
+
+def softmax(x, axis=-1):
+    """(...) -> (...): probabilities along `axis`; stable for logits of any size."""
+    _require_float("softmax", "x", x)
+    _check_axis("softmax", x, axis)
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    """(...) -> (...): log-probabilities along `axis`; stable for logits of any size."""
+    _require_float("log_softmax", "x", x)
+    _check_axis("log_softmax", x, axis)
+    return LogSoftmax.apply(x, axis=axis)
+
+
+# ---- cross-entropy -------------------------------------------------------------------------------
+
+class CrossEntropy(Function):
+    """(..., V), (...) int -> () for "mean"/"sum", (...) for "none": -log softmax(logits)[target]."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index=-100, reduction="mean"):
+        xp = array_module(logits)
+        V = logits.shape[-1]
+        x, t = logits.reshape(-1, V), targets.reshape(-1)
+        valid = t != ignore_index
+        rows, safe_t = xp.arange(t.shape[0]), xp.where(valid, t, 0)
+        shifted = x - x.max(axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        sum_e = e.sum(axis=1)
+        nll = xp.where(valid, xp.log(sum_e) - shifted[rows, safe_t], 0).astype(logits.dtype)
+        count = int(valid.sum())
+        # "mean" divides by the number of counted targets; with none counted the loss is 0, not 0/0
+        ctx.scale = 1 / max(count, 1) if reduction == "mean" else 1.0
+        ctx.p, ctx.safe_t, ctx.valid = e / sum_e[:, None], safe_t, valid
+        ctx.reduction, ctx.shape = reduction, logits.shape
+        if reduction == "none":
+            return nll.reshape(targets.shape)
+        return xp.asarray(nll.sum() * ctx.scale, dtype=logits.dtype)
+
+    # derivation: docs/backward/cross_entropy.md
+    @staticmethod
+    def backward(ctx, dout):
+        xp = array_module(dout)
+        # dlogits = (softmax(logits) - onehot(target)) * dout * scale, zero on ignored rows
+        dx = ctx.p.copy()
+        dx[xp.arange(dx.shape[0]), ctx.safe_t] -= 1
+        row_scale = ctx.valid * (dout.reshape(-1) if ctx.reduction == "none" else dout) * ctx.scale
+        dx *= row_scale.astype(dx.dtype)[:, None]
+        return dx.reshape(ctx.shape), None
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    """(..., V), (...) int -> loss. Class axis LAST (torch puts it at axis 1 beyond 2-D).
+
+    reduction "mean" averages over targets != ignore_index (0.0 with zero gradient when all are
+    ignored; torch gives NaN), "sum" adds them, "none" returns the targets' shape with 0 at ignored ones.
+    """
+    targets = _data(targets)
+    _require_float("cross_entropy", "logits", logits)
+    _require_int("cross_entropy", "targets", targets)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"cross_entropy: logits have shape {tuple(logits.shape)} and targets have shape {tuple(targets.shape)}; "
+                         f"expected targets of shape {tuple(logits.shape[:-1])} (class axis last)")
+    V = logits.shape[-1]
+    bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
+    if bad.size:
+        raise IndexError(f"cross_entropy: target {int(bad.reshape(-1)[0])} is outside [0, {V}) and is not ignore_index ({ignore_index})")
+    return CrossEntropy.apply(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+# ---- dropout -------------------------------------------------------------------------------------
+
+class Dropout(Function):
+    """(...) -> (...): zero each element with probability p, scale the rest by 1/(1-p)."""
+
+    @staticmethod
+    def forward(ctx, x, p=0.5, rng=None):
+        xp = array_module(x)
+        if p == 1:
+            ctx.mask = xp.zeros_like(x)
+        else:  # the mask is drawn once, here, from the caller's generator, and reused by backward
+            keep = xp.asarray(rng.random(x.shape, dtype=np.float32) >= p)
+            ctx.mask = keep.astype(x.dtype) * x.dtype.type(1 / (1 - p))
+        return x * ctx.mask
+
+    # derivation: docs/backward/dropout.md
+    @staticmethod
+    def backward(ctx, dout):
+        # dx = dout * mask  (mask = keep / (1 - p))
+        return dout * ctx.mask
+
+
+def dropout(x, p=0.5, training=True, rng=None):
+    """(...) -> (...). Inverted dropout; training=False or p=0 returns x itself. rng: np.random.Generator."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0:
+        return x
+    _require_float("dropout", "x", x)
+    if p < 1 and not isinstance(rng, np.random.Generator):
+        raise ValueError("dropout: training with p > 0 needs rng, an np.random.Generator (e.g. np.random.default_rng(seed))")
+    return Dropout.apply(x, p=float(p), rng=rng)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+class ScaledDotProductAttention(Function):
+    """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS), mask (B,NH,TQ,TK) bool or None -> (B,NH,TQ,HS)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0):
+        xp = array_module(q)
+        TQ, TK = q.shape[-2], k.shape[-2]
+        allowed = mask
+        if causal:  # query i sits at absolute position TK - TQ + i and sees keys 0 .. TK - TQ + i
+            below = xp.arange(TK)[None, :] <= xp.arange(TQ)[:, None] + (TK - TQ)
+            allowed = below if allowed is None else allowed & below
+        s = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)
+        if allowed is not None:
+            s = xp.where(allowed, s, -xp.inf)
+        m = s.max(axis=-1, keepdims=True)
+        e = xp.exp(s - xp.where(xp.isfinite(m), m, 0))  # a row with no allowed key is all exp(-inf) = 0
+        denom = e.sum(axis=-1, keepdims=True)
+        p = e / xp.where(denom == 0, 1, denom)
+        ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale = q, k, v, p, scale
+        return p @ v
+
+    # derivation: docs/backward/scaled_dot_product_attention.md
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
+        scale = q.dtype.type(ctx.scale)
+        need = ctx.needs_input_grad
+        # dv = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dq = scale dS K, dk = scale dS^T Q
+        dv = p.swapaxes(-1, -2) @ dout if need[2] else None
+        dp = dout @ v.swapaxes(-1, -2)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        dq = (ds @ k) * scale if need[0] else None
+        dk = (ds.swapaxes(-1, -2) @ q) * scale if need[1] else None
+        return dq, dk, dv, None
+
+
+def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None):
+    """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS) -> (B,NH,TQ,HS). softmax(q k^T * scale) v.
+
+    mask: boolean, broadcastable to (B,NH,TQ,TK), True = may attend (torch's boolean attn_mask).
+    causal: query i may attend keys up to TK - TQ + i (the query block is aligned to the END of the
+    keys, as a KV cache needs; torch's is_causal when TQ == TK). A query with no allowed key outputs
+    zeros and gets zero gradient (torch gives NaN). scale defaults to 1/sqrt(HS).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _require_float("scaled_dot_product_attention", name, t)
+        if t.ndim < 2:
+            raise ValueError(f"scaled_dot_product_attention: {name} has shape {tuple(t.shape)}; expected (B, NH, T, HS)")
+    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    if qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1] or qs[-1] != ks[-1]:
+        raise ValueError(f"scaled_dot_product_attention: q has shape {qs}, k has shape {ks}, v has shape {vs}; "
+                         "expected (B, NH, TQ, HS), (B, NH, TK, HS), (B, NH, TK, HS)")
+    if mask is not None:
+        mask = _data(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"scaled_dot_product_attention: mask must be boolean (True = may attend), got dtype {mask.dtype}")
+        try:
+            np.broadcast_shapes(tuple(mask.shape), qs[:-1] + (ks[-2],))
+        except ValueError:
+            raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"{qs[:-1] + (ks[-2],)} (B, NH, TQ, TK)") from None
+    scale = 1 / math.sqrt(qs[-1]) if scale is None else float(scale)
+    return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale)
+
+
+# ---- rotary position embedding -------------------------------------------------------------------
+
+def _rotate(xp, x, cos, sin, interleaved):
+    """Rotate each pair of x by the angle whose cos/sin are given, (T, HS/2) broadcast over (B, NH)."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = xp.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return out
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class RoPE(Function):
+    """(B,NH,T,HS), (T,) int -> (B,NH,T,HS): rotate pair i of position pos by pos * theta^(-2i/HS)."""
+
+    @staticmethod
+    def forward(ctx, x, pos, theta=10000.0, interleaved=False):
+        xp = array_module(x)
+        HS = x.shape[-1]
+        inv_freq = 1.0 / theta ** (xp.arange(0, HS, 2, dtype=np.float64) / HS)
+        angle = xp.asarray(pos, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, HS/2)
+        ctx.cos, ctx.sin = xp.cos(angle).astype(x.dtype), xp.sin(angle).astype(x.dtype)
+        ctx.interleaved = interleaved
+        return _rotate(xp, x, ctx.cos, ctx.sin, interleaved)
+
+    # derivation: docs/backward/rope.md
+    @staticmethod
+    def backward(ctx, dout):
+        # dx = R(-angle) dout: a rotation's inverse is its transpose
+        return _rotate(array_module(dout), dout, ctx.cos, -ctx.sin, ctx.interleaved), None
+
+
+def rope(x, pos, theta=10000.0, interleaved=False):
+    """(B,NH,T,HS), (T,) int -> (B,NH,T,HS). Rotary embedding at absolute positions `pos`.
+
+    interleaved=False rotates pairs (i, i + HS/2) (Hugging Face Llama's rotate_half);
+    interleaved=True rotates pairs (2i, 2i+1) (RoFormer, Meta's Llama).
+    """
+    pos = _data(pos)
+    if not hasattr(pos, "dtype"):
+        pos = np.asarray(pos)
+    _require_float("rope", "x", x)
+    _require_int("rope", "pos", pos)
+    if x.ndim < 2 or x.shape[-1] % 2:
+        raise ValueError(f"rope: x has shape {tuple(x.shape)}; expected (..., T, HS) with HS even")
+    if tuple(pos.shape) != (x.shape[-2],):
+        raise ValueError(f"rope: pos has shape {tuple(pos.shape)} but x has shape {tuple(x.shape)}; expected pos ({x.shape[-2]},)")
+    return RoPE.apply(x, pos, theta=float(theta), interleaved=bool(interleaved))
+
+
+__all__ = ["linear", "embedding", "layer_norm", "rms_norm", "gelu", "silu", "swiglu", "softmax", "log_softmax",
+           "cross_entropy", "dropout", "scaled_dot_product_attention", "rope",
+           "Linear", "Embedding", "LayerNorm", "RMSNorm", "GELU", "SiLU", "SwiGLU", "Softmax", "LogSoftmax",
+           "CrossEntropy", "Dropout", "ScaledDotProductAttention", "RoPE"]
