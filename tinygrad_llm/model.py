@@ -1,0 +1,270 @@
+"""GPTConfig and GPT: a GPT-2 style transformer whose state dict is exactly Hugging Face GPT-2's.
+
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    model = GPT(config, rng=np.random.default_rng(1337))
+    logits, loss = model(idx, targets)        # idx, targets: int (B, T); logits (B, T, V); loss scalar
+    loss.backward()
+
+With the default switches the parameters are named and shaped as in GPT-2 checkpoints
+(transformer.wte.weight (V, C), transformer.h.0.attn.c_attn.weight (C, 3C), ..., lm_head.weight (V, C)
+tied to transformer.wte.weight), so a GPT-2 state dict loads with no renaming or transposing.
+Modern switches: norm="rmsnorm", mlp="swiglu", position="rope" (then there is no wpe), bias=False.
+
+Generation uses a KVCache: `model(idx_new, kv_cache=cache)` runs only the new tokens, attending to the
+keys and values cached from earlier calls; positions start at the cache's length.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleDict, ModuleList, RMSNorm
+from .tensor import Tensor, no_grad
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True                 # biases in every Linear and LayerNorm (GPT-2: True)
+    dtype: str = "float32"            # "float64" builds every parameter and activation in float64
+    norm: str = "layernorm"           # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"                 # "gelu" (GPT-2) | "swiglu" (Llama)
+    position: str = "learned"         # "learned" (wpe, GPT-2) | "rope" (rotary, half-split layout)
+    tie_embeddings: bool = True       # lm_head.weight is transformer.wte.weight
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    gelu_approximate: str = "tanh"    # GPT-2's checkpoints were trained with the tanh form
+    mlp_hidden: int = None            # None: 4C for gelu, 8C/3 rounded up to a multiple of 8 for swiglu
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        choices = {"dtype": ("float32", "float64"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+                   "position": ("learned", "rope"), "gelu_approximate": ("tanh", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: rope needs an even head size, got {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden is None:
+            C = self.n_embd
+            self.mlp_hidden = 4 * C if self.mlp == "gelu" else -(-8 * C // 3 // 8) * 8
+        elif self.mlp_hidden <= 0:
+            raise ValueError(f"GPTConfig.mlp_hidden must be positive, got {self.mlp_hidden}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)
+
+
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far, for generation.
+
+    k[i], v[i]: arrays (B, NH, block_size, HS), filled up to `length`. A forward with the cache
+    runs only the new tokens, at positions length .. length+T-1, then advances `length`.
+    """
+
+    def __init__(self, config, batch_size, device="cpu"):
+        xp = backend.cupy_module() if device == "cuda" else np
+        HS = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, HS)
+        self.k = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
+        self.v = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
+        self.batch_size = batch_size
+        self.length = 0
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, config, rng):
+        C, L, dtype = config.n_embd, config.n_layer, config.dtype
+        self.n_head = config.n_head
+        self.rope_theta = config.rope_theta if config.position == "rope" else None
+        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, dtype=dtype)
+        # residual projections start smaller: the residual stream sums 2 L of them (GPT-2 paper)
+        self.c_proj = Linear(C, C, bias=config.bias, rng=rng, std=0.02 / math.sqrt(2 * L), dtype=dtype)
+        self.resid_dropout = Dropout(config.dropout)
+
+    def forward(self, x, rng=None, kv_cache=None, layer=0):
+        """(B, T, C) -> (B, T, C)."""
+        B, T, C = x.shape
+        NH, HS = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)                                           # (B, T, 3C)
+        q, k, v = [t.reshape(B, T, NH, HS).permute(0, 2, 1, 3) for t in qkv.split(C, axis=2)]  # (B, NH, T, HS)
+        start = kv_cache.length if kv_cache is not None else 0
+        if self.rope_theta is not None:
+            pos = np.arange(start, start + T)
+            q = F.rope(q, pos, theta=self.rope_theta)
+            k = F.rope(k, pos, theta=self.rope_theta)
+        if kv_cache is not None:
+            # write the new keys/values at positions start..start+T-1, attend to everything so far
+            kv_cache.k[layer][:, :, start:start + T] = k.data
+            kv_cache.v[layer][:, :, start:start + T] = v.data
+            k = Tensor(kv_cache.k[layer][:, :, :start + T])
+            v = Tensor(kv_cache.v[layer][:, :, :start + T])
+        y = F.scaled_dot_product_attention(q, k, v, causal=True)       # (B, NH, T, HS)
+        y = y.permute(0, 2, 1, 3).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y), rng)
+
+
+class MLP(Module):
+    def __init__(self, config, rng):
+        C, H, L, dtype = config.n_embd, config.mlp_hidden, config.n_layer, config.dtype
+        self.kind, self.gelu_approximate = config.mlp, config.gelu_approximate
+        self.c_fc = Linear(C, H, bias=config.bias, rng=rng, dtype=dtype)
+        if self.kind == "swiglu":
+            self.c_fc2 = Linear(C, H, bias=config.bias, rng=rng, dtype=dtype)   # the "up" projection
+        self.c_proj = Linear(H, C, bias=config.bias, rng=rng, std=0.02 / math.sqrt(2 * L), dtype=dtype)
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, x, rng=None):
+        """(B, T, C) -> (B, T, C)."""
+        if self.kind == "swiglu":
+            h = F.swiglu(self.c_fc(x), self.c_fc2(x))                  # silu(x Wg) * (x Wu), (B, T, H)
+        else:
+            h = F.gelu(self.c_fc(x), approximate=self.gelu_approximate)  # (B, T, 4C)
+        return self.dropout(self.c_proj(h), rng)
+
+
+def _norm(config):
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps, dtype=config.dtype)
+    return LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias, dtype=config.dtype)
+
+
+class Block(Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, config, rng):
+        self.ln_1 = _norm(config)
+        self.attn = CausalSelfAttention(config, rng)
+        self.ln_2 = _norm(config)
+        self.mlp = MLP(config, rng)
+
+    def forward(self, x, rng=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rng, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x), rng)
+
+
+class LMHead(Module):
+    """(B, T, C) -> (B, T, V) with a weight of shape (V, C), as GPT-2's lm_head (a torch Linear)."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def forward(self, x):
+        return F.linear(x, self.weight.T)
+
+
+class GPT(Module):
+    def __init__(self, config, rng=None):
+        """Build with GPT-2's init: weights N(0, 0.02), residual projections N(0, 0.02/sqrt(2 n_layer)),
+        biases 0, norm weights 1. rng: an np.random.Generator; None means np.random.default_rng(0)."""
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.config = config
+        C, V, dtype = config.n_embd, config.vocab_size, config.dtype
+        parts = dict(wte=Embedding(V, C, rng=rng, dtype=dtype))
+        if config.position == "learned":
+            parts["wpe"] = Embedding(config.block_size, C, rng=rng, dtype=dtype)
+        parts["drop"] = Dropout(config.dropout)
+        parts["h"] = ModuleList([Block(config, rng) for _ in range(config.n_layer)])
+        parts["ln_f"] = _norm(config)
+        self.transformer = ModuleDict(**parts)
+        if config.tie_embeddings:
+            self.lm_head = LMHead(self.transformer.wte.weight)   # the same Tensor: gradients sum
+        else:
+            self.lm_head = LMHead(Tensor((rng.standard_normal((V, C)) * 0.02).astype(dtype), requires_grad=True))
+
+    def num_params(self):
+        """Number of parameter elements, tied weights counted once."""
+        return sum(p.size for p in self.parameters())
+
+    def new_kv_cache(self, batch_size):
+        return KVCache(self.config, batch_size, self.device)
+
+    def _check_inputs(self, idx, targets, start):
+        cfg = self.config
+        if idx.ndim != 2 or idx.dtype.kind not in "iu":
+            raise ValueError(f"idx must be an integer array of shape (B, T), got dtype {idx.dtype} shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        if start + T > cfg.block_size:
+            where = f" after {start} cached positions" if start else ""
+            raise ValueError(f"sequence length {T}{where} exceeds block_size {cfg.block_size}")
+        bad = (idx < 0) | (idx >= cfg.vocab_size)
+        if bool(bad.any()):
+            values = sorted(set(backend.to_device(idx[bad], "cpu").tolist()))[:10]
+            raise ValueError(f"token ids {values} are outside the vocabulary [0, {cfg.vocab_size})")
+        if targets is not None:
+            if tuple(targets.shape) != (B, T) or targets.dtype.kind not in "iu":
+                raise ValueError(f"targets must be an integer array of shape {(B, T)} like idx, got dtype {targets.dtype} shape {tuple(targets.shape)}")
+            bad = ((targets < 0) | (targets >= cfg.vocab_size)) & (targets != IGNORE_INDEX)
+            if bool(bad.any()):
+                values = sorted(set(backend.to_device(targets[bad], "cpu").tolist()))[:10]
+                raise ValueError(f"target ids {values} are outside the vocabulary [0, {cfg.vocab_size}) and are not ignore_index {IGNORE_INDEX}")
+
+    def forward(self, idx, targets=None, kv_cache=None, rng=None):
+        """idx int (B, T) [, targets int (B, T)] -> logits (B, T, V), loss (scalar Tensor or None).
+
+        targets equal to -100 are ignored in the loss. rng drives dropout (needed in training mode
+        when dropout > 0). With kv_cache, the tokens continue the cached ones and no graph is built.
+        """
+        xp = backend.array_module(self.transformer.wte.weight.data)
+        idx = xp.asarray(idx.data if isinstance(idx, Tensor) else idx)
+        targets = None if targets is None else xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
+        start = 0 if kv_cache is None else kv_cache.length
+        self._check_inputs(idx, targets, start)
+        if kv_cache is not None:
+            if kv_cache.batch_size != idx.shape[0]:
+                raise ValueError(f"kv_cache was made for batch size {kv_cache.batch_size}, idx has {idx.shape[0]} rows")
+            with no_grad():
+                out = self._forward(idx, targets, kv_cache, rng, start)
+            kv_cache.length += idx.shape[1]
+            return out
+        return self._forward(idx, targets, None, rng, 0)
+
+    def _forward(self, idx, targets, kv_cache, rng, start):
+        B, T = idx.shape
+        tr = self.transformer
+        x = tr.wte(idx)                                                  # (B, T, C)
+        if self.config.position == "learned":
+            xp = backend.array_module(idx)
+            x = x + tr.wpe(xp.arange(start, start + T))                  # + (T, C)
+        x = tr.drop(x, rng)
+        for layer, block in enumerate(tr.h):
+            x = block(x, rng, kv_cache, layer)
+        x = tr.ln_f(x)
+        logits = self.lm_head(x)                                         # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def load_state_dict(self, state, strict=True):
+        """As Module.load_state_dict, also taking a Hugging Face GPT2Model dict (no "transformer."
+        prefix) and skipping HF's causal-mask buffers (`h.{i}.attn.bias`, `h.{i}.attn.masked_bias`)."""
+        names = list(state)
+        if names and not any(n.startswith("transformer.") for n in names):
+            state = {(n if n.startswith("lm_head.") else "transformer." + n): a for n, a in state.items()}
+        state = {n: a for n, a in state.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}
+        return super().load_state_dict(state, strict=strict)
