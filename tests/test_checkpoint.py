@@ -1,0 +1,280 @@
+"""Checkpoints: the safetensors reader/writer (against the safetensors package), atomic writes, clear
+errors for bad files and mismatched models, and an exact round trip of weights, optimizer and metadata."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinygrad_llm import checkpoint
+from tinygrad_llm.checkpoint import load_checkpoint, load_safetensors, save_checkpoint, save_safetensors
+from tinygrad_llm.model import GPT, GPTConfig
+from tinygrad_llm.optim import AdamW, param_groups
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+DTYPES = ["float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool"]
+
+
+def tiny_model(seed=0, **overrides):
+    config = GPTConfig(**{**dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8), **overrides})
+    return GPT(config, rng=np.random.default_rng(seed))
+
+
+def trained_pair(seed=0, steps=2, **overrides):
+    """A tiny model and its AdamW after a few steps, so the optimizer state is not all zeros."""
+    model = tiny_model(seed, **overrides)
+    optimizer = AdamW(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.99))
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, 11, size=(2, 8))
+        _, loss = model(idx, np.roll(idx, -1, axis=1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def sample_arrays(rng):
+    arrays = {f"t_{d}": (rng.standard_normal((3, 5)) * 50).astype(d) for d in DTYPES}
+    arrays.update(scalar=np.array(2.5), empty=np.zeros((0, 4), np.float32), vector=np.arange(7, dtype=np.int32))
+    return arrays
+
+
+# ---- the file format -------------------------------------------------------------------------
+
+def assert_same_arrays(got, expected):
+    assert set(got) == set(expected)
+    for name, array in expected.items():
+        assert got[name].dtype == array.dtype and got[name].shape == array.shape, name
+        np.testing.assert_array_equal(got[name], array)
+
+
+def test_our_files_read_by_the_safetensors_package(tmp_path):
+    from safetensors import safe_open
+    arrays = sample_arrays(np.random.default_rng(0))
+    save_safetensors(tmp_path / "a.safetensors", arrays, {"note": "hello", "n": "3"})
+    assert_same_arrays(safetensors_numpy.load_file(tmp_path / "a.safetensors"), arrays)
+    with safe_open(tmp_path / "a.safetensors", framework="numpy") as f:
+        assert f.metadata() == {"note": "hello", "n": "3"}
+
+
+def test_package_files_read_by_us(tmp_path):
+    arrays = sample_arrays(np.random.default_rng(1))
+    safetensors_numpy.save_file(arrays, tmp_path / "b.safetensors", metadata={"k": "v"})
+    got, metadata = load_safetensors(tmp_path / "b.safetensors")
+    assert_same_arrays(got, arrays)
+    assert metadata == {"k": "v"}
+
+
+@given(st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)), max_size=5),
+       st.integers(0, 2**32 - 1))
+def test_round_trip_any_dtypes_and_shapes(tmp_path_factory, specs, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {f"x{i}": (rng.standard_normal(shape) * 100).astype(dtype) for i, (dtype, shape) in enumerate(specs)}
+    path = tmp_path_factory.mktemp("rt") / "c.safetensors"
+    save_safetensors(path, arrays)
+    assert_same_arrays(load_safetensors(path)[0], arrays)
+    assert_same_arrays(safetensors_numpy.load_file(path), arrays)
+
+
+def test_bfloat16_is_read_as_float32(tmp_path):
+    values = np.array([1.0, -2.5, 3.140625], np.float32)  # exact in bfloat16
+    top_halves = (values.view(np.uint32) >> 16).astype("<u2")
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
+    (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + top_halves.tobytes())
+    got = load_safetensors(tmp_path / "bf16.safetensors")[0]["w"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, values)
+
+
+def test_missing_file_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 5, 8, 20, -1])
+def test_truncated_file_error(tmp_path, keep_bytes):
+    path = tmp_path / "t.safetensors"
+    save_safetensors(path, {"w": np.ones((4, 4), np.float32)})
+    data = path.read_bytes()
+    path.write_bytes(data[:keep_bytes])
+    with pytest.raises(ValueError, match="truncated"):
+        load_safetensors(path)
+
+
+def test_header_length_beyond_the_file(tmp_path):
+    path = tmp_path / "h.safetensors"
+    path.write_bytes((10**6).to_bytes(8, "little") + b'{"a": 1}')
+    with pytest.raises(ValueError, match="header claims 1000000 bytes"):
+        load_safetensors(path)
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"not json", "not valid JSON"),
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}', "needs 8 bytes"),
+    (b'{"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}', "dtype 'Q7'"),
+    (b'{"w": {"dtype": "F32", "shape": [2]}}', "needs dtype, shape and data_offsets"),
+    (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', "gap"),
+])
+def test_corrupt_header_errors(tmp_path, header, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(ValueError, match=message):
+        load_safetensors(path)
+
+
+def test_unsupported_dtype_and_metadata_rejected(tmp_path):
+    with pytest.raises(TypeError, match="complex128"):
+        save_safetensors(tmp_path / "x.safetensors", {"z": np.zeros(2, complex)})
+    with pytest.raises(TypeError, match="str to str"):
+        save_safetensors(tmp_path / "x.safetensors", {}, {"n": 3})
+    assert not list(tmp_path.iterdir())
+
+
+# ---- atomic writes -----------------------------------------------------------------------------
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    save_safetensors(tmp_path / "w.safetensors", {"a": np.arange(3)})
+    save_safetensors(tmp_path / "w.safetensors", {"a": np.arange(4)})
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    np.testing.assert_array_equal(load_safetensors(tmp_path / "w.safetensors")[0]["a"], np.arange(4))
+
+
+def test_a_write_failing_midway_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.safetensors"
+    model, optimizer = trained_pair()
+    save_checkpoint(path, model, optimizer, meta={"step": 1})
+    before = path.read_bytes()
+
+    real_fdopen = os.fdopen
+
+    class FailingFile:
+        """Writes the first few chunks, then fails as a full disk would."""
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 3:
+                raise OSError(28, "No space left on device")
+            return self.f.write(data)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: FailingFile(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, model, optimizer, meta={"step": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_a_failing_fsync_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.safetensors"
+    save_safetensors(path, {"a": np.arange(3)})
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        save_safetensors(path, {"a": np.arange(5)})
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_safetensors(path)[0]["a"], np.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+# ---- checkpoints of a model and its optimizer ---------------------------------------------------
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model, optimizer = trained_pair(seed=0)
+    rng = np.random.default_rng(7)
+    rng.standard_normal(5)
+    meta = {"step": 2, "best_val_loss": 2.25, "rng_state": rng.bit_generator.state,
+            "tokenizer": {"kind": "char", "chars": "abc"}}
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer, meta=meta)
+
+    other, other_optimizer = trained_pair(seed=1, steps=1)
+    loaded = load_checkpoint(tmp_path / "ckpt.safetensors", other, other_optimizer)
+    assert loaded == {**meta, "config": model.config.to_dict()}
+    assert_same_arrays(other.state_dict(), model.state_dict())
+    ours, theirs = other_optimizer.state_dict(), optimizer.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert set(ours["state"]) == set(theirs["state"])
+    for i, state in theirs["state"].items():
+        assert ours["state"][i]["step"] == state["step"]
+        assert_same_arrays({k: v for k, v in ours["state"][i].items() if k != "step"},
+                           {k: v for k, v in state.items() if k != "step"})
+    restored = np.random.default_rng(0)
+    restored.bit_generator.state = loaded["rng_state"]
+    np.testing.assert_array_equal(restored.standard_normal(4), rng.standard_normal(4))
+
+
+def test_tied_weights_are_stored_once_under_wte(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "ckpt.safetensors", model)
+    arrays = safetensors_numpy.load_file(tmp_path / "ckpt.safetensors")
+    assert "transformer.wte.weight" in arrays and "lm_head.weight" not in arrays
+    assert not any(name.startswith("optimizer.") for name in arrays)
+
+    untied = tiny_model(tie_embeddings=False)
+    save_checkpoint(tmp_path / "untied.safetensors", untied)
+    assert "lm_head.weight" in safetensors_numpy.load_file(tmp_path / "untied.safetensors")
+    fresh = tiny_model(seed=3, tie_embeddings=False)
+    load_checkpoint(tmp_path / "untied.safetensors", fresh)
+    assert_same_arrays(fresh.state_dict(), untied.state_dict())
+
+
+def test_config_mismatch_names_the_fields_and_changes_nothing(tmp_path):
+    save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model(n_layer=2, n_embd=8))
+    other = tiny_model(seed=5, n_layer=1, n_embd=12)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"n_embd: checkpoint 8, model 12.*n_layer: checkpoint 2, model 1"):
+        load_checkpoint(tmp_path / "ckpt.safetensors", other)
+    assert_same_arrays(other.state_dict(), before)
+
+
+def test_missing_and_misshaped_weights_are_named(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "ckpt.safetensors", model)
+    arrays, metadata = load_safetensors(tmp_path / "ckpt.safetensors")
+    del arrays["transformer.h.1.mlp.c_fc.bias"]
+    arrays["transformer.ln_f.weight"] = np.ones(3, np.float32)
+    save_safetensors(tmp_path / "broken.safetensors", arrays, metadata)
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.bias'\].*"
+                                         r"transformer.ln_f.weight: checkpoint \(3,\), model \(8,\)"):
+        load_checkpoint(tmp_path / "broken.safetensors", tiny_model(seed=2))
+
+
+def test_optimizer_state_required_when_asked_for(tmp_path):
+    model, optimizer = trained_pair()
+    save_checkpoint(tmp_path / "ckpt.safetensors", model)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        load_checkpoint(tmp_path / "ckpt.safetensors", tiny_model(seed=4), optimizer)
+
+
+def test_plain_safetensors_file_is_not_a_checkpoint(tmp_path):
+    save_safetensors(tmp_path / "plain.safetensors", {"a": np.zeros(2)})
+    with pytest.raises(ValueError, match="not a tinygrad_llm checkpoint"):
+        load_checkpoint(tmp_path / "plain.safetensors", tiny_model())
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    model, optimizer = trained_pair()
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer, meta={"step": 3})
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle used")
+    for name in ("load", "loads", "Unpickler", "dump", "dumps", "Pickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(np, "load", forbidden)
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer, meta={"step": 3})
+    assert load_checkpoint(tmp_path / "ckpt.safetensors", tiny_model(seed=9), optimizer)["step"] == 3
+    source = open(checkpoint.__file__).read()
+    assert "import pickle" not in source and "allow_pickle" not in source
