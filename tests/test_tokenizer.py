@@ -1,0 +1,282 @@
+"""Tokenizer tests: each behaviour pinned by an invariant, an external oracle (tiktoken) or a
+worked example small enough to check by hand."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tinygrad_llm.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, CharTokenizer,
+                                    _ascii_twin, _count_pieces, _gpt2_byte_alphabet, _merge_by_rank,
+                                    tokenizer_from_dict, train_ranks_reference)
+import regex
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
+
+# texts where tokenizers usually disagree: whitespace runs, contractions, CJK, emoji, code, scripts
+HARD_TEXTS = [
+    "", " ", "   ", "\n", "\n\n\n", "\t \t", "a  b   c    d", "trailing spaces   ", "   leading",
+    "line one\r\nline two\r\n", "x\n \n  \ny", "\u00a0non-breaking\u00a0space\u3000ideographic",
+    "I'm can't we'll they've he'd she's you're I'M DON'T 'tis", "o'clock '''quoted'''",
+    "我们在北京学习自然语言处理。こんにちは世界！한국어 텍스트",
+    "emoji 😀😃 family 👨‍👩‍👧‍👦 flags 🇫🇷🇯🇵 skin 👍🏽",
+    "def f(x):\n    return x**2  # square\n\tif a != b: print(f'{a!r}')\n",
+    "numbers 1 12 123 1234 12345 3.14159 1,000,000 ٣٤٥ ⅷ",
+    "Ελληνικά, русский, العربية, עברית, हिन्दी, ไทย — mixed!",
+    "e\u0301 composed é vs decomposed; zero\u200bwidth",
+    "<|endoftext|> is plain text here", "!!!???...,,,;;;", "MiXeD CaSe WoRdS", "a" * 300,
+]
+
+
+def _corpus():
+    """A training text with every script of HARD_TEXTS, so merges form inside multi-byte characters."""
+    base = SHAKESPEARE.read_text(encoding="utf-8")[:100_000] if SHAKESPEARE.is_file() else "hello world " * 500
+    return base + "\n".join(HARD_TEXTS * 20)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    corpus = _corpus()
+    return {name: BPETokenizer.train(corpus, 600, pattern=p, special_tokens=["<|endoftext|>", "<|pad|>"])
+            for name, p in PATTERNS.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """tiktoken built from the same ranks, pattern and special tokens: the external oracle."""
+    tiktoken = pytest.importorskip("tiktoken")
+    return {name: tiktoken.Encoding(f"test_{name}", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
+                                    special_tokens=tok.special_tokens) for name, tok in trained.items()}
+
+
+# ----- CharTokenizer -----
+
+def test_char_worked_example_and_round_trip():
+    tok = CharTokenizer.from_text("hello world")
+    assert tok.chars == [" ", "d", "e", "h", "l", "o", "r", "w"] and tok.vocab_size == 8
+    assert tok.encode("hold") == [3, 5, 4, 1]
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert isinstance(again, CharTokenizer) and again.chars == tok.chars
+
+
+def test_char_errors_name_the_culprit():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(ValueError, match=r"'z' at position 2"):
+        tok.encode("abzc")
+    with pytest.raises(ValueError, match=r"token id 3 is outside"):
+        tok.decode([0, 3])
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        tokenizer_from_dict({"kind": "wordpiece"})
+
+
+# ----- BPE: worked example, reference loop, tie-break -----
+
+def test_bpe_worked_example():
+    # "aaabdaaabac" is one piece. Pair counts: aa 4, ab 2, the rest 1 -> merge aa=256.
+    # Then (aa,a) 2 and (a,b) 2 tie; (97,98) < (256,97) -> merge ab=257.
+    # Then (aa,ab) 2 is the only pair seen twice -> merge aaab=258.
+    tok = BPETokenizer.train("aaabdaaabac", 259, special_tokens=["<|endoftext|>"])
+    merged = {t: r for t, r in tok.mergeable_ranks.items() if r >= 256}
+    assert merged == {b"aa": 256, b"ab": 257, b"aaab": 258}
+    assert tok.special_tokens == {"<|endoftext|>": 259} and tok.n_vocab == tok.vocab_size == 260
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tok.encode("aab") == [256, 98]  # aa (256) beats ab (257): lower rank first
+    assert tok.decode([258, 100, 259]) == "aaabd<|endoftext|>"
+
+
+def test_merge_by_rank_is_tiktokens_rule():
+    ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"bc": 257}
+    assert _merge_by_rank(b"abc", ranks) == [256, 99]  # ab has the lower rank; ab+c is not a token
+    assert _merge_by_rank(b"bcab", ranks) == [257, 256]  # ab first although bc is further left
+    assert _merge_by_rank(b"abc", ranks | {b"abc": 258}) == [258]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
+def test_fast_training_equals_reference_loop(pattern):
+    text = _corpus()[:30_000]
+    fast = BPETokenizer.train(text, 400, pattern=pattern)
+    assert fast.mergeable_ranks == train_ranks_reference(_count_pieces(text, pattern, ()), 400)
+
+
+def test_training_stops_when_no_pair_is_left():
+    tok = BPETokenizer.train("ab ab", 1000)
+    assert tok.n_vocab == 258  # ab, then " ab"
+
+
+def test_training_is_deterministic_and_streamable():
+    text = _corpus()[:20_000]
+    blocks = [text[i:i + 997] for i in range(0, len(text), 997)]  # only the block ends change pieces
+    assert BPETokenizer.train(text, 300).mergeable_ranks == BPETokenizer.train(text, 300).mergeable_ranks
+    assert BPETokenizer.train(iter(blocks), 300).n_vocab == 300
+
+
+def test_bad_training_arguments():
+    with pytest.raises(ValueError, match="at least 256"):
+        BPETokenizer.train("abc", 255)
+    with pytest.raises(ValueError, match="duplicate special tokens"):
+        BPETokenizer.train("abc", 256, special_tokens=["<|a|>", "<|b|>", "<|a|>"])
+    with pytest.raises(ValueError, match="lacks 1 single bytes"):
+        BPETokenizer.from_tiktoken({bytes([b]): b for b in range(255)}, GPT4_SPLIT_PATTERN)
+    with pytest.raises(ValueError, match="taken by another token"):
+        BPETokenizer.from_tiktoken({bytes([b]): b for b in range(256)}, GPT4_SPLIT_PATTERN, {"<|x|>": 7})
+
+
+# ----- round trip and tiktoken parity -----
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=200), name=st.sampled_from(sorted(PATTERNS)))
+def test_round_trip_arbitrary_unicode(trained, text, name):
+    tok = trained[name]
+    assert tok.decode(tok.encode(text, disallowed_special=())) == text
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_ids_identical_to_tiktoken_on_hard_texts(trained, reference, name):
+    tok, ref = trained[name], reference[name]
+    for text in HARD_TEXTS + ["".join(HARD_TEXTS)]:
+        assert tok.encode(text, disallowed_special=()) == ref.encode(text, disallowed_special=()), text
+    mixed = "a<|endoftext|>b <|pad|>c"
+    assert tok.encode(mixed, allowed_special="all") == ref.encode(mixed, allowed_special="all")
+    if SHAKESPEARE.is_file():
+        held_out = SHAKESPEARE.read_text(encoding="utf-8")[-200_000:]  # training saw the first 100k only
+        assert tok.encode(held_out) == ref.encode(held_out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=120), name=st.sampled_from(sorted(PATTERNS)))
+def test_ids_identical_to_tiktoken_on_arbitrary_text(trained, reference, text, name):
+    assert trained[name].encode_ordinary(text) == reference[name].encode_ordinary(text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet=st.characters(max_codepoint=127), max_size=80), name=st.sampled_from(sorted(PATTERNS)))
+def test_ascii_twin_splits_like_regex(text, name):
+    pattern = PATTERNS[name]
+    assert _ascii_twin(pattern).findall(text) == regex.findall(pattern, text)
+
+
+def test_ascii_twin_declines_what_it_cannot_translate():
+    assert _ascii_twin(r"\p{Lu}+|\s") is None and _ascii_twin(r"\w+") is None and _ascii_twin("é|.") is None
+    assert _ascii_twin(r"[\s\p{N}]+|\S").pattern == r"[\t\n\x0b\x0c\r 0-9]+|[^\t\n\x0b\x0c\r ]"
+
+
+# ----- special tokens -----
+
+def test_special_token_policy(trained):
+    tok = trained["gpt4"]
+    eot, pad = tok.special_tokens["<|endoftext|>"], tok.special_tokens["<|pad|>"]
+    text = "hi<|endoftext|>there<|pad|>"
+    with pytest.raises(ValueError, match=re.escape("'<|endoftext|>' at position 2")):
+        tok.encode(text)
+    with pytest.raises(ValueError, match=re.escape("'<|pad|>'")):
+        tok.encode(text, allowed_special={"<|endoftext|>"})
+    assert tok.encode(text, allowed_special="all") == tok.encode("hi") + [eot] + tok.encode("there") + [pad]
+    as_text = tok.encode(text, disallowed_special=())
+    assert eot not in as_text and pad not in as_text and tok.decode(as_text) == text
+    assert tok.encode_ordinary(text) == as_text
+    # allowed one, the other plain text (not disallowed): like tiktoken
+    mixed = tok.encode(text, allowed_special={"<|pad|>"}, disallowed_special=())
+    assert mixed[-1] == pad and eot not in mixed
+    with pytest.raises(ValueError, match="unknown special tokens"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+# ----- decoding -----
+
+def test_decode_replaces_invalid_utf8_and_rejects_unknown_ids(trained):
+    tok = trained["gpt4"]
+    assert tok.decode_bytes([0xE4, 0xB8]) == b"\xe4\xb8" and tok.decode([0xE4, 0xB8]) == "\ufffd"
+    with pytest.raises(ValueError, match=f"token id {tok.n_vocab} is not in the vocabulary"):
+        tok.decode([1, tok.n_vocab])
+
+
+def test_streaming_decode_holds_back_split_characters(trained):
+    tok = trained["gpt4"]
+    text = "héllo 世界 😀 done"
+    byte_ids = list(text.encode("utf-8"))  # single bytes split every multi-byte character
+    dec = tok.incremental_decoder()
+    pieces = [dec.feed(i) for i in byte_ids]
+    assert "".join(pieces) + dec.flush() == text
+    assert "\ufffd" not in "".join(pieces)
+    emoji_start = text.encode("utf-8").index("😀".encode("utf-8"))
+    assert pieces[emoji_start:emoji_start + 3] == ["", "", ""] and pieces[emoji_start + 3] == "😀"
+    dec = tok.incremental_decoder()  # merged tokens, fed a few at a time
+    ids = tok.encode(text)
+    assert "".join(dec.feed(ids[i:i + 2]) for i in range(0, len(ids), 2)) + dec.flush() == text
+    dec = tok.incremental_decoder()
+    assert dec.feed([0xF0, 0x9F]) == "" and dec.flush() == "\ufffd"  # stream ended mid-character
+
+
+# ----- saving and loading -----
+
+def test_save_load_round_trip(trained, tmp_path):
+    tok = trained["gpt2"]
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    again = BPETokenizer.load(path)
+    assert again.mergeable_ranks == tok.mergeable_ranks and again.pattern == tok.pattern
+    assert again.special_tokens == tok.special_tokens
+    assert again.encode("A round trip, 世界!") == tok.encode("A round trip, 世界!")
+    listing = (tmp_path / "tok.vocab").read_text(encoding="utf-8").splitlines()
+    assert len(listing) == tok.n_vocab and listing[104] == "104\t'h'" and "<|pad|>" in listing[-1]
+    assert isinstance(tokenizer_from_dict(tok.to_dict()), BPETokenizer)
+
+
+def test_load_errors_are_clear(trained, tmp_path):
+    bad = tmp_path / "bad.json"
+    with pytest.raises(FileNotFoundError, match="bad.json"):
+        BPETokenizer.load(bad)
+    bad.write_bytes(b"\x00\xffnot json")
+    with pytest.raises(ValueError, match="not a tinygrad_llm BPE tokenizer file"):
+        BPETokenizer.load(bad)
+    bad.write_text(json.dumps({"model": "something else"}))
+    with pytest.raises(ValueError, match="format is not"):
+        BPETokenizer.load(bad)
+    trained["gpt4"].save(bad)
+    payload = json.loads(bad.read_text())
+    bad.write_text(json.dumps(payload | {"version": 99}))
+    with pytest.raises(ValueError, match="version 99"):
+        BPETokenizer.load(bad)
+    bad.write_text(json.dumps(payload | {"tokens": payload["tokens"][:200]}))  # bytes 200..255 lost
+    with pytest.raises(ValueError, match="corrupt"):
+        BPETokenizer.load(bad)
+    bad.write_text(json.dumps(payload | {"tokens": payload["tokens"][:300] + ["zz"]}))
+    with pytest.raises(ValueError, match="corrupt"):
+        BPETokenizer.load(bad)
+    with pytest.raises(ValueError, match="reserved"):
+        trained["gpt4"].save(tmp_path / "x.vocab")
+
+
+def _write_gpt2_files(tok, folder):
+    """encoder.json + vocab.bpe in OpenAI's layout for `tok`'s merges, single bytes in GPT-2's order."""
+    alphabet = _gpt2_byte_alphabet()
+    spell = {byte: char for char, byte in alphabet.items()}
+    merged = sorted((r, t) for t, r in tok.mergeable_ranks.items() if r >= 256)
+    ranks = {bytes([b]): i for i, b in enumerate(alphabet.values())} | {t: r for r, t in merged}
+    lines = []
+    for r, token in merged:  # any split into two earlier tokens is a valid merge line
+        k = next(k for k in range(1, len(token)) if ranks.get(token[:k], r) < r and ranks.get(token[k:], r) < r)
+        lines.append(" ".join("".join(spell[b] for b in part) for part in (token[:k], token[k:])))
+    encoder = {"".join(spell[b] for b in t): r for t, r in ranks.items()} | {"<|endoftext|>": len(ranks)}
+    (folder / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    (folder / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    return ranks
+
+
+def test_gpt2_files_load_like_tiktoken(trained, tmp_path, monkeypatch):
+    load = pytest.importorskip("tiktoken.load")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the files directly, cache nothing
+    ranks = _write_gpt2_files(trained["gpt2"], tmp_path)
+    tok = BPETokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+    assert tok.mergeable_ranks == ranks
+    assert tok.mergeable_ranks == load.data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"),
+                                                                       str(tmp_path / "encoder.json"))
+    assert tok.special_tokens == {"<|endoftext|>": len(ranks)} and tok.pattern == GPT2_SPLIT_PATTERN
+    assert _gpt2_byte_alphabet()["Ġ"] == ord(" ")
+    lines = (tmp_path / "vocab.bpe").read_text().split("\n")
+    (tmp_path / "vocab.bpe").write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]))
+    with pytest.raises(ValueError, match="merge 0 .* does not match"):
+        BPETokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
