@@ -99,7 +99,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0, raise_on_failu
 
 def op_cases():
     """(name, fn, inputs) for every op, small float64 inputs drawn from one seeded generator."""
-    from .tensor import cat
+    from . import functional as F
+    from .tensor import cat, where
 
     rng = np.random.default_rng(0)
     r = lambda *shape: rng.standard_normal(shape)  # noqa: E731
@@ -127,6 +128,31 @@ def op_cases():
         ("getitem (slice)", lambda x: x[:, 1:3], [r(3, 4)]),
         ("cat", lambda x, y: cat([x, y], axis=1), [r(2, 3), r(2, 2)]),
         ("split", lambda x: x.split([1, 3], axis=1)[1], [r(2, 4)]),
+        ("where", lambda x, y: where(x.data > 0, x, y), [r(3, 4), r(4)]),
+    ]
+    ids = np.array([[0, 3, 3], [1, 0, 4]])
+    targets = np.array([[1, -100, 4], [0, 2, 2]])
+    mask = rng.random((2, 1, 3, 5)) > 0.4
+    mask[..., 0] = True
+    cases += [
+        ("linear", F.linear, [r(2, 3, 4), r(4, 5), r(5)]),
+        ("embedding (repeated ids)", lambda w: F.embedding(ids, w), [r(5, 3)]),
+        ("layer_norm", F.layer_norm, [r(2, 3, 6), r(6), r(6)]),
+        ("rms_norm", F.rms_norm, [r(2, 3, 6), r(6)]),
+        ("gelu (none, erf)", lambda x: F.gelu(x, approximate="none"), [3 * r(2, 5)]),
+        ("gelu (tanh)", lambda x: F.gelu(x, approximate="tanh"), [3 * r(2, 5)]),
+        ("silu", F.silu, [3 * r(2, 5)]),
+        ("swiglu", F.swiglu, [r(2, 5), r(2, 5)]),
+        ("softmax", lambda x: F.softmax(x, axis=1), [r(2, 4, 3)]),
+        ("log_softmax", F.log_softmax, [r(2, 4, 3)]),
+        ("cross_entropy (ignore_index)", lambda x: F.cross_entropy(x, targets), [r(2, 3, 5)]),
+        ("cross_entropy (none)", lambda x: F.cross_entropy(x, targets, reduction="none"), [r(2, 3, 5)]),
+        ("dropout", lambda x: F.dropout(x, 0.3, rng=np.random.default_rng(1)), [r(3, 4)]),
+        ("attention (causal)", F.scaled_dot_product_attention, [r(2, 2, 4, 3), r(2, 2, 4, 3), r(2, 2, 4, 3)]),
+        ("attention (causal+mask, TQ<TK)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=mask),
+         [r(2, 2, 3, 4), r(2, 2, 5, 4), r(2, 2, 5, 4)]),
+        ("rope", lambda x: F.rope(x, np.arange(3, 7)), [r(1, 2, 4, 6)]),
+        ("rope (interleaved)", lambda x: F.rope(x, np.arange(4), interleaved=True), [r(1, 2, 4, 6)]),
     ]
     return cases
 
