@@ -1,0 +1,120 @@
+"""Text generation: temperature, top-k, top-p (nucleus) sampling and greedy decoding, with a KV cache.
+
+    rng = np.random.default_rng(0)
+    out = generate(model, [[0]], max_new_tokens=100, temperature=0.8, top_k=40, rng=rng)   # (1, 101)
+    out = generate(model, prompt_ids, 50, temperature=0)                                    # greedy
+
+The filters apply in this order: divide the logits by the temperature, keep the top_k largest,
+keep the smallest set of tokens whose probability adds up to at least top_p, sample from what is left.
+"""
+import numpy as np
+
+from . import backend
+from .tensor import no_grad
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B, V) float64 logits with the filtered-out tokens at -inf.
+
+    top_k keeps every token whose logit ties the k-th largest (as nanoGPT does). top_p keeps, in
+    order of decreasing probability (ties broken by lower token id first), each token until the kept
+    probability reaches top_p: the most likely token is always kept. top_p=1 keeps all.
+    """
+    logits = np.asarray(logits, dtype=np.float64) / temperature
+    if top_k is not None:
+        k = min(int(top_k), logits.shape[-1])
+        kth = np.sort(logits, axis=-1)[:, -k][:, None]                 # (B, 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=-1, kind="stable")              # most likely first
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # keep a token when the probability of those before it is still below top_p
+        before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep_sorted = before < top_p
+        keep_sorted[:, 0] = True
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        logits = np.where(keep, logits, -np.inf)
+    return logits
+
+
+def softmax(logits):
+    """(B, V) -> (B, V), stable; -inf logits get probability 0."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
+    """(B, V) logits of the last position -> (B,) int64 next tokens.
+
+    temperature 0 or top_k 1 is greedy (argmax, lowest id on ties) and needs no rng; otherwise rng
+    (an np.random.Generator) draws one uniform number per row.
+    """
+    logits = np.asarray(backend.to_device(logits, "cpu"))
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(axis=-1).astype(np.int64)
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError("sampling needs rng, an np.random.Generator (or temperature=0 / top_k=1 for greedy)")
+    probs = softmax(filter_logits(logits, temperature, top_k, top_p))
+    cdf = np.cumsum(probs, axis=-1)                                     # (B, V)
+    # u in (0, 1]: the first token whose cdf reaches u * total has nonzero probability
+    u = (1.0 - rng.random(len(cdf)))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(axis=-1), cdf.shape[-1] - 1).astype(np.int64)
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None, rng=None):
+    """Continue idx (int (T,) or (B, T)) by up to max_new_tokens tokens; returns the ids, prompt included.
+
+    The prompt runs once through the model filling a KV cache; each new token then costs one
+    position. When the context would exceed block_size, the cache cannot help (learned positions
+    would have to shift), so from then on every step recomputes the last block_size tokens in full.
+
+    stop_tokens: ids that end generation; the stop token is kept in the output. With B > 1 rows, a
+    row that has stopped repeats its stop token while the others go on, and generation ends when
+    every row has stopped (so each row's text ends at its first stop token). The model runs in eval
+    mode (no dropout) and is put back in its previous mode afterwards.
+    """
+    idx = np.asarray(backend.to_device(idx.data if hasattr(idx, "data") else idx, "cpu"))
+    squeeze = idx.ndim == 1
+    out = idx[None, :] if squeeze else idx
+    out = out.astype(np.int64)
+    if out.ndim != 2 or out.shape[1] == 0:
+        raise ValueError(f"idx must be a non-empty int array of shape (T,) or (B, T), got shape {idx.shape}")
+    block_size = model.config.block_size
+    stops = np.array(sorted(set(stop_tokens or ())), dtype=np.int64)
+    B = out.shape[0]
+    stopped = np.zeros(B, dtype=bool)
+    last_stop = np.zeros(B, dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            cache = None
+            if out.shape[1] < block_size:
+                cache = model.new_kv_cache(B)
+                logits, _ = model(out, kv_cache=cache)
+            else:
+                logits, _ = model(out[:, -block_size:])
+            for _ in range(max_new_tokens):
+                nxt = sample_next(logits.data[:, -1, :], temperature, top_k, top_p, rng)   # (B,)
+                nxt = np.where(stopped, last_stop, nxt)
+                out = np.concatenate([out, nxt[:, None]], axis=1)
+                hit = np.isin(nxt, stops) & ~stopped
+                last_stop[hit], stopped[hit] = nxt[hit], True
+                if stopped.all():
+                    break
+                if cache is not None and cache.length < block_size:
+                    logits, _ = model(nxt[:, None], kv_cache=cache)
+                else:
+                    cache = None                      # context is full: recompute the last block_size tokens
+                    logits, _ = model(out[:, -block_size:])
+    finally:
+        model.train(was_training)
+    return out[0] if squeeze else out
