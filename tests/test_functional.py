@@ -1,0 +1,379 @@
+"""The op library three ways: against PyTorch (float64 and float32), fused == composite, and
+finite-difference gradchecks over hypothesis-drawn shapes; then edge cases and bad input."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from oracle import check_op, torch
+
+import tinygrad_llm.composite as C
+import tinygrad_llm.functional as F
+from tinygrad_llm.gradcheck import gradcheck
+from tinygrad_llm.tensor import Tensor
+
+TF = torch.nn.functional
+DTYPES = ["float64", "float32"]
+rng0 = np.random.default_rng(1234)
+
+
+def _end_aligned_causal(TQ, TK):
+    """Query i sits at absolute position TK - TQ + i (torch's is_causal aligns to the top-left instead)."""
+    return np.arange(TK)[None, :] <= np.arange(TQ)[:, None] + (TK - TQ)
+
+
+def _torch_rope(x, pos, theta=10000.0, interleaved=False):
+    """Rotary embedding as Hugging Face Llama (rotate_half) or Meta Llama (interleaved pairs) write it."""
+    HS = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, HS, 2, dtype=torch.float64) / HS)
+    angle = torch.as_tensor(pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    rotate_half = torch.cat([-x[..., HS // 2:], x[..., : HS // 2]], dim=-1)
+    return x * torch.cat([cos, cos], -1) + rotate_half * torch.cat([sin, sin], -1)
+
+
+def _torch_cross_entropy(logits, targets, **kw):
+    V = logits.shape[-1]
+    out = TF.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), **kw)
+    return out.reshape(targets.shape) if kw.get("reduction") == "none" else out
+
+
+IDS = np.array([[0, 3, 3, 1], [4, 0, 0, 0]])
+TARGETS = np.array([[1, -100, 4, 0], [2, 2, -100, 3]])
+MASK = rng0.random((2, 1, 3, 5)) > 0.4
+MASK[..., 0] = True  # every query keeps at least one key, so torch has no NaN rows
+
+# name -> (inputs: shapes or arrays, torch function, our function given the module F or C)
+CASES = {
+    "linear": ([(2, 3, 4), (4, 5), (5,)], lambda x, w, b: x @ w + b, lambda M: M.linear),
+    "linear (no bias)": ([(3, 4), (4, 2)], lambda x, w: x @ w, lambda M: M.linear),
+    "embedding": ([IDS, rng0.standard_normal((5, 3))], TF.embedding, lambda M: M.embedding),
+    "layer_norm": ([(2, 3, 8), (8,), (8,)], lambda x, w, b: TF.layer_norm(x, (8,), w, b), lambda M: M.layer_norm),
+    "layer_norm (eps, no affine)": ([(4, 6)], lambda x: TF.layer_norm(x, (6,), eps=1e-3), lambda M: lambda x: M.layer_norm(x, eps=1e-3)),
+    "rms_norm": ([(2, 3, 8), (8,)], lambda x, w: TF.rms_norm(x, (8,), w), lambda M: M.rms_norm),
+    "rms_norm (eps)": ([(4, 6), (6,)], lambda x, w: TF.rms_norm(x, (6,), w, eps=1e-5), lambda M: lambda x, w: M.rms_norm(x, w, eps=1e-5)),
+    "gelu (none)": ([rng0.standard_normal((6, 7)) * 4], TF.gelu, lambda M: M.gelu),
+    "gelu (tanh)": ([rng0.standard_normal((6, 7)) * 4], lambda x: TF.gelu(x, approximate="tanh"), lambda M: lambda x: M.gelu(x, approximate="tanh")),
+    "silu": ([rng0.standard_normal((6, 7)) * 4], TF.silu, lambda M: M.silu),
+    "swiglu": ([(3, 5), (3, 5)], lambda g, u: TF.silu(g) * u, lambda M: M.swiglu),
+    "swiglu (broadcast)": ([(2, 3, 5), (3, 1)], lambda g, u: TF.silu(g) * u, lambda M: M.swiglu),
+    "softmax": ([(2, 3, 5)], lambda x: TF.softmax(x, -1), lambda M: M.softmax),
+    "softmax (axis 1)": ([(2, 3, 5)], lambda x: TF.softmax(x, 1), lambda M: lambda x: M.softmax(x, axis=1)),
+    "log_softmax": ([(2, 3, 5)], lambda x: TF.log_softmax(x, -1), lambda M: M.log_softmax),
+    "log_softmax (axis 0)": ([(2, 3, 5)], lambda x: TF.log_softmax(x, 0), lambda M: lambda x: M.log_softmax(x, axis=0)),
+    "cross_entropy (mean)": ([rng0.standard_normal((2, 4, 5)), TARGETS], _torch_cross_entropy, lambda M: M.cross_entropy),
+    "cross_entropy (sum)": ([rng0.standard_normal((2, 4, 5)), TARGETS], lambda x, t: _torch_cross_entropy(x, t, reduction="sum"),
+                            lambda M: lambda x, t: M.cross_entropy(x, t, reduction="sum")),
+    "cross_entropy (none)": ([rng0.standard_normal((2, 4, 5)), TARGETS], lambda x, t: _torch_cross_entropy(x, t, reduction="none"),
+                             lambda M: lambda x, t: M.cross_entropy(x, t, reduction="none")),
+    "cross_entropy (2-D, ignore 2)": ([rng0.standard_normal((6, 4)), np.array([0, 2, 3, 2, 1, 1])],
+                                      lambda x, t: TF.cross_entropy(x, t, ignore_index=2),
+                                      lambda M: lambda x, t: M.cross_entropy(x, t, ignore_index=2)),
+    "attention (causal)": ([(2, 3, 5, 4)] * 3, lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True),
+                           lambda M: M.scaled_dot_product_attention),
+    "attention (full, scale)": ([(1, 2, 4, 3), (1, 2, 6, 3), (1, 2, 6, 5)],
+                                lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, scale=0.7),
+                                lambda M: lambda q, k, v: M.scaled_dot_product_attention(q, k, v, causal=False, scale=0.7)),
+    "attention (causal+mask, TQ<TK)": ([(2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 4)],
+                                       lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=torch.tensor(MASK & _end_aligned_causal(3, 5))),
+                                       lambda M: lambda q, k, v: M.scaled_dot_product_attention(q, k, v, mask=MASK)),
+    "rope": ([(2, 3, 5, 8)], lambda x: _torch_rope(x, np.arange(4, 9)), lambda M: lambda x: M.rope(x, np.arange(4, 9))),
+    "rope (interleaved, theta)": ([(1, 2, 4, 6)], lambda x: _torch_rope(x, np.arange(4), 500.0, True),
+                                  lambda M: lambda x: M.rope(x, np.arange(4), theta=500.0, interleaved=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_torch(name, dtype):
+    inputs, torch_fn, ours = CASES[name]
+    out = check_op(inputs, torch_fn, ours(F), dtype=dtype)
+    assert out.dtype == np.dtype(dtype), "ops compute in their input dtype"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_equals_composite(name):
+    inputs, _, ours = CASES[name]
+    arrays = [np.asarray(a) for a in inputs] if not all(isinstance(s, tuple) for s in inputs) \
+        else [np.random.default_rng(7).standard_normal(s) for s in inputs]
+    dout, results = None, []
+    for module in (F, C):
+        tensors = [Tensor(a, requires_grad=a.dtype.kind == "f") for a in arrays]
+        out = ours(module)(*tensors)
+        dout = np.random.default_rng(8).standard_normal(out.shape) if dout is None else dout
+        (out * Tensor(dout)).sum().backward()
+        results.append([out.numpy()] + [t.grad for t in tensors if t.requires_grad])
+    for fused, composite in zip(*results):
+        np.testing.assert_allclose(fused, composite, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_fused_equals_composite():
+    x = rng0.standard_normal((4, 6))
+    fused = F.dropout(Tensor(x), 0.3, rng=np.random.default_rng(3))
+    composite = C.dropout(Tensor(x), 0.3, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(fused.numpy(), composite.numpy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_against_torch_with_the_same_mask(dtype):
+    p = 0.25
+    keep = np.random.default_rng(5).random((3, 7), dtype=np.float32) >= p
+    check_op([(3, 7)], lambda x: x * torch.tensor(keep) / (1 - p), lambda x: F.dropout(x, p, rng=np.random.default_rng(5)), dtype=dtype)
+
+
+# ---- hypothesis: gradchecks over random shapes -----------------------------------------------
+
+seeds = st.integers(0, 2**16)
+small = st.integers(1, 4)
+
+
+@given(st.lists(small, min_size=1, max_size=3), seeds, st.booleans(), st.booleans())
+def test_gradcheck_layer_norm_and_rms_norm(shape, seed, affine, zero_variance_row):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    if zero_variance_row:
+        x.reshape(-1, shape[-1])[0] = 0.7  # a constant row: variance 0 (layer_norm) / all equal (rms_norm)
+    w, b = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+    if affine:
+        assert gradcheck(F.layer_norm, [x, w, b], atol=1e-5).passed
+        assert gradcheck(F.rms_norm, [x, w], atol=1e-5).passed
+    else:
+        assert gradcheck(F.layer_norm, [x + 0.1 * rng.standard_normal(shape)], atol=1e-5).passed
+        assert gradcheck(F.rms_norm, [x], atol=1e-5).passed
+
+
+@given(st.lists(small, min_size=1, max_size=3), seeds, st.sampled_from([1.0, 30.0]))
+def test_gradcheck_softmax_and_log_softmax(shape, seed, spread):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * spread
+    axis = int(rng.integers(-len(shape), len(shape)))
+    assert gradcheck(lambda t: F.softmax(t, axis=axis), [x]).passed
+    assert gradcheck(lambda t: F.log_softmax(t, axis=axis), [x]).passed
+
+
+@given(st.lists(small, min_size=0, max_size=2), st.integers(2, 6), seeds, st.sampled_from(["mean", "sum", "none"]),
+       st.floats(0.0, 1.0))
+def test_gradcheck_cross_entropy(lead, V, seed, reduction, ignored_fraction):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal(tuple(lead) + (V,)) * 3
+    targets = rng.integers(0, V, size=tuple(lead))
+    targets = np.where(rng.random(targets.shape) < ignored_fraction, -100, targets)
+    assert gradcheck(lambda x: F.cross_entropy(x, targets, reduction=reduction), [logits]).passed
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.integers(0, 3), st.integers(1, 4), seeds,
+       st.booleans(), st.booleans())
+def test_gradcheck_attention(B, NH, TQ, extra_keys, HS, seed, causal, use_mask):
+    rng = np.random.default_rng(seed)
+    TK = TQ + extra_keys
+    q, k, v = rng.standard_normal((B, NH, TQ, HS)), rng.standard_normal((B, NH, TK, HS)), rng.standard_normal((B, NH, TK, HS))
+    mask = rng.random((B, 1, TQ, TK)) > 0.3 if use_mask else None  # rows with no allowed key included
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal, mask=mask)  # noqa: E731
+    assert gradcheck(fn, [q, k, v]).passed
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), seeds, st.booleans())
+def test_gradcheck_rope(NH, T, half, seed, interleaved):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, NH, T, 2 * half))
+    pos = rng.integers(0, 100, size=T)
+    assert gradcheck(lambda t: F.rope(t, pos, interleaved=interleaved), [x]).passed
+
+
+@given(st.lists(small, min_size=1, max_size=3), seeds)
+def test_gradcheck_activations(shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * 3
+    for fn in (lambda t: F.gelu(t), lambda t: F.gelu(t, approximate="tanh"), F.silu):
+        assert gradcheck(fn, [x]).passed
+    up_shape = tuple(n if rng.random() < 0.5 else 1 for n in shape)  # a broadcasting pair
+    assert gradcheck(F.swiglu, [x, rng.standard_normal(up_shape)]).passed
+
+
+@given(st.integers(1, 5), st.integers(1, 3), st.lists(st.integers(0, 4), min_size=1, max_size=6), seeds)
+def test_gradcheck_embedding_and_linear(V, C_, ids, seed):
+    rng = np.random.default_rng(seed)
+    ids = np.array(ids) % V
+    assert gradcheck(lambda w: F.embedding(ids, w), [rng.standard_normal((V, C_))]).passed
+    assert gradcheck(F.linear, [rng.standard_normal((len(ids), V)), rng.standard_normal((V, C_)), rng.standard_normal(C_)]).passed
+
+
+# ---- numerical edge cases ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_logits_are_stable(dtype):
+    logits = rng0.standard_normal((5, 7)) * 1e4
+    targets = np.array([0, 6, -100, 3, 3])
+    check_op([logits, targets], _torch_cross_entropy, F.cross_entropy, dtype=dtype, rtol=1e-6 if dtype == "float64" else 1e-4)
+    check_op([logits], lambda x: TF.log_softmax(x, -1), F.log_softmax, dtype=dtype, rtol=1e-6 if dtype == "float64" else 1e-4)
+    check_op([logits], lambda x: TF.softmax(x, -1), F.softmax, dtype=dtype)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_zero_gradient():
+    logits = Tensor(rng0.standard_normal((3, 4)), requires_grad=True)
+    loss = F.cross_entropy(logits, np.full(3, -100))
+    assert loss.shape == () and loss.item() == 0.0
+    loss.backward()
+    np.testing.assert_array_equal(logits.grad, 0.0)
+
+
+def test_cross_entropy_none_is_zero_at_ignored_targets():
+    out = F.cross_entropy(Tensor(rng0.standard_normal((2, 3, 4))), np.array([[1, -100, 0], [-100, 3, 3]]), reduction="none")
+    assert out.shape == (2, 3) and out.numpy()[0, 1] == 0 and out.numpy()[1, 0] == 0
+
+
+def test_attention_row_with_no_allowed_key_gives_zeros_and_zero_gradient():
+    q, k, v = (Tensor(rng0.standard_normal((1, 1, 3, 4)), requires_grad=True) for _ in range(3))
+    mask = np.array([[True, True, False], [False, False, False], [True, False, True]])
+    out = F.scaled_dot_product_attention(q, k, v, causal=False, mask=mask)
+    np.testing.assert_array_equal(out.numpy()[0, 0, 1], 0.0)
+    (out * out).sum().backward()
+    np.testing.assert_array_equal(q.grad[0, 0, 1], 0.0)
+    assert np.isfinite(k.grad).all() and np.isfinite(v.grad).all()
+
+
+def test_causal_query_block_aligns_to_the_end_of_the_keys():
+    """The last TQ rows of full causal attention == attention of those TQ queries over all keys (KV cache)."""
+    q, k, v = (Tensor(rng0.standard_normal((2, 2, 6, 4))) for _ in range(3))
+    full = F.scaled_dot_product_attention(q, k, v).numpy()
+    tail = F.scaled_dot_product_attention(q[:, :, 4:], k, v).numpy()
+    np.testing.assert_allclose(tail, full[:, :, 4:], rtol=1e-12)
+
+
+def test_layer_norm_zero_variance_row_is_finite():
+    x = Tensor(np.full((2, 5), 3.0), requires_grad=True)
+    out = F.layer_norm(x, Tensor(np.ones(5)), Tensor(np.zeros(5)))
+    np.testing.assert_array_equal(out.numpy(), 0.0)
+    out.sum().backward()
+    assert np.isfinite(x.grad).all()
+
+
+def test_rope_attention_scores_depend_only_on_relative_position():
+    q, k = rng0.standard_normal((1, 1, 1, 8)), rng0.standard_normal((1, 1, 1, 8))
+    for interleaved in (False, True):
+        scores = []
+        for offset in (0, 17, 1000):
+            rq = F.rope(Tensor(q), np.array([offset + 5]), interleaved=interleaved).numpy()
+            rk = F.rope(Tensor(k), np.array([offset + 2]), interleaved=interleaved).numpy()
+            scores.append(float((rq * rk).sum()))
+        np.testing.assert_allclose(scores, scores[0], rtol=1e-10)
+
+
+def test_erf_matches_math_erf_to_float64_precision():
+    x = np.concatenate([np.linspace(-8, 8, 160_001), np.geomspace(1e-300, 30, 2000), -np.geomspace(1e-300, 30, 2000),
+                        [0.0, 2.5, -2.5, np.nextafter(2.5, 0), 5e-324, 1e300, np.inf, -np.inf]])
+    expected = np.array([math.erf(v) for v in x])
+    got = F._erf(x)
+    np.testing.assert_array_less(np.abs(got - expected), 1e-14 * np.abs(expected) + 1e-320)
+    assert np.isnan(F._erf(np.array([np.nan]))[0])
+
+
+def test_gelu_tail_is_accurate():
+    x = np.array([-38.0, -20.0, -10.0, -5.0, -3.6, 8.0])
+    expected = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x])
+    np.testing.assert_allclose(F.gelu(Tensor(x)).numpy(), expected, rtol=1e-12, atol=0)
+
+
+# ---- dropout semantics ------------------------------------------------------------------------
+
+def test_dropout_identity_cases_return_the_same_tensor():
+    x = Tensor(np.ones((2, 3)), requires_grad=True)
+    assert F.dropout(x, 0.5, training=False) is x
+    assert F.dropout(x, 0.0, rng=None) is x
+
+
+def test_dropout_p_one_gives_zeros_and_p_outside_raises():
+    x = Tensor(np.ones((2, 3)), requires_grad=True)
+    out = F.dropout(x, 1.0, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(out.numpy(), 0.0)
+    out.sum().backward()
+    np.testing.assert_array_equal(x.grad, 0.0)
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="p must be in"):
+            F.dropout(x, p, rng=np.random.default_rng(0))
+
+
+def test_dropout_needs_a_generator_and_is_deterministic_per_seed():
+    x = Tensor(np.ones((50, 40)), requires_grad=True)
+    with pytest.raises(ValueError, match="Generator"):
+        F.dropout(x, 0.1)
+    a = F.dropout(x, 0.2, rng=np.random.default_rng(9))
+    b = F.dropout(x, 0.2, rng=np.random.default_rng(9))
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    kept = a.numpy() != 0
+    np.testing.assert_allclose(a.numpy()[kept], 1 / 0.8)
+    assert abs(kept.mean() - 0.8) < 0.03
+    a.sum().backward()  # backward reuses the forward's mask
+    np.testing.assert_array_equal(x.grad, a.numpy())
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def t(*shape, dtype=np.float64):
+    return Tensor(np.zeros(shape, dtype=dtype))
+
+
+def test_mismatched_shapes_name_both_shapes():
+    with pytest.raises(ValueError, match=r"x has last axis 7 but w has shape \(8,\)"):
+        F.layer_norm(t(2, 7), t(8), t(8))
+    with pytest.raises(ValueError, match=r"x has last axis 7 but w has shape \(8,\)"):
+        F.rms_norm(t(2, 7), t(8))
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\).*\(5, 6\)"):
+        F.linear(t(2, 3, 4), t(5, 6))
+    with pytest.raises(ValueError, match=r"logits have shape \(4, 5\) and targets have shape \(3,\)"):
+        F.cross_entropy(t(4, 5), np.zeros(3, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"q has shape \(1, 2, 3, 4\), k has shape \(1, 2, 3, 5\)"):
+        F.scaled_dot_product_attention(t(1, 2, 3, 4), t(1, 2, 3, 5), t(1, 2, 3, 5))
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 2\)"):
+        F.scaled_dot_product_attention(t(1, 1, 3, 4), t(1, 1, 3, 4), t(1, 1, 3, 4), mask=np.ones((2, 2), dtype=bool))
+    with pytest.raises(ValueError, match=r"gate has shape \(2, 3\) and up has shape \(2, 4\)"):
+        F.swiglu(t(2, 3), t(2, 4))
+    with pytest.raises(ValueError, match=r"pos has shape \(4,\) but x has shape \(1, 1, 3, 4\)"):
+        F.rope(t(1, 1, 3, 4), np.arange(4))
+    with pytest.raises(ValueError, match="HS even"):
+        F.rope(t(1, 1, 3, 5), np.arange(3))
+
+
+def test_out_of_range_ids_and_targets_raise_index_error():
+    with pytest.raises(IndexError, match=r"token id 5 .*\[0, 5\)"):
+        F.embedding(np.array([[0, 5]]), t(5, 3))
+    with pytest.raises(IndexError, match=r"token id -1"):
+        F.embedding(np.array([-1, 0]), t(5, 3))
+    with pytest.raises(IndexError, match=r"target 9 is outside \[0, 4\)"):
+        F.cross_entropy(t(2, 4), np.array([1, 9]))
+    with pytest.raises(IndexError, match=r"target -3"):
+        F.cross_entropy(t(2, 4), np.array([-3, -100]))
+
+
+def test_integer_data_where_floats_are_needed():
+    ints = Tensor(np.arange(6).reshape(2, 3))
+    for call in (lambda: F.layer_norm(ints), lambda: F.softmax(ints), lambda: F.gelu(ints), lambda: F.linear(ints, t(3, 2)),
+                 lambda: F.cross_entropy(ints, np.zeros(2, dtype=np.int64))):
+        with pytest.raises(TypeError, match="floating-point"):
+            call()
+    with pytest.raises(TypeError, match="must hold integers"):
+        F.embedding(np.array([0.0, 1.0]), t(3, 2))
+    with pytest.raises(TypeError, match="must hold integers"):
+        F.cross_entropy(t(2, 3), np.array([0.0, 1.0]))
+    with pytest.raises(TypeError, match="boolean"):
+        F.scaled_dot_product_attention(t(1, 1, 2, 2), t(1, 1, 2, 2), t(1, 1, 2, 2), mask=np.ones((2, 2)))
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="approximate"):
+        F.gelu(t(3), approximate="fast")
+    with pytest.raises(ValueError, match="reduction"):
+        F.cross_entropy(t(2, 3), np.zeros(2, dtype=np.int64), reduction="avg")
+    with pytest.raises(ValueError, match="axis 3 is out of range"):
+        F.softmax(t(2, 3), axis=3)
+
+
+def test_integer_indices_may_be_tensors():
+    w = Tensor(rng0.standard_normal((5, 2)))
+    np.testing.assert_array_equal(F.embedding(Tensor(np.array([1, 4])), w).numpy(), w.numpy()[[1, 4]])
+    loss = F.cross_entropy(Tensor(rng0.standard_normal((2, 5))), Tensor(np.array([1, 4])))
+    assert np.isfinite(loss.item())
