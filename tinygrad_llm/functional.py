@@ -350,7 +350,7 @@ class Softmax(Function):
         ctx.p, ctx.axis = e / e.sum(axis=axis, keepdims=True), axis
         return ctx.p
 
-    # derivation: docs/backward/softmax.md
+    # derivation: docs/backward/softmax_and_log_softmax.md
     @staticmethod
     def backward(ctx, dout):
         p = ctx.p
@@ -368,7 +368,7 @@ class LogSoftmax(Function):
         ctx.out, ctx.axis = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True)), axis
         return ctx.out
 
-    # derivation: docs/backward/softmax.md
+    # derivation: docs/backward/softmax_and_log_softmax.md
     @staticmethod
     def backward(ctx, dout):
         xp = array_module(dout)
