@@ -377,3 +377,5 @@ def test_integer_indices_may_be_tensors():
     np.testing.assert_array_equal(F.embedding(Tensor(np.array([1, 4])), w).numpy(), w.numpy()[[1, 4]])
     loss = F.cross_entropy(Tensor(rng0.standard_normal((2, 5))), Tensor(np.array([1, 4])))
     assert np.isfinite(loss.item())
+    np.testing.assert_array_equal(F.embedding([[1, 4]], w).numpy(), w.numpy()[[[1, 4]]])
+    assert F.rope(Tensor(rng0.standard_normal((1, 1, 2, 4))), [3, 4]).shape == (1, 1, 2, 4)

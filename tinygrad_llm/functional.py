@@ -19,7 +19,10 @@ from .tensor import Function, Tensor, unbroadcast
 
 
 def _data(x):
-    return x.data if isinstance(x, Tensor) else x
+    """The array behind an index argument (ids, targets, positions, masks): a Tensor, array or list."""
+    if isinstance(x, Tensor):
+        return x.data
+    return x if hasattr(x, "dtype") and hasattr(x, "shape") else np.asarray(x)
 
 
 def _require_float(op, name, x):
@@ -134,8 +137,8 @@ class LayerNorm(Function):
         dx = None
         if need[0]:
             dx = ctx.rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
-        dw = _sum_to_last(dout * xhat) if len(need) > 1 and need[1] else None
-        db = _sum_to_last(dout) if len(need) > 2 and need[2] else None
+        dw = _sum_to_last(dout * xhat) if need[1] else None
+        db = _sum_to_last(dout) if need[2] else None
         return dx, dw, db
 
 
@@ -172,7 +175,7 @@ class RMSNorm(Function):
         need = ctx.needs_input_grad
         # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat)
         dx = ctx.rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)) if need[0] else None
-        dw = _sum_to_last(dout * xhat) if len(need) > 1 and need[1] else None
+        dw = _sum_to_last(dout * xhat) if need[1] else None
         return dx, dw
 
 
@@ -595,8 +598,6 @@ def rope(x, pos, theta=10000.0, interleaved=False):
     interleaved=True rotates pairs (2i, 2i+1) (RoFormer, Meta's Llama).
     """
     pos = _data(pos)
-    if not hasattr(pos, "dtype"):
-        pos = np.asarray(pos)
     _require_float("rope", "x", x)
     _require_int("rope", "pos", pos)
     if x.ndim < 2 or x.shape[-1] % 2:
