@@ -289,8 +289,8 @@ class IncrementalDecoder:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, ids):
-        """ids: one id or a list of ids; returns the text completed so far."""
-        return self.utf8.decode(self.tokenizer.decode_bytes([ids] if isinstance(ids, int) else ids))
+        """ids: one id (a Python or NumPy integer) or a list of ids; returns the text completed so far."""
+        return self.utf8.decode(self.tokenizer.decode_bytes([ids] if hasattr(ids, "__index__") else ids))
 
     def flush(self):
         """Text held back at the end of the stream (an incomplete character becomes "\\ufffd")."""
