@@ -278,3 +278,11 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "ckpt.safetensors", tiny_model(seed=9), optimizer)["step"] == 3
     source = open(checkpoint.__file__).read()
     assert "import pickle" not in source and "allow_pickle" not in source
+
+
+def test_corrupt_metadata_is_named(tmp_path):
+    save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model())
+    arrays, metadata = load_safetensors(tmp_path / "ckpt.safetensors")
+    save_safetensors(tmp_path / "bad.safetensors", arrays, {**metadata, "config": "{oops"})
+    with pytest.raises(ValueError, match="metadata 'config' is not JSON"):
+        load_checkpoint(tmp_path / "bad.safetensors")

@@ -208,7 +208,15 @@ def load_checkpoint(path, model=None, optimizer=None):
                          f"'format': '{FORMAT}' in its metadata); use load_safetensors to read its arrays")
     if int(metadata.get("version", -1)) > VERSION:
         raise ValueError(f"{path} is checkpoint version {metadata['version']}; this code reads up to {VERSION}")
-    meta = {k: json.loads(v) for k, v in metadata.items() if k not in ("format", "version", "optimizer")}
+    meta = {}
+    for key, value in metadata.items():
+        if key not in ("format", "version", "optimizer"):
+            try:
+                meta[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path} is corrupt: metadata {key!r} is not JSON: {value[:80]!r}") from None
+    if "config" not in meta:
+        raise ValueError(f"{path} is corrupt: its metadata holds no model config")
     weights = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER_PREFIX)}
 
     if model is not None:

@@ -174,6 +174,10 @@ def train(config):
     start_iter, best_val_loss, best_iter, previous_elapsed = 0, math.inf, None, 0.0
     if config.init_from == "resume":
         saved = load_checkpoint(ckpt_path, model, optimizer)
+        lacking = [key for key in ("step", "best_val_loss", "rng_state") if key not in saved]
+        if lacking:
+            raise ValueError(f"{ckpt_path} lacks the training state {lacking} needed to resume "
+                             "(was it written by another tool?)")
         rng.bit_generator.state = saved["rng_state"]
         start_iter, best_val_loss, best_iter = saved["step"], saved["best_val_loss"], saved["step"]
         previous_elapsed = saved.get("elapsed_s", 0.0)
