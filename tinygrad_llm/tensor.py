@@ -445,13 +445,24 @@ class Neg(Function):
         return -dout
 
 
+def matmul(a, b):
+    """a @ b on arrays; (..., K) @ (K, M) runs as one 2-D GEMM over every leading axis of a.
+
+    NumPy runs (B,T,K) @ (K,M) as B separate BLAS calls; one call is never slower and, with OpenBLAS
+    threads on a busy 2-core machine, was 20x faster (measured: 20 ms vs 450 ms for (12,64,128) @ (128,512)).
+    """
+    if a.ndim > 2 and b.ndim == 2:
+        return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
+    return a @ b
+
+
 class MatMul(Function):
     """(..., N, K) @ (..., K, M) -> (..., N, M), batch dimensions broadcast; 1-D operands as in NumPy."""
 
     @staticmethod
     def forward(ctx, a, b):
         ctx.a, ctx.b = a, b
-        return a @ b
+        return matmul(a, b)
 
     @staticmethod
     def backward(ctx, dout):
@@ -467,10 +478,13 @@ class MatMul(Function):
         da = db = None
         # out = a b  =>  da = dout b^T, db = a^T dout
         if ctx.needs_input_grad[0]:
-            da = dout2 @ b2.swapaxes(-1, -2)
+            da = matmul(dout2, b2.swapaxes(-1, -2))
             da = unbroadcast(da, a2.shape).reshape(a.shape)
-        if ctx.needs_input_grad[1]:
-            db = a2.swapaxes(-1, -2) @ dout2
+        if ctx.needs_input_grad[1] and a.ndim > 2 and b.ndim == 2:
+            # one GEMM sums over the leading axes instead of a (..., K, M) stack reduced afterwards
+            db = a.reshape(-1, a.shape[-1]).T @ dout.reshape(-1, dout.shape[-1])
+        elif ctx.needs_input_grad[1]:
+            db = matmul(a2.swapaxes(-1, -2), dout2)
             db = unbroadcast(db, b2.shape).reshape(b.shape)
         return da, db
 
