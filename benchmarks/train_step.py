@@ -1,0 +1,104 @@
+"""One training step (forward, backward, AdamW step) of our GPT beside PyTorch's, same weights, one process.
+
+    python benchmarks/train_step.py --config small --steps 20
+    python benchmarks/train_step.py --config large --steps 5
+
+The PyTorch model is the mirror from tests/test_model.py, loaded with our initial weights, float32,
+eager. Both use every core (torch.set_num_threads(os.cpu_count()); NumPy's BLAS uses all by default).
+Steps alternate between the two so machine noise hits both alike; after warm-up steps the medians
+are compared. Prints one markdown row for benchmarks/RESULTS.md.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_model import torch_mirror  # noqa: E402  (the PyTorch mirror of our GPT)
+
+from tinygrad_llm import backend  # noqa: E402
+from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
+from tinygrad_llm.optim import AdamW, param_groups  # noqa: E402
+
+CONFIGS = {
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+    "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64),
+}
+VOCAB = 65
+LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps each (default 20 small, 5 large)")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    spec = dict(CONFIGS[args.config])
+    B = spec.pop("batch_size")
+    steps = args.steps or (20 if args.config == "small" else 5)
+    torch.set_num_threads(os.cpu_count())
+
+    cfg = GPTConfig(vocab_size=VOCAB, **spec)
+    T = cfg.block_size
+    model = GPT(cfg, rng=np.random.default_rng(0))
+    mirror = torch_mirror(model)
+    opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
+    t_params = list(mirror.parameters())
+    t_opt = torch.optim.AdamW([{"params": [p for p in t_params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+                               {"params": [p for p in t_params if p.dim() < 2], "weight_decay": 0.0}], lr=LR, betas=BETAS)
+
+    def ours_step(x, y):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    def torch_step(x, y):
+        _, loss = mirror(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        t_opt.step()
+        t_opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    rng = np.random.default_rng(1)
+    times = {"ours": [], "torch": []}
+    first_losses = None
+    for i in range(args.warmup + steps):
+        x = rng.integers(0, VOCAB, (B, T))
+        y = rng.integers(0, VOCAB, (B, T))
+        t0 = time.perf_counter()
+        loss = ours_step(x, y)
+        t1 = time.perf_counter()
+        t_loss = torch_step(x, y)
+        t2 = time.perf_counter()
+        if i == 0:
+            first_losses = (loss, t_loss)
+        if i >= args.warmup:
+            times["ours"].append(t1 - t0)
+            times["torch"].append(t2 - t1)
+
+    ours_ms = statistics.median(times["ours"]) * 1e3
+    torch_ms = statistics.median(times["torch"]) * 1e3
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
+          f"torch {torch.__version__}, kernels {'on' if backend.kernels_enabled() else 'off'}; "
+          f"first-step loss ours {first_losses[0]:.6f} torch {first_losses[1]:.6f}; "
+          f"{steps} timed steps after {args.warmup} warm-up")
+    print("| config | ours ms/step | PyTorch ms/step | ratio ours/PyTorch | ours tokens/s |")
+    print("|---|---|---|---|---|")
+    name = f"{cfg.n_layer}x{cfg.n_embd} T={T} B={B} V={VOCAB}"
+    print(f"| {name} | {ours_ms:.1f} | {torch_ms:.1f} | {ours_ms / torch_ms:.2f}x | {B * T / ours_ms * 1e3:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
