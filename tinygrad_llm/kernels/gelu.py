@@ -1,0 +1,190 @@
+"""GELU (tanh form and exact erf form) and SwiGLU, forward and backward, one pass each
+(references: functional.GELU, functional.SwiGLU).
+
+The references evaluate a NumPy expression per operation (the tanh form's forward alone is seven
+passes, the exact form's erf a Horner series over masked copies) and save a second array (tanh(u),
+Phi(x) or sigmoid(gate)) for backward. Here forward saves only its inputs and backward recomputes the
+transcendental in the same pass that forms the gradient: less memory, fewer passes. Constants are
+passed in the input's dtype, so float32 work stays float32 (tanhf, erff, expf), as in NumPy.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ..functional import GELU, SwiGLU
+from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def gelu_tanh_forward(x, out, c, a, half, one):
+    """out = 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715; x, out flat."""
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        out[i] = half * xi * (one + math.tanh(c * (xi + a * xi * xi * xi)))
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def gelu_tanh_backward(x, dout, dx, c, a, half, one, three):
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        t = math.tanh(c * (xi + a * xi * xi * xi))
+        dx[i] = dout[i] * (half * (one + t) + half * xi * (one - t * t) * c * (one + three * a * xi * xi))
+
+
+@njit(inline="always")
+def _normal_cdf(x, rsqrt2, half):
+    """Phi(x); in the left tail erfc(-x/sqrt2)/2, which does not cancel as 1 + erf does."""
+    z = x * rsqrt2
+    return half * math.erfc(-z) if z < -1 else half * (1 + math.erf(z))
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def gelu_exact_forward(x, out, rsqrt2, half):
+    for i in prange(x.shape[0]):
+        out[i] = x[i] * _normal_cdf(x[i], rsqrt2, half)
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def gelu_exact_backward(x, dout, dx, rsqrt2, half, rsqrt2pi):
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        dx[i] = dout[i] * (_normal_cdf(xi, rsqrt2, half) + xi * math.exp(-half * xi * xi) * rsqrt2pi)
+
+
+@njit(inline="always")
+def _sigmoid(g, one):
+    """1 / (1 + exp(-g)) from exp(-|g|) only: no overflow."""
+    e = math.exp(-abs(g))
+    return one / (one + e) if g >= 0 else e / (one + e)
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def swiglu_forward(gate, up, out, one):
+    for i in prange(gate.shape[0]):
+        g = gate[i]
+        out[i] = g * _sigmoid(g, one) * up[i]
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def swiglu_backward(gate, up, dout, dgate, dup, one):
+    for i in prange(gate.shape[0]):
+        g = gate[i]
+        sig = _sigmoid(g, one)
+        dgate[i] = dout[i] * up[i] * sig * (one + g * (one - sig))
+        dup[i] = dout[i] * g * sig
+
+
+def _covered(*arrays):
+    x = arrays[0]
+    return (all(type(a) is np.ndarray and a.dtype == x.dtype and a.shape == x.shape for a in arrays)
+            and x.dtype in (np.float32, np.float64))
+
+
+def _flat(x):
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+class NumbaGELU:
+    """Kernel for GELU, both forms, NumPy float32/float64."""
+
+    @staticmethod
+    def forward(ctx, x, approximate="none"):
+        ctx.fallback = not (_covered(x) and approximate in ("none", "tanh"))
+        if ctx.fallback:
+            return GELU.forward(ctx, x, approximate=approximate)
+        t = x.dtype.type
+        xf = _flat(x)
+        out = np.empty_like(xf)
+        if approximate == "tanh":
+            gelu_tanh_forward(xf, out, t(math.sqrt(2 / math.pi)), t(0.044715), t(0.5), t(1))
+        else:
+            gelu_exact_forward(xf, out, t(1 / math.sqrt(2)), t(0.5))
+        ctx.xf, ctx.approximate, ctx.shape = xf, approximate, x.shape
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.fallback:
+            return GELU.backward(ctx, dout)
+        xf, t = ctx.xf, ctx.xf.dtype.type
+        dx = np.empty_like(xf)
+        if ctx.approximate == "tanh":
+            # dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)),  t = tanh(u)
+            gelu_tanh_backward(xf, _flat(dout), dx, t(math.sqrt(2 / math.pi)), t(0.044715), t(0.5), t(1), t(3))
+        else:
+            # dx = dout * (Phi(x) + x phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
+            gelu_exact_backward(xf, _flat(dout), dx, t(1 / math.sqrt(2)), t(0.5), t(1 / math.sqrt(2 * math.pi)))
+        return dx.reshape(ctx.shape)
+
+
+class NumbaSwiGLU:
+    """Kernel for SwiGLU when gate and up have the same shape (broadcasting falls back), float32/float64."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.fallback = not _covered(gate, up)
+        if ctx.fallback:
+            return SwiGLU.forward(ctx, gate, up)
+        gf, uf = _flat(gate), _flat(up)
+        out = np.empty_like(gf)
+        swiglu_forward(gf, uf, out, gate.dtype.type(1))
+        ctx.gf, ctx.uf, ctx.shape = gf, uf, gate.shape
+        return out.reshape(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.fallback:
+            return SwiGLU.backward(ctx, dout)
+        dgate, dup = np.empty_like(ctx.gf), np.empty_like(ctx.uf)
+        # dgate = dout * up * sig * (1 + gate (1 - sig)),  dup = dout * gate * sig
+        swiglu_backward(ctx.gf, ctx.uf, _flat(dout), dgate, dup, ctx.gf.dtype.type(1))
+        need = ctx.needs_input_grad
+        return (dgate.reshape(ctx.shape) if need[0] else None), (dup.reshape(ctx.shape) if need[1] else None)
+
+
+def _inputs(shape, dtype, seed=0, strided=False):
+    rng = np.random.default_rng(seed)
+    draw = lambda: (rng.standard_normal(shape[:-1] + (2 * shape[-1],))[..., ::2] if strided else rng.standard_normal(shape)) * 3
+    return draw().astype(dtype), draw().astype(dtype)
+
+
+VALIDATION_SHAPES = [(3, 7, 11), (1,), (129,), (2, 64)]
+
+
+def validate():
+    worst = 0.0
+    for dtype in (np.float64, np.float32):
+        for shape in VALIDATION_SHAPES:
+            for strided in (False, True):
+                x, y = _inputs(shape, dtype, strided=strided)
+                x.reshape(-1)[:1] = -9.0  # far left tail: Phi(x) ~ 1e-19
+                cases = [(GELU, NumbaGELU, (x,), dict(approximate="tanh")), (GELU, NumbaGELU, (x,), dict(approximate="none")),
+                         (SwiGLU, NumbaSwiGLU, (x, y), {}), (SwiGLU, NumbaSwiGLU, (x, y[..., :1]), {})]  # broadcast: fallback
+                for reference, kernel, arrays, attrs in cases:
+                    err = compare_with_reference(reference, kernel, arrays, attrs)
+                    assert err <= TOLERANCE[np.dtype(dtype)], f"{kernel.__name__} {shape} {attrs} {np.dtype(dtype).name}: {err}"
+                    worst = max(worst, err)
+    return worst
+
+
+def benchmark(shapes=((12, 64, 512), (64, 256, 1536))):
+    """Forward + backward, float32, the MLP hidden activations (B,T,4C) of the two model configs."""
+    rows, torch = [], torch_or_none()
+    for shape in shapes:
+        x, y = _inputs(shape, np.float32)
+        cases = [("gelu tanh", GELU, NumbaGELU, (x,), dict(approximate="tanh")),
+                 ("gelu exact", GELU, NumbaGELU, (x,), dict(approximate="none")),
+                 ("swiglu", SwiGLU, NumbaSwiGLU, (x, y), {})]
+        for name, reference, kernel, arrays, attrs in cases:
+            t_numba = median_ms(forward_backward(kernel, arrays, attrs), repeat=5)
+            t_numpy = median_ms(forward_backward(reference, arrays, attrs), repeat=5)
+            t_torch = None
+            if torch is not None:
+                tx, ty = torch.from_numpy(x).requires_grad_(), torch.from_numpy(y).requires_grad_()
+                F = torch.nn.functional
+                fn = {"gelu tanh": lambda: F.gelu(tx, approximate="tanh"), "gelu exact": lambda: F.gelu(tx),
+                      "swiglu": lambda: F.silu(tx) * ty}[name]
+                t_torch = median_ms(lambda: fn().backward(torch.ones(shape)), repeat=5)
+            rows.append(table_row(f"{name} fwd+bwd", shape, np.float32, t_numba, t_numpy, t_torch))
+    return rows

@@ -1,0 +1,218 @@
+"""layer_norm and rms_norm, forward and backward, one pass per row (references: functional.LayerNorm, RMSNorm).
+
+The references make a NumPy pass per operation (mean, subtract, square, mean, sqrt, divide, multiply,
+add; backward about ten more, recomputing xhat). Here each row is read a few times while it is in
+cache: statistics, then output. Parameter gradients (dw, db) are sums over rows: each of a fixed
+number of row blocks sums its own partial in float64 and the partials are added at the end, so the
+result does not depend on the thread count. Row statistics accumulate in float64 for float32 inputs too.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ..functional import LayerNorm, RMSNorm
+from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
+
+ROW_BLOCKS = 16  # partial sums of dw, db: fixed, so results are the same for any number of threads
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def layer_norm_forward(x, w, b, eps, out, mean, rstd):
+    """x, out: (N,C); w, b: (C,); mean, rstd: (N,) written for backward."""
+    N, C = x.shape
+    for r in prange(N):
+        total = 0.0
+        for j in range(C):
+            total += x[r, j]
+        mu = total / C
+        var = 0.0
+        for j in range(C):
+            d = x[r, j] - mu
+            var += d * d
+        rs = 1.0 / math.sqrt(var / C + eps)
+        mean[r], rstd[r] = mu, rs
+        for j in range(C):
+            out[r, j] = (x[r, j] - mu) * rs * w[j] + b[j]
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def layer_norm_backward(dout, x, w, mean, rstd, dx, dw_part, db_part):
+    """dx: (N,C); dw_part, db_part: (ROW_BLOCKS, C) float64 partial sums over each block of rows."""
+    N, C = x.shape
+    blocks = dw_part.shape[0]
+    for blk in prange(blocks):
+        for r in range(blk * N // blocks, (blk + 1) * N // blocks):
+            mu, rs = mean[r], rstd[r]
+            mean_dxhat = 0.0
+            mean_dxhat_xhat = 0.0
+            for j in range(C):
+                xhat = (x[r, j] - mu) * rs
+                dxhat = dout[r, j] * w[j]
+                mean_dxhat += dxhat
+                mean_dxhat_xhat += dxhat * xhat
+                dw_part[blk, j] += dout[r, j] * xhat
+                db_part[blk, j] += dout[r, j]
+            mean_dxhat /= C
+            mean_dxhat_xhat /= C
+            for j in range(C):
+                xhat = (x[r, j] - mu) * rs
+                dx[r, j] = rs * (dout[r, j] * w[j] - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def rms_norm_forward(x, w, eps, out, rstd):
+    N, C = x.shape
+    for r in prange(N):
+        total = 0.0
+        for j in range(C):
+            total += x[r, j] * x[r, j]
+        rs = 1.0 / math.sqrt(total / C + eps)
+        rstd[r] = rs
+        for j in range(C):
+            out[r, j] = x[r, j] * rs * w[j]
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def rms_norm_backward(dout, x, w, rstd, dx, dw_part):
+    N, C = x.shape
+    blocks = dw_part.shape[0]
+    for blk in prange(blocks):
+        for r in range(blk * N // blocks, (blk + 1) * N // blocks):
+            rs = rstd[r]
+            mean_dxhat_xhat = 0.0
+            for j in range(C):
+                xhat = x[r, j] * rs
+                mean_dxhat_xhat += dout[r, j] * w[j] * xhat
+                dw_part[blk, j] += dout[r, j] * xhat
+            mean_dxhat_xhat /= C
+            for j in range(C):
+                dx[r, j] = rs * (dout[r, j] * w[j] - x[r, j] * rs * mean_dxhat_xhat)
+
+
+def _covered(x, *params):
+    return (type(x) is np.ndarray and x.dtype in (np.float32, np.float64) and x.ndim >= 1 and x.size > 0
+            and all(p is None or (type(p) is np.ndarray and p.dtype == x.dtype) for p in params))
+
+
+def _rows(x):
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+
+
+def _param(p, C, dtype, fill):
+    """A missing w or b acts as ones or zeros: x * 1 and x + 0 are exact."""
+    return np.full(C, fill, dtype) if p is None else np.ascontiguousarray(p)
+
+
+class NumbaLayerNorm:
+    """Kernel for LayerNorm (w, b optional), NumPy float32/float64."""
+
+    @staticmethod
+    def forward(ctx, x, w=None, b=None, eps=1e-5):
+        ctx.fallback = not _covered(x, w, b)
+        if ctx.fallback:
+            return LayerNorm.forward(ctx, x, w, b, eps=eps)
+        x2 = _rows(x)
+        N, C = x2.shape
+        out, mean, rstd = np.empty_like(x2), np.empty(N, x.dtype), np.empty(N, x.dtype)
+        ctx.w2 = _param(w, C, x.dtype, 1)
+        layer_norm_forward(x2, ctx.w2, _param(b, C, x.dtype, 0), x.dtype.type(eps), out, mean, rstd)
+        ctx.x2, ctx.mean, ctx.rstd, ctx.shape = x2, mean, rstd, x.shape
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.fallback:
+            return LayerNorm.backward(ctx, dout)
+        N, C = ctx.x2.shape
+        dx = np.empty_like(ctx.x2)
+        blocks = min(ROW_BLOCKS, N)
+        dw_part, db_part = np.zeros((blocks, C)), np.zeros((blocks, C))
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat),  db = sum(dout)
+        layer_norm_backward(_rows(dout), ctx.x2, ctx.w2, ctx.mean, ctx.rstd, dx, dw_part, db_part)
+        need, dtype = ctx.needs_input_grad, ctx.x2.dtype
+        dw = dw_part.sum(axis=0).astype(dtype) if len(need) > 1 and need[1] else None
+        db = db_part.sum(axis=0).astype(dtype) if len(need) > 2 and need[2] else None
+        return (dx.reshape(ctx.shape) if need[0] else None), dw, db
+
+
+class NumbaRMSNorm:
+    """Kernel for RMSNorm (w optional), NumPy float32/float64."""
+
+    @staticmethod
+    def forward(ctx, x, w=None, eps=None):
+        ctx.fallback = not _covered(x, w)
+        if ctx.fallback:
+            return RMSNorm.forward(ctx, x, w, eps=eps)
+        x2 = _rows(x)
+        N, C = x2.shape
+        out, rstd = np.empty_like(x2), np.empty(N, x.dtype)
+        ctx.w2 = _param(w, C, x.dtype, 1)
+        rms_norm_forward(x2, ctx.w2, x.dtype.type(eps), out, rstd)
+        ctx.x2, ctx.rstd, ctx.shape = x2, rstd, x.shape
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.fallback:
+            return RMSNorm.backward(ctx, dout)
+        N, C = ctx.x2.shape
+        dx = np.empty_like(ctx.x2)
+        dw_part = np.zeros((min(ROW_BLOCKS, N), C))
+        # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat)
+        rms_norm_backward(_rows(dout), ctx.x2, ctx.w2, ctx.rstd, dx, dw_part)
+        need = ctx.needs_input_grad
+        dw = dw_part.sum(axis=0).astype(ctx.x2.dtype) if len(need) > 1 and need[1] else None
+        return (dx.reshape(ctx.shape) if need[0] else None), dw
+
+
+def _inputs(shape, dtype, seed=0, strided=False):
+    rng = np.random.default_rng(seed)
+    C = shape[-1]
+    x = rng.standard_normal(shape[:-1] + (2 * C,)).astype(dtype)[..., ::2] if strided else rng.standard_normal(shape).astype(dtype)
+    return x * 3 + 1, rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+
+
+VALIDATION_SHAPES = [(2, 5, 7), (3, 128), (1, 1), (4, 1, 33), (17,)]
+
+
+def validate():
+    worst = 0.0
+    for dtype in (np.float64, np.float32):
+        for shape in VALIDATION_SHAPES:
+            for strided in (False, True):
+                x, w, b = _inputs(shape, dtype, strided=strided)
+                cases = [(LayerNorm, NumbaLayerNorm, (x, w, b), dict(eps=1e-5)),
+                         (LayerNorm, NumbaLayerNorm, (x, None, None), dict(eps=1e-5)),
+                         (RMSNorm, NumbaRMSNorm, (x, w), dict(eps=1e-6)),
+                         (RMSNorm, NumbaRMSNorm, (x, None), dict(eps=1e-6))]
+                if dtype == np.float32 and shape[-1] == 1:
+                    # rms_norm over one element: dx = rstd dxhat (1 - xhat^2) with xhat^2 = 1 - eps/x^2, pure
+                    # cancellation; two float32 evaluation orders differ in the leading digit (float64 agrees)
+                    cases = cases[:2]
+                for reference, kernel, arrays, attrs in cases:
+                    err = compare_with_reference(reference, kernel, arrays, attrs)
+                    assert err <= TOLERANCE[np.dtype(dtype)], f"{kernel.__name__} {shape} {np.dtype(dtype).name}: {err}"
+                    worst = max(worst, err)
+    return worst
+
+
+def benchmark(shapes=((12, 64, 128), (64, 256, 384))):
+    """Forward + backward, float32, (B,T,C) of the two model configs."""
+    rows, torch = [], torch_or_none()
+    for shape in shapes:
+        x, w, b = _inputs(shape, np.float32)
+        for name, reference, kernel, arrays, attrs in [("layer_norm", LayerNorm, NumbaLayerNorm, (x, w, b), dict(eps=1e-5)),
+                                                       ("rms_norm", RMSNorm, NumbaRMSNorm, (x, w), dict(eps=1e-6))]:
+            t_numba = median_ms(forward_backward(kernel, arrays, attrs))
+            t_numpy = median_ms(forward_backward(reference, arrays, attrs))
+            t_torch = None
+            if torch is not None:
+                tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
+                if name == "layer_norm":
+                    step = lambda: torch.nn.functional.layer_norm(tx, (shape[-1],), tw, tb, 1e-5).sum().backward()
+                else:
+                    step = lambda: torch.nn.functional.rms_norm(tx, (shape[-1],), tw, 1e-6).sum().backward()
+                t_torch = median_ms(step)
+            rows.append(table_row(f"{name} fwd+bwd", shape, np.float32, t_numba, t_numpy, t_torch))
+    return rows
