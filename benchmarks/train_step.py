@@ -5,8 +5,10 @@
 
 The PyTorch model is the mirror from tests/test_model.py, loaded with our initial weights, float32,
 eager. Both use every core (torch.set_num_threads(os.cpu_count()); NumPy's BLAS uses all by default).
-Steps alternate between the two so machine noise hits both alike; after warm-up steps the medians
-are compared. Prints one markdown row for benchmarks/RESULTS.md.
+The two run in alternating blocks (ours, PyTorch, ours, PyTorch), each block starting with untimed
+warm-up steps: alternating every step would be unfair, as each library's idle threads spin for a while
+after its call and steal the cores from the other's next call. Blocks still spread machine noise over
+both. The medians of the timed steps are compared. Prints one markdown row for benchmarks/RESULTS.md.
 """
 import argparse
 import os
@@ -41,7 +43,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--steps", type=int, default=None, help="timed steps each (default 20 small, 5 large)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
+    parser.add_argument("--rounds", type=int, default=2, help="blocks of steps for each library")
     args = parser.parse_args()
     spec = dict(CONFIGS[args.config])
     B = spec.pop("batch_size")
@@ -72,28 +75,24 @@ def main():
         return loss.item()
 
     rng = np.random.default_rng(1)
+    batches = [(rng.integers(0, VOCAB, (B, T)), rng.integers(0, VOCAB, (B, T))) for _ in range(args.warmup + steps)]
     times = {"ours": [], "torch": []}
-    first_losses = None
-    for i in range(args.warmup + steps):
-        x = rng.integers(0, VOCAB, (B, T))
-        y = rng.integers(0, VOCAB, (B, T))
-        t0 = time.perf_counter()
-        loss = ours_step(x, y)
-        t1 = time.perf_counter()
-        t_loss = torch_step(x, y)
-        t2 = time.perf_counter()
-        if i == 0:
-            first_losses = (loss, t_loss)
-        if i >= args.warmup:
-            times["ours"].append(t1 - t0)
-            times["torch"].append(t2 - t1)
+    first_losses = (ours_step(*batches[0]), torch_step(*batches[0]))   # same weights, same batch: same loss
+    per_block = -(-steps // args.rounds)
+    for r in range(args.rounds):
+        for name, step in (("ours", ours_step), ("torch", torch_step)):
+            for i in range(args.warmup + per_block):
+                t0 = time.perf_counter()
+                step(*batches[i % len(batches)])
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
 
     ours_ms = statistics.median(times["ours"]) * 1e3
     torch_ms = statistics.median(times["torch"]) * 1e3
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
           f"torch {torch.__version__}, kernels {'on' if backend.kernels_enabled() else 'off'}; "
           f"first-step loss ours {first_losses[0]:.6f} torch {first_losses[1]:.6f}; "
-          f"{steps} timed steps after {args.warmup} warm-up")
+          f"{len(times['ours'])} timed steps each in {args.rounds} blocks after {args.warmup} warm-up steps")
     print("| config | ours ms/step | PyTorch ms/step | ratio ours/PyTorch | ours tokens/s |")
     print("|---|---|---|---|---|")
     name = f"{cfg.n_layer}x{cfg.n_embd} T={T} B={B} V={VOCAB}"

@@ -318,6 +318,10 @@ def test_load_state_dict_with_or_without_tied_lm_head_and_hf_layout():
     hf["h.0.attn.masked_bias"] = np.array(-1e4)
     model.load_state_dict(hf)
     np.testing.assert_array_equal(model.state_dict()["lm_head.weight"], hf["wte.weight"])
+    # torch tensors straight from a torch model's state_dict load too
+    mirror = torch_mirror(other)
+    model.load_state_dict(mirror.state_dict())
+    np.testing.assert_array_equal(model.state_dict()["transformer.h.1.mlp.c_fc.weight"], state["transformer.h.1.mlp.c_fc.weight"])
     tampered = dict(state, **{"lm_head.weight": state["lm_head.weight"] + 1})
     with pytest.raises(ValueError, match="tied"):
         model.load_state_dict(tampered)

@@ -139,7 +139,12 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
 
 
 class AdamW(Optimizer):
-    """torch.optim.AdamW: decoupled weight decay, bias-corrected moments (defaults as torch's)."""
+    """torch.optim.AdamW: decoupled weight decay, bias-corrected moments (defaults as torch's).
+
+    A plain list of parameters decays all of them, as torch does; `param_groups(model, wd)` gives the
+    usual split (no decay on biases and norm weights). The update is `adamw_update`, served by a
+    kernel through backend.accelerated when one is registered.
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
