@@ -2,14 +2,17 @@
 worked example small enough to check by hand."""
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tinygrad_llm import tokenizer as tokenizer_module
 from tinygrad_llm.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, CharTokenizer,
-                                    _ascii_twin, _count_pieces, _gpt2_byte_alphabet, _merge_by_rank,
-                                    tokenizer_from_dict, train_ranks_reference)
+                                    _ascii_twin, _count_pieces, _encode_bytes, _gpt2_byte_alphabet,
+                                    _merge_batch_numba, _merge_by_rank, _pair_table, tokenizer_from_dict,
+                                    train_ranks_reference)
 import regex
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -149,6 +152,72 @@ def test_ids_identical_to_tiktoken_on_hard_texts(trained, reference, name):
 @given(text=st.text(max_size=120), name=st.sampled_from(sorted(PATTERNS)))
 def test_ids_identical_to_tiktoken_on_arbitrary_text(trained, reference, text, name):
     assert trained[name].encode_ordinary(text) == reference[name].encode_ordinary(text)
+
+
+# ----- cold encoding: the batched Numba kernel and the pure-Python loop -----
+
+# _NUMBA_MIN_PIECES that forces each path; "no numba" is a machine without Numba, however many pieces
+MERGE_PATHS = {"numba": 0, "python": sys.maxsize, "no numba": 0}
+
+
+@pytest.fixture(params=sorted(MERGE_PATHS))
+def merge_path(request, monkeypatch):
+    """Runs a test with every new piece merged by the Numba kernel, by the Python loop, and by the
+    Python loop because Numba is missing."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    if request.param == "no numba":
+        monkeypatch.setattr(tokenizer_module, "_compiled_kernel", lambda: None)
+    monkeypatch.setattr(tokenizer_module, "_NUMBA_MIN_PIECES", MERGE_PATHS[request.param])
+    calls = []
+    monkeypatch.setattr(tokenizer_module, "_merge_batch_numba",
+                        lambda *args: calls.append(1) or _merge_batch_numba(*args))
+    yield request.param
+    assert bool(calls) == (request.param == "numba"), "the path under test was not taken"
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_cold_encode_equals_tiktoken(trained, reference, merge_path, name):
+    tok, ref = trained[name], reference[name]
+    held_out = SHAKESPEARE.read_text(encoding="utf-8")[-20_000:] if SHAKESPEARE.is_file() else ""
+    texts = HARD_TEXTS + ["".join(HARD_TEXTS), held_out, held_out.replace("'", "\u2019")]
+    for text in texts:  # each on a new tokenizer: every piece is new
+        cold = BPETokenizer(tok.mergeable_ranks, tok.pattern)
+        assert cold.encode_ordinary(text) == ref.encode_ordinary(text), text
+    one = BPETokenizer(tok.mergeable_ranks, tok.pattern)  # one tokenizer: some pieces cached, some new
+    assert [one.encode_ordinary(t) for t in texts] == [ref.encode_ordinary(t) for t in texts]
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(max_size=120), name=st.sampled_from(sorted(PATTERNS)))
+def test_numba_kernel_equals_python_loop_on_arbitrary_text(trained, text, name):
+    pytest.importorskip("numba")
+    tok = trained[name]
+    ranks = tok.mergeable_ranks
+    datas = [piece.encode("utf-8") for piece in regex.findall(tok.pattern, text)]
+    assert _merge_batch_numba(datas, ranks, _pair_table(ranks)) == [_encode_bytes(data, ranks) for data in datas]
+
+
+def test_numba_kernel_follows_tiktokens_rule():
+    pytest.importorskip("numba")
+    # aaa ranks before aa, its own prefix: ranks need not come in the order training would make them
+    ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"bc": 257, b"abc": 258, b"aaa": 259, b"aa": 260}
+    datas = [b"abc", b"bcab", b"abcbc", b"aaaa", b"aaaaa", b"a", b"", b"xyz"]
+    assert _merge_batch_numba(datas, ranks, _pair_table(ranks)) == [_encode_bytes(d, ranks) for d in datas] == [
+        (258,), (257, 256), (258, 257), (259, 97), (259, 260), (97,), (), (120, 121, 122)]
+    # a whole piece that is a token stays one token although merging by rank would split it
+    stuck = {bytes([b]): b for b in range(256)} | {b"bc": 256, b"abcd": 257}  # a|bc|d: neither abc nor bcd is a token
+    assert _merge_batch_numba([b"abcd", b"abcde"], stuck, _pair_table(stuck)) == [(257,), (97, 256, 100, 101)]
+
+
+def test_cold_encode_past_the_cache_limit(trained, reference, monkeypatch):
+    tok, ref = trained["gpt4"], reference["gpt4"]
+    monkeypatch.setattr(tokenizer_module, "_ENCODE_CACHE_LIMIT", 10)
+    cold = BPETokenizer(tok.mergeable_ranks, tok.pattern)
+    text = "".join(HARD_TEXTS)
+    assert cold.encode_ordinary("a b c") == ref.encode_ordinary("a b c") and len(cold._cache) == 3
+    assert cold.encode_ordinary(text) == cold.encode_ordinary(text) == ref.encode_ordinary(text)
+    assert len(cold._cache) == 3  # the long text's new pieces did not fit: none were kept
 
 
 @settings(max_examples=100, deadline=None)
