@@ -9,16 +9,16 @@ bit or nearly so.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..optim import adamw_update
 from .common import TOLERANCE, median_ms, relative_error, table_row, torch_or_none
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, cache=True)
 def adamw_kernel(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step_size):
     """p, g, m, v: 1-D, same length and dtype; updated in place in the order of torch.optim.AdamW."""
-    for i in prange(p.shape[0]):
+    for i in range(p.shape[0]):
         gi = g[i]
         mi = m[i] + one_minus_beta1 * (gi - m[i])
         vi = v[i] * beta2 + one_minus_beta2 * gi * gi

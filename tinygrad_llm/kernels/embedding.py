@@ -1,30 +1,23 @@
 """Embedding backward as a Numba scatter-add (reference: functional.Embedding).
 
-The reference's backward is np.add.at(dw, idx, dout), an unbuffered per-element ufunc loop. Here the
-columns of dw are split into blocks, one per task: every task walks all rows of dout in order and adds
-into its own columns only, so no two threads write the same element and the sums are added in index
-order, as np.add.at adds them. The forward (a row gather, w[idx]) is NumPy's own.
+The reference's backward is np.add.at(dw, idx, dout), an unbuffered per-element ufunc loop. Here one
+loop adds each row of dout into its row of dw, in index order as np.add.at adds them (the same sums,
+bit for bit), the inner loop over the C columns vectorised. The forward (a gather, w[idx]) is NumPy's.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..functional import Embedding
 from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
-COLUMN_BLOCK = 32
-
-
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, cache=True)
 def embedding_backward(idx, dout, dw):
     """dw[idx[n], :] += dout[n, :] for n in order; idx (N,) int64, dout (N,C), dw (V,C) zeroed."""
     N, C = dout.shape
-    blocks = (C + COLUMN_BLOCK - 1) // COLUMN_BLOCK
-    for blk in prange(blocks):
-        c0, c1 = blk * COLUMN_BLOCK, min(C, (blk + 1) * COLUMN_BLOCK)
-        for n in range(N):
-            row = idx[n]
-            for c in range(c0, c1):
-                dw[row, c] += dout[n, c]
+    for n in range(N):
+        row = idx[n]
+        for c in range(C):
+            dw[row, c] += dout[n, c]
 
 
 class NumbaEmbedding:

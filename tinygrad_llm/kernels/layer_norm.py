@@ -9,19 +9,16 @@ result does not depend on the thread count. Row statistics accumulate in float64
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..functional import LayerNorm, RMSNorm
 from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
-ROW_BLOCKS = 16  # partial sums of dw, db: fixed, so results are the same for any number of threads
-
-
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, cache=True)
 def layer_norm_forward(x, w, b, eps, out, mean, rstd):
     """x, out: (N,C); w, b: (C,); mean, rstd: (N,) written for backward."""
     N, C = x.shape
-    for r in prange(N):
+    for r in range(N):
         total = 0.0
         for j in range(C):
             total += x[r, j]
@@ -36,34 +33,32 @@ def layer_norm_forward(x, w, b, eps, out, mean, rstd):
             out[r, j] = (x[r, j] - mu) * rs * w[j] + b[j]
 
 
-@njit(parallel=True, fastmath=False, cache=True)
-def layer_norm_backward(dout, x, w, mean, rstd, dx, dw_part, db_part):
-    """dx: (N,C); dw_part, db_part: (ROW_BLOCKS, C) float64 partial sums over each block of rows."""
+@njit(parallel=False, fastmath=False, cache=True)
+def layer_norm_backward(dout, x, w, mean, rstd, dx, dw, db):
+    """dx: (N,C); dw, db: (C,) float64, zeroed, summed over the rows."""
     N, C = x.shape
-    blocks = dw_part.shape[0]
-    for blk in prange(blocks):
-        for r in range(blk * N // blocks, (blk + 1) * N // blocks):
-            mu, rs = mean[r], rstd[r]
-            mean_dxhat = 0.0
-            mean_dxhat_xhat = 0.0
-            for j in range(C):
-                xhat = (x[r, j] - mu) * rs
-                dxhat = dout[r, j] * w[j]
-                mean_dxhat += dxhat
-                mean_dxhat_xhat += dxhat * xhat
-                dw_part[blk, j] += dout[r, j] * xhat
-                db_part[blk, j] += dout[r, j]
-            mean_dxhat /= C
-            mean_dxhat_xhat /= C
-            for j in range(C):
-                xhat = (x[r, j] - mu) * rs
-                dx[r, j] = rs * (dout[r, j] * w[j] - mean_dxhat - xhat * mean_dxhat_xhat)
+    for r in range(N):
+        mu, rs = mean[r], rstd[r]
+        mean_dxhat = 0.0
+        mean_dxhat_xhat = 0.0
+        for j in range(C):
+            xhat = (x[r, j] - mu) * rs
+            dxhat = dout[r, j] * w[j]
+            mean_dxhat += dxhat
+            mean_dxhat_xhat += dxhat * xhat
+            dw[j] += dout[r, j] * xhat
+            db[j] += dout[r, j]
+        mean_dxhat /= C
+        mean_dxhat_xhat /= C
+        for j in range(C):
+            xhat = (x[r, j] - mu) * rs
+            dx[r, j] = rs * (dout[r, j] * w[j] - mean_dxhat - xhat * mean_dxhat_xhat)
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, cache=True)
 def rms_norm_forward(x, w, eps, out, rstd):
     N, C = x.shape
-    for r in prange(N):
+    for r in range(N):
         total = 0.0
         for j in range(C):
             total += x[r, j] * x[r, j]
@@ -73,21 +68,20 @@ def rms_norm_forward(x, w, eps, out, rstd):
             out[r, j] = x[r, j] * rs * w[j]
 
 
-@njit(parallel=True, fastmath=False, cache=True)
-def rms_norm_backward(dout, x, w, rstd, dx, dw_part):
+@njit(parallel=False, fastmath=False, cache=True)
+def rms_norm_backward(dout, x, w, rstd, dx, dw):
+    """dx: (N,C); dw: (C,) float64, zeroed, summed over the rows."""
     N, C = x.shape
-    blocks = dw_part.shape[0]
-    for blk in prange(blocks):
-        for r in range(blk * N // blocks, (blk + 1) * N // blocks):
-            rs = rstd[r]
-            mean_dxhat_xhat = 0.0
-            for j in range(C):
-                xhat = x[r, j] * rs
-                mean_dxhat_xhat += dout[r, j] * w[j] * xhat
-                dw_part[blk, j] += dout[r, j] * xhat
-            mean_dxhat_xhat /= C
-            for j in range(C):
-                dx[r, j] = rs * (dout[r, j] * w[j] - x[r, j] * rs * mean_dxhat_xhat)
+    for r in range(N):
+        rs = rstd[r]
+        mean_dxhat_xhat = 0.0
+        for j in range(C):
+            xhat = x[r, j] * rs
+            mean_dxhat_xhat += dout[r, j] * w[j] * xhat
+            dw[j] += dout[r, j] * xhat
+        mean_dxhat_xhat /= C
+        for j in range(C):
+            dx[r, j] = rs * (dout[r, j] * w[j] - x[r, j] * rs * mean_dxhat_xhat)
 
 
 def _covered(x, *params):
@@ -125,14 +119,12 @@ class NumbaLayerNorm:
         if ctx.fallback:
             return LayerNorm.backward(ctx, dout)
         N, C = ctx.x2.shape
-        dx = np.empty_like(ctx.x2)
-        blocks = min(ROW_BLOCKS, N)
-        dw_part, db_part = np.zeros((blocks, C)), np.zeros((blocks, C))
+        dx, dw, db = np.empty_like(ctx.x2), np.zeros(C), np.zeros(C)
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat),  db = sum(dout)
-        layer_norm_backward(_rows(dout), ctx.x2, ctx.w2, ctx.mean, ctx.rstd, dx, dw_part, db_part)
+        layer_norm_backward(_rows(dout), ctx.x2, ctx.w2, ctx.mean, ctx.rstd, dx, dw, db)
         need, dtype = ctx.needs_input_grad, ctx.x2.dtype
-        dw = dw_part.sum(axis=0).astype(dtype) if len(need) > 1 and need[1] else None
-        db = db_part.sum(axis=0).astype(dtype) if len(need) > 2 and need[2] else None
+        dw = dw.astype(dtype) if len(need) > 1 and need[1] else None
+        db = db.astype(dtype) if len(need) > 2 and need[2] else None
         return (dx.reshape(ctx.shape) if need[0] else None), dw, db
 
 
@@ -157,12 +149,11 @@ class NumbaRMSNorm:
         if ctx.fallback:
             return RMSNorm.backward(ctx, dout)
         N, C = ctx.x2.shape
-        dx = np.empty_like(ctx.x2)
-        dw_part = np.zeros((min(ROW_BLOCKS, N), C))
+        dx, dw = np.empty_like(ctx.x2), np.zeros(C)
         # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat)
-        rms_norm_backward(_rows(dout), ctx.x2, ctx.w2, ctx.rstd, dx, dw_part)
+        rms_norm_backward(_rows(dout), ctx.x2, ctx.w2, ctx.rstd, dx, dw)
         need = ctx.needs_input_grad
-        dw = dw_part.sum(axis=0).astype(ctx.x2.dtype) if len(need) > 1 and need[1] else None
+        dw = dw.astype(ctx.x2.dtype) if len(need) > 1 and need[1] else None
         return (dx.reshape(ctx.shape) if need[0] else None), dw
 
 

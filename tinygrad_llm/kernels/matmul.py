@@ -3,18 +3,19 @@
 Three kernels: a blocked 2-D product (the Linear layers), a batched product with one (batch) task per
 thread (attention's per-head products), and a 2-D product with a fused bias + tanh-GELU epilogue (the
 MLP's first layer: saves one pass over the (B*T, 4C) activations). The loops run i, k, j with j
-innermost, so the inner loop is an axpy over a row of b that LLVM vectorises without reassociating a
-sum (fastmath stays off, and every out[i, j] adds its k terms in order: results are deterministic).
+innermost, so the inner loop is an axpy over a row of b that needs no reassociated sum (fastmath stays
+off, and every out[i, j] adds its k terms in order: results are deterministic).
 
-Measured (benchmarks/kernels.py, table in the report): OpenBLAS wins every shape of both model
-configs, by 2-10x on the large ones, because it packs panels and runs register-blocked assembly
-micro-kernels. So backend dispatch keeps all matmuls on BLAS (DESIGN.md section 6), and this file
-stays as the measurement that justifies it; register a kernel here only beside a row where it wins.
+Measured (benchmarks/kernels.py, 2 cores): np.matmul (OpenBLAS) wins every shape of both model
+configs by 20-100x, the fused bias+GELU epilogue included (15x), the small per-head products too
+(30x): OpenBLAS packs panels and runs register-blocked assembly micro-kernels, these loops reach a
+few GFLOP/s. So the backend keeps all matmuls on BLAS (DESIGN.md section 6) and nothing here is
+registered; this file is the measurement that justifies it.
 """
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .common import TOLERANCE, median_ms, relative_error, table_row, torch_or_none
 
@@ -39,27 +40,27 @@ def _row_block_product(a, b, out, i0, i1):
                         out[i, j] += aik * b[k, j]
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, cache=True)
 def blocked_matmul(a, b, out):
     """(M,K) @ (K,N) -> out (M,N); C-contiguous inputs."""
     M = a.shape[0]
-    for ib in prange((M + BLOCK_I - 1) // BLOCK_I):
+    for ib in range((M + BLOCK_I - 1) // BLOCK_I):
         _row_block_product(a, b, out, ib * BLOCK_I, min(M, (ib + 1) * BLOCK_I))
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, cache=True)
 def batched_matmul(a, b, out):
     """(NB,M,K) @ (NB,K,N) -> out (NB,M,N): one batch entry per task (small per-head products)."""
-    for n in prange(a.shape[0]):
+    for n in range(a.shape[0]):
         _row_block_product(a[n], b[n], out[n], 0, a.shape[1])
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, cache=True)
 def matmul_bias_gelu(a, b, bias, out):
     """out = gelu_tanh(a @ b + bias): the epilogue runs on each row block while it is in cache."""
     M, N = a.shape[0], b.shape[1]
     c = math.sqrt(2 / math.pi)
-    for ib in prange((M + BLOCK_I - 1) // BLOCK_I):
+    for ib in range((M + BLOCK_I - 1) // BLOCK_I):
         i0, i1 = ib * BLOCK_I, min(M, (ib + 1) * BLOCK_I)
         _row_block_product(a, b, out, i0, i1)
         for i in range(i0, i1):
