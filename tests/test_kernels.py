@@ -1,0 +1,144 @@
+"""Every Numba kernel equals its NumPy reference, forward and every gradient, and the switch works.
+
+Three layers of checks: each kernel file's validate() (random and odd shapes, strided inputs,
+fallback cases; float64 to 1e-10 relative, float32 to 2e-4); hypothesis over shapes for the row
+kernels; and the public API run twice, TINYGRAD_LLM_KERNELS=0 and kernels on, through functional,
+the optimizer and a whole float64 GPT. The file skips when Numba is not installed.
+"""
+import importlib
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+pytest.importorskip("numba")
+
+from tinygrad_llm import backend, functional as F, optim  # noqa: E402
+from tinygrad_llm.kernels import KERNEL_MODULES  # noqa: E402
+from tinygrad_llm.kernels.attention import NumbaAttention, every_size_served  # noqa: E402
+from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference  # noqa: E402
+from tinygrad_llm.kernels.cross_entropy import NumbaCrossEntropy  # noqa: E402
+from tinygrad_llm.kernels.layer_norm import NumbaLayerNorm, NumbaRMSNorm  # noqa: E402
+from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
+from tinygrad_llm.tensor import Tensor  # noqa: E402
+
+
+@pytest.mark.parametrize("name", KERNEL_MODULES)
+def test_kernel_file_validates_against_its_reference(name):
+    worst = importlib.import_module(f"tinygrad_llm.kernels.{name}").validate()
+    assert worst <= TOLERANCE[np.dtype(np.float32)]
+
+
+def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
+    x = np.zeros((2, 3))
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "1")
+    assert backend.accelerated(F.LayerNorm, x) is NumbaLayerNorm
+    assert backend.accelerated(F.ScaledDotProductAttention, x) is NumbaAttention
+    assert backend.accelerated(optim.adamw_update, x) is not optim.adamw_update
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
+    assert backend.accelerated(F.LayerNorm, x) is F.LayerNorm
+    assert backend.accelerated(optim.adamw_update, x) is optim.adamw_update
+
+
+# ---- hypothesis over shapes ------------------------------------------------------------------------
+
+dtypes = st.sampled_from([np.float64, np.float32])
+
+
+@given(B=st.integers(1, 3), NH=st.integers(1, 3), T=st.integers(1, 40), HS=st.integers(1, 17),
+       causal=st.booleans(), dtype=dtypes, seed=st.integers(0, 2**16))
+def test_attention_equals_reference_on_random_shapes(B, NH, T, HS, causal, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, NH, T, HS)).astype(dtype) * 2 for _ in range(3))
+    with every_size_served():  # small heads normally go to the reference
+        err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None),
+                                     dict(causal=causal, scale=HS ** -0.5), needs=(True, True, True, False), seed=seed)
+    assert err <= TOLERANCE[np.dtype(dtype)]
+
+
+@given(rows=st.integers(1, 50), C=st.integers(2, 70), dtype=dtypes, seed=st.integers(0, 2**16))
+def test_norms_equal_reference_on_random_shapes(rows, C, dtype, seed):
+    if dtype == np.float32:
+        # with a few elements per row, dx is a cancellation (xhat^2 ~ 1 when C = 2) that float32 evaluates
+        # to a few digits in any order, the reference's included; float64 covers the small rows
+        C = max(C, 8)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, C)) * 5 + 2).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    assert compare_with_reference(F.LayerNorm, NumbaLayerNorm, (x, w, b), dict(eps=1e-5), seed=seed) <= TOLERANCE[np.dtype(dtype)]
+    assert compare_with_reference(F.RMSNorm, NumbaRMSNorm, (x, w), dict(eps=1e-6), seed=seed) <= TOLERANCE[np.dtype(dtype)]
+
+
+@given(N=st.integers(1, 40), V=st.integers(1, 300), dtype=dtypes, reduction=st.sampled_from(["mean", "sum", "none"]),
+       seed=st.integers(0, 2**16))
+def test_cross_entropy_equals_reference_on_random_shapes(N, V, dtype, reduction, seed):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((N, V)) * 10).astype(dtype)
+    targets = np.where(rng.random(N) < 0.3, -100, rng.integers(0, V, N))
+    err = compare_with_reference(F.CrossEntropy, NumbaCrossEntropy, (logits, targets),
+                                 dict(ignore_index=-100, reduction=reduction), seed=seed)
+    assert err <= TOLERANCE[np.dtype(dtype)]
+
+
+# ---- the public API with kernels off and on ---------------------------------------------------------
+
+def _run_both(monkeypatch, fn, arrays, grad_inputs):
+    """fn(*tensors) with TINYGRAD_LLM_KERNELS=0 and =1: outputs and gradients of (out * dout).sum()."""
+    results = []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("TINYGRAD_LLM_KERNELS", switch)
+        tensors = [Tensor(a, requires_grad=i in grad_inputs) if a.dtype.kind == "f" else a for i, a in enumerate(arrays)]
+        out = fn(*tensors)
+        dout = np.random.default_rng(7).standard_normal(out.shape).astype(out.dtype)
+        (out * Tensor(dout)).sum().backward()
+        results.append([out.numpy()] + [tensors[i].grad for i in sorted(grad_inputs)])
+    return results
+
+
+def _ops(rng, dtype):
+    x = rng.standard_normal((2, 5, 12)).astype(dtype)
+    w, b = rng.standard_normal(12).astype(dtype), rng.standard_normal(12).astype(dtype)
+    q, k, v = (rng.standard_normal((1, 2, 128, 8)).astype(dtype) for _ in range(3))  # T large enough for the kernel
+    idx = rng.integers(0, 7, (2, 5))
+    return [
+        ("layer_norm", lambda x, w, b: F.layer_norm(x, w, b), (x, w, b), {0, 1, 2}),
+        ("rms_norm", lambda x, w: F.rms_norm(x, w), (x, w), {0, 1}),
+        ("gelu tanh", lambda x: F.gelu(x, approximate="tanh"), (x,), {0}),
+        ("gelu exact", lambda x: F.gelu(x), (x,), {0}),
+        ("swiglu", F.swiglu, (x, x[::-1].copy()), {0, 1}),
+        ("attention", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True), (q, k, v), {0, 1, 2}),
+        ("cross_entropy", lambda x, t: F.cross_entropy(x, t), (x, np.where(idx == 3, -100, idx)), {0}),
+        ("embedding", lambda i, w: F.embedding(i, w), (idx, rng.standard_normal((7, 6)).astype(dtype)), {1}),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_public_api_gives_the_same_results_with_kernels_off_and_on(monkeypatch, dtype):
+    for name, fn, arrays, grad_inputs in _ops(np.random.default_rng(0), dtype):
+        reference, kernels = _run_both(monkeypatch, fn, arrays, grad_inputs)
+        for i, (a, b) in enumerate(zip(kernels, reference)):
+            np.testing.assert_allclose(a, b, rtol=TOLERANCE[np.dtype(dtype)], atol=TOLERANCE[np.dtype(dtype)] * np.abs(b).max(),
+                                       err_msg=f"{name}: {'output' if i == 0 else f'gradient {i}'}")
+
+
+def test_whole_model_and_adamw_give_the_same_results_with_kernels_off_and_on(monkeypatch):
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12, dtype="float64")
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
+    runs = []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("TINYGRAD_LLM_KERNELS", switch)
+        model = GPT(config, rng=np.random.default_rng(1))
+        opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            _, loss = model(idx, targets)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs.append((losses, {name: p.data.copy() for name, p in model.named_parameters()}))
+    (losses_ref, params_ref), (losses_ker, params_ker) = runs
+    np.testing.assert_allclose(losses_ker, losses_ref, rtol=1e-10)
+    for name in params_ref:
+        np.testing.assert_allclose(params_ker[name], params_ref[name], rtol=1e-9, atol=1e-12, err_msg=name)
