@@ -603,9 +603,18 @@ class GetItem(Function):
     def backward(ctx, dout):
         xp = backend.array_module(dout)
         dx = xp.zeros(ctx.shape, dtype=ctx.dtype)
-        # dx[index] += dout; add_at sums the contributions of an index that appears twice
-        backend.add_at(xp, dx, ctx.index, dout)
+        if _is_basic_index(ctx.index):
+            dx[ctx.index] = dout  # slices and ints select each element at most once
+        else:
+            # dx[index] += dout; add_at sums the contributions of an index that appears twice
+            backend.add_at(xp, dx, ctx.index, dout)
         return dx
+
+
+def _is_basic_index(index):
+    """True for indices built only from ints, slices, None and Ellipsis (NumPy's basic indexing)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) and not isinstance(i, bool) for i in parts)
 
 
 class Cat(Function):
