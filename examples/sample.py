@@ -1,6 +1,7 @@
 """Generate text from a checkpoint written by a training run.
 
     python examples/sample.py --ckpt out/shakespeare_char/ckpt.safetensors --prompt "ROMEO:" --max_new_tokens 300
+    python examples/sample.py --ckpt out/shakespeare_char/ckpt.safetensors --device cuda
 
 The checkpoint carries the model's config and its tokenizer, so nothing else is needed.
 """
@@ -27,12 +28,14 @@ def main(argv):
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (cuda needs CuPy)")
     args = parser.parse_args(argv)
 
     try:
         meta = load_checkpoint(args.ckpt)          # metadata first: it says which model to build
         model = GPT(GPTConfig.from_dict(meta["config"]))
         load_checkpoint(args.ckpt, model)
+        model.to(args.device)
         if "tokenizer" not in meta:
             raise ValueError(f"{args.ckpt} holds no tokenizer in its metadata")
         tokenizer = tokenizer_from_dict(meta["tokenizer"])

@@ -1,8 +1,9 @@
-"""Train a small GPT on tiny Shakespeare on the CPU, then print a sample of what it writes.
+"""Train a small GPT on tiny Shakespeare (CPU or GPU), then print a sample of what it writes.
 
     python examples/train_shakespeare.py                          # downloads the text, char-level, 2000 iterations
     python examples/train_shakespeare.py --data input.txt         # your own copy of the text (offline)
     python examples/train_shakespeare.py --tokenizer bpe:512      # byte-level BPE instead of characters
+    python examples/train_shakespeare.py --device cuda            # on an NVIDIA GPU (pip install -e ".[cuda]")
     python examples/train_shakespeare.py --max_iters=500 --n_layer=2 --init_from=resume   # any TrainConfig field
 
 The text is tokenized once into ./data/shakespeare/<tokenizer>/ (kept for later runs); the run writes
@@ -66,11 +67,14 @@ def main(argv):
                                      epilog="Any other --key=value sets a TrainConfig field, e.g. --max_iters=500.")
     parser.add_argument("--data", type=Path, help="a local copy of the text (skips the download)")
     parser.add_argument("--tokenizer", default="char", help="char (default) or bpe:N, e.g. bpe:512")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu (default) or cuda (needs CuPy)")
     args, overrides = parser.parse_known_args(argv)
     tag = args.tokenizer.replace(":", "")
     try:
         # validate the overrides before downloading or tokenizing anything
         config = parse_overrides(overrides, TrainConfig(out_dir=f"out/shakespeare_{tag}"))
+        if args.device:
+            config = dataclasses.replace(config, device=args.device)
     except ValueError as e:
         parser.error(str(e))
     text_path = args.data.resolve() if args.data else download(DATA_ROOT / "input.txt").resolve()

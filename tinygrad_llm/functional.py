@@ -18,11 +18,17 @@ from .backend import add_at, array_module
 from .tensor import Function, Tensor, unbroadcast
 
 
-def _data(x):
-    """The array behind an index argument (ids, targets, positions, masks): a Tensor, array or list."""
+def _data(x, like=None):
+    """The array behind an index argument (ids, targets, positions, masks): a Tensor, array or list.
+
+    With `like` (a Tensor on the GPU), a host array or list is copied to the GPU beside it."""
     if isinstance(x, Tensor):
-        return x.data
-    return x if hasattr(x, "dtype") and hasattr(x, "shape") else np.asarray(x)
+        x = x.data
+    elif not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        x = np.asarray(x)
+    if like is not None and array_module(like.data) is not np and array_module(x) is np:
+        x = array_module(like.data).asarray(x)
+    return x
 
 
 def _require_float(op, name, x):
@@ -98,7 +104,7 @@ class Embedding(Function):
 
 def embedding(idx, w):
     """(B,T) int, (V,C) -> (B,T,C). Ids outside [0, V) raise IndexError."""
-    idx = _data(idx)
+    idx = _data(idx, like=w)
     _require_int("embedding", "idx", idx)
     _require_float("embedding", "w", w)
     if w.ndim != 2:
@@ -441,7 +447,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     reduction "mean" averages over targets != ignore_index (0.0 with zero gradient when all are
     ignored; torch gives NaN), "sum" adds them, "none" returns the targets' shape with 0 at ignored ones.
     """
-    targets = _data(targets)
+    targets = _data(targets, like=logits)
     _require_float("cross_entropy", "logits", logits)
     _require_int("cross_entropy", "targets", targets)
     if reduction not in ("mean", "sum", "none"):
@@ -545,7 +551,7 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None):
         raise ValueError(f"scaled_dot_product_attention: q has shape {qs}, k has shape {ks}, v has shape {vs}; "
                          "expected (B, NH, TQ, HS), (B, NH, TK, HS), (B, NH, TK, HS)")
     if mask is not None:
-        mask = _data(mask)
+        mask = _data(mask, like=q)
         if mask.dtype != np.bool_:
             raise TypeError(f"scaled_dot_product_attention: mask must be boolean (True = may attend), got dtype {mask.dtype}")
         try:

@@ -169,6 +169,7 @@ def train(config):
 
     rng = np.random.default_rng(config.seed)
     model = GPT(config.model_config(meta["vocab_size"]), rng=rng)
+    model.to(config.device)  # before a resume, so that the optimizer state is loaded onto the same device
     optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                       betas=(config.beta1, config.beta2))
     start_iter, best_val_loss, best_iter, previous_elapsed = 0, math.inf, None, 0.0
@@ -182,7 +183,6 @@ def train(config):
         start_iter, best_val_loss, best_iter = saved["step"], saved["best_val_loss"], saved["step"]
         previous_elapsed = saved.get("elapsed_s", 0.0)
         print(f"resuming from {ckpt_path} at iteration {start_iter} (best val loss {best_val_loss:.4f})")
-    model.to(config.device)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_NAME

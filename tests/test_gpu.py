@@ -1,0 +1,385 @@
+"""The CuPy backend: every op and the whole model on the GPU equal the CPU path; the CuPy kernels equal
+their references; a training step, checkpoints and sampling work across devices.
+
+Skipped (cleanly, at collection) where CuPy or a GPU is missing. Tolerances: float64 to rounding (1e-10
+relative), float32 loose (2e-4 for an op, 1e-3 for the whole model: cuBLAS and NumPy sum in other orders).
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend
+from tinygrad_llm import functional as F
+from tinygrad_llm.checkpoint import load_checkpoint, save_checkpoint
+from tinygrad_llm.model import GPT, GPTConfig
+from tinygrad_llm.optim import AdamW, adamw_update, clip_grad_norm, param_groups
+from tinygrad_llm.sample import generate
+from tinygrad_llm.tensor import Context, Tensor, cat, where
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")]
+
+TOL = {np.float64: 1e-10, np.float32: 2e-4}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(backend.to_device(a, "cpu"), np.float64), np.asarray(backend.to_device(b, "cpu"), np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) if a.size else 0.0
+
+
+def run(fn, arrays, device, seed=0):
+    """fn(*tensors) on `device`; returns the output and the gradient of (out * dout).sum() for each float input."""
+    tensors = [Tensor(backend.to_device(a, device), requires_grad=a.dtype.kind == "f") for a in arrays]
+    out = fn(*tensors)
+    dout = np.random.default_rng(seed).standard_normal(out.shape).astype(out.dtype)
+    (out * Tensor(backend.to_device(dout, device))).sum().backward()
+    return out.numpy(), [t.grad for t in tensors if t.requires_grad]
+
+
+def assert_same_on_both(fn, arrays, dtype):
+    out_cpu, grads_cpu = run(fn, arrays, "cpu")
+    out_gpu, grads_gpu = run(fn, arrays, "cuda")
+    assert rel_err(out_gpu, out_cpu) < TOL[dtype]
+    for g_gpu, g_cpu in zip(grads_gpu, grads_cpu):
+        assert backend.device_of(g_gpu) == "cuda"
+        assert rel_err(g_gpu, g_cpu) < TOL[dtype]
+
+
+def randn(rng, *shape, dtype=np.float64, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# ---- every op: GPU == CPU --------------------------------------------------------------------------
+
+B, T, C, V, NH, HS = 3, 7, 10, 13, 2, 6
+IDX = np.random.default_rng(5).integers(0, V, (B, T))
+TARGETS = np.where(np.arange(T) < 2, -100, np.random.default_rng(6).integers(0, V, (B, T)))
+MASK = np.random.default_rng(7).random((B, NH, T, T)) < 0.7
+
+OPS = {
+    "add_broadcast": (lambda x, y: x + y, [(B, T, C), (C,)]),
+    "sub_mul_div": (lambda x, y: (x - y) * x / (y * y + 1), [(B, T, C), (B, T, C)]),
+    "pow_exp_log_sqrt_tanh": (lambda x: ((x * x + 1) ** 1.5).log().sqrt().tanh() + (-x).exp(), [(B, T, C)]),
+    "matmul_batched": (lambda a, b: a @ b, [(B, T, C), (C, 5)]),
+    "matmul_broadcast": (lambda a, b: a @ b, [(B, 1, T, C), (NH, C, 4)]),
+    "reshape_permute_getitem": (lambda x: x.reshape(B, T, 2, 5).permute(2, 0, 3, 1)[1, :, ::2, [0, 3, 3]], [(B, T, C)]),
+    "sum_mean_max": (lambda x: x.sum(axis=0) + x.mean(axis=(0, 1), keepdims=True) + x.max(axis=0), [(B, T, C)]),
+    "cat_split_where": (lambda x, y: where(x.data > 0, cat(x.split([4, 6], axis=2)[::-1], axis=2), y), [(B, T, C), (B, T, C)]),
+    "linear": (lambda x, w, b: F.linear(x, w, b), [(B, T, C), (C, 8), (8,)]),
+    "embedding": (lambda w: F.embedding(IDX, w), [(V, C)]),
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), [(B, T, C), (C,), (C,)]),
+    "layer_norm_no_affine": (lambda x: F.layer_norm(x), [(B, T, C)]),
+    "rms_norm": (lambda x, w: F.rms_norm(x, w, eps=1e-5), [(B, T, C), (C,)]),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), [(B, T, C)]),
+    "gelu_exact": (lambda x: F.gelu(x * 3), [(B, T, C)]),
+    "silu": (lambda x: F.silu(x), [(B, T, C)]),
+    "swiglu": (lambda g, u: F.swiglu(g, u), [(B, T, C), (B, T, C)]),
+    "softmax": (lambda x: F.softmax(x * 5, axis=1), [(B, T, C)]),
+    "log_softmax": (lambda x: F.log_softmax(x * 5), [(B, T, C)]),
+    "cross_entropy_mean": (lambda x: F.cross_entropy(x * 4, TARGETS), [(B, T, V)]),
+    "cross_entropy_sum": (lambda x: F.cross_entropy(x * 4, TARGETS, reduction="sum"), [(B, T, V)]),
+    "cross_entropy_none": (lambda x: F.cross_entropy(x * 4, TARGETS, reduction="none"), [(B, T, V)]),
+    "attention_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(B, NH, T, HS)] * 3),
+    "attention_full": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False), [(B, NH, T, HS)] * 3),
+    "attention_kv_longer": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(B, NH, 3, HS), (B, NH, T, HS), (B, NH, T, HS)]),
+    "attention_mask": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, mask=MASK), [(B, NH, T, HS)] * 3),
+    "rope": (lambda x: F.rope(x, np.arange(3, 3 + T)), [(B, NH, T, HS)]),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_on_gpu_equals_cpu(name, dtype):
+    fn, shapes = OPS[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    assert_same_on_both(fn, [randn(rng, *s, dtype=dtype) for s in shapes], dtype)
+
+
+def test_mixed_devices_raise_naming_both():
+    x = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    y = x.to("cuda")
+    assert y.device == "cuda" and y.requires_grad and x.device == "cpu"
+    with pytest.raises(RuntimeError, match=r"different devices.*cpu.*cuda"):
+        x + y
+    with pytest.raises(RuntimeError, match="cuda.*cpu"):
+        F.linear(y, Tensor(np.ones((3, 4), np.float32)))
+
+
+def test_to_moves_and_back():
+    x = Tensor(np.arange(6.0).reshape(2, 3))
+    y = x.to("cuda")
+    assert backend.is_cupy_array(y.data) and y.to("cuda") is y
+    np.testing.assert_array_equal(y.to("cpu").data, x.data)
+    np.testing.assert_array_equal(y.numpy(), x.data)
+    with pytest.raises(ValueError, match="unknown device"):
+        x.to("tpu")
+
+
+# ---- the CuPy kernels equal their references (both run on the GPU) -------------------------------
+
+def kernels():
+    backend.accelerated(F.LayerNorm)  # loads kernels/ (registers the CuPy ones)
+    from tinygrad_llm.kernels import cuda
+    return cuda
+
+
+def compare_kernel(reference, kernel, arrays, attrs, dtype, seed=0):
+    import cupy as cp
+    arrays = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in arrays]
+    needs = tuple(a is not None and hasattr(a, "dtype") and a.dtype.kind == "f" for a in arrays)
+    ctx_ref, ctx_ker = Context(needs), Context(needs)
+    out_ref = reference.forward(ctx_ref, *arrays, **attrs)
+    out_ker = kernel.forward(ctx_ker, *arrays, **attrs)
+    assert out_ker.dtype == out_ref.dtype and backend.device_of(out_ker) == "cuda"
+    assert rel_err(out_ker, out_ref) < TOL[dtype]
+    dout = cp.asarray(np.random.default_rng(seed).standard_normal(out_ref.shape).astype(dtype))
+    for g_ref, g_ker in zip(reference.backward(ctx_ref, dout), kernel.backward(ctx_ker, dout)):
+        assert (g_ref is None) == (g_ker is None)
+        if g_ref is not None:
+            assert g_ker.dtype == g_ref.dtype
+            assert rel_err(g_ker, g_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 2, 64, 32), (2, 1, 33, 5)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_kernel_equals_reference(shape, causal, dtype):
+    rng = np.random.default_rng(1)
+    q, k, v = (randn(rng, *shape, dtype=dtype) for _ in range(3))
+    compare_kernel(F.ScaledDotProductAttention, kernels().CausalAttentionCuda, [q, k, v, None],
+                   dict(causal=causal, scale=1 / np.sqrt(shape[-1])), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_attention_kernel_short_queries_and_mask_fallback(dtype):
+    rng = np.random.default_rng(2)
+    q, k, v = randn(rng, 2, 2, 3, 8, dtype=dtype), randn(rng, 2, 2, 9, 8, dtype=dtype), randn(rng, 2, 2, 9, 8, dtype=dtype)
+    compare_kernel(F.ScaledDotProductAttention, kernels().CausalAttentionCuda, [q, k, v, None], dict(causal=True, scale=0.3), dtype)
+    mask = np.random.default_rng(3).random((2, 2, 3, 9)) < 0.5
+    import cupy as cp
+    compare_kernel(F.ScaledDotProductAttention, kernels().CausalAttentionCuda, [q, k, v, cp.asarray(mask)],
+                   dict(causal=False, scale=0.3), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("N,C", [(1, 3), (37, 10), (300, 384), (5, 1000)])
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_layer_norm_kernel_equals_reference(N, C, affine, dtype):
+    rng = np.random.default_rng(4)
+    x = randn(rng, N, C, dtype=dtype, scale=3) + 2
+    w = randn(rng, C, dtype=dtype) if affine != "none" else None
+    b = randn(rng, C, dtype=dtype) if affine == "wb" else None
+    compare_kernel(F.LayerNorm, kernels().LayerNormCuda, [x, w, b], dict(eps=1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("V", [1, 13, 65, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_kernel_equals_reference(V, reduction, dtype):
+    rng = np.random.default_rng(5)
+    logits = randn(rng, 4, 33, V, dtype=dtype, scale=10)
+    targets = rng.integers(0, V, (4, 33))
+    targets[0, :5] = -100
+    compare_kernel(F.CrossEntropy, kernels().CrossEntropyCuda, [logits, targets],
+                   dict(ignore_index=-100, reduction=reduction), dtype)
+
+
+def test_cross_entropy_kernel_all_ignored_gives_zero():
+    import cupy as cp
+    ctx = Context((True, False))
+    logits = cp.asarray(np.ones((2, 3, 5), np.float32))
+    loss = kernels().CrossEntropyCuda.forward(ctx, logits, cp.full((2, 3), -100), ignore_index=-100, reduction="mean")
+    assert float(loss) == 0.0
+    dx, _ = kernels().CrossEntropyCuda.backward(ctx, cp.ones((), np.float32))
+    assert float(abs(dx).max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_kernel_equals_reference(approximate, dtype):
+    x = randn(np.random.default_rng(6), 5, 301, dtype=dtype, scale=4)
+    x[0, :4] = [0, -40, 40, -3]
+    compare_kernel(F.GELU, kernels().GELUCuda, [x], dict(approximate=approximate), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_adamw_kernel_equals_reference(dtype):
+    import cupy as cp
+    rng = np.random.default_rng(7)
+    arrays = [randn(rng, 33, 17, dtype=dtype) for _ in range(3)] + [np.abs(randn(rng, 33, 17, dtype=dtype))]
+    ref = [cp.asarray(a) for a in arrays]
+    ker = [cp.asarray(a) for a in arrays]
+    for step in (1, 2, 50):
+        adamw_update(ref[0], ref[1], ref[2], ref[3], 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        kernels().adamw_update_cuda(ker[0], ker[1], ker[2], ker[3], 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+    for a, b in zip(ker, ref):
+        assert rel_err(a, b) < TOL[dtype]
+
+
+def test_dropout_kernel_mask_is_shared_scaled_and_reproducible():
+    import cupy as cp
+    cuda = kernels()
+    x = cp.asarray(np.random.default_rng(8).standard_normal((64, 1000)).astype(np.float32)) + 5
+    ctx = Context((True,))
+    y = cuda.DropoutCuda.forward(ctx, x, p=0.2, rng=np.random.default_rng(0))
+    kept = y != 0
+    assert abs(float(kept.mean()) - 0.8) < 0.01
+    assert rel_err(y[kept], x[kept] / 0.8) < 1e-6
+    dx = cuda.DropoutCuda.backward(ctx, cp.ones_like(x))
+    assert bool(((dx != 0) == kept).all()) and rel_err(dx[kept], cp.full(int(kept.sum()), 1 / 0.8)) < 1e-6
+    again = cuda.DropoutCuda.forward(Context((True,)), x, p=0.2, rng=np.random.default_rng(0))
+    assert bool((again == y).all())
+    other = cuda.DropoutCuda.forward(Context((True,)), x, p=0.2, rng=np.random.default_rng(1))
+    assert not bool((other == y).all())
+    assert float(abs(cuda.DropoutCuda.forward(Context((True,)), x, p=1.0, rng=np.random.default_rng(0))).max()) == 0
+
+
+def test_kernels_serve_cuda_arrays_and_kernels_off_uses_references(monkeypatch):
+    import cupy as cp
+    cuda = kernels()
+    a = cp.zeros(3, np.float32)
+    assert backend.accelerated(F.LayerNorm, a) is cuda.LayerNormCuda
+    assert backend.accelerated(adamw_update, a) is cuda.adamw_update_cuda
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
+    assert backend.accelerated(F.LayerNorm, a) is F.LayerNorm
+
+
+def test_tf32_switch_is_off_by_default_and_opt_in():
+    import cupy as cp
+    rng = np.random.default_rng(9)
+    a, b = randn(rng, 256, 256, dtype=np.float32), randn(rng, 256, 256, dtype=np.float32)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    off = cp.asarray(a) @ cp.asarray(b)
+    try:
+        backend.set_tf32(True)
+        on = cp.asarray(a) @ cp.asarray(b)
+    finally:
+        backend.set_tf32(False)
+    assert rel_err(off, exact) < 1e-5
+    assert 1e-5 < rel_err(on, exact) < 1e-2
+    assert rel_err(cp.asarray(a) @ cp.asarray(b), exact) < 1e-5
+
+
+# ---- the whole model, a training step, checkpoints, sampling -------------------------------------
+
+SMALL = dict(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def batch(seed, B=3, T=16):
+    rng = np.random.default_rng(seed)
+    idx, targets = rng.integers(0, 13, (B, T)), rng.integers(0, 13, (B, T))
+    targets[0, :3] = -100
+    return idx, targets
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("switches", [{}, dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False),
+                                      dict(gelu_approximate="none", tie_embeddings=False)], ids=["gpt2", "modern", "exact-untied"])
+def test_model_on_gpu_equals_cpu(switches, dtype):
+    cfg = GPTConfig(**SMALL, dtype=dtype, **switches)
+    cpu, gpu = GPT(cfg, rng=np.random.default_rng(0)), GPT(cfg, rng=np.random.default_rng(0)).to("cuda")
+    assert gpu.device == "cuda"
+    idx, targets = batch(1)
+    logits_cpu, loss_cpu = cpu(idx, targets)
+    logits_gpu, loss_gpu = gpu(idx, targets)
+    loss_cpu.backward()
+    loss_gpu.backward()
+    tol = 1e-10 if dtype == "float64" else 1e-3
+    assert rel_err(logits_gpu.data, logits_cpu.data) < tol
+    assert rel_err(loss_gpu.item(), loss_cpu.item()) < tol
+    for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        assert rel_err(p_gpu.grad, p_cpu.grad) < tol, name
+
+
+def train_steps(model, steps, seed=0):
+    opt = AdamW(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.99))
+    losses = []
+    for i in range(steps):
+        idx, targets = batch(seed + i)
+        _, loss = model(idx, targets)
+        loss.backward()
+        clip_grad_norm(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, opt
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_training_steps_on_gpu_equal_cpu(dtype):
+    cfg = GPTConfig(**SMALL, dtype=dtype)
+    cpu, gpu = GPT(cfg, rng=np.random.default_rng(0)), GPT(cfg, rng=np.random.default_rng(0)).to("cuda")
+    losses_cpu, _ = train_steps(cpu, 5)
+    losses_gpu, _ = train_steps(gpu, 5)
+    tol = 1e-9 if dtype == "float64" else 2e-3
+    assert rel_err(losses_gpu, losses_cpu) < tol
+    for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters()):
+        assert rel_err(p_gpu.data, p_cpu.data) < tol, name
+
+
+def test_dropout_training_runs_on_gpu_and_is_reproducible():
+    cfg = GPTConfig(**SMALL, dropout=0.2)
+    runs = []
+    for _ in range(2):
+        model = GPT(cfg, rng=np.random.default_rng(0)).to("cuda")
+        rng = np.random.default_rng(3)
+        idx, targets = batch(0)
+        _, loss = model(idx, targets, rng=rng)
+        loss.backward()
+        runs.append((loss.item(), model.transformer.wte.weight.grad.get()))
+    assert runs[0][0] == runs[1][0]                 # the same masks: dropout draws from the seeded rng
+    assert rel_err(runs[0][1], runs[1][1]) < 1e-5   # (the embedding's scatter-add sums in any order)
+
+
+@pytest.mark.parametrize("direction", ["gpu_to_cpu", "cpu_to_gpu"])
+def test_checkpoint_moves_between_devices(tmp_path, direction):
+    cfg = GPTConfig(**SMALL, dtype="float64")
+    source_device, target_device = ("cuda", "cpu") if direction == "gpu_to_cpu" else ("cpu", "cuda")
+    source = GPT(cfg, rng=np.random.default_rng(0)).to(source_device)
+    _, opt = train_steps(source, 2)
+    save_checkpoint(tmp_path / "ckpt.safetensors", source, opt, meta={"step": 2})
+    target = GPT(cfg, rng=np.random.default_rng(1)).to(target_device)
+    target_opt = AdamW(param_groups(target, 0.1), lr=1e-2, betas=(0.9, 0.99))
+    assert load_checkpoint(tmp_path / "ckpt.safetensors", target, target_opt)["step"] == 2
+    for (name, p), (_, q) in zip(source.named_parameters(), target.named_parameters()):
+        assert q.device == target_device
+        np.testing.assert_array_equal(q.numpy(), p.numpy(), err_msg=name)
+    # the loaded optimizer state lives beside its parameters, and one more step gives the same weights
+    state = next(iter(target_opt.state.values()))
+    assert backend.device_of(state["exp_avg"]) == target_device
+    idx, targets = batch(9)
+    for model, o in ((source, opt), (target, target_opt)):
+        _, loss = model(idx, targets)
+        loss.backward()
+        o.step()
+    for (name, p), (_, q) in zip(source.named_parameters(), target.named_parameters()):
+        assert rel_err(q.data, p.data) < 1e-12, name
+
+
+def test_sampling_on_gpu_equals_cpu():
+    cfg = GPTConfig(**SMALL, dtype="float64")
+    cpu, gpu = GPT(cfg, rng=np.random.default_rng(0)), GPT(cfg, rng=np.random.default_rng(0)).to("cuda")
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    greedy_cpu = generate(cpu, prompt, 20, temperature=0)       # runs past block_size: cache, then recompute
+    greedy_gpu = generate(gpu, prompt, 20, temperature=0)
+    np.testing.assert_array_equal(greedy_gpu, greedy_cpu)
+    sampled_cpu = generate(cpu, prompt, 10, temperature=0.8, top_k=5, top_p=0.9, rng=np.random.default_rng(1))
+    sampled_gpu = generate(gpu, prompt, 10, temperature=0.8, top_k=5, top_p=0.9, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(sampled_gpu, sampled_cpu)
+
+
+def test_train_function_on_cuda_resumes(tmp_path):
+    from tinygrad_llm.data import prepare
+    from tinygrad_llm.train import TrainConfig, train
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200)
+    prepare(text, tmp_path / "data")
+    common = dict(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2, n_embd=16,
+                  block_size=16, batch_size=4, eval_interval=5, eval_iters=2, log_interval=0, sample_chars=20,
+                  device="cuda", dropout=0.1)
+    first = train(TrainConfig(max_iters=5, **common))
+    assert first["model"].device == "cuda" and np.isfinite(first["best_val_loss"])
+    resumed = train(TrainConfig(max_iters=10, init_from="resume", **common))
+    assert resumed["iters"] == 10 and np.isfinite(resumed["final_val_loss"])

@@ -1,0 +1,481 @@
+"""CuPy kernels for device "cuda", each standing in for a NumPy reference it must equal.
+
+    reference (functional.py / optim.py)   kernel here                what it fuses
+    ScaledDotProductAttention              CausalAttentionCuda        cuBLAS batched Q K^T, P V, ... around one
+                                                                      fused masked-softmax pass (forward) and one
+                                                                      dS = P (dP - rowsum(P dP)) scale pass (backward)
+    LayerNorm                              LayerNormCuda              one warp a row: mean, rstd, normalise, affine;
+                                                                      backward dx in one pass, dw/db from per-block sums
+    CrossEntropy                           CrossEntropyCuda           one warp a row: max, log-sum-exp, nll; the mean is
+                                                                      taken on the device (no host sync for the count)
+    GELU                                   GELUCuda                   one elementwise pass each way; backward recomputes
+    Dropout                                DropoutCuda                a counter-based hash draws the mask on the GPU from
+                                                                      a seed taken from the caller's np.random.Generator;
+                                                                      backward recomputes the mask (nothing saved)
+    optim.adamw_update                     adamw_update_cuda          one elementwise pass over p, m, v
+
+Why cuBLAS + a fused softmax rather than a hand-written flash-attention kernel: in float32 cuBLAS
+reaches the GPU's FMA peak on the (T, HS) x (HS, T) products, and the one softmax pass is memory bound
+either way; the (B, NH, T, T) probabilities are kept for backward (about 100 MB a layer at the
+6x384, T=256, B=64 benchmark), which the GPU holds easily.
+
+Dropout differs from the reference by design: the CPU reference draws its mask with rng.random on
+the host, which for 6 M elements a call would cost more than the whole GPU step. Here each call takes
+one 63-bit seed from the same generator, so a run stays reproducible from its seed, but its masks
+are not the CPU's: GPU and CPU runs with dropout > 0 follow different (equally valid) trajectories.
+
+Every kernel is written once for float and double (C++ templates), accumulates in its own dtype, and
+is checked against its reference by tests/test_gpu.py. Importing this module needs CuPy; it is loaded
+only through the guarded block in kernels/__init__.py.
+"""
+import math
+
+import cupy as cp
+import numpy as np
+
+from ..functional import GELU, CrossEntropy, Dropout, LayerNorm, ScaledDotProductAttention
+from ..optim import adamw_update
+
+_SOURCE = r"""
+#define NEG_INF (-__longlong_as_double(0x7ff0000000000000LL))  // -inf without math.h (NVRTC)
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+__device__ __forceinline__ double warp_sum(double x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+    return x;
+}
+__device__ __forceinline__ double warp_max(double x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffff, x, o));
+    return x;
+}
+
+// s: (rows, TK) raw scores q k^T, overwritten by P; lse: (rows,). Row r is query i = r % TQ, which
+// sees keys j < min(TK, i + offset + 1) (offset = TK - TQ when causal, TK when not). One warp a row.
+template<typename T>
+__global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, int TK, int offset, T scale) {
+    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    T* row = s + r * TK;
+    int n = min(TK, (int)(r % TQ) + offset + 1);
+    if (n <= 0) {  // a query with no allowed key: zeros (as the reference)
+        for (int j = lane; j < TK; j += 32) row[j] = 0;
+        if (lane == 0) lse[r] = NEG_INF;
+        return;
+    }
+    T m = NEG_INF;
+    for (int j = lane; j < n; j += 32) m = max(m, row[j] * scale);
+    m = warp_max(m);
+    T total = 0;
+    for (int j = lane; j < n; j += 32) { T e = exp(row[j] * scale - m); row[j] = e; total += e; }
+    total = warp_sum(total);
+    for (int j = lane; j < n; j += 32) row[j] = row[j] / total;
+    for (int j = n + lane; j < TK; j += 32) row[j] = 0;
+    if (lane == 0) lse[r] = m + log(total);
+}
+
+// p: probabilities (rows, TK); dp: dO V^T, overwritten by dS * scale = P (dP - rowsum(P dP)) scale.
+template<typename T>
+__global__ void attention_softmax_backward(const T* p, T* dp, long long rows, int TK, T scale) {
+    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const T* prow = p + r * TK;
+    T* drow = dp + r * TK;
+    T dot = 0;
+    for (int j = lane; j < TK; j += 32) dot += prow[j] * drow[j];
+    dot = warp_sum(dot);
+    for (int j = lane; j < TK; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;
+}
+
+// x: (N, C) -> out (N, C), mean (N,), rstd (N,). w, b may be absent (has_w, has_b = 0). One warp a row.
+template<typename T>
+__global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T* mean, T* rstd,
+                                   long long N, int C, T eps, int has_w, int has_b) {
+    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= N) return;
+    const T* xr = x + r * C;
+    T sum = 0;
+    for (int c = lane; c < C; c += 32) sum += xr[c];
+    T mu = warp_sum(sum) / C;
+    T sq = 0;
+    for (int c = lane; c < C; c += 32) { T d = xr[c] - mu; sq += d * d; }
+    T rs = 1 / sqrt(warp_sum(sq) / C + eps);
+    T* o = out + r * C;
+    for (int c = lane; c < C; c += 32) {
+        T y = (xr[c] - mu) * rs;
+        if (has_w) y = y * w[c];
+        if (has_b) y = y + b[c];
+        o[c] = y;
+    }
+    if (lane == 0) { mean[r] = mu; rstd[r] = rs; }
+}
+
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dout w. Each block (WARPS warps) takes
+// rows_per_block rows and writes its partial column sums of dout xhat and dout to dw_part/db_part
+// (nblocks, C); the caller sums those over blocks (deterministic: no atomics).
+template<typename T>
+__global__ void layer_norm_backward(const T* dout, const T* x, const T* w, const T* mean, const T* rstd,
+                                    T* dx, T* dw_part, T* db_part, long long N, int C, int rows_per_block,
+                                    int has_w, int need_dx) {
+    extern __shared__ unsigned char smem_raw[];
+    T* acc = reinterpret_cast<T*>(smem_raw);          // (warps, 2, C)
+    int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    T* acc_w = acc + (long long)warp * 2 * C;
+    T* acc_b = acc_w + C;
+    for (int c = lane; c < C; c += 32) { acc_w[c] = 0; acc_b[c] = 0; }
+    long long first = (long long)blockIdx.x * rows_per_block;
+    long long last = min(first + rows_per_block, N);
+    for (long long r = first + warp; r < last; r += warps) {
+        const T* g = dout + r * C;
+        const T* xr = x + r * C;
+        T mu = mean[r], rs = rstd[r];
+        T s1 = 0, s2 = 0;
+        for (int c = lane; c < C; c += 32) {
+            T xhat = (xr[c] - mu) * rs;
+            T dxhat = has_w ? g[c] * w[c] : g[c];
+            s1 += dxhat; s2 += dxhat * xhat;
+            acc_w[c] += g[c] * xhat;
+            acc_b[c] += g[c];
+        }
+        if (need_dx) {
+            T m1 = warp_sum(s1) / C, m2 = warp_sum(s2) / C;
+            T* d = dx + r * C;
+            for (int c = lane; c < C; c += 32) {
+                T xhat = (xr[c] - mu) * rs;
+                T dxhat = has_w ? g[c] * w[c] : g[c];
+                d[c] = rs * (dxhat - m1 - xhat * m2);
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        T sw = 0, sb = 0;
+        for (int k = 0; k < warps; k++) { sw += acc[(long long)k * 2 * C + c]; sb += acc[(long long)k * 2 * C + C + c]; }
+        dw_part[(long long)blockIdx.x * C + c] = sw;
+        db_part[(long long)blockIdx.x * C + c] = sb;
+    }
+}
+
+// logits (N, V), targets (N,) -> nll (N,) (0 where ignored), lse (N,). One warp a row.
+template<typename T>
+__global__ void cross_entropy_forward(const T* logits, const long long* targets, T* nll, T* lse,
+                                      long long N, int V, long long ignore_index) {
+    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= N) return;
+    const T* x = logits + r * V;
+    T m = NEG_INF;
+    for (int j = lane; j < V; j += 32) m = max(m, x[j]);
+    m = warp_max(m);
+    T total = 0;
+    for (int j = lane; j < V; j += 32) total += exp(x[j] - m);
+    total = warp_sum(total);
+    if (lane == 0) {
+        T l = m + log(total);
+        long long t = targets[r];
+        lse[r] = l;
+        nll[r] = (t == ignore_index) ? (T)0 : l - x[t];
+    }
+}
+"""
+
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_module = None
+
+
+def _kernel(name, dtype):
+    """The compiled kernel `name` for float or double; the module compiles on first use (then cached by CuPy)."""
+    global _module
+    if _module is None:
+        _module = cp.RawModule(code=_SOURCE, options=("-std=c++17",), name_expressions=[
+            f"{kernel}<{ctype}>" for kernel in ("attention_softmax_forward", "attention_softmax_backward",
+                                                "layer_norm_forward", "layer_norm_backward", "cross_entropy_forward")
+            for ctype in _CTYPES.values()])
+    return _module.get_function(f"{name}<{_CTYPES[np.dtype(dtype)]}>")
+
+
+def _served(*arrays):
+    """True when every array is float32/float64 (other dtypes take the reference path)."""
+    return all(a is None or np.dtype(a.dtype) in _CTYPES for a in arrays)
+
+
+_WARP_ROWS_BLOCK = 256  # threads a block in the one-warp-a-row kernels: 8 rows a block
+
+
+def _warp_rows_launch(rows):
+    return (int(-(-rows * 32 // _WARP_ROWS_BLOCK)),), (_WARP_ROWS_BLOCK,)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+class CausalAttentionCuda:
+    """ScaledDotProductAttention with causal or no mask: cuBLAS products around fused softmax passes.
+
+    An explicit boolean mask takes the reference path (it is rare: the model never passes one).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0):
+        ctx.reference = mask is not None or not _served(q, k, v)
+        if ctx.reference:
+            return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale)
+        TQ, TK = q.shape[-2], k.shape[-2]
+        s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
+        rows = s.size // TK
+        lse = cp.empty(s.shape[:-1], dtype=s.dtype)
+        offset = TK - TQ if causal else TK
+        grid, block = _warp_rows_launch(rows)
+        _kernel("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
+                                                                    np.int32(offset), s.dtype.type(scale)))
+        ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale = q, k, v, s, scale
+        return cp.matmul(s, v)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return ScaledDotProductAttention.backward(ctx, dout)
+        q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
+        need = ctx.needs_input_grad
+        # dv = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
+        dv = cp.matmul(p.swapaxes(-1, -2), dout) if need[2] else None
+        ds = cp.matmul(dout, v.swapaxes(-1, -2))
+        TK = ds.shape[-1]
+        rows = ds.size // TK
+        grid, block = _warp_rows_launch(rows)
+        _kernel("attention_softmax_backward", ds.dtype)(grid, block, (p, ds, np.int64(rows), np.int32(TK),
+                                                                      ds.dtype.type(ctx.scale)))
+        dq = cp.matmul(ds, k) if need[0] else None
+        dk = cp.matmul(ds.swapaxes(-1, -2), q) if need[1] else None
+        return dq, dk, dv, None
+
+
+# ---- layer norm ----------------------------------------------------------------------------------
+
+_LN_WARPS = 4
+_LN_ROWS_PER_BLOCK = 64
+
+
+class LayerNormCuda:
+    """LayerNorm over the last axis: one fused pass forward, one backward (+ a sum of per-block partials)."""
+
+    @staticmethod
+    def forward(ctx, x, w=None, b=None, eps=1e-5):
+        C = x.shape[-1]
+        smem = _LN_WARPS * 2 * C * x.dtype.itemsize
+        ctx.reference = not _served(x, w, b) or smem > 48 * 1024
+        if ctx.reference:
+            return LayerNorm.forward(ctx, x, w, b, eps=eps)
+        x = cp.ascontiguousarray(x)
+        N = x.size // C
+        out = cp.empty_like(x)
+        mean = cp.empty(N, dtype=x.dtype)
+        rstd = cp.empty(N, dtype=x.dtype)
+        dummy = x  # stands for an absent w or b (never read)
+        grid, block = _warp_rows_launch(N)
+        _kernel("layer_norm_forward", x.dtype)(grid, block, (x, dummy if w is None else w, dummy if b is None else b,
+                                                             out, mean, rstd, np.int64(N), np.int32(C), x.dtype.type(eps),
+                                                             np.int32(w is not None), np.int32(b is not None)))
+        ctx.x, ctx.w, ctx.mean, ctx.rstd, ctx.has_b = x, w, mean, rstd, b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return LayerNorm.backward(ctx, dout)
+        x, w = ctx.x, ctx.w
+        C = x.shape[-1]
+        N = x.size // C
+        dout = cp.ascontiguousarray(dout)
+        need = ctx.needs_input_grad
+        blocks = -(-N // _LN_ROWS_PER_BLOCK)
+        dx = cp.empty_like(x) if need[0] else x  # x stands in when dx is not wanted (never written)
+        dw_part = cp.empty((blocks, C), dtype=x.dtype)
+        db_part = cp.empty((blocks, C), dtype=x.dtype)
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat),  db = sum(dout)
+        _kernel("layer_norm_backward", x.dtype)(
+            (blocks,), (32 * _LN_WARPS,),
+            (dout, x, x if w is None else w, ctx.mean, ctx.rstd, dx, dw_part, db_part, np.int64(N), np.int32(C),
+             np.int32(_LN_ROWS_PER_BLOCK), np.int32(w is not None), np.int32(bool(need[0]))),
+            shared_mem=_LN_WARPS * 2 * C * x.dtype.itemsize)
+        dw = dw_part.sum(axis=0) if w is not None and need[1] else None
+        db = db_part.sum(axis=0) if ctx.has_b and need[2] else None
+        return (dx if need[0] else None), dw, db
+
+
+# ---- softmax + cross-entropy ---------------------------------------------------------------------
+
+_cross_entropy_backward = cp.ElementwiseKernel(
+    "raw T logits, raw T lse, raw int64 targets, raw T dout, int64 dout_stride, raw T scale, int64 V, int64 ignore",
+    "T dx",
+    """
+    long long row = i / V, j = i % V;
+    long long t = targets[row];
+    if (t == ignore) {
+        dx = 0;
+    } else {
+        T p = exp(logits[i] - lse[row]);
+        dx = (p - (j == t ? (T)1 : (T)0)) * (dout[row * dout_stride] * scale[0]);
+    }
+    """,
+    "tinygrad_llm_cross_entropy_backward")
+
+
+class CrossEntropyCuda:
+    """Softmax + cross-entropy in one warp pass a row; "mean" divides by the count on the device."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index=-100, reduction="mean"):
+        ctx.reference = not _served(logits)
+        if ctx.reference:
+            return CrossEntropy.forward(ctx, logits, targets, ignore_index=ignore_index, reduction=reduction)
+        V = logits.shape[-1]
+        x = cp.ascontiguousarray(logits).reshape(-1, V)
+        t = cp.asarray(targets).reshape(-1).astype(cp.int64, copy=False)
+        N = x.shape[0]
+        nll = cp.empty(N, dtype=x.dtype)
+        lse = cp.empty(N, dtype=x.dtype)
+        grid, block = _warp_rows_launch(N)
+        _kernel("cross_entropy_forward", x.dtype)(grid, block, (x, t, nll, lse, np.int64(N), np.int32(V),
+                                                                np.int64(ignore_index)))
+        if reduction == "mean":
+            # dividing on the device keeps the host from waiting for the count
+            count = (t != ignore_index).sum()
+            scale = (1 / cp.maximum(count, 1)).astype(x.dtype)
+        else:
+            scale = cp.ones((), dtype=x.dtype)
+        ctx.x, ctx.t, ctx.lse, ctx.scale = x, t, lse, scale.reshape(1)
+        ctx.ignore_index, ctx.reduction, ctx.shape = ignore_index, reduction, logits.shape
+        if reduction == "none":
+            return nll.reshape(targets.shape)
+        return (nll.sum() * scale).astype(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return CrossEntropy.backward(ctx, dout)
+        x = ctx.x
+        dout = cp.ascontiguousarray(dout, dtype=x.dtype).reshape(-1)
+        stride = 1 if ctx.reduction == "none" else 0
+        dx = cp.empty_like(x)
+        # dlogits = (softmax(logits) - onehot(target)) * dout * scale, zero on ignored rows
+        _cross_entropy_backward(x, ctx.lse, ctx.t, dout, stride, ctx.scale, x.shape[1], ctx.ignore_index, dx)
+        return dx.reshape(ctx.shape), None
+
+
+# ---- GELU ----------------------------------------------------------------------------------------
+
+_GELU_TANH = """
+    const T c = 0.044715, s = 0.7978845608028654;  // sqrt(2/pi)
+    T t = tanh(s * (x + c * x * x * x));
+"""
+_gelu_tanh_forward = cp.ElementwiseKernel("T x", "T y", _GELU_TANH + "y = (T)0.5 * x * (1 + t);",
+                                          "tinygrad_llm_gelu_tanh_forward")
+_gelu_tanh_backward = cp.ElementwiseKernel(
+    "T x, T dout", "T dx",
+    _GELU_TANH + "dx = dout * ((T)0.5 * (1 + t) + (T)0.5 * x * (1 - t * t) * s * (1 + 3 * c * x * x));",
+    "tinygrad_llm_gelu_tanh_backward")
+_GELU_EXACT = "T cdf = (T)0.5 * erfc(-x * (T)0.7071067811865476);"
+_gelu_exact_forward = cp.ElementwiseKernel("T x", "T y", _GELU_EXACT + "y = x * cdf;", "tinygrad_llm_gelu_exact_forward")
+_gelu_exact_backward = cp.ElementwiseKernel(
+    "T x, T dout", "T dx",
+    _GELU_EXACT + "dx = dout * (cdf + x * exp((T)-0.5 * x * x) * (T)0.3989422804014327);",  # 1/sqrt(2 pi)
+    "tinygrad_llm_gelu_exact_backward")
+
+
+class GELUCuda:
+    """GELU (tanh or exact) in one elementwise pass; backward recomputes from x (only x is saved)."""
+
+    @staticmethod
+    def forward(ctx, x, approximate="none"):
+        ctx.reference = not _served(x)
+        if ctx.reference:
+            return GELU.forward(ctx, x, approximate=approximate)
+        ctx.x, ctx.approximate = x, approximate
+        return (_gelu_tanh_forward if approximate == "tanh" else _gelu_exact_forward)(x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return GELU.backward(ctx, dout)
+        # tanh: dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)); exact: dout * (Phi + x phi)
+        return (_gelu_tanh_backward if ctx.approximate == "tanh" else _gelu_exact_backward)(ctx.x, dout)
+
+
+# ---- dropout -------------------------------------------------------------------------------------
+
+_dropout_apply = cp.ElementwiseKernel(
+    "T x, uint64 seed, float32 p, T scale", "T y",
+    """
+    // splitmix64 of (seed, element index): an independent uniform number per element, recomputable
+    unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) * (1.0f / 16777216.0f);   // 24 random bits in [0, 1)
+    y = u >= p ? x * scale : (T)0;
+    """,
+    "tinygrad_llm_dropout")
+
+
+class DropoutCuda:
+    """Inverted dropout with the mask drawn on the GPU from one seed of the caller's generator."""
+
+    @staticmethod
+    def forward(ctx, x, p=0.5, rng=None):
+        ctx.reference = p == 1 or not _served(x)
+        if ctx.reference:
+            return Dropout.forward(ctx, x, p=p, rng=rng)
+        ctx.seed, ctx.p = np.uint64(rng.integers(0, 2 ** 63)), np.float32(p)
+        ctx.scale = x.dtype.type(1 / (1 - p))
+        return _dropout_apply(x, ctx.seed, ctx.p, ctx.scale)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return Dropout.backward(ctx, dout)
+        # dx = dout * mask, the same mask: same seed, same element indices
+        return _dropout_apply(dout, ctx.seed, ctx.p, ctx.scale)
+
+
+# ---- AdamW ---------------------------------------------------------------------------------------
+
+_adamw = cp.ElementwiseKernel(
+    "T g, T decay, T one_minus_beta1, T beta2, T one_minus_beta2, T sqrt_bias_correction2, T eps, T step_size",
+    "T p, T m, T v",
+    """
+    p = p * decay;
+    m = m + one_minus_beta1 * (g - m);
+    v = v * beta2;
+    v = v + one_minus_beta2 * g * g;
+    T denom = sqrt(v) / sqrt_bias_correction2 + eps;
+    p = p - step_size * (m / denom);
+    """,
+    "tinygrad_llm_adamw")
+
+
+def adamw_update_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """optim.adamw_update in one pass over p, m, v (in place), same formulas in the same order."""
+    if not _served(p):
+        return adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+    T = p.dtype.type
+    _adamw(g, T(1 - lr * weight_decay), T(1 - beta1), T(beta2), T(1 - beta2), T(math.sqrt(1 - beta2 ** step)), T(eps),
+           T(lr / (1 - beta1 ** step)), p, m, v)
+
+
+KERNELS = {ScaledDotProductAttention: CausalAttentionCuda, LayerNorm: LayerNormCuda, CrossEntropy: CrossEntropyCuda,
+           GELU: GELUCuda, Dropout: DropoutCuda, adamw_update: adamw_update_cuda}
+
+
+def register():
+    """Serve every kernel above for arrays on device "cuda"."""
+    from ..backend import register_kernel
+    for reference, kernel in KERNELS.items():
+        register_kernel(reference, "cuda", kernel)
