@@ -15,7 +15,7 @@ from ..optim import adamw_update
 from .common import TOLERANCE, median_ms, relative_error, table_row, torch_or_none
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def adamw_kernel(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step_size):
     """p, g, m, v: 1-D, same length and dtype; updated in place in the order of torch.optim.AdamW."""
     for i in range(p.shape[0]):

@@ -35,7 +35,7 @@ CHUNK_BYTES = 16 << 20  # the (chunk, TQ, TK) score buffer; bounded so that it s
 MIN_SCORES_PER_HEAD = 128 * 128  # below this TQ * TK the reference is faster (measured, see above)
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def softmax_rows_forward(s, scale, offset, lse):
     """s: (C,TQ,TK) raw scores q k^T, overwritten by P; lse: (C,TQ) log-sum-exp of the scaled row.
 
@@ -61,7 +61,7 @@ def softmax_rows_forward(s, scale, offset, lse):
         lse[c, i] = m + math.log(total)
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def softmax_rows_backward(s, dp, scale, offset, lse):
     """s: raw scores -> P (recomputed from lse); dp: dO V^T -> dS * scale = P (dP - rowsum(P dP)) scale."""
     C, TQ, TK = s.shape

@@ -20,7 +20,7 @@ from ..functional import CrossEntropy
 from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def cross_entropy_forward(x, targets, ignore_index, nll, row_max, row_sum):
     """x: (N,V); targets: (N,) int64. Writes nll (N,) (0 where ignored), row_max, row_sum (N,)."""
     N, V = x.shape
@@ -36,7 +36,7 @@ def cross_entropy_forward(x, targets, ignore_index, nll, row_max, row_sum):
         nll[r] = math.log(total) - (x[r, t] - m) if t != ignore_index else 0.0
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def cross_entropy_backward(x, targets, ignore_index, row_max, row_sum, row_scale, dx):
     """dx = (softmax(x) - onehot(target)) * row_scale per row; 0 on ignored rows."""
     N, V = x.shape

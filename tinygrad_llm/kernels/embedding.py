@@ -10,7 +10,7 @@ from numba import njit
 from ..functional import Embedding
 from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def embedding_backward(idx, dout, dw):
     """dw[idx[n], :] += dout[n, :] for n in order; idx (N,) int64, dout (N,C), dw (V,C) zeroed."""
     N, C = dout.shape

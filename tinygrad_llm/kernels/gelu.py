@@ -25,7 +25,7 @@ SERVED_FORMS = ("none",)  # approximate= values the kernel takes; "tanh" measure
 from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def gelu_tanh_forward(x, out, c, a, half, one):
     """out = 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715; x, out flat."""
     for i in range(x.shape[0]):
@@ -33,7 +33,7 @@ def gelu_tanh_forward(x, out, c, a, half, one):
         out[i] = half * xi * (one + math.tanh(c * (xi + a * xi * xi * xi)))
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def gelu_tanh_backward(x, dout, dx, c, a, half, one, three):
     for i in range(x.shape[0]):
         xi = x[i]
@@ -48,13 +48,13 @@ def _normal_cdf(x, rsqrt2, half):
     return half * math.erfc(-z) if z < -1 else half * (1 + math.erf(z))
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def gelu_exact_forward(x, out, rsqrt2, half):
     for i in range(x.shape[0]):
         out[i] = x[i] * _normal_cdf(x[i], rsqrt2, half)
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def gelu_exact_backward(x, dout, dx, rsqrt2, half, rsqrt2pi):
     for i in range(x.shape[0]):
         xi = x[i]
@@ -68,14 +68,14 @@ def _sigmoid(g, one):
     return one / (one + e) if g >= 0 else e / (one + e)
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def swiglu_forward(gate, up, out, one):
     for i in range(gate.shape[0]):
         g = gate[i]
         out[i] = g * _sigmoid(g, one) * up[i]
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def swiglu_backward(gate, up, dout, dgate, dup, one):
     for i in range(gate.shape[0]):
         g = gate[i]

@@ -14,7 +14,7 @@ from numba import njit
 from ..functional import LayerNorm, RMSNorm
 from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def layer_norm_forward(x, w, b, eps, out, mean, rstd):
     """x, out: (N,C); w, b: (C,); mean, rstd: (N,) written for backward."""
     N, C = x.shape
@@ -33,7 +33,7 @@ def layer_norm_forward(x, w, b, eps, out, mean, rstd):
             out[r, j] = (x[r, j] - mu) * rs * w[j] + b[j]
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def layer_norm_backward(dout, x, w, mean, rstd, dx, dw, db):
     """dx: (N,C); dw, db: (C,) float64, zeroed, summed over the rows."""
     N, C = x.shape
@@ -55,7 +55,7 @@ def layer_norm_backward(dout, x, w, mean, rstd, dx, dw, db):
             dx[r, j] = rs * (dout[r, j] * w[j] - mean_dxhat - xhat * mean_dxhat_xhat)
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def rms_norm_forward(x, w, eps, out, rstd):
     N, C = x.shape
     for r in range(N):
@@ -68,7 +68,7 @@ def rms_norm_forward(x, w, eps, out, rstd):
             out[r, j] = x[r, j] * rs * w[j]
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def rms_norm_backward(dout, x, w, rstd, dx, dw):
     """dx: (N,C); dw: (C,) float64, zeroed, summed over the rows."""
     N, C = x.shape

@@ -40,7 +40,7 @@ def _row_block_product(a, b, out, i0, i1):
                         out[i, j] += aik * b[k, j]
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def blocked_matmul(a, b, out):
     """(M,K) @ (K,N) -> out (M,N); C-contiguous inputs."""
     M = a.shape[0]
@@ -48,14 +48,14 @@ def blocked_matmul(a, b, out):
         _row_block_product(a, b, out, ib * BLOCK_I, min(M, (ib + 1) * BLOCK_I))
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def batched_matmul(a, b, out):
     """(NB,M,K) @ (NB,K,N) -> out (NB,M,N): one batch entry per task (small per-head products)."""
     for n in range(a.shape[0]):
         _row_block_product(a[n], b[n], out[n], 0, a.shape[1])
 
 
-@njit(parallel=False, fastmath=False, cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def matmul_bias_gelu(a, b, bias, out):
     """out = gelu_tanh(a @ b + bias): the epilogue runs on each row block while it is in cache."""
     M, N = a.shape[0], b.shape[1]
@@ -106,7 +106,7 @@ def benchmark():
     for M, K, N in MODEL_SHAPES:
         a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
         out = np.empty((M, N), np.float32)
-        t_numba = median_ms(lambda: blocked_matmul(a, b, out), repeat=5)
+        t_numba = median_ms(lambda: blocked_matmul(a, b, out), repeat=3, warmup=1)  # seconds each on the large shapes
         t_numpy = median_ms(lambda: np.matmul(a, b, out=out), repeat=5)
         t_torch = None
         if torch is not None:
@@ -116,7 +116,7 @@ def benchmark():
     for NB, M, K, N in BATCHED_SHAPES:
         a, b = rng.standard_normal((NB, M, K)).astype(np.float32), rng.standard_normal((NB, K, N)).astype(np.float32)
         out = np.empty((NB, M, N), np.float32)
-        t_numba = median_ms(lambda: batched_matmul(a, b, out), repeat=5)
+        t_numba = median_ms(lambda: batched_matmul(a, b, out), repeat=3, warmup=1)
         t_numpy = median_ms(lambda: np.matmul(a, b, out=out), repeat=5)
         t_torch = None
         if torch is not None:
@@ -126,7 +126,7 @@ def benchmark():
     for M, K, N in [(768, 128, 512), (16384, 384, 1536)]:
         a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
         bias, out = rng.standard_normal(N).astype(np.float32), np.empty((M, N), np.float32)
-        t_numba = median_ms(lambda: matmul_bias_gelu(a, b, bias, out), repeat=5)
+        t_numba = median_ms(lambda: matmul_bias_gelu(a, b, bias, out), repeat=3, warmup=1)
         t_numpy = median_ms(lambda: _gelu_tanh(a @ b + bias), repeat=5)
         t_torch = None
         if torch is not None:
