@@ -1,44 +1,49 @@
-"""GELU (tanh form and exact erf form) and SwiGLU, forward and backward, one pass each
+"""GELU (tanh form and exact erf form) and SwiGLU, forward and backward, in one to three passes
 (references: functional.GELU, functional.SwiGLU).
 
 The references evaluate a NumPy expression per operation (the tanh form's forward alone is seven
 passes, the exact form's erf a Horner series over masked copies) and save a second array (tanh(u),
-Phi(x) or sigmoid(gate)) for backward. Here forward saves only its inputs and backward recomputes the
-transcendental in the same pass that forms the gradient: less memory, fewer passes. Constants are
+Phi(x) or sigmoid(gate)) for backward. Here the exact form and SwiGLU save only their inputs and
+backward recomputes the transcendental in the same pass that forms the gradient: less memory, fewer
+passes. Constants are
 passed in the input's dtype, so float32 work stays float32 (tanhf, erff, expf), as in NumPy.
 
-Served: the exact form and SwiGLU. The tanh form is validated and measured but not served
-(SERVED_FORMS): Numba calls the scalar libm tanhf per element while NumPy's np.tanh is SIMD, and
-that outweighs the passes saved (0.46x at the 6x384 MLP shape, benchmarks/kernels.py, 2 cores).
-The exact form wins because the reference's erf is a long series (1.6x); SwiGLU's exp is cheap
-next to its five NumPy passes (2.1x).
+Numba calls the scalar libm tanhf/expf per element while NumPy's np.tanh/np.exp are SIMD loops: a
+tanh computed in the Numba loop made the tanh form 0.5x the reference. So the tanh form runs three
+passes: Numba forms u, np.tanh(u) in place (SIMD), Numba forms the output; t = tanh(u) is kept for
+backward (as the reference keeps it), whose single Numba pass needs no transcendental. The exact
+form wins with libm's erf because the reference's erf is a long series; SwiGLU's exp is cheap next
+to its five NumPy passes.
 """
-import contextlib
 import math
 
 import numpy as np
 from numba import njit
 
 from ..functional import GELU, SwiGLU
-
-SERVED_FORMS = ("none",)  # approximate= values the kernel takes; "tanh" measured slower (see above)
 from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
-def gelu_tanh_forward(x, out, c, a, half, one):
-    """out = 0.5 x (1 + tanh(c (x + a x^3))), c = sqrt(2/pi), a = 0.044715; x, out flat."""
+def gelu_tanh_argument(x, u, c, a):
+    """u = c (x + a x^3), c = sqrt(2/pi), a = 0.044715; x, u flat. np.tanh then runs in place on u."""
     for i in range(x.shape[0]):
         xi = x[i]
-        out[i] = half * xi * (one + math.tanh(c * (xi + a * xi * xi * xi)))
+        u[i] = c * (xi + a * xi * xi * xi)
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
-def gelu_tanh_backward(x, dout, dx, c, a, half, one, three):
+def gelu_tanh_forward(x, t, out, half, one):
+    """out = 0.5 x (1 + t), t = tanh(u)."""
     for i in range(x.shape[0]):
-        xi = x[i]
-        t = math.tanh(c * (xi + a * xi * xi * xi))
-        dx[i] = dout[i] * (half * (one + t) + half * xi * (one - t * t) * c * (one + three * a * xi * xi))
+        out[i] = half * x[i] * (one + t[i])
+
+
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
+def gelu_tanh_backward(x, t, dout, dx, c, a, half, one, three):
+    for i in range(x.shape[0]):
+        xi, ti = x[i], t[i]
+        dx[i] = dout[i] * (half * (one + ti) + half * xi * (one - ti * ti) * c * (one + three * a * xi * xi))
 
 
 @njit(inline="always")
@@ -99,14 +104,18 @@ class NumbaGELU:
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
-        ctx.fallback = not (_covered(x) and approximate in SERVED_FORMS)
+        ctx.fallback = not (_covered(x) and approximate in ("none", "tanh"))
         if ctx.fallback:
             return GELU.forward(ctx, x, approximate=approximate)
         t = x.dtype.type
         xf = _flat(x)
         out = np.empty_like(xf)
         if approximate == "tanh":
-            gelu_tanh_forward(xf, out, t(math.sqrt(2 / math.pi)), t(0.044715), t(0.5), t(1))
+            # tanh by NumPy's SIMD loop (Numba's tanhf is scalar), kept for backward as the reference keeps it
+            ctx.tanh = np.empty_like(xf)
+            gelu_tanh_argument(xf, ctx.tanh, t(math.sqrt(2 / math.pi)), t(0.044715))
+            np.tanh(ctx.tanh, out=ctx.tanh)
+            gelu_tanh_forward(xf, ctx.tanh, out, t(0.5), t(1))
         else:
             gelu_exact_forward(xf, out, t(1 / math.sqrt(2)), t(0.5))
         ctx.xf, ctx.approximate, ctx.shape = xf, approximate, x.shape
@@ -120,7 +129,7 @@ class NumbaGELU:
         dx = np.empty_like(xf)
         if ctx.approximate == "tanh":
             # dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)),  t = tanh(u)
-            gelu_tanh_backward(xf, _flat(dout), dx, t(math.sqrt(2 / math.pi)), t(0.044715), t(0.5), t(1), t(3))
+            gelu_tanh_backward(xf, ctx.tanh, _flat(dout), dx, t(math.sqrt(2 / math.pi)), t(0.044715), t(0.5), t(1), t(3))
         else:
             # dx = dout * (Phi(x) + x phi(x)),  phi(x) = exp(-x^2/2) / sqrt(2 pi)
             gelu_exact_backward(xf, _flat(dout), dx, t(1 / math.sqrt(2)), t(0.5), t(1 / math.sqrt(2 * math.pi)))
@@ -161,18 +170,6 @@ def _inputs(shape, dtype, seed=0, strided=False):
 VALIDATION_SHAPES = [(3, 7, 11), (1,), (129,), (2, 64)]
 
 
-@contextlib.contextmanager
-def every_form_served():
-    """Serve the tanh form too, so that validation and benchmarks run its kernel."""
-    global SERVED_FORMS
-    saved, SERVED_FORMS = SERVED_FORMS, ("none", "tanh")
-    try:
-        yield
-    finally:
-        SERVED_FORMS = saved
-
-
-@every_form_served()
 def validate():
     worst = 0.0
     for dtype in (np.float64, np.float32):
@@ -189,7 +186,6 @@ def validate():
     return worst
 
 
-@every_form_served()
 def benchmark(shapes=((12, 64, 512), (64, 256, 1536))):
     """Forward + backward, float32, the MLP hidden activations (B,T,4C) of the two model configs."""
     rows, torch = [], torch_or_none()
