@@ -57,3 +57,12 @@ def _register():
 if numba is not None:
     _register()
 
+
+# CuPy kernels for device "cuda" (kernels/cuda.py, issue 6): registered only where CuPy imports, so
+# CPU-only machines never need it.
+try:
+    from . import cuda as _cuda_kernels
+except ImportError:  # pragma: no cover - depends on the machine
+    _cuda_kernels = None
+if _cuda_kernels is not None:
+    _cuda_kernels.register()
