@@ -8,7 +8,8 @@ The recipe (DESIGN.md section 6): 6 layers, 6 heads, 384 wide, T=256, B=64, drop
 (characters), AdamW betas (0.9, 0.99), weight decay 0.1 on matrices, gradient clipping at 1.0, lr 1e-3
 with 100 warm-up steps and a cosine down to 1e-4 at 5000 iterations. The PyTorch model is written below
 with the same architecture and loaded with our initial weights; it uses F.scaled_dot_product_attention
-and torch.optim.AdamW's default (foreach) implementation, in float32, eager. Both step the same way:
+(with dropout_p on the attention probabilities in training, as ours and nanoGPT) and torch.optim.AdamW's
+default (foreach) implementation, in float32, eager. Both step the same way:
 batch to the GPU, forward, backward, clip, AdamW step; a step's time is taken after a device sync.
 TF32 matmuls are off unless --tf32 (then on for both).
 
@@ -124,7 +125,8 @@ def torch_gpt(cfg, state):
             Bx, T, C = x.shape
             q, k, v = [t.view(Bx, T, cfg.n_head, C // cfg.n_head).transpose(1, 2)
                        for t in self.attn.c_attn(self.ln_1(x)).split(C, dim=2)]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(Bx, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=cfg.dropout if self.training else 0.0)
+            y = y.transpose(1, 2).reshape(Bx, T, C)
             x = x + self.drop(self.attn.c_proj(y))
             return x + self.drop(self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh")))
 

@@ -125,6 +125,90 @@ def test_dropout_against_torch_with_the_same_mask(dtype):
     check_op([(3, 7)], lambda x: x * torch.tensor(keep) / (1 - p), lambda x: F.dropout(x, p, rng=np.random.default_rng(5)), dtype=dtype)
 
 
+# ---- attention dropout ---------------------------------------------------------------------------
+
+def _attention_inputs(seed, shape=(2, 3, 6, 4), dtype="float64"):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_dropout_fused_equals_composite_with_the_same_generator_seed(causal):
+    arrays = _attention_inputs(11)
+    dout = np.random.default_rng(12).standard_normal(arrays[0].shape)
+    results = []
+    for module in (F, C):
+        tensors = [Tensor(a, requires_grad=True) for a in arrays]
+        out = module.scaled_dot_product_attention(*tensors, causal=causal, dropout_p=0.3, rng=np.random.default_rng(5))
+        (out * Tensor(dout)).sum().backward()
+        results.append([out.numpy()] + [t.grad for t in tensors])
+    for fused, composite in zip(*results):
+        np.testing.assert_allclose(fused, composite, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_dropout_against_torch_with_the_same_mask(dtype):
+    """torch's own dropout_p draws from torch's generator; the oracle here is its math with our mask."""
+    p, shape = 0.25, (2, 2, 5, 4)
+    keep = np.random.default_rng(6).random(shape[:-1] + (shape[-2],), dtype=np.float32) >= p
+    def torch_fn(q, k, v):
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(shape[-1])
+        s = s.masked_fill(~torch.tensor(_end_aligned_causal(5, 5)), -math.inf)
+        return (torch.softmax(s, -1) * torch.tensor(keep) / (1 - p)) @ v
+    check_op([shape] * 3, torch_fn,
+             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=p, rng=np.random.default_rng(6)), dtype=dtype)
+
+
+def test_attention_dropout_p_zero_is_exactly_the_op_without_dropout():
+    arrays = _attention_inputs(13, dtype="float32")
+    results = []
+    for kwargs in ({}, {"dropout_p": 0.0}, {"dropout_p": 0.0, "rng": np.random.default_rng(0)}):
+        tensors = [Tensor(a, requires_grad=True) for a in arrays]
+        out = F.scaled_dot_product_attention(*tensors, **kwargs)
+        out.sum().backward()
+        results.append([out.numpy()] + [t.grad for t in tensors])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_attention_dropout_mask_statistics_and_errors():
+    from tinygrad_llm.tensor import Context
+    p, (q, k, v) = 0.2, _attention_inputs(14, shape=(4, 4, 64, 8))
+    ctx = Context((True, True, True, False))
+    out = F.ScaledDotProductAttention.forward(ctx, q, k, v, None, causal=True, scale=0.35, dropout_p=p,
+                                              rng=np.random.default_rng(0))
+    mask = ctx.drop
+    assert set(np.unique(mask)) == {0.0, 1 / (1 - p)}
+    assert abs((mask == 0).mean() - p) < 0.01          # 65536 draws: 4 standard deviations is 0.006
+    np.testing.assert_allclose(out, (ctx.p * mask) @ v, rtol=1e-12)
+    # inverted scaling: averaged over many masks, the output is the output without dropout
+    plain = F.scaled_dot_product_attention(Tensor(q[:1, :1]), Tensor(k[:1, :1]), Tensor(v[:1, :1])).numpy()
+    gen = np.random.default_rng(1)
+    mean = np.mean([F.scaled_dot_product_attention(Tensor(q[:1, :1]), Tensor(k[:1, :1]), Tensor(v[:1, :1]),
+                                                   dropout_p=p, rng=gen).numpy() for _ in range(2000)], axis=0)
+    np.testing.assert_allclose(mean, plain, atol=0.05)
+    # different generator states give different masks; p = 1 gives zeros
+    a = F.scaled_dot_product_attention(*map(Tensor, (q, k, v)), dropout_p=p, rng=np.random.default_rng(1)).numpy()
+    b = F.scaled_dot_product_attention(*map(Tensor, (q, k, v)), dropout_p=p, rng=np.random.default_rng(2)).numpy()
+    assert not np.array_equal(a, b)
+    assert not F.scaled_dot_product_attention(*map(Tensor, (q, k, v)), dropout_p=1.0, rng=np.random.default_rng(0)).numpy().any()
+    with pytest.raises(ValueError, match="rng"):
+        F.scaled_dot_product_attention(*map(Tensor, (q, k, v)), dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        F.scaled_dot_product_attention(*map(Tensor, (q, k, v)), dropout_p=1.5, rng=np.random.default_rng(0))
+
+
+def test_attention_dropout_on_the_numba_kernel_path_uses_the_reference():
+    """Shapes the Numba kernel serves (T*T >= 128*128) fall back to the reference when dropout_p > 0."""
+    arrays = _attention_inputs(15, shape=(1, 2, 128, 8), dtype="float32")
+    outs = []
+    for module in (F, C):
+        outs.append(module.scaled_dot_product_attention(*map(Tensor, arrays), dropout_p=0.2,
+                                                        rng=np.random.default_rng(3)).numpy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
 # ---- hypothesis: gradchecks over random shapes -----------------------------------------------
 
 seeds = st.integers(0, 2**16)

@@ -205,6 +205,111 @@ def test_gelu_kernel_equals_reference(approximate, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("shape, TK, causal", [((2, 3, 17, 8), 17, True), ((1, 2, 64, 32), 64, False),
+                                               ((2, 1, 5, 8), 11, True)], ids=str)
+def test_attention_dropout_kernel_equals_reference_with_the_same_mask(shape, TK, causal, dtype):
+    """The kernel's mask is the dropout hash of its seed (the first draw of the generator); handed to the
+    reference's context, forward and backward must agree to rounding."""
+    import cupy as cp
+    cuda, p = kernels(), 0.3
+    rng = np.random.default_rng(4)
+    q = cp.asarray(randn(rng, *shape, dtype=dtype))
+    k, v = (cp.asarray(randn(rng, *shape[:2], TK, shape[3], dtype=dtype)) for _ in range(2))
+    ctx_ker, ctx_ref = Context((True, True, True, False)), Context((True, True, True, False))
+    out_ker = cuda.CausalAttentionCuda.forward(ctx_ker, q, k, v, None, causal=causal, scale=0.4, dropout_p=p,
+                                               rng=np.random.default_rng(9))
+    seed = np.uint64(np.random.default_rng(9).integers(0, 2 ** 63))
+    mask = cuda._dropout_apply(cp.ones(shape[:3] + (TK,), dtype), seed, np.float32(p), dtype(1 / (1 - p)))
+    F.ScaledDotProductAttention.forward(ctx_ref, q, k, v, None, causal=causal, scale=0.4)
+    ctx_ref.drop = mask
+    out_ref = (ctx_ref.p * mask) @ v
+    assert rel_err(out_ker, out_ref) < TOL[dtype]
+    assert rel_err(ctx_ker.pd, ctx_ref.p * mask) < TOL[dtype]
+    dout = cp.asarray(randn(np.random.default_rng(5), *out_ref.shape, dtype=dtype))
+    for g_ker, g_ref in zip(cuda.CausalAttentionCuda.backward(ctx_ker, dout)[:3],
+                            F.ScaledDotProductAttention.backward(ctx_ref, dout)[:3]):
+        assert g_ker.dtype == g_ref.dtype and rel_err(g_ker, g_ref) < TOL[dtype]
+
+
+def test_attention_dropout_kernel_statistics_reproducibility_and_p_zero():
+    import cupy as cp
+    cuda, p = kernels(), 0.2
+    rng = np.random.default_rng(6)
+    q, k, v = (cp.asarray(randn(rng, 4, 4, 128, 16, dtype=np.float32)) for _ in range(3))
+    ctx = Context((True, True, True, False))
+    out = cuda.CausalAttentionCuda.forward(ctx, q, k, v, None, causal=False, scale=0.25, dropout_p=p,
+                                           rng=np.random.default_rng(0))
+    dropped = float((ctx.pd == 0).mean())   # softmax over all keys: no probability is exactly 0 otherwise
+    assert abs(dropped - p) < 0.005           # 262144 draws: 5 standard deviations is 0.004
+    kept = ctx.pd != 0
+    assert rel_err(ctx.pd[kept], ctx.p[kept] / (1 - p)) < 1e-6
+    # averaged over many masks, attention dropout leaves the output unchanged in expectation
+    plain = cuda.CausalAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25)
+    gen = np.random.default_rng(1)
+    mean = sum(cuda.CausalAttentionCuda.forward(Context((False,) * 4), q[:1, :1], k[:1, :1], v[:1, :1], None,
+                                                causal=False, scale=0.25, dropout_p=p, rng=gen) for _ in range(400)) / 400
+    assert float(abs(mean - plain[:1, :1]).max()) < 0.1
+    again = cuda.CausalAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25,
+                                             dropout_p=p, rng=np.random.default_rng(0))
+    assert bool((again == out).all())
+    zero = cuda.CausalAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25, dropout_p=0.0)
+    assert bool((zero == plain).all())
+    # the public op on cuda tensors goes through the kernel and draws one seed from rng
+    t = [Tensor(a) for a in (q, k, v)]
+    a = F.scaled_dot_product_attention(*t, dropout_p=p, rng=np.random.default_rng(3)).numpy()
+    b = F.scaled_dot_product_attention(*t, dropout_p=p, rng=np.random.default_rng(3)).numpy()
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_multi_tensor_adamw_and_clip_equal_references(dtype):
+    import cupy as cp
+    from tinygrad_llm.optim import adamw_update_group, clip_grads
+    cuda = kernels()
+    rng = np.random.default_rng(8)
+    shapes = [(33, 17), (5,), (1,), (64, 3, 2), (1000,)]
+    def arrays(positive=False):
+        return [np.abs(randn(rng, *s, dtype=dtype)) if positive else randn(rng, *s, dtype=dtype) for s in shapes]
+    p, g, m, v = arrays(), arrays(), arrays(), arrays(positive=True)
+    ref = [[cp.asarray(a) for a in group] for group in (p, g, m, v)]
+    ker = [[cp.asarray(a) for a in group] for group in (p, g, m, v)]
+    for step in (1, 2, 50):
+        adamw_update_group(*ref, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        cuda.adamw_update_group_cuda(*ker, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+    for group_ker, group_ref in zip(ker, ref):
+        for a, b in zip(group_ker, group_ref):
+            assert rel_err(a, b) < TOL[dtype]
+    for max_norm in (0.5, 1e6):   # clipped, and not (then every gradient is left bitwise as it was)
+        grads_cpu = [a.copy() for a in g]
+        grads_gpu = [cp.asarray(a) for a in g]
+        total_cpu = clip_grads(grads_cpu, max_norm)
+        total_gpu = cuda.clip_grads_cuda(grads_gpu, max_norm)
+        assert backend.is_cupy_array(total_gpu) and total_gpu.shape == ()
+        assert abs(float(total_gpu) - total_cpu) / total_cpu < TOL[dtype]
+        for a, b in zip(grads_gpu, grads_cpu):
+            assert rel_err(a, b) < TOL[dtype]
+        if max_norm > 1:
+            for a, b in zip(grads_gpu, g):
+                np.testing.assert_array_equal(a.get(), b)
+    assert backend.accelerated(clip_grads, grads_gpu[0]) is cuda.clip_grads_cuda
+    assert backend.accelerated(adamw_update_group, grads_gpu[0]) is cuda.adamw_update_group_cuda
+
+
+def test_clip_grad_norm_on_gpu_returns_a_device_scalar_without_syncing():
+    import math
+    import cupy as cp
+    params = [Tensor(cp.ones((3, 4), np.float32), requires_grad=True), Tensor(cp.ones(5, np.float32), requires_grad=True)]
+    for t in params:
+        t.grad = cp.full(t.shape, 2.0, np.float32)
+    norm = clip_grad_norm(params, 1.0)
+    assert backend.is_cupy_array(norm) and math.isfinite(norm)
+    assert abs(float(norm) - math.sqrt(17 * 4)) < 1e-5
+    assert abs(float(cp.sqrt(sum((t.grad ** 2).sum() for t in params))) - 1.0) < 1e-5
+    params[0].grad[0, 0] = cp.nan
+    assert not math.isfinite(clip_grad_norm(params, 1.0))   # train.py's check still sees a NaN
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 def test_adamw_kernel_equals_reference(dtype):
     import cupy as cp
     rng = np.random.default_rng(7)

@@ -54,7 +54,8 @@ class TorchAttention(tnn.Module):
         q, k, v = [t.view(B, T, NH, C // NH).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2)]
         if self.cfg.position == "rope":
             q, k = torch_rope(q, 0, self.cfg.rope_theta), torch_rope(k, 0, self.cfg.rope_theta)
-        y = tF.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # attention dropout as ours (the golden tests run with dropout 0, so they stay exact)
+        y = tF.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.cfg.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

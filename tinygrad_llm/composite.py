@@ -121,7 +121,7 @@ def dropout(x, p=0.5, training=True, rng=None):
     return x * _const(keep / (1 - p), x)
 
 
-def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None):
+def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0, rng=None):
     TQ, TK, HS = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1 / math.sqrt(HS) if scale is None else scale
     allowed = np.ones((TQ, TK), dtype=bool) if mask is None else _data(mask)
@@ -132,6 +132,9 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None):
     s = where(allowed, s, float(np.finfo(q.dtype).min))
     # a row with no allowed key comes out uniform here; the mask multiplies it to zeros
     p = softmax(s) * _const(allowed, q)
+    if dropout_p > 0:  # the same draw as functional.scaled_dot_product_attention: one float32 per probability
+        keep = rng.random(p.shape, dtype=np.float32) >= dropout_p
+        p = p * _const(keep * (0.0 if dropout_p == 1 else 1 / (1 - dropout_p)), q)
     return p @ v
 
 

@@ -502,7 +502,7 @@ class ScaledDotProductAttention(Function):
     """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS), mask (B,NH,TQ,TK) bool or None -> (B,NH,TQ,HS)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0):
+    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0, dropout_p=0.0, rng=None):
         xp = array_module(q)
         TQ, TK = q.shape[-2], k.shape[-2]
         allowed = mask
@@ -516,32 +516,46 @@ class ScaledDotProductAttention(Function):
         e = xp.exp(s - xp.where(xp.isfinite(m), m, 0))  # a row with no allowed key is all exp(-inf) = 0
         denom = e.sum(axis=-1, keepdims=True)
         p = e / xp.where(denom == 0, 1, denom)
+        ctx.drop = None
+        if dropout_p > 0:  # dropout on the probabilities: the mask is drawn once, here, and reused by backward
+            keep = xp.asarray(rng.random(p.shape, dtype=np.float32) >= dropout_p)
+            ctx.drop = keep.astype(p.dtype) * p.dtype.type(0 if dropout_p == 1 else 1 / (1 - dropout_p))
         ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale = q, k, v, p, scale
-        return p @ v
+        return (p if ctx.drop is None else p * ctx.drop) @ v
 
     # derivation: docs/backward/scaled_dot_product_attention.md
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
+        q, k, v, p, drop = ctx.q, ctx.k, ctx.v, ctx.p, ctx.drop
         scale = q.dtype.type(ctx.scale)
         need = ctx.needs_input_grad
-        # dv = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dq = scale dS K, dk = scale dS^T Q
-        dv = p.swapaxes(-1, -2) @ dout if need[2] else None
+        # Pd = P * M (M = keep/(1-p), or 1): dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)),
+        # dq = scale dS K, dk = scale dS^T Q
+        dv = (p if drop is None else p * drop).swapaxes(-1, -2) @ dout if need[2] else None
         dp = dout @ v.swapaxes(-1, -2)
+        if drop is not None:
+            dp = dp * drop
         ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
         dq = (ds @ k) * scale if need[0] else None
         dk = (ds.swapaxes(-1, -2) @ q) * scale if need[1] else None
         return dq, dk, dv, None
 
 
-def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None):
-    """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS) -> (B,NH,TQ,HS). softmax(q k^T * scale) v.
+def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0, rng=None):
+    """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS) -> (B,NH,TQ,HS). dropout(softmax(q k^T * scale)) v.
 
     mask: boolean, broadcastable to (B,NH,TQ,TK), True = may attend (torch's boolean attn_mask).
     causal: query i may attend keys up to TK - TQ + i (the query block is aligned to the END of the
     keys, as a KV cache needs; torch's is_causal when TQ == TK). A query with no allowed key outputs
     zeros and gets zero gradient (torch gives NaN). scale defaults to 1/sqrt(HS).
+    dropout_p: inverted dropout on the attention probabilities, as torch's (training only: pass 0 in
+    eval); its mask is drawn from rng (an np.random.Generator, required when dropout_p > 0).
     """
+    if not 0 <= dropout_p <= 1:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0 and not isinstance(rng, np.random.Generator):
+        raise ValueError("scaled_dot_product_attention: dropout_p > 0 needs rng, an np.random.Generator "
+                         "(e.g. np.random.default_rng(seed))")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require_float("scaled_dot_product_attention", name, t)
         if t.ndim < 2:
@@ -560,6 +574,9 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None):
             raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
                              f"{qs[:-1] + (ks[-2],)} (B, NH, TQ, TK)") from None
     scale = 1 / math.sqrt(qs[-1]) if scale is None else float(scale)
+    if dropout_p > 0:
+        return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale,
+                                               dropout_p=float(dropout_p), rng=rng)
     return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale)
 
 

@@ -151,6 +151,9 @@ def op_cases():
         ("attention (causal)", F.scaled_dot_product_attention, [r(2, 2, 4, 3), r(2, 2, 4, 3), r(2, 2, 4, 3)]),
         ("attention (causal+mask, TQ<TK)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=mask),
          [r(2, 2, 3, 4), r(2, 2, 5, 4), r(2, 2, 5, 4)]),
+        ("attention (causal, dropout_p)",   # a fresh generator each call: the same mask every evaluation
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, rng=np.random.default_rng(2)),
+         [r(2, 2, 4, 3), r(2, 2, 4, 3), r(2, 2, 4, 3)]),
         ("rope", lambda x: F.rope(x, np.arange(3, 7)), [r(1, 2, 4, 6)]),
         ("rope (interleaved)", lambda x: F.rope(x, np.arange(4), interleaved=True), [r(1, 2, 4, 6)]),
     ]

@@ -104,6 +104,7 @@ class CausalSelfAttention(Module):
         self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, dtype=dtype)
         # residual projections start smaller: the residual stream sums 2 L of them (GPT-2 paper)
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng, std=0.02 / math.sqrt(2 * L), dtype=dtype)
+        self.attn_dropout = config.dropout   # on the attention probabilities (nanoGPT's attn_dropout)
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x, rng=None, kv_cache=None, layer=0):
@@ -123,7 +124,8 @@ class CausalSelfAttention(Module):
             kv_cache.v[layer][:, :, start:start + T] = v.data
             k = Tensor(kv_cache.k[layer][:, :, :start + T])
             v = Tensor(kv_cache.v[layer][:, :, :start + T])
-        y = F.scaled_dot_product_attention(q, k, v, causal=True)       # (B, NH, T, HS)
+        y = F.scaled_dot_product_attention(q, k, v, causal=True, rng=rng,  # (B, NH, T, HS)
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y), rng)
 

@@ -138,6 +138,13 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     p -= (lr / bias_correction1) * (m / denom)
 
 
+def adamw_update_group(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
+    """adamw_update over lists of arrays sharing one step count (a parameter group); a GPU kernel does
+    them all in one launch (kernels/cuda.py), here each array goes to adamw_update (or its kernel)."""
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        backend.accelerated(adamw_update, p)(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+
+
 class AdamW(Optimizer):
     """torch.optim.AdamW: decoupled weight decay, bias-corrected moments (defaults as torch's).
 
@@ -153,6 +160,8 @@ class AdamW(Optimizer):
         """Update every parameter that has a gradient (those without one are skipped, as in torch)."""
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            by_step = {}   # step count -> [p], g, m, v lists: one group update each (normally one step count)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -161,9 +170,11 @@ class AdamW(Optimizer):
                 if state is None:
                     state = self.state[id(p)] = {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
                 state["step"] += 1
-                update = backend.accelerated(adamw_update, p.data)
-                update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2,
-                       group["eps"], group["weight_decay"], state["step"])
+                lists = by_step.setdefault(state["step"], ([], [], [], []))
+                for arrays, a in zip(lists, (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    arrays.append(a)
+            for step, (ps, gs, ms, vs) in by_step.items():
+                backend.accelerated(adamw_update_group, ps[0])(ps, gs, ms, vs, *hyper, step)
 
 
 class SGD(Optimizer):
@@ -209,6 +220,9 @@ def clip_grad_norm(params, max_norm):
     """Scale all gradients together so their global L2 norm is at most max_norm; returns the norm before.
 
     As torch.nn.utils.clip_grad_norm_: total = ||(||g_1||, ||g_2||, ...)||, every g *= min(1, max_norm/(total + 1e-6)).
+    On the CPU the norm is a Python float. On a GPU it is a 0-d device array and nothing waits for it
+    (the coefficient is computed and applied on the device, as torch does): float(norm) or
+    math.isfinite(norm) syncs when the caller needs the value.
     """
     grads = []
     seen = set()
@@ -218,11 +232,23 @@ def clip_grad_norm(params, max_norm):
             grads.append(p.grad)
     if not grads:
         return 0.0
+    return backend.accelerated(clip_grads, grads[0])(grads, max_norm)
+
+
+def clip_grads(grads, max_norm):
+    """clip_grad_norm's work on the arrays (a kernel may serve it): scales grads in place, returns the norm."""
     xp = backend.array_module(grads[0])
     norms = xp.stack([xp.linalg.norm(g.reshape(-1)) for g in grads])
-    total = float(xp.linalg.norm(norms))
-    clip_coef = max_norm / (total + 1e-6)
-    if clip_coef < 1:
-        for g in grads:
-            g *= g.dtype.type(clip_coef)
+    if xp is np:
+        total = float(xp.linalg.norm(norms))
+        clip_coef = max_norm / (total + 1e-6)
+        if clip_coef < 1:
+            for g in grads:
+                g *= g.dtype.type(clip_coef)
+        return total
+    # on a GPU: no host sync; the coefficient stays on the device and multiplies every g (by 1 when unclipped)
+    total = xp.linalg.norm(norms)
+    clip_coef = xp.minimum(max_norm / (total + 1e-6), 1.0)
+    for g in grads:
+        g *= clip_coef.astype(g.dtype)
     return total

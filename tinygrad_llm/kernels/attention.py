@@ -95,13 +95,14 @@ def _chunk(BH, TQ, TK, itemsize):
 
 
 class NumbaAttention:
-    """Kernel for ScaledDotProductAttention: no mask (causal or not), NumPy float32/float64, TQ*TK large enough."""
+    """Kernel for ScaledDotProductAttention: no mask (causal or not), no dropout, NumPy float32/float64, TQ*TK large enough."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0):
-        ctx.fallback = not _covered(q, k, v, mask, causal)
+    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0, dropout_p=0.0, rng=None):
+        ctx.fallback = dropout_p > 0 or not _covered(q, k, v, mask, causal)   # attention dropout: the reference
         if ctx.fallback:
-            return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale)
+            return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale,
+                                                     dropout_p=dropout_p, rng=rng)
         TQ, TK, HS, HV = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
         q3, k3, v3 = q.reshape(-1, TQ, HS), k.reshape(-1, TK, HS), v.reshape(-1, TK, HV)
         BH, dtype = q3.shape[0], q.dtype

@@ -3,7 +3,8 @@
     reference (functional.py / optim.py)   kernel here                what it fuses
     ScaledDotProductAttention              CausalAttentionCuda        cuBLAS batched Q K^T, P V, ... around one
                                                                       fused masked-softmax pass (forward) and one
-                                                                      dS = P (dP - rowsum(P dP)) scale pass (backward)
+                                                                      dS = P (dP - rowsum(P dP)) scale pass (backward);
+                                                                      attention dropout's mask hashed inside both passes
     LayerNorm                              LayerNormCuda              one warp a row: mean, rstd, normalise, affine;
                                                                       backward dx in one pass, dw/db from per-block sums
     CrossEntropy                           CrossEntropyCuda           one warp a row: max, log-sum-exp, nll; the mean is
@@ -13,6 +14,10 @@
                                                                       a seed taken from the caller's np.random.Generator;
                                                                       backward recomputes the mask (nothing saved)
     optim.adamw_update                     adamw_update_cuda          one elementwise pass over p, m, v
+    optim.adamw_update_group               adamw_update_group_cuda    the same over every parameter of a group in one
+                                                                      launch (a device table of pointers)
+    optim.clip_grads                       clip_grads_cuda            global norm and clip coefficient as device scalars
+                                                                      (no host sync), 2 multi-tensor launches
 
 Why cuBLAS + a fused softmax rather than a hand-written flash-attention kernel: in float32 cuBLAS
 reaches the GPU's FMA peak on the (T, HS) x (HS, T) products, and the one softmax pass is memory bound
@@ -29,12 +34,13 @@ is checked against its reference by tests/test_gpu.py. Importing this module nee
 only through the guarded block in kernels/__init__.py.
 """
 import math
+import os
 
 import cupy as cp
 import numpy as np
 
 from ..functional import GELU, CrossEntropy, Dropout, LayerNorm, ScaledDotProductAttention
-from ..optim import adamw_update
+from ..optim import adamw_update, adamw_update_group, clip_grads
 
 _SOURCE = r"""
 #define NEG_INF (-__longlong_as_double(0x7ff0000000000000LL))  // -inf without math.h (NVRTC)
@@ -55,17 +61,31 @@ __device__ __forceinline__ double warp_max(double x) {
     return x;
 }
 
+// Dropout's keep decision for element i under seed: splitmix64 of (seed, i), 24 bits to a uniform u in
+// [0, 1), keep when u >= p. The same hash as the tinygrad_llm_dropout ElementwiseKernel below, so that
+// kernel applied to ones gives the mask used here (tests/test_gpu.py relies on it).
+__device__ __forceinline__ bool dropout_keep(unsigned long long seed, long long i, float p) {
+    unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f) >= p;
+}
+
 // s: (rows, TK) raw scores q k^T, overwritten by P; lse: (rows,). Row r is query i = r % TQ, which
 // sees keys j < min(TK, i + offset + 1) (offset = TK - TQ when causal, TK when not). One warp a row.
+// With has_drop, pd (rows, TK) also gets P * M, M = keep(seed, r TK + j) / (1 - drop_p) (attention dropout).
 template<typename T>
-__global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, int TK, int offset, T scale) {
+__global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, int TK, int offset, T scale,
+                                          T* pd, unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
     long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (r >= rows) return;
     T* row = s + r * TK;
+    T* drow = pd + r * TK;
     int n = min(TK, (int)(r % TQ) + offset + 1);
     if (n <= 0) {  // a query with no allowed key: zeros (as the reference)
-        for (int j = lane; j < TK; j += 32) row[j] = 0;
+        for (int j = lane; j < TK; j += 32) { row[j] = 0; if (has_drop) drow[j] = 0; }
         if (lane == 0) lse[r] = NEG_INF;
         return;
     }
@@ -75,23 +95,106 @@ __global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, 
     T total = 0;
     for (int j = lane; j < n; j += 32) { T e = exp(row[j] * scale - m); row[j] = e; total += e; }
     total = warp_sum(total);
-    for (int j = lane; j < n; j += 32) row[j] = row[j] / total;
-    for (int j = n + lane; j < TK; j += 32) row[j] = 0;
+    for (int j = lane; j < n; j += 32) {
+        T pj = row[j] / total;
+        row[j] = pj;
+        if (has_drop) drow[j] = dropout_keep(seed, r * TK + j, drop_p) ? pj * drop_scale : (T)0;
+    }
+    for (int j = n + lane; j < TK; j += 32) { row[j] = 0; if (has_drop) drow[j] = 0; }
     if (lane == 0) lse[r] = m + log(total);
 }
 
-// p: probabilities (rows, TK); dp: dO V^T, overwritten by dS * scale = P (dP - rowsum(P dP)) scale.
+// p: probabilities (rows, TK); dp: dO V^T (= dPd), overwritten by dS * scale = P (dP - rowsum(P dP)) scale,
+// where dP = dPd * M with has_drop (the forward's mask, recomputed from its seed), else dPd.
 template<typename T>
-__global__ void attention_softmax_backward(const T* p, T* dp, long long rows, int TK, T scale) {
+__global__ void attention_softmax_backward(const T* p, T* dp, long long rows, int TK, T scale,
+                                           unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
     long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (r >= rows) return;
     const T* prow = p + r * TK;
     T* drow = dp + r * TK;
     T dot = 0;
-    for (int j = lane; j < TK; j += 32) dot += prow[j] * drow[j];
+    for (int j = lane; j < TK; j += 32) {
+        T d = drow[j];
+        if (has_drop) { d = dropout_keep(seed, r * TK + j, drop_p) ? d * drop_scale : (T)0; drow[j] = d; }
+        dot += prow[j] * d;
+    }
     dot = warp_sum(dot);
     for (int j = lane; j < TK; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;
+}
+
+// Multi-tensor kernels (one launch for a whole parameter group). ptrs: n device pointers per operand,
+// operand-major (ptrs[a * n + t]); offsets: (n + 1,) running element counts. Each thread finds its
+// tensor by binary search over the offsets (held in shared memory).
+__device__ __forceinline__ int find_tensor(const long long* off, int n, long long i) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) { int mid = (lo + hi + 1) >> 1; if (off[mid] <= i) lo = mid; else hi = mid - 1; }
+    return lo;
+}
+
+// partial[block] = sum of g^2 over the block's elements of every tensor (accumulated in double).
+template<typename T>
+__global__ void multi_sum_squares(const unsigned long long* ptrs, const long long* offsets, int n, double* partial) {
+    extern __shared__ long long off_s[];
+    for (int t = threadIdx.x; t <= n; t += blockDim.x) off_s[t] = offsets[t];
+    __syncthreads();
+    long long total = off_s[n];
+    double acc = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        int t = find_tensor(off_s, n, i);
+        T g = reinterpret_cast<const T*>(ptrs[t])[i - off_s[t]];
+        acc += (double)g * (double)g;
+    }
+    acc = warp_sum(acc);
+    __shared__ double warp_part[32];
+    if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        double x = threadIdx.x < (blockDim.x >> 5) ? warp_part[threadIdx.x] : 0;
+        x = warp_sum(x);
+        if (threadIdx.x == 0) partial[blockIdx.x] = x;
+    }
+}
+
+// g *= coef[0] for every tensor (coef a device scalar: the host never reads it).
+template<typename T>
+__global__ void multi_scale(const unsigned long long* ptrs, const long long* offsets, int n, const T* coef) {
+    extern __shared__ long long off_s[];
+    for (int t = threadIdx.x; t <= n; t += blockDim.x) off_s[t] = offsets[t];
+    __syncthreads();
+    long long total = off_s[n];
+    T c = coef[0];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        int t = find_tensor(off_s, n, i);
+        reinterpret_cast<T*>(ptrs[t])[i - off_s[t]] *= c;
+    }
+}
+
+// optim.adamw_update over every tensor of a group (operands p, g, m, v), the same formulas in the same order.
+template<typename T>
+__global__ void multi_adamw(const unsigned long long* ptrs, const long long* offsets, int n, T decay, T one_minus_beta1,
+                            T beta2, T one_minus_beta2, T sqrt_bias_correction2, T eps, T step_size) {
+    extern __shared__ long long off_s[];
+    for (int t = threadIdx.x; t <= n; t += blockDim.x) off_s[t] = offsets[t];
+    __syncthreads();
+    long long total = off_s[n];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        int t = find_tensor(off_s, n, i);
+        long long e = i - off_s[t];
+        T* p = reinterpret_cast<T*>(ptrs[t]) + e;
+        T g = reinterpret_cast<const T*>(ptrs[n + t])[e];
+        T* m = reinterpret_cast<T*>(ptrs[2 * n + t]) + e;
+        T* v = reinterpret_cast<T*>(ptrs[3 * n + t]) + e;
+        T pv = *p * decay;
+        T mv = *m + one_minus_beta1 * (g - *m);
+        T vv = *v * beta2;
+        vv = vv + one_minus_beta2 * g * g;
+        T denom = sqrt(vv) / sqrt_bias_correction2 + eps;
+        *p = pv - step_size * (mv / denom);
+        *m = mv;
+        *v = vv;
+    }
 }
 
 // x: (N, C) -> out (N, C), mean (N,), rstd (N,). w, b may be absent (has_w, has_b = 0). One warp a row.
@@ -197,7 +300,8 @@ def _kernel(name, dtype):
     if _module is None:
         _module = cp.RawModule(code=_SOURCE, options=("-std=c++17",), name_expressions=[
             f"{kernel}<{ctype}>" for kernel in ("attention_softmax_forward", "attention_softmax_backward",
-                                                "layer_norm_forward", "layer_norm_backward", "cross_entropy_forward")
+                                                "layer_norm_forward", "layer_norm_backward", "cross_entropy_forward",
+                                                "multi_sum_squares", "multi_scale", "multi_adamw")
             for ctype in _CTYPES.values()])
     return _module.get_function(f"{name}<{_CTYPES[np.dtype(dtype)]}>")
 
@@ -220,23 +324,35 @@ class CausalAttentionCuda:
     """ScaledDotProductAttention with causal or no mask: cuBLAS products around fused softmax passes.
 
     An explicit boolean mask takes the reference path (it is rare: the model never passes one).
+    Attention dropout (dropout_p > 0): the softmax pass also writes Pd = P * M, M drawn on the GPU by a
+    counter-based hash from one 63-bit seed of the caller's generator (as DropoutCuda); backward
+    recomputes M from the seed inside its softmax pass (P and Pd are kept, M is not).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0):
-        ctx.reference = mask is not None or not _served(q, k, v)
+    def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0, dropout_p=0.0, rng=None):
+        ctx.reference = mask is not None or not _served(q, k, v) or dropout_p == 1
         if ctx.reference:
-            return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale)
+            return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale,
+                                                     dropout_p=dropout_p, rng=rng)
         TQ, TK = q.shape[-2], k.shape[-2]
         s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
         rows = s.size // TK
         lse = cp.empty(s.shape[:-1], dtype=s.dtype)
         offset = TK - TQ if causal else TK
+        T = s.dtype.type
+        ctx.seed, ctx.drop_p, ctx.drop_scale = np.uint64(0), np.float32(dropout_p), T(1 / (1 - dropout_p))
+        ctx.has_drop = np.int32(dropout_p > 0)
+        pd = s
+        if dropout_p > 0:
+            ctx.seed = np.uint64(rng.integers(0, 2 ** 63))
+            pd = cp.empty_like(s)
         grid, block = _warp_rows_launch(rows)
         _kernel("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
-                                                                    np.int32(offset), s.dtype.type(scale)))
-        ctx.q, ctx.k, ctx.v, ctx.p, ctx.scale = q, k, v, s, scale
-        return cp.matmul(s, v)
+                                                                    np.int32(offset), T(scale), pd, ctx.seed,
+                                                                    ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+        ctx.q, ctx.k, ctx.v, ctx.p, ctx.pd, ctx.scale = q, k, v, s, pd, scale
+        return cp.matmul(pd, v)
 
     @staticmethod
     def backward(ctx, dout):
@@ -244,14 +360,15 @@ class CausalAttentionCuda:
             return ScaledDotProductAttention.backward(ctx, dout)
         q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
         need = ctx.needs_input_grad
-        # dv = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
-        dv = cp.matmul(p.swapaxes(-1, -2), dout) if need[2] else None
+        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
+        dv = cp.matmul(ctx.pd.swapaxes(-1, -2), dout) if need[2] else None
         ds = cp.matmul(dout, v.swapaxes(-1, -2))
         TK = ds.shape[-1]
         rows = ds.size // TK
         grid, block = _warp_rows_launch(rows)
         _kernel("attention_softmax_backward", ds.dtype)(grid, block, (p, ds, np.int64(rows), np.int32(TK),
-                                                                      ds.dtype.type(ctx.scale)))
+                                                                      ds.dtype.type(ctx.scale), ctx.seed, ctx.drop_p,
+                                                                      ctx.drop_scale, ctx.has_drop))
         dq = cp.matmul(ds, k) if need[0] else None
         dk = cp.matmul(ds.swapaxes(-1, -2), q) if need[1] else None
         return dq, dk, dv, None
@@ -470,8 +587,86 @@ def adamw_update_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
            T(lr / (1 - beta1 ** step)), p, m, v)
 
 
+# ---- multi-tensor: a whole parameter group in one launch -------------------------------------------
+# A launch per parameter costs the host ~10-20 us of CuPy call overhead; the 6x384 model has 76
+# parameters, and clipping + AdamW took ~4 launches each. These kernels take a device table of the
+# arrays' pointers instead (rebuilt only when a pointer changes) and walk all elements at once.
+# MULTI_TENSOR = False (or TINYGRAD_LLM_MULTI_TENSOR=0) goes back to one launch per array.
+
+MULTI_TENSOR = os.environ.get("TINYGRAD_LLM_MULTI_TENSOR", "1") != "0"
+_MT_BLOCK = 512
+_tables = {}   # key (pointers and sizes) -> (ptrs, offsets) on the device; a few kept (groups, clipping)
+
+
+def _multi_served(*lists):
+    """One float dtype, C-contiguous arrays, all on the current device: the multi-tensor kernels apply."""
+    first = lists[0][0]
+    return (MULTI_TENSOR and np.dtype(first.dtype) in _CTYPES and len(lists[0]) < 4096
+            and all(a.dtype == first.dtype and a.flags.c_contiguous for arrays in lists for a in arrays))
+
+
+def _table(*lists):
+    """Device arrays (ptrs (len(lists) * n,) uint64, offsets (n + 1,) int64) for these operand lists.
+
+    Cached by the pointers themselves: CuPy's pool hands the gradients the same blocks step after step,
+    so the steady state copies nothing to the device."""
+    key = (len(lists),) + tuple(a.data.ptr for arrays in lists for a in arrays) + tuple(a.size for a in lists[0])
+    cached = _tables.get(key)
+    if cached is not None:
+        return cached
+    if len(_tables) >= 16:
+        _tables.clear()
+    n = len(lists[0])
+    ptrs = cp.asarray(np.array(key[1:1 + len(lists) * n], dtype=np.uint64))
+    offsets = cp.asarray(np.concatenate([[0], np.cumsum([a.size for a in lists[0]])]).astype(np.int64))
+    _tables[key] = (ptrs, offsets)
+    return ptrs, offsets
+
+
+def _multi_launch(name, dtype, total, n, args, max_blocks=None):
+    blocks = max(1, min(-(-total // _MT_BLOCK), max_blocks or 132 * 16))
+    _kernel(name, dtype)((blocks,), (_MT_BLOCK,), args, shared_mem=(n + 1) * 8)
+    return blocks
+
+
+def adamw_update_group_cuda(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
+    """optim.adamw_update_group: every (p, g, m, v) of a group in one kernel launch, in place."""
+    if not ps:
+        return
+    if not _multi_served(ps, gs, ms, vs):
+        return adamw_update_group(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step)
+    T = ps[0].dtype.type
+    ptrs, offsets = _table(ps, gs, ms, vs)
+    total = sum(p.size for p in ps)
+    _multi_launch("multi_adamw", ps[0].dtype, total, len(ps),
+                  (ptrs, offsets, np.int32(len(ps)), T(1 - lr * weight_decay), T(1 - beta1), T(beta2), T(1 - beta2),
+                   T(math.sqrt(1 - beta2 ** step)), T(eps), T(lr / (1 - beta1 ** step))))
+
+
+_clip_coef = cp.ElementwiseKernel(
+    "float64 sum_sq, float64 max_norm", "T total, T coef",
+    "double t = sqrt(sum_sq); total = (T)t; coef = (T)fmin(max_norm / (t + 1e-6), 1.0);",
+    "tinygrad_llm_clip_coef")
+
+
+def clip_grads_cuda(grads, max_norm):
+    """optim.clip_grads without a host sync: the norm and min(1, max_norm / (norm + 1e-6)) stay on the
+    device (sum of squares accumulated in float64), every g is scaled by it (by 1 when under max_norm)."""
+    if not _multi_served(grads):
+        return clip_grads(grads, max_norm)
+    dtype, n = grads[0].dtype, len(grads)
+    ptrs, offsets = _table(grads)
+    total = sum(g.size for g in grads)
+    partial = cp.empty(max(1, min(-(-total // _MT_BLOCK), 132 * 4)), dtype=np.float64)
+    _multi_launch("multi_sum_squares", dtype, total, n, (ptrs, offsets, np.int32(n), partial), max_blocks=partial.size)
+    norm, coef = _clip_coef(partial.sum(), np.float64(max_norm), cp.empty((), dtype), cp.empty((), dtype))
+    _multi_launch("multi_scale", dtype, total, n, (ptrs, offsets, np.int32(n), coef))
+    return norm
+
+
 KERNELS = {ScaledDotProductAttention: CausalAttentionCuda, LayerNorm: LayerNormCuda, CrossEntropy: CrossEntropyCuda,
-           GELU: GELUCuda, Dropout: DropoutCuda, adamw_update: adamw_update_cuda}
+           GELU: GELUCuda, Dropout: DropoutCuda, adamw_update: adamw_update_cuda,
+           adamw_update_group: adamw_update_group_cuda, clip_grads: clip_grads_cuda}
 
 
 def register():
