@@ -101,6 +101,18 @@ def _is_basic_index(index):
     return all(p is None or p is Ellipsis or isinstance(p, (slice, int, np.integer)) for p in parts)
 
 
+def sum_rows(a):
+    """(N, C) -> (C,): the column sums, as bias and norm-weight gradients need.
+
+    On CuPy a product with a vector of ones: its axis-0 reduction took 393 us for (16384, 1152) float32
+    on an H200, the cuBLAS product 28 us. With TF32 switched on (set_tf32) the product rounds like every
+    other float32 matmul in that mode.
+    """
+    if is_cupy_array(a):
+        return cupy_module().ones(a.shape[0], dtype=a.dtype) @ a
+    return a.sum(axis=0)
+
+
 def add_at(xp, target, index, values):
     """target[index] += values, with repeated indices accumulating (np.add.at / cupy.add.at)."""
     if xp is np:

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .backend import add_at, array_module
+from .backend import add_at, array_module, sum_rows
 from .tensor import Function, Tensor, unbroadcast
 
 
@@ -43,7 +43,7 @@ def _require_int(op, name, x):
 
 def _sum_to_last(a):
     """(..., C) -> (C,): the sum over every leading axis (a parameter's gradient)."""
-    return a.reshape(-1, a.shape[-1]).sum(axis=0)
+    return sum_rows(a.reshape(-1, a.shape[-1]))
 
 
 # ---- linear --------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ class Linear(Function):
         # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
         dx = (dout2 @ w.T).reshape(x.shape) if need[0] else None
         dw = (x.reshape(-1, x.shape[-1]).T @ dout2) if need[1] else None
-        db = dout2.sum(axis=0) if ctx.has_b and need[2] else None
+        db = sum_rows(dout2) if ctx.has_b and need[2] else None
         return dx, dw, db
 
 

@@ -11,6 +11,7 @@ The primitive ops below each carry a one-line derivative in the code's own symbo
 model live in functional.py; their derivations in docs/backward/.
 """
 import contextlib
+import math
 
 import numpy as np
 
@@ -341,6 +342,8 @@ def unbroadcast(grad, shape):
     if grad.shape == tuple(shape):
         return grad
     extra = grad.ndim - len(shape)
+    if extra and grad.shape[extra:] == tuple(shape):  # only leading axes were added: one column sum
+        return backend.sum_rows(grad.reshape(-1, math.prod(shape))).reshape(shape)
     axes = tuple(range(extra)) + tuple(i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1)
     return grad.sum(axis=axes, keepdims=True).reshape(shape)
 
