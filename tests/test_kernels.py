@@ -15,7 +15,7 @@ pytest.importorskip("numba")
 
 from tinygrad_llm import backend, functional as F, optim  # noqa: E402
 from tinygrad_llm.kernels import KERNEL_MODULES  # noqa: E402
-from tinygrad_llm.kernels.attention import NumbaAttention, every_size_served  # noqa: E402
+from tinygrad_llm.kernels.attention import NumbaAttention, every_size_served, row_blocks_of  # noqa: E402
 from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference  # noqa: E402
 from tinygrad_llm.kernels.cross_entropy import NumbaCrossEntropy  # noqa: E402
 from tinygrad_llm.kernels.layer_norm import NumbaLayerNorm, NumbaRMSNorm  # noqa: E402
@@ -34,9 +34,11 @@ def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "1")
     assert backend.accelerated(F.LayerNorm, x) is NumbaLayerNorm
     assert backend.accelerated(F.ScaledDotProductAttention, x) is NumbaAttention
+    assert backend.accelerated(F.CrossEntropy, x) is NumbaCrossEntropy
     assert backend.accelerated(optim.adamw_update, x) is not optim.adamw_update
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
     assert backend.accelerated(F.LayerNorm, x) is F.LayerNorm
+    assert backend.accelerated(F.CrossEntropy, x) is F.CrossEntropy
     assert backend.accelerated(optim.adamw_update, x) is optim.adamw_update
 
 
@@ -53,6 +55,19 @@ def test_attention_equals_reference_on_random_shapes(B, NH, T, HS, causal, dtype
     with every_size_served():  # small heads normally go to the reference
         err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None),
                                      dict(causal=causal, scale=HS ** -0.5), needs=(True, True, True, False), seed=seed)
+    assert err <= TOLERANCE[np.dtype(dtype)]
+
+
+@given(B=st.integers(1, 2), NH=st.integers(1, 2), TQ=st.integers(1, 40), extra_keys=st.integers(0, 5),
+       HS=st.integers(1, 9), rows=st.integers(1, 12), dtype=dtypes, seed=st.integers(0, 2**16))
+def test_causal_attention_row_blocks_equal_reference(B, NH, TQ, extra_keys, HS, rows, dtype, seed):
+    """Causal row blocks of any size, dividing TQ or not, with TK >= TQ (query block aligned to the keys' end)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, NH, TQ, HS)).astype(dtype) * 2
+    k, v = (rng.standard_normal((B, NH, TQ + extra_keys, HS)).astype(dtype) * 2 for _ in range(2))
+    with every_size_served(), row_blocks_of(rows):
+        err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None),
+                                     dict(causal=True, scale=HS ** -0.5), needs=(True, True, True, False), seed=seed)
     assert err <= TOLERANCE[np.dtype(dtype)]
 
 
