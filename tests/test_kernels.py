@@ -16,11 +16,11 @@ pytest.importorskip("numba")
 from tinygrad_llm import backend, functional as F, optim  # noqa: E402
 from tinygrad_llm.kernels import KERNEL_MODULES  # noqa: E402
 from tinygrad_llm.kernels.attention import NumbaAttention, every_size_served, row_blocks_of  # noqa: E402
-from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference  # noqa: E402
+from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference, relative_error  # noqa: E402
 from tinygrad_llm.kernels.cross_entropy import NumbaCrossEntropy  # noqa: E402
 from tinygrad_llm.kernels.layer_norm import NumbaLayerNorm, NumbaRMSNorm  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
-from tinygrad_llm.tensor import Tensor  # noqa: E402
+from tinygrad_llm.tensor import Context, Tensor  # noqa: E402
 
 
 @pytest.mark.parametrize("name", KERNEL_MODULES)
@@ -47,15 +47,37 @@ def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
 dtypes = st.sampled_from([np.float64, np.float32])
 
 
+def _forward_backward_results(impl, arrays, attrs, seed):
+    """impl's output and gradients of q, k, v for the dout compare_with_reference draws."""
+    ctx = Context((True, True, True, False))
+    out = impl.forward(ctx, *arrays, None, **attrs)
+    dout = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(out.dtype)
+    return [out, *impl.backward(ctx, dout)[:3]]
+
+
+def assert_attention_kernel_matches(q, k, v, attrs, seed):
+    """float64: kernel == reference to 1e-10. float32: the kernel is no further from the float64 answer
+    than the float32 reference is (twice its error, plus the usual tolerance): when a softmax row saturates,
+    dS = P (dP - rowsum(dP P)) cancels and any float32 evaluation order is off by ~1e-3 relative."""
+    if q.dtype == np.float64:
+        err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None), attrs,
+                                     needs=(True, True, True, False), seed=seed)
+        assert err <= TOLERANCE[np.dtype(np.float64)]
+        return
+    truth = _forward_backward_results(F.ScaledDotProductAttention, [a.astype(np.float64) for a in (q, k, v)], attrs, seed)
+    reference = _forward_backward_results(F.ScaledDotProductAttention, [q, k, v], attrs, seed)
+    kernel = _forward_backward_results(NumbaAttention, [q, k, v], attrs, seed)
+    for i, (t, r, g) in enumerate(zip(truth, reference, kernel)):
+        assert relative_error(g, t) <= 2 * relative_error(r, t) + TOLERANCE[np.dtype(np.float32)], f"result {i}"
+
+
 @given(B=st.integers(1, 3), NH=st.integers(1, 3), T=st.integers(1, 40), HS=st.integers(1, 17),
        causal=st.booleans(), dtype=dtypes, seed=st.integers(0, 2**16))
 def test_attention_equals_reference_on_random_shapes(B, NH, T, HS, causal, dtype, seed):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal((B, NH, T, HS)).astype(dtype) * 2 for _ in range(3))
     with every_size_served():  # small heads normally go to the reference
-        err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None),
-                                     dict(causal=causal, scale=HS ** -0.5), needs=(True, True, True, False), seed=seed)
-    assert err <= TOLERANCE[np.dtype(dtype)]
+        assert_attention_kernel_matches(q, k, v, dict(causal=causal, scale=HS ** -0.5), seed)
 
 
 @given(B=st.integers(1, 2), NH=st.integers(1, 2), TQ=st.integers(1, 40), extra_keys=st.integers(0, 5),
@@ -66,9 +88,7 @@ def test_causal_attention_row_blocks_equal_reference(B, NH, TQ, extra_keys, HS, 
     q = rng.standard_normal((B, NH, TQ, HS)).astype(dtype) * 2
     k, v = (rng.standard_normal((B, NH, TQ + extra_keys, HS)).astype(dtype) * 2 for _ in range(2))
     with every_size_served(), row_blocks_of(rows):
-        err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None),
-                                     dict(causal=True, scale=HS ** -0.5), needs=(True, True, True, False), seed=seed)
-    assert err <= TOLERANCE[np.dtype(dtype)]
+        assert_attention_kernel_matches(q, k, v, dict(causal=True, scale=HS ** -0.5), seed)
 
 
 @given(rows=st.integers(1, 50), C=st.integers(2, 70), dtype=dtypes, seed=st.integers(0, 2**16))
