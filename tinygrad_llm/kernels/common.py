@@ -8,22 +8,8 @@ call after warm-up (the machine is shared: medians and ratios in one process, ne
 import time
 
 import numpy as np
-from numba import njit
 
 from ..tensor import Context
-
-
-@njit(error_model="numpy", cache=True)
-def row_max(row, n):
-    """max(row[:n]) in four interleaved chains, so the loop is not one long dependency (n >= 1)."""
-    m0, m1, m2, m3 = row[0], row[0], row[0], row[0]
-    j = 0
-    while j + 4 <= n:
-        m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
-        j += 4
-    for jj in range(j, n):
-        m0 = max(m0, row[jj])
-    return max(max(m0, m1), max(m2, m3))
 
 # float64 must agree to rounding; float32 kernels may order their sums differently from NumPy's pairwise ones.
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 2e-4}
