@@ -16,7 +16,7 @@ pytest.importorskip("numba")
 from tinygrad_llm import backend, functional as F, optim  # noqa: E402
 from tinygrad_llm.kernels import KERNEL_MODULES  # noqa: E402
 from tinygrad_llm.kernels.attention import NumbaAttention, every_size_served, row_blocks_of  # noqa: E402
-from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference, relative_error  # noqa: E402
+from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference  # noqa: E402
 from tinygrad_llm.kernels.cross_entropy import NumbaCrossEntropy  # noqa: E402
 from tinygrad_llm.kernels.layer_norm import NumbaLayerNorm, NumbaRMSNorm  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
@@ -48,27 +48,28 @@ dtypes = st.sampled_from([np.float64, np.float32])
 
 
 def _forward_backward_results(impl, arrays, attrs, seed):
-    """impl's output and gradients of q, k, v for the dout compare_with_reference draws."""
+    """impl's output and gradients of q, k, v for the dout compare_with_reference draws, and that dout."""
     ctx = Context((True, True, True, False))
     out = impl.forward(ctx, *arrays, None, **attrs)
     dout = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(out.dtype)
-    return [out, *impl.backward(ctx, dout)[:3]]
+    return [out, *impl.backward(ctx, dout)[:3]], dout
 
 
 def assert_attention_kernel_matches(q, k, v, attrs, seed):
-    """float64: kernel == reference to 1e-10. float32: the kernel is no further from the float64 answer
-    than the float32 reference is (twice its error, plus the usual tolerance): when a softmax row saturates,
-    dS = P (dP - rowsum(dP P)) cancels and any float32 evaluation order is off by ~1e-3 relative."""
+    """float64: kernel == reference to 1e-10 relative. float32: kernel within float32 rounding of the float64
+    answer, measured on the scale of the terms that make it up (max|q,k,v|^2 max|dout|): when a softmax row
+    saturates, dS = P (dP - rowsum(dP P)) cancels O(1) terms into a ~1e-7 gradient, and any float32 evaluation
+    order is then off by ~1e-8 absolute, which is a large relative error (hypothesis found TQ=1, HS=1 cases)."""
     if q.dtype == np.float64:
         err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None), attrs,
                                      needs=(True, True, True, False), seed=seed)
         assert err <= TOLERANCE[np.dtype(np.float64)]
         return
-    truth = _forward_backward_results(F.ScaledDotProductAttention, [a.astype(np.float64) for a in (q, k, v)], attrs, seed)
-    reference = _forward_backward_results(F.ScaledDotProductAttention, [q, k, v], attrs, seed)
-    kernel = _forward_backward_results(NumbaAttention, [q, k, v], attrs, seed)
-    for i, (t, r, g) in enumerate(zip(truth, reference, kernel)):
-        assert relative_error(g, t) <= 2 * relative_error(r, t) + TOLERANCE[np.dtype(np.float32)], f"result {i}"
+    truth, dout = _forward_backward_results(F.ScaledDotProductAttention, [a.astype(np.float64) for a in (q, k, v)], attrs, seed)
+    kernel, _ = _forward_backward_results(NumbaAttention, [q, k, v], attrs, seed)
+    terms = max(float(np.abs(a).max()) for a in (q, k, v)) ** 2 * float(np.abs(dout).max())
+    for i, (t, g) in enumerate(zip(truth, kernel)):
+        assert float(np.abs(g - t).max()) <= 1e-5 * terms, f"result {i}"
 
 
 @given(B=st.integers(1, 3), NH=st.integers(1, 3), T=st.integers(1, 40), HS=st.integers(1, 17),

@@ -76,6 +76,7 @@ def max_shift_rows(s, r0, r1, kend, first, m):
             row = s[c, i]
             n = min(kend, i + first)
             m0, m1, m2, m3 = row[0], row[0], row[0], row[0]  # four chains: the max is not one long dependency
+            # (kept in this file: Numba's disk cache does not notice edits to jitted functions in other files)
             j = 0
             while j + 4 <= n:
                 m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])

@@ -32,6 +32,7 @@ def shift_rows(x, targets, ignore_index, e, target_shifted):
     for r in range(N):
         row, out = x[r], e[r]
         m0, m1, m2, m3 = row[0], row[0], row[0], row[0]  # four chains: the max is not one long dependency
+        # (kept in this file: Numba's disk cache does not notice edits to jitted functions in other files)
         j = 0
         while j + 4 <= V:
             m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
