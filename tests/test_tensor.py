@@ -234,3 +234,32 @@ def test_dtypes_are_kept():
 @pytest.mark.skip(reason="mixed devices need a GPU; on CPU every tensor is on the same device")
 def test_mixed_devices_raise():
     pass
+
+
+# ---- regressions found in review -------------------------------------------------------------------
+
+def test_python_scalars_keep_integer_and_bool_tensors_honest():
+    ints = Tensor(np.array([1, 2, 3]))
+    np.testing.assert_array_equal((ints * 0.5).numpy(), [0.5, 1.0, 1.5])
+    np.testing.assert_array_equal((Tensor(np.array([0, 1])) < 0.5).numpy(), [True, False])
+    x32 = Tensor(np.ones(3, dtype=np.float32))
+    assert (x32 * 0.5).dtype == np.float32  # a float tensor still sets a Python scalar's dtype
+
+
+def test_a_failed_backward_leaves_every_grad_as_it_was():
+    w = Tensor(np.ones(3), requires_grad=True)
+    h = w * 2.0
+    h.sum().backward()  # frees h's graph
+    before = w.grad.copy()
+    with pytest.raises(RuntimeError, match="second time"):
+        (w.sum() + (h * 1.0).sum()).backward()
+    np.testing.assert_array_equal(w.grad, before)
+
+
+def test_max_backward_keeps_float32():
+    x = Tensor(np.array([[1.0, 3.0, 3.0]], dtype=np.float32), requires_grad=True)
+    out = x.max(axis=1)
+    ctx_grad = out._ctx.backward_fn(out._ctx, np.ones(1, dtype=np.float32))
+    assert ctx_grad.dtype == np.float32
+    out.sum().backward()
+    np.testing.assert_array_equal(x.grad, [[0.0, 0.5, 0.5]])

@@ -115,10 +115,8 @@ def sum_rows(a):
 
 def add_at(xp, target, index, values):
     """target[index] += values, with repeated indices accumulating (np.add.at / cupy.add.at)."""
-    if xp is np:
-        np.add.at(target, index, values)
-    elif _is_basic_index(index):
-        target[index] += values  # a view: one elementwise pass instead of atomic adds
+    if _is_basic_index(index):
+        target[index] += values  # a view: one elementwise pass instead of a scatter
     else:
         xp.add.at(target, index, values)
 

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from .backend import add_at, array_module, sum_rows
-from .tensor import Function, Tensor, unbroadcast
+from .tensor import Function, Tensor, matmul, unbroadcast
 
 
 def _data(x, like=None):
@@ -54,8 +54,7 @@ class Linear(Function):
     @staticmethod
     def forward(ctx, x, w, b=None):
         ctx.x, ctx.w, ctx.has_b = x, w, b is not None
-        # one 2-D GEMM: numpy runs (B,T,IN) @ (IN,OUT) as a slow broadcast loop, (B*T,IN) @ (IN,OUT) on BLAS
-        out = (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[1],))
+        out = matmul(x, w)  # one 2-D GEMM over every leading axis (tensor.matmul says why)
         return out + b if b is not None else out
 
     # derivation: docs/backward/linear.md

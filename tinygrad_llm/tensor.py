@@ -5,7 +5,7 @@ arrays, runs `forward(ctx, *arrays, **attrs)` (which saves on `ctx` what backwar
 the result in a Tensor that remembers `ctx`. `loss.backward()` sorts the graph behind `loss`
 (iteratively, so deep graphs cannot overflow Python's stack), then visits it in reverse, calling each
 `backward(ctx, dout)` and adding the gradients it returns into the op's inputs. Leaves accumulate into
-`.grad` across calls, as in PyTorch; call `zero_grad` (or set `.grad = None`) between steps.
+`.grad` across calls, as in PyTorch; set `.grad = None` (or call the optimizer's `zero_grad`) between steps.
 
 The primitive ops below each carry a one-line derivative in the code's own symbols. Fused ops for the
 model live in functional.py; their derivations in docs/backward/.
@@ -185,20 +185,18 @@ class Tensor:
                 raise ValueError(f"backward(): gradient has shape {tuple(gradient.shape)}, tensor has shape {self.shape}")
 
         order = _topological_order(self)
-        grads = {id(self): gradient}
+        for node in order:
+            if node._ctx is not None and getattr(node._ctx, "freed", False):
+                raise RuntimeError(f"backward through {node._ctx.op_name} a second time: its saved arrays were freed; use backward(retain_graph=True)")
+        grads, leaves = {id(self): gradient}, []
         for node in reversed(order):
             dout = grads.pop(id(node), None)
             if dout is None:
                 continue
             if node._ctx is None:
-                if node.grad is None:
-                    node.grad = dout.astype(node.dtype, copy=True)
-                else:
-                    node.grad += dout
+                leaves.append((node, dout))
                 continue
             ctx = node._ctx
-            if getattr(ctx, "freed", False):
-                raise RuntimeError(f"backward through {ctx.op_name} a second time: its saved arrays were freed; use backward(retain_graph=True)")
             input_grads = ctx.backward_fn(ctx, dout)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
@@ -213,9 +211,12 @@ class Tensor:
                 grads[key] = dparent if key not in grads else grads[key] + dparent
             if not retain_graph:
                 ctx.__dict__ = {"freed": True, "op_name": ctx.op_name}
-
-    def zero_grad(self):
-        self.grad = None
+        # leaves are written last, so an error above leaves every .grad as it was
+        for leaf, dout in leaves:
+            if leaf.grad is None:
+                leaf.grad = dout.astype(leaf.dtype, copy=True)
+            else:
+                leaf.grad += dout
 
     # ---- operators -----------------------------------------------------------------------------
     def __add__(self, other): return Add.apply(self, _operand(other, self))
@@ -246,9 +247,6 @@ class Tensor:
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         return Reshape.apply(self, shape=tuple(shape))
-
-    def view(self, *shape):
-        return self.reshape(*shape)
 
     def permute(self, *axes):
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
@@ -290,17 +288,14 @@ class Tensor:
         return pieces
 
 
-def tensor(data, requires_grad=False, dtype=None):
-    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
-
-
 def _operand(x, like):
     """Wrap a Python scalar or array as a constant Tensor in the dtype and on the device of `like`."""
     if isinstance(x, Tensor):
         return x
     xp = backend.array_module(like.data)
     if isinstance(x, (int, float, bool)):
-        return Tensor(xp.asarray(x, dtype=like.dtype))
+        # a Python scalar takes a floating tensor's dtype (x32 * 0.5 stays float32); else NumPy's rules
+        return Tensor(xp.asarray(x, dtype=like.dtype if like.dtype.kind == "f" else None))
     return Tensor(xp.asarray(x))
 
 
@@ -372,7 +367,8 @@ class Add(Function):
     @staticmethod
     def backward(ctx, dout):
         # d(x + y) = dx + dy
-        return unbroadcast(dout, ctx.shapes[0]), unbroadcast(dout, ctx.shapes[1])
+        need = ctx.needs_input_grad
+        return (unbroadcast(dout, ctx.shapes[0]) if need[0] else None, unbroadcast(dout, ctx.shapes[1]) if need[1] else None)
 
 
 class Sub(Function):
@@ -384,7 +380,8 @@ class Sub(Function):
     @staticmethod
     def backward(ctx, dout):
         # d(x - y) = dx - dy
-        return unbroadcast(dout, ctx.shapes[0]), unbroadcast(-dout, ctx.shapes[1])
+        need = ctx.needs_input_grad
+        return (unbroadcast(dout, ctx.shapes[0]) if need[0] else None, unbroadcast(-dout, ctx.shapes[1]) if need[1] else None)
 
 
 class Mul(Function):
@@ -606,18 +603,9 @@ class GetItem(Function):
     def backward(ctx, dout):
         xp = backend.array_module(dout)
         dx = xp.zeros(ctx.shape, dtype=ctx.dtype)
-        if _is_basic_index(ctx.index):
-            dx[ctx.index] = dout  # slices and ints select each element at most once
-        else:
-            # dx[index] += dout; add_at sums the contributions of an index that appears twice
-            backend.add_at(xp, dx, ctx.index, dout)
+        # dx[index] += dout; add_at sums the contributions of an index that appears twice
+        backend.add_at(xp, dx, ctx.index, dout)
         return dx
-
-
-def _is_basic_index(index):
-    """True for indices built only from ints, slices, None and Ellipsis (NumPy's basic indexing)."""
-    parts = index if isinstance(index, tuple) else (index,)
-    return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) and not isinstance(i, bool) for i in parts)
 
 
 class Cat(Function):
@@ -683,17 +671,10 @@ class Max(Function):
     def backward(ctx, dout):
         # the gradient goes to the maximal element; ties share it equally (as torch.amax)
         winners = ctx.x == ctx.out_keep
-        count = winners.sum(axis=ctx.axis, keepdims=True)
+        count = winners.sum(axis=ctx.axis, keepdims=True, dtype=dout.dtype)
         dout = dout.reshape(ctx.out_keep.shape)
         return winners * (dout / count)
 
 
-# Readable module-level names for the elementwise functions (as torch.exp etc.).
-def exp(x): return x.exp()
-def log(x): return x.log()
-def sqrt(x): return x.sqrt()
-def tanh(x): return x.tanh()
-
-
-__all__ = ["Tensor", "Function", "Context", "tensor", "no_grad", "is_grad_enabled", "detect_anomaly",
-           "cat", "where", "exp", "log", "sqrt", "tanh", "unbroadcast"]
+__all__ = ["Tensor", "Function", "Context", "no_grad", "is_grad_enabled", "detect_anomaly", "cat", "where",
+           "matmul", "unbroadcast"]
