@@ -247,9 +247,25 @@ def test_missing_and_misshaped_weights_are_named(tmp_path):
     del arrays["transformer.h.1.mlp.c_fc.bias"]
     arrays["transformer.ln_f.weight"] = np.ones(3, np.float32)
     save_safetensors(tmp_path / "broken.safetensors", arrays, metadata)
-    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.bias'\].*"
-                                         r"transformer.ln_f.weight: checkpoint \(3,\), model \(8,\)"):
-        load_checkpoint(tmp_path / "broken.safetensors", tiny_model(seed=2))
+    other = tiny_model(seed=2)
+    before = other.state_dict()
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(tmp_path / "broken.safetensors", other)
+    message = str(error.value)
+    assert "broken.safetensors" in message and "missing keys" in message and "transformer.h.1.mlp.c_fc.bias" in message
+    assert "transformer.ln_f.weight: checkpoint (3,), model (8,)" in message
+    assert_same_arrays(other.state_dict(), before)
+
+
+def test_optimizer_mismatch_raises_before_the_model_changes(tmp_path):
+    model, optimizer = trained_pair()
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer)
+    other = tiny_model(seed=7)
+    before = other.state_dict()
+    one_group = AdamW(other.parameters(), lr=1e-3)  # saved with two groups (decay / no decay)
+    with pytest.raises(ValueError, match="optimizer state does not fit"):
+        load_checkpoint(tmp_path / "ckpt.safetensors", other, one_group)
+    assert_same_arrays(other.state_dict(), before)
 
 
 def test_optimizer_state_required_when_asked_for(tmp_path):

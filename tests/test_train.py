@@ -226,3 +226,15 @@ def test_example_end_to_end_in_seconds(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("The king") and len(sample.stdout.rstrip("\n")) >= len("The king")
+
+
+def test_a_metrics_line_cut_off_by_a_crash_is_dropped_and_others_name_the_file(tmp_path):
+    from tinygrad_llm.train import _read_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iter": 0, "val_loss": 4.1}\n{"iter": 250, "val_loss": 2.4}\n{"iter": 500, "val_l')
+    assert [r["iter"] for r in _read_records(path, before_iter=250)] == [0, 250]
+    assert path.read_text() == '{"iter": 0, "val_loss": 4.1}\n{"iter": 250, "val_loss": 2.4}\n'
+    path.write_text('{"iter": 0}\nnot json\n{"iter": 250}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
+        _read_records(path, before_iter=250)

@@ -221,13 +221,19 @@ def load_checkpoint(path, model=None, optimizer=None):
 
     if model is not None:
         _check_config(path, meta["config"], model.config.to_dict())
-        weights = _match_model(path, weights, model)
     if optimizer is not None:
         if "optimizer" not in metadata:
             raise ValueError(f"{path} holds no optimizer state (it was saved without an optimizer)")
         optimizer_state = _unflatten(json.loads(metadata["optimizer"]), arrays)
+        try:
+            optimizer.check_state_dict(optimizer_state)
+        except ValueError as e:
+            raise ValueError(f"{path}: its optimizer state does not fit the optimizer: {e}") from None
     if model is not None:
-        model.load_state_dict(weights)
+        try:  # load_state_dict checks every key and shape before it changes anything
+            model.load_state_dict(weights)
+        except ValueError as e:
+            raise ValueError(f"{path} does not fit the model: {e}") from None
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
     return meta
@@ -255,29 +261,6 @@ def _check_config(path, saved, current):
     if differing:
         raise ValueError(f"{path} was saved from a model with a different config; differing fields: "
                          + "; ".join(differing))
-
-
-def _match_model(path, weights, model):
-    """Checkpoint weights keyed and shaped as the model's state dict, or a ValueError saying what differs."""
-    expected = {name: _to_numpy(value) for name, value in model.state_dict().items()}
-    weights = dict(weights)
-    tied, stored = TIED
-    if tied in expected and tied not in weights and stored in weights:
-        weights[tied] = weights[stored]  # HF convention: a tied head is stored once, under wte
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    misshaped = [f"{k}: checkpoint {weights[k].shape}, model {expected[k].shape}"
-                 for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if misshaped:
-        problems.append("mis-shaped " + "; ".join(misshaped))
-    if problems:
-        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
-    return weights
 
 
 # The optimizer's state_dict is a tree of dicts, lists, tuples, numbers and arrays. Its arrays go to

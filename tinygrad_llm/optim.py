@@ -97,6 +97,23 @@ class Optimizer:
 
     def load_state_dict(self, state_dict):
         """Restore hyperparameters and state saved by state_dict (keys may be ints or strings)."""
+        self.check_state_dict(state_dict)
+        groups = state_dict["param_groups"]
+        params = self._params()
+        saved = {int(i): s for i, s in state_dict["state"].items()}
+        for group, g in zip(self.param_groups, groups):
+            for k, v in g.items():
+                if k != "params":
+                    group[k] = tuple(v) if isinstance(v, list) else v
+        self.state = {}
+        for i, s in saved.items():
+            p = params[i]
+            xp = backend.array_module(p.data)
+            self.state[id(p)] = {k: (xp.array(v, dtype=p.dtype) if hasattr(v, "shape") else int(v) if k == "step" else v)
+                                 for k, v in s.items()}
+
+    def check_state_dict(self, state_dict):
+        """Raise ValueError if state_dict does not fit this optimizer's groups and parameters; change nothing."""
         groups = state_dict["param_groups"]
         sizes = [len(g["params"]) for g in self.param_groups]
         if [len(g["params"]) for g in groups] != sizes:
@@ -111,16 +128,6 @@ class Optimizer:
                 if hasattr(value, "shape") and tuple(value.shape) != params[i].shape:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: {name} of parameter {i} has shape "
                                      f"{tuple(value.shape)}, the parameter has shape {params[i].shape}")
-        for group, g in zip(self.param_groups, groups):
-            for k, v in g.items():
-                if k != "params":
-                    group[k] = tuple(v) if isinstance(v, list) else v
-        self.state = {}
-        for i, s in saved.items():
-            p = params[i]
-            xp = backend.array_module(p.data)
-            self.state[id(p)] = {k: (xp.array(v, dtype=p.dtype) if hasattr(v, "shape") else int(v) if k == "step" else v)
-                                 for k, v in s.items()}
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):

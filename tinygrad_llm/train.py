@@ -25,6 +25,7 @@ The checkpoint is taken at an evaluation, before that iteration's training step.
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -179,6 +180,9 @@ def train(config):
         if lacking:
             raise ValueError(f"{ckpt_path} lacks the training state {lacking} needed to resume "
                              "(was it written by another tool?)")
+        if saved.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+            raise ValueError(f"{ckpt_path} was trained with another tokenizer than the one in {config.data_dir}/meta.json; "
+                             "resume with the data_dir the run was started with")
         rng.bit_generator.state = saved["rng_state"]
         start_iter, best_val_loss, best_iter = saved["step"], saved["best_val_loss"], saved["step"]
         previous_elapsed = saved.get("elapsed_s", 0.0)
@@ -324,10 +328,20 @@ def _read_records(path, before_iter):
     """The metrics.jsonl records of earlier evaluations (for the plot); on resume, later ones are dropped."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # an append cut off by a crash: that evaluation is redone
+                break
+            raise ValueError(f"{path} line {number} is not JSON: {line[:80]!r}") from None
     kept = [r for r in records if r["iter"] <= before_iter]
-    if len(kept) != len(records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
     return kept
 
 
