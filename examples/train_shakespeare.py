@@ -13,7 +13,6 @@ says otherwise. Sample from the checkpoint afterwards with examples/sample.py.
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tinygrad_llm.data import prepare  # noqa: E402
+from tinygrad_llm.fileio import atomic_write  # noqa: E402
 from tinygrad_llm.train import TrainConfig, parse_overrides, train  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -40,10 +40,7 @@ def download(path):
         sys.exit(f"error: could not download tiny Shakespeare ({e}).\n"
                  f"If this machine is offline, fetch {URL} elsewhere and run\n"
                  f"    python examples/train_shakespeare.py --data PATH/TO/input.txt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
     return path
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinygrad_llm import checkpoint
+from tinygrad_llm import checkpoint, fileio
 from tinygrad_llm.checkpoint import load_checkpoint, load_safetensors, save_checkpoint, save_safetensors
 from tinygrad_llm.model import GPT, GPTConfig
 from tinygrad_llm.optim import AdamW, param_groups
@@ -168,7 +168,7 @@ def test_a_write_failing_midway_keeps_the_old_file(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: FailingFile(real_fdopen(fd, mode)))
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, mode: FailingFile(real_fdopen(fd, mode)))
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(path, model, optimizer, meta={"step": 2})
     monkeypatch.undo()
@@ -182,7 +182,7 @@ def test_a_failing_fsync_keeps_the_old_file(tmp_path, monkeypatch):
     save_safetensors(path, {"a": np.arange(3)})
     def failing_fsync(fd):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    monkeypatch.setattr(fileio.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="Input/output"):
         save_safetensors(path, {"a": np.arange(5)})
     monkeypatch.undo()

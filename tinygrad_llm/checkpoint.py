@@ -21,11 +21,11 @@ crash leaves either the old file or the new one, never half of one.
 """
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import atomic_write
 
 # safetensors dtype names <-> NumPy dtypes (always little-endian on disk)
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
@@ -72,7 +72,7 @@ def save_safetensors(path, arrays, metadata=None):
         for array in contiguous:
             f.write(array.reshape(-1).view(np.uint8).data)
 
-    _atomic_write(Path(path), write)
+    atomic_write(path, write)
 
 
 def load_safetensors(path):
@@ -141,32 +141,6 @@ def _from_bytes(buffer, dtype, shape):
         return (np.frombuffer(buffer, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
     array = np.frombuffer(buffer, DTYPES[dtype]).reshape(shape)  # writable: it views the bytearray
     return array.astype(array.dtype.newbyteorder("="), copy=False)
-
-
-def _atomic_write(path, write):
-    """Call write(f) on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable; not every platform lets a folder be opened
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 # ---- checkpoints: model + optimizer + metadata ---------------------------------------------------

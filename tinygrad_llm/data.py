@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import atomic_write
 from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
 CHUNK_CHARS = 1 << 20  # characters read (and tokens copied) per step: this bounds prepare's memory
@@ -72,12 +73,6 @@ def _build_tokenizer(spec, input_path, chunk_chars):
     raise ValueError(f"tokenizer must be 'char', 'bpe:N' or the path of a saved BPE tokenizer; got {spec!r}")
 
 
-def _atomic_write_text(path, text):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare(input_path, out_dir, tokenizer="char", val_fraction=0.1, chunk_chars=CHUNK_CHARS):
     """Tokenize a UTF-8 text file into out_dir/train.bin, val.bin and meta.json; returns the meta dict.
 
@@ -121,7 +116,7 @@ def prepare(input_path, out_dir, tokenizer="char", val_fraction=0.1, chunk_chars
     meta = {"format": "tinygrad_llm.data", "version": 1, "source": str(input_path),
             "tokenizer": tok.to_dict(), "vocab_size": tok.vocab_size, "dtype": dtype.name,
             "train_tokens": n_train, "val_tokens": n_val}
-    _atomic_write_text(out_dir / "meta.json", json.dumps(meta))
+    atomic_write(out_dir / "meta.json", json.dumps(meta))
     return meta
 
 

@@ -13,7 +13,6 @@ import codecs
 import functools
 import heapq
 import json
-import os
 import re
 import sys
 from collections import Counter, defaultdict
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import regex
+
+from .fileio import atomic_write
 
 # The pre-split patterns of GPT-2 and GPT-4 (cl100k): text is cut into pieces (words with their
 # leading space, number runs, punctuation runs, whitespace runs) and BPE never merges across pieces.
@@ -619,9 +620,7 @@ class BPETokenizer:
         payload = {"format": _FILE_FORMAT, "version": _FILE_VERSION, **self.to_dict()}
         listing = [f"{i}\t{self._decoder[i].decode('utf-8', errors='replace')!r}" for i in sorted(self._decoder)]
         for target, text in ((path, json.dumps(payload)), (path.with_suffix(".vocab"), "\n".join(listing) + "\n")):
-            tmp = Path(str(target) + ".tmp")  # write then rename: a crash never leaves half a file
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
+            atomic_write(target, text)
 
     @classmethod
     def load(cls, path):

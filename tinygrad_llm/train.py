@@ -25,7 +25,6 @@ The checkpoint is taken at an evaluation, before that iteration's training step.
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -36,6 +35,7 @@ import numpy as np
 from . import backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import get_batch, load_meta
+from .fileio import atomic_write
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm, cosine_lr, param_groups
 from .tensor import detect_anomaly, no_grad
@@ -339,9 +339,7 @@ def _read_records(path, before_iter):
             raise ValueError(f"{path} line {number} is not JSON: {line[:80]!r}") from None
     kept = [r for r in records if r["iter"] <= before_iter]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 
@@ -363,9 +361,7 @@ def plot_losses(records, path):
     ax.grid(alpha=0.3)
     ax.legend()
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png")
-    tmp.replace(path)
+    atomic_write(path, lambda f: figure.savefig(f, format="png"))
 
 
 def _duration(seconds):
