@@ -263,3 +263,11 @@ def test_max_backward_keeps_float32():
     assert ctx_grad.dtype == np.float32
     out.sum().backward()
     np.testing.assert_array_equal(x.grad, [[0.0, 0.5, 0.5]])
+
+
+def test_to_on_a_tensor_inside_a_graph_raises_instead_of_cutting_it():
+    x = Tensor(np.ones(3), requires_grad=True)
+    y = x * 2.0
+    assert y.to("cpu") is y  # already there: nothing to move
+    with pytest.raises(RuntimeError, match="would cut its gradient"):
+        y.to("cuda")

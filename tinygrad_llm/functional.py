@@ -573,10 +573,8 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dr
             raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
                              f"{qs[:-1] + (ks[-2],)} (B, NH, TQ, TK)") from None
     scale = 1 / math.sqrt(qs[-1]) if scale is None else float(scale)
-    if dropout_p > 0:
-        return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale,
-                                               dropout_p=float(dropout_p), rng=rng)
-    return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale)
+    return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale,
+                                           dropout_p=float(dropout_p), rng=rng)
 
 
 # ---- rotary position embedding -------------------------------------------------------------------

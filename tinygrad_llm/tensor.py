@@ -160,6 +160,9 @@ class Tensor:
         """A copy on `device` ("cpu" or "cuda"); a leaf keeps requires_grad. Returns self if already there."""
         if device == self.device:
             return self
+        if self.requires_grad and not self.is_leaf:
+            raise RuntimeError(f"to({device!r}) on a tensor inside a graph would cut its gradient; move the leaves "
+                               "(parameters, inputs) instead, or detach() first")
         return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
 
     def astype(self, dtype):
