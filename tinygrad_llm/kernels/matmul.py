@@ -103,26 +103,21 @@ def benchmark():
     """float32: Numba blocked vs np.matmul (BLAS) vs torch, forward products only."""
     rows, torch = [], torch_or_none()
     rng = np.random.default_rng(0)
+    def product_row(name, label, kernel, a_shape, b_shape, out_shape):
+        a, b = rng.standard_normal(a_shape).astype(np.float32), rng.standard_normal(b_shape).astype(np.float32)
+        out = np.empty(out_shape, np.float32)
+        t_numba = median_ms(lambda: kernel(a, b, out), repeat=3, warmup=1)  # seconds each on the large shapes
+        t_numpy = median_ms(lambda: np.matmul(a, b, out=out), repeat=5)
+        t_torch = None
+        if torch is not None:
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            t_torch = median_ms(lambda: ta @ tb, repeat=5)
+        return table_row(name, label, np.float32, t_numba, t_numpy, t_torch)
+
     for M, K, N in MODEL_SHAPES:
-        a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
-        out = np.empty((M, N), np.float32)
-        t_numba = median_ms(lambda: blocked_matmul(a, b, out), repeat=3, warmup=1)  # seconds each on the large shapes
-        t_numpy = median_ms(lambda: np.matmul(a, b, out=out), repeat=5)
-        t_torch = None
-        if torch is not None:
-            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            t_torch = median_ms(lambda: ta @ tb, repeat=5)
-        rows.append(table_row("matmul", f"{M}x{K}x{N}", np.float32, t_numba, t_numpy, t_torch))
+        rows.append(product_row("matmul", f"{M}x{K}x{N}", blocked_matmul, (M, K), (K, N), (M, N)))
     for NB, M, K, N in BATCHED_SHAPES:
-        a, b = rng.standard_normal((NB, M, K)).astype(np.float32), rng.standard_normal((NB, K, N)).astype(np.float32)
-        out = np.empty((NB, M, N), np.float32)
-        t_numba = median_ms(lambda: batched_matmul(a, b, out), repeat=3, warmup=1)
-        t_numpy = median_ms(lambda: np.matmul(a, b, out=out), repeat=5)
-        t_torch = None
-        if torch is not None:
-            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            t_torch = median_ms(lambda: ta @ tb, repeat=5)
-        rows.append(table_row("batched matmul", f"{NB}x({M}x{K}x{N})", np.float32, t_numba, t_numpy, t_torch))
+        rows.append(product_row("batched matmul", f"{NB}x({M}x{K}x{N})", batched_matmul, (NB, M, K), (NB, K, N), (NB, M, N)))
     for M, K, N in [(768, 128, 512), (16384, 384, 1536)]:
         a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
         bias, out = rng.standard_normal(N).astype(np.float32), np.empty((M, N), np.float32)
