@@ -13,6 +13,8 @@ default (foreach) implementation, in float32, eager. Both step the same way:
 batch to the GPU, forward, backward, clip, AdamW step; a step's time is taken after a device sync.
 TF32 matmuls are off unless --tf32 (then on for both).
 
+--profile N: GPU kernel time a step of each framework, by kernel, over N steps (torch.profiler); with
+--by_op, ours charged to each Function's forward/backward, the optimizer and the autograd engine.
 --steps N: N timed steps each (after warm-up), alternating blocks of 10 so that noise hits both alike;
 median ms/step, tokens/s and peak GPU memory. --train ours|torch: the full run, evaluating every
 --eval_interval on --eval_iters batches of each split; best val loss, median step time, wall time.
@@ -233,6 +235,116 @@ def time_steps(data, vocab, steps, warmup=10, block=10):
     return result
 
 
+def profile_steps(data, vocab, steps, out, rows=30):
+    """GPU kernel time per step of each framework, by kernel (torch.profiler sees CuPy's launches through CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    rng = np.random.default_rng(0)
+    for kind in ("ours", "torch"):
+        runner = make_runner(kind, vocab, 5000)
+        for it in range(5):
+            runner.step(*get_batch(data, "train", rng), it)
+        runner.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for it in range(steps):
+                runner.step(*get_batch(data, "train", rng), it)
+            runner.sync()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        total = sum(e.self_device_time_total for e in events) / steps / 1e3
+        print(f"\n## {runner.name}: {total:.2f} ms of GPU kernels a step ({steps} steps), "
+              f"{sum(e.count for e in events) / steps:.0f} launches a step", file=out)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+            print(f"{e.self_device_time_total / steps / 1e3:8.3f} ms {e.count // steps:5d}x  {e.key[:110]}", file=out)
+        out.flush()
+        del runner
+
+
+def profile_by_op(data, vocab, steps, out):
+    """Our GPU kernel time a step by Function (forward / backward), optimizer and autograd engine.
+
+    Every Function's forward and backward, clip_grad_norm and AdamW.step run inside a torch.profiler
+    record_function range; each kernel is charged to the innermost range open when it was launched
+    (matched through the launch's correlation id in the exported trace). "engine" is what Tensor.backward
+    itself launches: the sums of gradients that meet at a tensor used twice, and the leaves' .grad copies.
+    """
+    import collections
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import tinygrad_llm.optim as optim_module
+    import tinygrad_llm.tensor as tensor_module
+
+    accelerated = backend.accelerated
+
+    class Ranged:
+        def __init__(self, impl, name):
+            self.impl, self.name = impl, name
+
+        def forward(self, ctx, *args, **attrs):
+            with record_function(f"{self.name}.forward"):
+                return self.impl.forward(ctx, *args, **attrs)
+
+        def backward(self, ctx, dout):
+            with record_function(f"{self.name}.backward"):
+                return self.impl.backward(ctx, dout)
+
+    def ranged_accelerated(reference, *arrays):   # Functions get ranges; plain functions (optimizer) run as they are
+        impl = accelerated(reference, *arrays)
+        return Ranged(impl, reference.__name__) if isinstance(reference, type) else impl
+
+    tensor_module.backend.accelerated = ranged_accelerated
+    rng = np.random.default_rng(0)
+    runner = make_runner("ours", vocab, 5000)
+    for name in ("step", "zero_grad"):
+        method = getattr(runner.opt, name)
+        setattr(runner.opt, name, lambda method=method, name=name: _ranged(record_function, f"AdamW.{name}", method))
+    clip = optim_module.clip_grad_norm
+    globals()["clip_grad_norm"] = lambda *a, **k: _ranged(record_function, "clip_grad_norm", clip, *a, **k)
+    backward = tensor_module.Tensor.backward
+    tensor_module.Tensor.backward = lambda self, *a, **k: _ranged(record_function, "engine", backward, self, *a, **k)
+    try:
+        for it in range(3):
+            runner.step(*get_batch(data, "train", rng), it)
+        runner.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for it in range(steps):
+                runner.step(*get_batch(data, "train", rng), it)
+            runner.sync()
+    finally:
+        tensor_module.backend.accelerated = accelerated
+        tensor_module.Tensor.backward = backward
+        globals()["clip_grad_norm"] = clip
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))["traceEvents"]
+    ranges = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace if e.get("cat") == "user_annotation")
+    launch_range = {}
+    for e in trace:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
+            inside = [r for r in ranges if r[0] <= e["ts"] <= r[1]]
+            launch_range[e["args"]["correlation"]] = min(inside, key=lambda r: r[1] - r[0])[2] if inside else "other"
+    time_by, count_by = collections.Counter(), collections.Counter()
+    for e in trace:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            where = launch_range.get(e.get("args", {}).get("correlation"), "other")
+            kernel = e["name"].split("(")[0].split("<")[0].replace("void ", "")[:48]
+            time_by[where, kernel] += e["dur"] / steps / 1e3
+            count_by[where, kernel] += 1 / steps
+    total = collections.Counter()
+    for (where, _), ms in time_by.items():
+        total[where] += ms
+    print(f"\n## {runner.name}, by op: {sum(total.values()):.2f} ms of GPU kernels a step", file=out)
+    for where, ms in total.most_common():
+        kernels = ", ".join(f"{k} {count_by[w, k]:.0f}x {t:.2f}" for (w, k), t in time_by.most_common() if w == where)
+        print(f"{ms:8.3f} ms  {where:32s} {kernels[:220]}", file=out)
+    out.flush()
+
+
+def _ranged(record_function, name, fn, *args, **kwargs):
+    with record_function(name):
+        return fn(*args, **kwargs)
+
+
 def train_run(kind, data, vocab, max_iters, eval_interval, eval_iters, log):
     runner = make_runner(kind, vocab, max_iters)
     rng = np.random.default_rng(0)
@@ -272,6 +384,8 @@ def main():
     parser.add_argument("--iters", type=int, default=5000)
     parser.add_argument("--eval_interval", type=int, default=250)
     parser.add_argument("--eval_iters", type=int, default=50)
+    parser.add_argument("--profile", type=int, default=0, help="print the GPU kernels of this many steps of each")
+    parser.add_argument("--by_op", action="store_true", help="with --profile: our kernels charged to each op")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls in both frameworks")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -289,6 +403,10 @@ def main():
     if args.steps:
         results["timing"] = time_steps(data, vocab, args.steps)
         print(json.dumps(results["timing"], indent=1), flush=True)
+    if args.profile and args.by_op:
+        profile_by_op(data, vocab, args.profile, sys.stdout)
+    elif args.profile:
+        profile_steps(data, vocab, args.profile, sys.stdout)
     if args.train:
         results["train"] = train_run(args.train, data, vocab, args.iters, args.eval_interval, args.eval_iters, sys.stdout)
         print(json.dumps({k: v for k, v in results["train"].items() if k != "history"}), flush=True)

@@ -36,6 +36,14 @@ def _torch_rope(x, pos, theta=10000.0, interleaved=False):
     return x * torch.cat([cos, cos], -1) + rotate_half * torch.cat([sin, sin], -1)
 
 
+def _torch_self_attention(qkv, n_head, causal=True, scale=None):
+    """nanoGPT's CausalSelfAttention between c_attn and c_proj: split, view heads, transpose, SDPA, merge."""
+    B, T, C3 = qkv.shape
+    q, k, v = [t.view(B, T, n_head, C3 // 3 // n_head).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2)]
+    y = TF.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return y.transpose(1, 2).reshape(B, T, C3 // 3)
+
+
 def _torch_cross_entropy(logits, targets, **kw):
     V = logits.shape[-1]
     out = TF.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), **kw)
@@ -81,6 +89,9 @@ CASES = {
     "attention (causal+mask, TQ<TK)": ([(2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 4)],
                                        lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=torch.tensor(MASK & _end_aligned_causal(3, 5))),
                                        lambda M: lambda q, k, v: M.scaled_dot_product_attention(q, k, v, mask=MASK)),
+    "self_attention (2 heads)": ([(2, 5, 12)], lambda qkv: _torch_self_attention(qkv, 2), lambda M: lambda qkv: M.self_attention(qkv, 2)),
+    "self_attention (full, scale)": ([(1, 4, 9)], lambda qkv: _torch_self_attention(qkv, 1, causal=False, scale=0.7),
+                                     lambda M: lambda qkv: M.self_attention(qkv, 1, causal=False, scale=0.7)),
     "rope": ([(2, 3, 5, 8)], lambda x: _torch_rope(x, np.arange(4, 9)), lambda M: lambda x: M.rope(x, np.arange(4, 9))),
     "rope (interleaved, theta)": ([(1, 2, 4, 6)], lambda x: _torch_rope(x, np.arange(4), 500.0, True),
                                   lambda M: lambda x: M.rope(x, np.arange(4), theta=500.0, interleaved=True)),
@@ -258,6 +269,42 @@ def test_gradcheck_attention(B, NH, TQ, extra_keys, HS, seed, causal, use_mask):
     mask = rng.random((B, 1, TQ, TK)) > 0.3 if use_mask else None  # rows with no allowed key included
     fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal, mask=mask)  # noqa: E731
     assert gradcheck(fn, [q, k, v]).passed
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), seeds, st.booleans())
+def test_gradcheck_self_attention(B, NH, T, HS, seed, causal):
+    qkv = np.random.default_rng(seed).standard_normal((B, T, 3 * NH * HS))
+    assert gradcheck(lambda x: F.self_attention(x, NH, causal=causal), [qkv]).passed
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_self_attention_with_dropout_equals_the_split_heads_path(kernels, monkeypatch):
+    """The packed op draws the same mask from the same generator as split + scaled_dot_product_attention."""
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS", kernels)
+    for dtype, tol in (("float64", dict(rtol=1e-12, atol=1e-13)), ("float32", dict(rtol=1e-5, atol=1e-6))):
+        qkv = np.random.default_rng(21).standard_normal((2, 7, 18)).astype(dtype)
+        dout = np.random.default_rng(22).standard_normal((2, 7, 6)).astype(dtype)
+        results = []
+        for module in (F, C):
+            x = Tensor(qkv, requires_grad=True)
+            out = module.self_attention(x, 3, dropout_p=0.25, rng=np.random.default_rng(23))
+            (out * Tensor(dout)).sum().backward()
+            results.append((out.numpy(), x.grad))
+        for fused, composite in zip(*results):
+            np.testing.assert_allclose(fused, composite, **tol)
+
+
+def test_self_attention_bad_input():
+    with pytest.raises(ValueError, match=r"qkv has shape \(2, 3, 10\); expected \(B, T, 3C\) with C divisible by n_head=2"):
+        F.self_attention(t(2, 3, 10), 2)
+    with pytest.raises(ValueError, match=r"qkv has shape \(3, 12\)"):
+        F.self_attention(t(3, 12), 2)
+    with pytest.raises(ValueError, match="n_head must be a positive integer, got 0"):
+        F.self_attention(t(2, 3, 12), 0)
+    with pytest.raises(ValueError, match="dropout_p > 0 needs rng"):
+        F.self_attention(t(2, 3, 12), 2, dropout_p=0.1)
+    with pytest.raises(TypeError, match="self_attention"):
+        F.self_attention(Tensor(np.zeros((2, 3, 12), dtype=np.int64)), 2)
 
 
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), seeds, st.booleans())

@@ -86,6 +86,8 @@ OPS = {
     "attention_kv_longer": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(B, NH, 3, HS), (B, NH, T, HS), (B, NH, T, HS)]),
     "attention_mask": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, mask=MASK), [(B, NH, T, HS)] * 3),
     "rope": (lambda x: F.rope(x, np.arange(3, 3 + T)), [(B, NH, T, HS)]),
+    "self_attention_causal": (lambda qkv: F.self_attention(qkv, NH), [(B, T, 3 * NH * HS)]),
+    "self_attention_full": (lambda qkv: F.self_attention(qkv, NH, causal=False, scale=0.3), [(B, T, 3 * NH * HS)]),
 }
 
 
@@ -341,11 +343,70 @@ def test_dropout_kernel_mask_is_shared_scaled_and_reproducible():
     assert float(abs(cuda.DropoutCuda.forward(Context((True,)), x, p=1.0, rng=np.random.default_rng(0))).max()) == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("B, T, NH, HS", [(2, 33, 3, 5), (1, 64, 2, 32), (3, 1, 1, 4)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, monkeypatch):
+    """The in-place strided products on the packed qkv == unpack, attend (the NumPy-formula reference), merge."""
+    import cupy as cp
+    rng = np.random.default_rng(B * 100 + T)
+    qkv = cp.asarray(randn(rng, B, T, 3 * NH * HS, dtype=dtype))
+    dout = cp.asarray(randn(rng, B, T, NH * HS, dtype=dtype))
+    ctx = Context((True,))
+    out_ker = kernels().SelfAttentionCuda.forward(ctx, qkv, NH, causal=causal, scale=0.3)
+    d_ker = kernels().SelfAttentionCuda.backward(ctx, dout)
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")   # no kernel inside the reference either
+    ctx = Context((True,))
+    out_ref = F.SelfAttention.forward(ctx, qkv, NH, causal=causal, scale=0.3)
+    d_ref = F.SelfAttention.backward(ctx, dout)
+    for ker, ref in ((out_ker, out_ref), (d_ker, d_ref)):
+        assert ker.dtype == ref.dtype and ker.shape == ref.shape and backend.device_of(ker) == "cuda"
+        assert rel_err(ker, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_self_attention_kernel_with_dropout_equals_the_split_heads_kernel(dtype):
+    """Same (B, NH, T, T) scores and the same seed from the same generator: the same mask as
+    CausalAttentionCuda on the unpacked heads, so the two paths agree to rounding."""
+    import cupy as cp
+    B, T, NH, HS = 2, 40, 3, 8
+    qkv = cp.asarray(randn(np.random.default_rng(3), B, T, 3 * NH * HS, dtype=dtype))
+    dout = cp.asarray(randn(np.random.default_rng(4), B, T, NH * HS, dtype=dtype))
+    ctx = Context((True,))
+    out = kernels().SelfAttentionCuda.forward(ctx, qkv, NH, scale=0.35, dropout_p=0.3, rng=np.random.default_rng(8))
+    dqkv = kernels().SelfAttentionCuda.backward(ctx, dout)
+    x = Tensor(qkv, requires_grad=True)
+    q, k, v = [t.reshape(B, T, NH, HS).permute(0, 2, 1, 3) for t in x.split(NH * HS, axis=2)]
+    y = F.scaled_dot_product_attention(q, k, v, scale=0.35, dropout_p=0.3, rng=np.random.default_rng(8))
+    y = y.permute(0, 2, 1, 3).reshape(B, T, NH * HS)
+    (y * Tensor(dout)).sum().backward()
+    assert float((ctx.pd == 0).mean()) > 0.1    # dropout did drop
+    assert rel_err(out, y.data) < TOL[dtype]
+    assert rel_err(dqkv, x.grad) < TOL[dtype]
+
+
+def test_self_attention_kernel_follows_the_tf32_switch():
+    cuda = kernels()
+    import cupy as cp
+    rng = np.random.default_rng(10)
+    qkv = cp.asarray(randn(rng, 2, 128, 3 * 128, dtype=np.float32, scale=3.0))
+    exact = F.SelfAttention.forward(Context((False,)), qkv.astype(np.float64), 2, scale=1.0)
+    off = cuda.SelfAttentionCuda.forward(Context((False,)), qkv, 2, scale=1.0)
+    try:
+        backend.set_tf32(True)
+        on = cuda.SelfAttentionCuda.forward(Context((False,)), qkv, 2, scale=1.0)
+    finally:
+        backend.set_tf32(False)
+    assert rel_err(off, exact) < 1e-4
+    assert rel_err(on, exact) > 3 * rel_err(off, exact)
+
+
 def test_kernels_serve_cuda_arrays_and_kernels_off_uses_references(monkeypatch):
     import cupy as cp
     cuda = kernels()
     a = cp.zeros(3, np.float32)
     assert backend.accelerated(F.LayerNorm, a) is cuda.LayerNormCuda
+    assert backend.accelerated(F.SelfAttention, a) is cuda.SelfAttentionCuda
     assert backend.accelerated(adamw_update, a) is cuda.adamw_update_cuda
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
     assert backend.accelerated(F.LayerNorm, a) is F.LayerNorm

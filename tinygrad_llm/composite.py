@@ -138,6 +138,14 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dr
     return p @ v
 
 
+def self_attention(qkv, n_head, causal=True, scale=None, dropout_p=0.0, rng=None):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = [t.reshape(B, T, n_head, C // n_head).permute(0, 2, 1, 3) for t in qkv.split(C, axis=2)]
+    y = scaled_dot_product_attention(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, rng=rng)
+    return y.permute(0, 2, 1, 3).reshape(B, T, C)
+
+
 def rope(x, pos, theta=10000.0, interleaved=False):
     HS = x.shape[-1]
     angle = np.asarray(_data(pos), dtype=np.float64)[:, None] / theta ** (np.arange(0, HS, 2) / HS)

@@ -14,8 +14,9 @@ import math
 
 import numpy as np
 
+from . import backend
 from .backend import add_at, array_module, sum_rows
-from .tensor import Function, Tensor, matmul, unbroadcast
+from .tensor import Context, Function, Tensor, matmul, unbroadcast
 
 
 def _data(x, like=None):
@@ -575,6 +576,70 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dr
     scale = 1 / math.sqrt(qs[-1]) if scale is None else float(scale)
     return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale,
                                            dropout_p=float(dropout_p), rng=rng)
+
+
+class SelfAttention(Function):
+    """(B, T, 3C) packed [q | k | v], each C = NH*HS wide and head-major -> (B, T, C): split the heads,
+    scaled_dot_product_attention, merge the heads.
+
+    The op a GPT block runs on c_attn's output; equal to the composite (split, reshape, permute, attend,
+    permute, reshape) but one node. Forward makes one contiguous (3, B, NH, T, HS) copy of qkv; the
+    attention itself is ScaledDotProductAttention's forward/backward (or the kernel registered for it).
+    Backward writes dq, dk, dv straight into one (B, T, 3C) gradient: through split, each of the three
+    pieces' GetItem backward would zero a (B, T, 3C) buffer and the autograd would add the three.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
+        xp = array_module(qkv)
+        B, T, C3 = qkv.shape
+        heads = (3, B, n_head, T, C3 // 3 // n_head)
+        qkv_heads = xp.ascontiguousarray(qkv.reshape(B, T, 3, n_head, heads[-1]).transpose(2, 0, 3, 1, 4))
+        attention = backend.accelerated(ScaledDotProductAttention, qkv_heads)
+        inner = Context((True, True, True, False))
+        y = attention.forward(inner, qkv_heads[0], qkv_heads[1], qkv_heads[2], None, causal=causal, scale=scale,
+                              dropout_p=dropout_p, rng=rng)
+        ctx.attention, ctx.inner, ctx.heads = attention, inner, heads
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)                  # (B, NH, T, HS) -> (B, T, C)
+
+    # derivation: docs/backward/self_attention.md
+    @staticmethod
+    def backward(ctx, dout):
+        xp = array_module(dout)
+        _, B, NH, T, HS = ctx.heads
+        # split and merge are permutations: their backward is the inverse permutation of the gradient
+        dy = xp.ascontiguousarray(dout.reshape(B, T, NH, HS).transpose(0, 2, 1, 3))
+        dq, dk, dv, _ = ctx.attention.backward(ctx.inner, dy)
+        dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)
+        for i, d in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        return dqkv.reshape(B, T, 3 * NH * HS)
+
+
+def self_attention(qkv, n_head, causal=True, scale=None, dropout_p=0.0, rng=None):
+    """(B, T, 3C) -> (B, T, C): multi-head attention of the packed q | k | v that a GPT's c_attn makes.
+
+    The same as splitting qkv into q, k, v along the last axis, viewing each as (B, T, NH, HS) and
+    permuting it to (B, NH, T, HS), scaled_dot_product_attention(q, k, v, causal, scale=scale,
+    dropout_p=dropout_p, rng=rng), and merging the (B, NH, T, HS) output back to (B, T, C). scale
+    defaults to 1/sqrt(HS); with dropout_p > 0 the mask is drawn as scaled_dot_product_attention's.
+    """
+    _require_float("self_attention", "qkv", qkv)
+    if not isinstance(n_head, (int, np.integer)) or n_head <= 0:
+        raise ValueError(f"self_attention: n_head must be a positive integer, got {n_head!r}")
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
+        raise ValueError(f"self_attention: qkv has shape {tuple(qkv.shape)}; expected (B, T, 3C) with C divisible "
+                         f"by n_head={n_head}")
+    if qkv.shape[1] == 0:
+        raise ValueError("self_attention: qkv has no positions (T = 0)")
+    if not 0 <= dropout_p <= 1:
+        raise ValueError(f"self_attention: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0 and not isinstance(rng, np.random.Generator):
+        raise ValueError("self_attention: dropout_p > 0 needs rng, an np.random.Generator (e.g. np.random.default_rng(seed))")
+    HS = qkv.shape[-1] // 3 // n_head
+    scale = 1 / math.sqrt(HS) if scale is None else float(scale)
+    return SelfAttention.apply(qkv, n_head=int(n_head), causal=bool(causal), scale=scale, dropout_p=float(dropout_p),
+                               rng=rng)
 
 
 # ---- rotary position embedding -------------------------------------------------------------------

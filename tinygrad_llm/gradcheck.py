@@ -154,6 +154,8 @@ def op_cases():
         ("attention (causal, dropout_p)",   # a fresh generator each call: the same mask every evaluation
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, rng=np.random.default_rng(2)),
          [r(2, 2, 4, 3), r(2, 2, 4, 3), r(2, 2, 4, 3)]),
+        ("self_attention (2 heads, dropout_p)",
+         lambda x: F.self_attention(x, 2, dropout_p=0.3, rng=np.random.default_rng(3)), [r(2, 4, 12)]),
         ("rope", lambda x: F.rope(x, np.arange(3, 7)), [r(1, 2, 4, 6)]),
         ("rope (interleaved)", lambda x: F.rope(x, np.arange(4), interleaved=True), [r(1, 2, 4, 6)]),
     ]

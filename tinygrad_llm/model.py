@@ -112,6 +112,11 @@ class CausalSelfAttention(Module):
         B, T, C = x.shape
         NH, HS = self.n_head, C // self.n_head
         qkv = self.c_attn(x)                                           # (B, T, 3C)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.rope_theta is None and kv_cache is None:
+            # one node for split heads -> attention -> merge heads (F.self_attention says why)
+            y = F.self_attention(qkv, NH, causal=True, dropout_p=dropout_p, rng=rng)  # (B, T, C)
+            return self.resid_dropout(self.c_proj(y), rng)
         q, k, v = [t.reshape(B, T, NH, HS).permute(0, 2, 1, 3) for t in qkv.split(C, axis=2)]  # (B, NH, T, HS)
         start = kv_cache.length if kv_cache is not None else 0
         if self.rope_theta is not None:
@@ -124,8 +129,7 @@ class CausalSelfAttention(Module):
             kv_cache.v[layer][:, :, start:start + T] = v.data
             k = Tensor(kv_cache.k[layer][:, :, :start + T])
             v = Tensor(kv_cache.v[layer][:, :, :start + T])
-        y = F.scaled_dot_product_attention(q, k, v, causal=True, rng=rng,  # (B, NH, T, HS)
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, causal=True, rng=rng, dropout_p=dropout_p)  # (B, NH, T, HS)
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y), rng)
 

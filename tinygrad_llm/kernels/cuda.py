@@ -1,6 +1,9 @@
 """CuPy kernels for device "cuda", each standing in for a NumPy reference it must equal.
 
     reference (functional.py / optim.py)   kernel here                what it fuses
+    SelfAttention                          SelfAttentionCuda          the same passes on the packed (B, T, 3C) qkv: per-head
+                                                                      strided-batched cuBLAS products read q, k, v and write
+                                                                      y, dq, dk, dv in place (no unpacking copies)
     ScaledDotProductAttention              CausalAttentionCuda        cuBLAS batched Q K^T, P V, ... around one
                                                                       fused masked-softmax pass (forward) and one
                                                                       dS = P (dP - rowsum(P dP)) scale pass (backward);
@@ -39,7 +42,9 @@ import os
 import cupy as cp
 import numpy as np
 
-from ..functional import GELU, CrossEntropy, Dropout, LayerNorm, ScaledDotProductAttention
+from cupy.cuda import cublas
+
+from ..functional import GELU, CrossEntropy, Dropout, LayerNorm, ScaledDotProductAttention, SelfAttention
 from ..optim import adamw_update, adamw_update_group, clip_grads
 
 _SOURCE = r"""
@@ -374,6 +379,116 @@ class CausalAttentionCuda:
         return dq, dk, dv, None
 
 
+# ---- self-attention on the packed qkv -------------------------------------------------------------
+
+_ONE = {np.dtype(np.float32): np.array(1, np.float32), np.dtype(np.float64): np.array(1, np.float64)}
+_ZERO = {np.dtype(np.float32): np.array(0, np.float32), np.dtype(np.float64): np.array(0, np.float64)}
+_CUDA_TYPE = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}   # cudaDataType CUDA_R_32F, CUDA_R_64F
+
+
+def _compute_type(dtype):
+    """cuBLAS compute type of CuPy's own float32/float64 matmuls (so backend.set_tf32 applies here too)."""
+    if np.dtype(dtype) == np.float64:
+        return cublas.CUBLAS_COMPUTE_64F
+    from cupy._core import _routines_linalg as linalg
+    tf32 = linalg.get_compute_type(np.dtype(np.float32)) == linalg.COMPUTE_TYPE_TF32
+    return cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else cublas.CUBLAS_COMPUTE_32F
+
+
+def _gemm(dtype, batch, M, N, K, a, lda, stride_a, b, ldb, stride_b, c, ldc, stride_c, trans_a=False, trans_b=False):
+    """C[i] = op(A[i]) op(B[i]) for i < batch, every matrix row-major with its own row stride (ld) and its
+    own batch stride, all in elements; a, b, c are device pointers. op(A) is M x K (A stored K x M when
+    trans_a), op(B) K x N, C M x N. One cuBLAS strided-batched call: row-major C = A B is column-major
+    C^T = B^T A^T, so B goes first. Strided views (a head's columns inside qkv) are read in place."""
+    dtype = np.dtype(dtype)
+    t = _CUDA_TYPE[dtype]
+    cublas.gemmStridedBatchedEx(
+        cp.cuda.device.get_cublas_handle(), cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
+        cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N, N, M, K, _ONE[dtype].ctypes.data,
+        b, t, ldb, stride_b, a, t, lda, stride_a, _ZERO[dtype].ctypes.data, c, t, ldc, stride_c, batch,
+        _compute_type(dtype), cublas.CUBLAS_GEMM_DEFAULT)
+
+
+class SelfAttentionCuda:
+    """functional.SelfAttention on the packed (B, T, 3C) qkv without unpacking it.
+
+    The reference copies qkv into (3, B, NH, T, HS) and merges the output heads with another copy (and
+    backward two more). Here each head's products are cuBLAS strided-batched GEMMs over the batch that
+    read q, k, v as strided column blocks of qkv (row stride 3C) and write the output, and dq, dk, dv,
+    straight into their columns of y (B, T, C) and dqkv (B, T, 3C): NH calls per product, no copies. The
+    scores are (B, NH, T, T) as in CausalAttentionCuda, with the same softmax passes, so attention dropout
+    draws the same mask from the same seed.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
+        ctx.reference = not _served(qkv) or dropout_p == 1
+        if ctx.reference:
+            return SelfAttention.forward(ctx, qkv, n_head, causal=causal, scale=scale, dropout_p=dropout_p, rng=rng)
+        qkv = cp.ascontiguousarray(qkv)
+        B, T, C3 = qkv.shape
+        C, NH = C3 // 3, n_head
+        HS = C // NH
+        dtype, size = qkv.dtype, qkv.dtype.itemsize
+        s = cp.empty((B, NH, T, T), dtype=dtype)
+        y = cp.empty((B, T, C), dtype=dtype)
+        q0, s0 = qkv.data.ptr, s.data.ptr
+        for h in range(NH):   # S[b, h] = Q[b, h] K[b, h]^T
+            _gemm(dtype, B, T, T, HS, q0 + h * HS * size, C3, T * C3, q0 + (C + h * HS) * size, C3, T * C3,
+                  s0 + h * T * T * size, T, NH * T * T, trans_b=True)
+        rows = B * NH * T
+        lse = cp.empty(rows, dtype=dtype)
+        ctx.seed, ctx.drop_p, ctx.drop_scale = np.uint64(0), np.float32(dropout_p), dtype.type(1 / (1 - dropout_p))
+        ctx.has_drop = np.int32(dropout_p > 0)
+        pd = s
+        if dropout_p > 0:
+            ctx.seed = np.uint64(rng.integers(0, 2 ** 63))
+            pd = cp.empty_like(s)
+        grid, block = _warp_rows_launch(rows)
+        _kernel("attention_softmax_forward", dtype)(grid, block, (s, lse, np.int64(rows), np.int32(T), np.int32(T),
+                                                                  np.int32(0 if causal else T), dtype.type(scale), pd,
+                                                                  ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+        for h in range(NH):   # Y[b, :, h] = Pd[b, h] V[b, h]
+            _gemm(dtype, B, T, HS, T, pd.data.ptr + h * T * T * size, T, NH * T * T, q0 + (2 * C + h * HS) * size, C3,
+                  T * C3, y.data.ptr + h * HS * size, C, T * C)
+        ctx.qkv, ctx.p, ctx.pd, ctx.scale, ctx.n_head = qkv, s, pd, scale, NH
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return SelfAttention.backward(ctx, dout)
+        qkv, p, pd, NH = ctx.qkv, ctx.p, ctx.pd, ctx.n_head
+        dout = cp.ascontiguousarray(dout)
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        HS = C // NH
+        dtype, size = qkv.dtype, qkv.dtype.itemsize
+        q0, d0, p0, pd0 = qkv.data.ptr, dout.data.ptr, p.data.ptr, pd.data.ptr
+        dqkv = cp.empty_like(qkv)
+        ds = cp.empty_like(p)
+        g0, ds0 = dqkv.data.ptr, ds.data.ptr
+        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
+        for h in range(NH):
+            head, hs = h * HS * size, h * T * T * size
+            _gemm(dtype, B, T, HS, T, pd0 + hs, T, NH * T * T, d0 + head, C, T * C,
+                  g0 + 2 * C * size + head, C3, T * C3, trans_a=True)                                  # dV
+            _gemm(dtype, B, T, T, HS, d0 + head, C, T * C, q0 + 2 * C * size + head, C3, T * C3,
+                  ds0 + hs, T, NH * T * T, trans_b=True)                                               # dPd
+        rows = B * NH * T
+        grid, block = _warp_rows_launch(rows)
+        _kernel("attention_softmax_backward", dtype)(grid, block, (p, ds, np.int64(rows), np.int32(T),
+                                                                   dtype.type(ctx.scale), ctx.seed, ctx.drop_p,
+                                                                   ctx.drop_scale, ctx.has_drop))
+        for h in range(NH):
+            head, hs = h * HS * size, h * T * T * size
+            _gemm(dtype, B, T, HS, T, ds0 + hs, T, NH * T * T, q0 + C * size + head, C3, T * C3,
+                  g0 + head, C3, T * C3)                                                               # dQ
+            _gemm(dtype, B, T, HS, T, ds0 + hs, T, NH * T * T, q0 + head, C3, T * C3,
+                  g0 + C * size + head, C3, T * C3, trans_a=True)                                      # dK
+        return dqkv
+
+
 # ---- layer norm ----------------------------------------------------------------------------------
 
 _LN_WARPS = 4
@@ -664,7 +779,7 @@ def clip_grads_cuda(grads, max_norm):
     return norm
 
 
-KERNELS = {ScaledDotProductAttention: CausalAttentionCuda, LayerNorm: LayerNormCuda, CrossEntropy: CrossEntropyCuda,
+KERNELS = {ScaledDotProductAttention: CausalAttentionCuda, SelfAttention: SelfAttentionCuda, LayerNorm: LayerNormCuda, CrossEntropy: CrossEntropyCuda,
            GELU: GELUCuda, Dropout: DropoutCuda, adamw_update: adamw_update_cuda,
            adamw_update_group: adamw_update_group_cuda, clip_grads: clip_grads_cuda}
 
