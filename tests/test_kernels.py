@@ -36,10 +36,12 @@ def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
     assert backend.accelerated(F.ScaledDotProductAttention, x) is NumbaAttention
     assert backend.accelerated(F.CrossEntropy, x) is NumbaCrossEntropy
     assert backend.accelerated(optim.adamw_update, x) is not optim.adamw_update
+    assert backend.accelerated(optim.adamw_update_group, x) is not optim.adamw_update_group
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
     assert backend.accelerated(F.LayerNorm, x) is F.LayerNorm
     assert backend.accelerated(F.CrossEntropy, x) is F.CrossEntropy
     assert backend.accelerated(optim.adamw_update, x) is optim.adamw_update
+    assert backend.accelerated(optim.adamw_update_group, x) is optim.adamw_update_group
 
 
 # ---- hypothesis over shapes ------------------------------------------------------------------------

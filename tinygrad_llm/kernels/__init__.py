@@ -9,6 +9,7 @@ only the kernels that measured faster than their reference (benchmarks/kernels.p
     functional.GELU, SwiGLU              -> gelu.NumbaGELU (both forms), NumbaSwiGLU (same shapes)
     functional.Embedding                 -> embedding.NumbaEmbedding  (scatter-add backward)
     optim.adamw_update                   -> adamw.numba_adamw_update
+    optim.adamw_update_group             -> adamw.numba_adamw_update_group  (16 parameters per call)
 
 Each kernel file holds the Numba functions, the kernel, validate() against the reference and
 benchmark(); every kernel falls back to its reference for inputs it does not cover. Measured and not
@@ -49,7 +50,7 @@ KERNEL_MODULES = ("adamw", "attention", "cross_entropy", "embedding", "gelu", "l
 
 def _register():
     from .. import functional, optim
-    from .adamw import numba_adamw_update
+    from .adamw import numba_adamw_update, numba_adamw_update_group
     from .attention import NumbaAttention
     from .cross_entropy import NumbaCrossEntropy
     from .embedding import NumbaEmbedding
@@ -61,7 +62,8 @@ def _register():
                               (functional.LayerNorm, NumbaLayerNorm), (functional.RMSNorm, NumbaRMSNorm),
                               (functional.GELU, NumbaGELU),
                               (functional.SwiGLU, NumbaSwiGLU), (functional.Embedding, NumbaEmbedding),
-                              (optim.adamw_update, numba_adamw_update)]:
+                              (optim.adamw_update, numba_adamw_update),
+                              (optim.adamw_update_group, numba_adamw_update_group)]:
         backend.register_kernel(reference, "cpu", kernel)
 
 
