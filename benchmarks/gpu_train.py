@@ -330,6 +330,17 @@ def profile_by_op(data, vocab, steps, out):
             kernel = e["name"].split("(")[0].split("<")[0].replace("void ", "")[:48]
             time_by[where, kernel] += e["dur"] / steps / 1e3
             count_by[where, kernel] += 1 / steps
+    # GPU idle: the gaps between consecutive kernels, charged to the range that launched the kernel after
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], launch_range.get(e.get("args", {}).get("correlation"), "other"))
+                     for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    idle, end = collections.Counter(), None
+    for start, stop, where in kernels:
+        if end is not None and start > end:
+            idle[where] += (start - end) / steps / 1e3
+        end = stop if end is None else max(end, stop)
+    print(f"\nGPU idle between kernels: {sum(idle.values()):.2f} ms a step (the last step's end to the next's "
+          "start included); before the kernels of: " + ", ".join(f"{w} {ms:.2f}" for w, ms in idle.most_common(8)),
+          file=out)
     total = collections.Counter()
     for (where, _), ms in time_by.items():
         total[where] += ms

@@ -15,7 +15,7 @@ from tinygrad_llm.checkpoint import load_checkpoint, save_checkpoint
 from tinygrad_llm.model import GPT, GPTConfig
 from tinygrad_llm.optim import AdamW, adamw_update, clip_grad_norm, param_groups
 from tinygrad_llm.sample import generate
-from tinygrad_llm.tensor import Context, Tensor, cat, where
+from tinygrad_llm.tensor import Add, Context, Tensor, cat, where
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")]
@@ -346,12 +346,17 @@ def test_dropout_kernel_mask_is_shared_scaled_and_reproducible():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("B, T, NH, HS", [(2, 33, 3, 5), (1, 64, 2, 32), (3, 1, 1, 4)], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
-def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, monkeypatch):
+@pytest.mark.parametrize("row_blocks", [1, 2, 3])
+def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, row_blocks, monkeypatch):
     """The in-place strided products on the packed qkv == unpack, attend (the NumPy-formula reference), merge."""
     import cupy as cp
     rng = np.random.default_rng(B * 100 + T)
     qkv = cp.asarray(randn(rng, B, T, 3 * NH * HS, dtype=dtype))
     dout = cp.asarray(randn(rng, B, T, NH * HS, dtype=dtype))
+    monkeypatch.setattr(kernels(), "ROW_BLOCKS", row_blocks)
+    # NaN in the pool's free blocks: the causal products leave score blocks unwritten, which must never be read
+    poison = cp.full(4 * B * NH * T * T + 4096, np.nan, dtype=dtype)
+    del poison
     ctx = Context((True,))
     out_ker = kernels().SelfAttentionCuda.forward(ctx, qkv, NH, causal=causal, scale=0.3)
     d_ker = kernels().SelfAttentionCuda.backward(ctx, dout)
@@ -401,12 +406,52 @@ def test_self_attention_kernel_follows_the_tf32_switch():
     assert rel_err(on, exact) > 3 * rel_err(off, exact)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("x_shape, M", [((3, 7, 10), 8), ((5,), 3), ((64, 256, 384), 1152), ((33, 13), 7)], ids=str)
+def test_linear_kernel_equals_reference(x_shape, M, dtype):
+    """x w + b with the bias in cuBLASLt's epilogue == matmul then add; the epilogue path really ran."""
+    cuda = kernels()
+    assert cuda.lt() is not None, cuda._lt_error
+    rng = np.random.default_rng(len(x_shape) * 10 + M)
+    x, w, b = randn(rng, *x_shape, dtype=dtype), randn(rng, x_shape[-1], M, dtype=dtype), randn(rng, M, dtype=dtype)
+    compare_kernel(F.Linear, cuda.LinearCuda, [x, w, b], {}, dtype)
+    N = int(np.prod(x_shape[:-1]))
+    assert cuda.lt().plans.get((N, x_shape[-1], M, np.dtype(dtype), cuda._compute_type(dtype))) is not None
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("n", [1, 7, 4096, 100003])
+def test_vector_kernels_equal_the_elementwise_kernels(n, dtype):
+    """GELU (tanh) and dropout 16 bytes at a time == the one-element-a-thread ElementwiseKernels, tails and
+    unaligned views (which take the ElementwiseKernel) included; dropout's mask bit for bit."""
+    import cupy as cp
+    cuda = kernels()
+    rng = np.random.default_rng(n)
+    base, dbase = cp.asarray(randn(rng, n + 1, dtype=dtype, scale=3.0)), cp.asarray(randn(rng, n + 1, dtype=dtype))
+    seed, p, scale = np.uint64(123456789), np.float32(0.3), dtype(1 / 0.7)
+    for x, d in ((base[:n], dbase[:n]), (base[1:], dbase[1:])):   # aligned, then 4 or 8 bytes off
+        ctx = Context((True,))
+        y = cuda.GELUCuda.forward(ctx, x, approximate="tanh")
+        dx = cuda.GELUCuda.backward(ctx, d)
+        tol = 1e-6 if dtype == np.float32 else 1e-14
+        assert rel_err(y, cuda._gelu_tanh_forward(x)) < tol
+        assert rel_err(dx, cuda._gelu_tanh_backward(x, d)) < tol
+        assert bool((cuda._dropout(x, seed, p, scale) == cuda._dropout_apply(x, seed, p, scale)).all())
+        assert bool((cuda.AddCuda.forward(Context((True, True)), x, d) == x + d).all())
+    # other shapes (broadcasting) and a scalar take CuPy's add
+    ctx = Context((True, True))
+    assert bool((cuda.AddCuda.forward(ctx, base[:n].reshape(1, n), base[:1]) == base[:n] + base[0]).all())
+    assert ctx.shapes == ((1, n), (1,))
+
+
 def test_kernels_serve_cuda_arrays_and_kernels_off_uses_references(monkeypatch):
     import cupy as cp
     cuda = kernels()
     a = cp.zeros(3, np.float32)
     assert backend.accelerated(F.LayerNorm, a) is cuda.LayerNormCuda
     assert backend.accelerated(F.SelfAttention, a) is cuda.SelfAttentionCuda
+    assert backend.accelerated(F.Linear, a) is cuda.LinearCuda
+    assert backend.accelerated(Add, a) is cuda.AddCuda
     assert backend.accelerated(adamw_update, a) is cuda.adamw_update_cuda
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
     assert backend.accelerated(F.LayerNorm, a) is F.LayerNorm

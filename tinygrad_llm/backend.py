@@ -109,8 +109,24 @@ def sum_rows(a):
     other float32 matmul in that mode.
     """
     if is_cupy_array(a):
-        return cupy_module().ones(a.shape[0], dtype=a.dtype) @ a
+        return _ones(a.shape[0], a.dtype, a.device.id) @ a
     return a.sum(axis=0)
+
+
+_ones_cache = {}
+
+
+def _ones(n, dtype, device_id):
+    """A vector of n ones on the GPU, kept (a fill kernel launch saved per call); a few sizes at most."""
+    key = (n, np.dtype(dtype), device_id)
+    ones = _ones_cache.get(key)
+    if ones is None:
+        if len(_ones_cache) >= 16:
+            _ones_cache.clear()
+        cp = cupy_module()
+        with cp.cuda.Device(device_id):
+            ones = _ones_cache[key] = cp.ones(n, dtype=dtype)
+    return ones
 
 
 def add_at(xp, target, index, values):

@@ -217,17 +217,22 @@ class GPT(Module):
         if start + T > cfg.block_size:
             where = f" after {start} cached positions" if start else ""
             raise ValueError(f"sequence length {T}{where} exceeds block_size {cfg.block_size}")
-        bad = (idx < 0) | (idx >= cfg.vocab_size)
-        if bool(bad.any()):
-            values = sorted(set(backend.to_device(idx[bad], "cpu").tolist()))[:10]
-            raise ValueError(f"token ids {values} are outside the vocabulary [0, {cfg.vocab_size})")
+        if targets is not None and (tuple(targets.shape) != (B, T) or targets.dtype.kind not in "iu"):
+            raise ValueError(f"targets must be an integer array of shape {(B, T)} like idx, got dtype {targets.dtype} shape {tuple(targets.shape)}")
+        # one test of both on the device (on a GPU, one wait for the host); the message is worked out only on failure.
+        # Checked here, the ids are not checked again by F.embedding and F.cross_entropy (see _forward).
+        bad_idx = (idx < 0) | (idx >= cfg.vocab_size)
+        bad_targets = None
+        any_bad = bad_idx.any()
         if targets is not None:
-            if tuple(targets.shape) != (B, T) or targets.dtype.kind not in "iu":
-                raise ValueError(f"targets must be an integer array of shape {(B, T)} like idx, got dtype {targets.dtype} shape {tuple(targets.shape)}")
-            bad = ((targets < 0) | (targets >= cfg.vocab_size)) & (targets != IGNORE_INDEX)
-            if bool(bad.any()):
-                values = sorted(set(backend.to_device(targets[bad], "cpu").tolist()))[:10]
-                raise ValueError(f"target ids {values} are outside the vocabulary [0, {cfg.vocab_size}) and are not ignore_index {IGNORE_INDEX}")
+            bad_targets = ((targets < 0) | (targets >= cfg.vocab_size)) & (targets != IGNORE_INDEX)
+            any_bad = any_bad | bad_targets.any()
+        if bool(any_bad):
+            if bool(bad_idx.any()):
+                values = sorted(set(backend.to_device(idx[bad_idx], "cpu").tolist()))[:10]
+                raise ValueError(f"token ids {values} are outside the vocabulary [0, {cfg.vocab_size})")
+            values = sorted(set(backend.to_device(targets[bad_targets], "cpu").tolist()))[:10]
+            raise ValueError(f"target ids {values} are outside the vocabulary [0, {cfg.vocab_size}) and are not ignore_index {IGNORE_INDEX}")
 
     def forward(self, idx, targets=None, kv_cache=None, rng=None):
         """idx int (B, T) [, targets int (B, T)] -> logits (B, T, V), loss (scalar Tensor or None).
@@ -252,10 +257,12 @@ class GPT(Module):
     def _forward(self, idx, targets, kv_cache, rng, start):
         B, T = idx.shape
         tr = self.transformer
-        x = tr.wte(idx)                                                  # (B, T, C)
+        # the Functions themselves: _check_inputs has checked idx and targets, and the positions are in range
+        # (F.embedding / F.cross_entropy would check again, each check a wait for the GPU)
+        x = F.Embedding.apply(idx, tr.wte.weight)                        # (B, T, C)
         if self.config.position == "learned":
             xp = backend.array_module(idx)
-            x = x + tr.wpe(xp.arange(start, start + T))                  # + (T, C)
+            x = x + F.Embedding.apply(xp.arange(start, start + T), tr.wpe.weight)   # + (T, C)
         x = tr.drop(x, rng)
         for layer, block in enumerate(tr.h):
             x = block(x, rng, kv_cache, layer)
@@ -263,7 +270,7 @@ class GPT(Module):
         logits = self.lm_head(x)                                         # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+            loss = F.CrossEntropy.apply(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean")
         return logits, loss
 
     def load_state_dict(self, state, strict=True):
