@@ -18,6 +18,7 @@ from tinygrad_llm.kernels import KERNEL_MODULES  # noqa: E402
 from tinygrad_llm.kernels.attention import NumbaAttention, every_size_served, row_blocks_of  # noqa: E402
 from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference  # noqa: E402
 from tinygrad_llm.kernels.cross_entropy import NumbaCrossEntropy  # noqa: E402
+from tinygrad_llm.kernels.gelu import NumbaGELU  # noqa: E402
 from tinygrad_llm.kernels.layer_norm import NumbaLayerNorm, NumbaRMSNorm  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.tensor import Context, Tensor  # noqa: E402
@@ -42,6 +43,25 @@ def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
     assert backend.accelerated(F.CrossEntropy, x) is F.CrossEntropy
     assert backend.accelerated(optim.adamw_update, x) is optim.adamw_update
     assert backend.accelerated(optim.adamw_update_group, x) is optim.adamw_update_group
+
+
+def test_float32_gelu_tanh_is_within_7_ulp_of_tanh_and_keeps_the_references_edge_values():
+    """The float32 tanh form computes tanh(u) by a rational function (kernels/gelu.py): check the saved t
+    against float64 tanh of the same float32 u, over u in about [-12, 12], and the non-finite inputs."""
+    x = np.linspace(-6, 6, 1_000_001, dtype=np.float32)
+    ctx = Context((True,))
+    NumbaGELU.forward(ctx, x, approximate="tanh")
+    c, a = np.float32(np.sqrt(2 / np.pi)), np.float32(0.044715)
+    u = c * (x + a * x * x * x)   # as the kernel forms it, in float32
+    truth = np.tanh(u.astype(np.float64))
+    ulp = np.spacing(np.abs(truth).astype(np.float32)).astype(np.float64)
+    assert float((np.abs(ctx.tanh - truth) / ulp).max()) <= 7
+    assert float(np.abs(ctx.tanh).max()) <= 1
+    np.testing.assert_array_equal(ctx.tanh[::-1], -ctx.tanh)   # odd, like tanh
+    edges = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 30.0, -30.0], np.float32)
+    with np.errstate(invalid="ignore"):   # -inf * 0 = nan, in both
+        reference = F.GELU.forward(Context((True,)), edges, approximate="tanh")
+        np.testing.assert_array_equal(NumbaGELU.forward(Context((True,)), edges, approximate="tanh"), reference)
 
 
 # ---- hypothesis over shapes ------------------------------------------------------------------------
