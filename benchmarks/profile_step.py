@@ -126,8 +126,15 @@ def profile_ours(spec, batches, warmup, steps):
     model = GPT(cfg, rng=np.random.default_rng(0))
     opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
     rec = Recorder()
-    original = backend.accelerated
-    backend.accelerated = lambda reference, *arrays: timed(reference, original(reference, *arrays), rec)
+    original, wrappers = backend.accelerated, {}
+
+    def accelerated(reference, *arrays):
+        impl = original(reference, *arrays)
+        if (reference, impl) not in wrappers:   # one wrapper each: making it per call would be timed as engine work
+            wrappers[reference, impl] = timed(reference, impl, rec)
+        return wrappers[reference, impl]
+
+    backend.accelerated = accelerated
     per_step = []   # one dict per timed step: key -> seconds
     flops = {}
     try:
