@@ -347,13 +347,17 @@ def test_dropout_kernel_mask_is_shared_scaled_and_reproducible():
 @pytest.mark.parametrize("B, T, NH, HS", [(2, 33, 3, 5), (1, 64, 2, 32), (3, 1, 1, 4)], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("row_blocks", [1, 2, 3])
-def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, row_blocks, monkeypatch):
+@pytest.mark.parametrize("one_call", [True, False], ids=["heads_in_one_call", "a_call_a_head"])
+def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, row_blocks, one_call, monkeypatch):
     """The in-place strided products on the packed qkv == unpack, attend (the NumPy-formula reference), merge."""
     import cupy as cp
     rng = np.random.default_rng(B * 100 + T)
     qkv = cp.asarray(randn(rng, B, T, 3 * NH * HS, dtype=dtype))
     dout = cp.asarray(randn(rng, B, T, NH * HS, dtype=dtype))
     monkeypatch.setattr(kernels(), "ROW_BLOCKS", row_blocks)
+    if one_call:
+        assert kernels().batched_gemm() is not None, kernels()._batched_gemm_error
+    monkeypatch.setattr(kernels(), "HEADS_IN_ONE_CALL", one_call)
     # NaN in the pool's free blocks: the causal products leave score blocks unwritten, which must never be read
     poison = cp.full(4 * B * NH * T * T + 4096, np.nan, dtype=dtype)
     del poison

@@ -637,11 +637,85 @@ def _gemm(dtype, batch, M, N, K, a, lda, stride_a, b, ldb, stride_b, c, ldc, str
         _compute_type(dtype), cublas.CUBLAS_GEMM_DEFAULT)
 
 
+class _BatchedGemm:
+    """cublasGemmBatchedEx through ctypes (CuPy binds only the strided-batched GEMMs), on a handle of its own."""
+
+    def __init__(self):
+        self.lib = ctypes.CDLL(ctypes.util.find_library("cublas") or "libcublas.so")
+        self.handle = ctypes.c_void_p()
+        status = self.lib.cublasCreate_v2(ctypes.byref(self.handle))
+        if status != 0:
+            raise RuntimeError(f"cublasCreate failed with status {status}")
+
+    def __call__(self, op_a, op_b, m, n, k, alpha, a_array, a_type, lda, b_array, b_type, ldb, beta, c_array, c_type,
+                 ldc, count, compute):
+        c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+        self.lib.cublasSetStream_v2(self.handle, c_void_p(cp.cuda.get_current_stream().ptr))
+        status = self.lib.cublasGemmBatchedEx(
+            self.handle, c_int(op_a), c_int(op_b), c_int(m), c_int(n), c_int(k), c_void_p(alpha), c_void_p(a_array),
+            c_int(a_type), c_int(lda), c_void_p(b_array), c_int(b_type), c_int(ldb), c_void_p(beta), c_void_p(c_array),
+            c_int(c_type), c_int(ldc), c_int(count), c_int(compute), c_int(-1))   # -1: CUBLAS_GEMM_DEFAULT
+        if status != 0:
+            raise RuntimeError(f"cublasGemmBatchedEx failed with status {status}")
+
+
+_batched_gemm = None
+_batched_gemm_error = None
+
+
+def batched_gemm():
+    """The pointer-array GEMM, or None (reason in _batched_gemm_error) where libcublas cannot be loaded."""
+    global _batched_gemm, _batched_gemm_error
+    if _batched_gemm is None and _batched_gemm_error is None:
+        try:
+            _batched_gemm = _BatchedGemm()
+        except (OSError, AttributeError, RuntimeError) as e:
+            _batched_gemm_error = repr(e)
+    return _batched_gemm
+
+
+HEADS_IN_ONE_CALL = True
+_pointer_tables = {}   # operand bases and strides -> device array of the B*NH matrices' pointers (A, B, C)
+
+
+def _gemm_heads(dtype, B, NH, M, N, K, a, lda, a_b, a_h, b, ldb, b_b, b_h, c, ldc, c_b, c_h,
+                trans_a=False, trans_b=False):
+    """_gemm for every (batch, head) pair at once: matrix (i, h) of an operand starts at
+    base + i * stride_b + h * stride_h (elements). Heads inside qkv (stride HS) and batches (stride T*3C)
+    are not one stride apart, so this is cuBLAS's pointer-array batched GEMM: one call for all B*NH
+    products. The pointer table is built on the host and kept, keyed by the bases: CuPy's pool hands
+    the same blocks out step after step, so the steady state uploads nothing. HEADS_IN_ONE_CALL = False,
+    or no libcublas to load: one strided-batched call per head."""
+    gemm = batched_gemm() if HEADS_IN_ONE_CALL else None
+    if gemm is None:
+        size = np.dtype(dtype).itemsize
+        for h in range(NH):
+            _gemm(dtype, B, M, N, K, a + h * a_h * size, lda, a_b, b + h * b_h * size, ldb, b_b, c + h * c_h * size,
+                  ldc, c_b, trans_a=trans_a, trans_b=trans_b)
+        return
+    dtype = np.dtype(dtype)
+    key = (dtype, B, NH, a, a_b, a_h, b, b_b, b_h, c, c_b, c_h)
+    table = _pointer_tables.get(key)
+    if table is None:
+        if len(_pointer_tables) >= 1024:
+            _pointer_tables.clear()
+        i, h = np.arange(B, dtype=np.uint64)[:, None], np.arange(NH, dtype=np.uint64)[None, :]
+        size = np.uint64(dtype.itemsize)
+        ptrs = [(np.uint64(base) + (i * np.uint64(sb) + h * np.uint64(sh)) * size).ravel()
+                for base, sb, sh in ((a, a_b, a_h), (b, b_b, b_h), (c, c_b, c_h))]
+        table = _pointer_tables[key] = cp.asarray(np.concatenate(ptrs))
+    n, t, p0 = B * NH, _CUDA_TYPE[dtype], table.data.ptr
+    # row-major C = A B is column-major C^T = B^T A^T: B's pointers go first
+    gemm(1 if trans_b else 0, 1 if trans_a else 0, N, M, K, _ONE[dtype].ctypes.data, p0 + 8 * n, t, ldb, p0, t, lda,
+         _ZERO[dtype].ctypes.data, p0 + 16 * n, t, ldc, n, _compute_type(dtype))
+
+
 # Causal: the queries in ROW_BLOCKS blocks, each multiplied only with the keys it can see (2 blocks: 3/4 of
-# the flops). Measured on the H200 at 6x384, B=64, T=256 (gpu_train.py --profile 3 --by_op): 1 block
-# 5.18 ms of attention kernels a step, 2 blocks 5.75 ms (the halved products run less efficiently and
-# there are twice as many). Kept as a switch for longer sequences; tests run both.
-ROW_BLOCKS = 1
+# the flops). Measured on the H200 at 6x384, B=64, T=256 (gpu_train.py --steps 30, ours / PyTorch): with one
+# call per head, 1 block 5.18 ms of attention kernels a step and 2 blocks 5.75 ms (halved products run less
+# efficiently, and twice as many); with all heads in one call (_gemm_heads), 1 block 1.005x and 2 blocks
+# 0.993x, per-head calls 1.033x.
+ROW_BLOCKS = 2
 
 
 def _blocks(T, causal):
@@ -678,12 +752,14 @@ class SelfAttentionCuda:
         dtype, size = qkv.dtype, qkv.dtype.itemsize
         s = cp.empty((B, NH, T, T), dtype=dtype)
         y = cp.empty((B, T, C), dtype=dtype)
+        # strides (elements): qkv (B, T, 3C) batch T*3C, head HS; scores (B, NH, T, T) batch NH*T*T, head T*T;
+        # y (B, T, C) batch T*C, head HS
         q0, s0, blocks = qkv.data.ptr, s.data.ptr, _blocks(T, causal)
-        for h in range(NH):   # S[b, h, r0:r1, :kend] = Q[b, h, r0:r1] K[b, h, :kend]^T
-            for r0, r1 in blocks:
-                kend = r1 if causal else T
-                _gemm(dtype, B, r1 - r0, kend, HS, q0 + (r0 * C3 + h * HS) * size, C3, T * C3,
-                      q0 + (C + h * HS) * size, C3, T * C3, s0 + (h * T * T + r0 * T) * size, T, NH * T * T, trans_b=True)
+        qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
+        for r0, r1 in blocks:   # S[b, h, r0:r1, :kend] = Q[b, h, r0:r1] K[b, h, :kend]^T
+            kend = r1 if causal else T
+            _gemm_heads(dtype, B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * size, C3, *qs, q0 + C * size, C3, *qs,
+                        s0 + r0 * T * size, T, *ss, trans_b=True)
         rows = B * NH * T
         lse = cp.empty(rows, dtype=dtype)
         ctx.seed, ctx.drop_p, ctx.drop_scale = np.uint64(0), np.float32(dropout_p), dtype.type(1 / (1 - dropout_p))
@@ -696,11 +772,10 @@ class SelfAttentionCuda:
         _kernel("attention_softmax_forward", dtype)(grid, block, (s, lse, np.int64(rows), np.int32(T), np.int32(T),
                                                                   np.int32(0 if causal else T), dtype.type(scale), pd,
                                                                   ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
-        for h in range(NH):   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
-            for r0, r1 in blocks:
-                kend = r1 if causal else T
-                _gemm(dtype, B, r1 - r0, HS, kend, pd.data.ptr + (h * T * T + r0 * T) * size, T, NH * T * T,
-                      q0 + (2 * C + h * HS) * size, C3, T * C3, y.data.ptr + (r0 * C + h * HS) * size, C, T * C)
+        for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
+            kend = r1 if causal else T
+            _gemm_heads(dtype, B, NH, r1 - r0, HS, kend, pd.data.ptr + r0 * T * size, T, *ss, q0 + 2 * C * size, C3,
+                        *qs, y.data.ptr + r0 * C * size, C, *ys)
         ctx.qkv, ctx.p, ctx.pd, ctx.scale, ctx.n_head, ctx.causal = qkv, s, pd, scale, NH, causal
         return y
 
@@ -718,35 +793,30 @@ class SelfAttentionCuda:
         dqkv = cp.empty_like(qkv)
         ds = cp.empty_like(p)
         g0, ds0, blocks = dqkv.data.ptr, ds.data.ptr, _blocks(T, causal)
+        qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
         # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q;
         # causal: keys [k0, k1) are seen only by rows [k0, T), so dV and dK of that key block sum over those rows
-        for h in range(NH):
-            head, hs = h * HS * size, h * T * T * size
-            for k0, k1 in blocks:
-                first = k0 if causal else 0
-                _gemm(dtype, B, k1 - k0, HS, T - first, pd0 + hs + (first * T + k0) * size, T, NH * T * T,
-                      d0 + first * C * size + head, C, T * C, g0 + (k0 * C3 + 2 * C) * size + head, C3, T * C3,
-                      trans_a=True)                                                                    # dV
-            for r0, r1 in blocks:
-                kend = r1 if causal else T
-                _gemm(dtype, B, r1 - r0, kend, HS, d0 + r0 * C * size + head, C, T * C, q0 + 2 * C * size + head,
-                      C3, T * C3, ds0 + hs + r0 * T * size, T, NH * T * T, trans_b=True)              # dPd
+        for k0, k1 in blocks:
+            first = k0 if causal else 0
+            _gemm_heads(dtype, B, NH, k1 - k0, HS, T - first, pd0 + (first * T + k0) * size, T, *ss,
+                        d0 + first * C * size, C, *ys, g0 + (k0 * C3 + 2 * C) * size, C3, *qs, trans_a=True)   # dV
+        for r0, r1 in blocks:
+            kend = r1 if causal else T
+            _gemm_heads(dtype, B, NH, r1 - r0, kend, HS, d0 + r0 * C * size, C, *ys, q0 + 2 * C * size, C3, *qs,
+                        ds0 + r0 * T * size, T, *ss, trans_b=True)                                           # dPd
         rows = B * NH * T
         grid, block = _warp_rows_launch(rows)
         _kernel("attention_softmax_backward", dtype)(grid, block, (p, ds, np.int64(rows), np.int32(T), np.int32(T),
                                                                    np.int32(0 if causal else T), dtype.type(ctx.scale),
                                                                    ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
-        for h in range(NH):
-            head, hs = h * HS * size, h * T * T * size
-            for r0, r1 in blocks:
-                kend = r1 if causal else T
-                _gemm(dtype, B, r1 - r0, HS, kend, ds0 + hs + r0 * T * size, T, NH * T * T, q0 + C * size + head,
-                      C3, T * C3, g0 + r0 * C3 * size + head, C3, T * C3)                              # dQ
-            for k0, k1 in blocks:
-                first = k0 if causal else 0
-                _gemm(dtype, B, k1 - k0, HS, T - first, ds0 + hs + (first * T + k0) * size, T, NH * T * T,
-                      q0 + first * C3 * size + head, C3, T * C3, g0 + (k0 * C3 + C) * size + head, C3, T * C3,
-                      trans_a=True)                                                                    # dK
+        for r0, r1 in blocks:
+            kend = r1 if causal else T
+            _gemm_heads(dtype, B, NH, r1 - r0, HS, kend, ds0 + r0 * T * size, T, *ss, q0 + C * size, C3, *qs,
+                        g0 + r0 * C3 * size, C3, *qs)                                                        # dQ
+        for k0, k1 in blocks:
+            first = k0 if causal else 0
+            _gemm_heads(dtype, B, NH, k1 - k0, HS, T - first, ds0 + (first * T + k0) * size, T, *ss,
+                        q0 + first * C3 * size, C3, *qs, g0 + (k0 * C3 + C) * size, C3, *qs, trans_a=True)   # dK
         return dqkv
 
 
