@@ -77,7 +77,7 @@ class Ours:
     def step(self, x, y, it):
         self.opt.lr = cosine_lr(it, LR, MIN_LR, WARMUP, self.max_iters)
         self.model.train()
-        _, loss = self.model(self.cp.asarray(x), self.cp.asarray(y), rng=self.rng)
+        _, loss = self.model(x, y, rng=self.rng)     # NumPy batches: checked on the host, then copied
         loss.backward()
         clip_grad_norm(self.params, CLIP)
         self.opt.step()
@@ -87,7 +87,7 @@ class Ours:
     def eval_loss(self, x, y):
         self.model.eval()
         with no_grad():
-            _, loss = self.model(self.cp.asarray(x), self.cp.asarray(y))
+            _, loss = self.model(x, y)
         return loss.item()
 
     def sync(self):

@@ -573,6 +573,23 @@ def test_checkpoint_moves_between_devices(tmp_path, direction):
         assert rel_err(q.data, p.data) < 1e-12, name
 
 
+def test_model_on_gpu_checks_ids_from_the_host_and_from_the_device():
+    import cupy as cp
+    model = GPT(GPTConfig(**SMALL), rng=np.random.default_rng(0)).to("cuda")
+    idx, targets = batch(3)
+    for move in (np.asarray, cp.asarray):          # NumPy ids are checked on the host, CuPy ids on the GPU
+        bad = idx.copy()
+        bad[1, 2] = 13
+        with pytest.raises(ValueError, match=r"token ids \[13\] are outside the vocabulary \[0, 13\)"):
+            model(move(bad), move(targets))
+        bad = targets.copy()
+        bad[0, 5] = -3
+        with pytest.raises(ValueError, match=r"target ids \[-3\] are outside"):
+            model(move(idx), move(bad))
+        _, loss = model(move(idx), move(targets))
+        assert backend.device_of(loss.data) == "cuda"
+
+
 def test_sampling_on_gpu_equals_cpu():
     cfg = GPTConfig(**SMALL, dtype="float64")
     cpu, gpu = GPT(cfg, rng=np.random.default_rng(0)), GPT(cfg, rng=np.random.default_rng(0)).to("cuda")

@@ -241,10 +241,14 @@ class GPT(Module):
         when dropout > 0). With kv_cache, the tokens continue the cached ones and no graph is built.
         """
         xp = backend.array_module(self.transformer.wte.weight.data)
-        idx = xp.asarray(idx.data if isinstance(idx, Tensor) else idx)
-        targets = None if targets is None else xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
+        idx, targets = (None if a is None else a.data if isinstance(a, Tensor) else
+                        a if backend.is_cupy_array(a) else np.asarray(a) for a in (idx, targets))
         start = 0 if kv_cache is None else kv_cache.length
+        # checked where the ids are: ids from the host (a NumPy batch) are checked there, before they are
+        # copied to a GPU, which then need not finish its queue for the answer
         self._check_inputs(idx, targets, start)
+        idx = xp.asarray(idx)
+        targets = None if targets is None else xp.asarray(targets)
         if kv_cache is not None:
             if kv_cache.batch_size != idx.shape[0]:
                 raise ValueError(f"kv_cache was made for batch size {kv_cache.batch_size}, idx has {idx.shape[0]} rows")

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import get_batch, load_meta
 from .fileio import atomic_write
@@ -259,8 +258,7 @@ def train_step(model, optimizer, config, rng, it, lr, ckpt_path):
     total = 0.0
     for micro in range(config.grad_accum):
         x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, rng)
-        x, y = backend.to_device(x, config.device), backend.to_device(y, config.device)
-        _, loss = model(x, y, rng=rng)
+        _, loss = model(x, y, rng=rng)          # NumPy ids: the model checks them on the host, then copies them
         value = loss.item()
         if not math.isfinite(value):
             _diverged(model, x, y, f"loss is {value} at iteration {it} (micro-batch {micro})", ckpt_path)
@@ -308,7 +306,7 @@ def estimate_loss(model, config, it):
             total = 0.0
             for _ in range(config.eval_iters):
                 x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size, eval_rng)
-                _, loss = model(backend.to_device(x, config.device), backend.to_device(y, config.device))
+                _, loss = model(x, y)
                 total += loss.item()
             losses[split] = total / config.eval_iters
     model.train()
