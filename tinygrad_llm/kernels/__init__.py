@@ -22,7 +22,10 @@ attention (causal row blocks, only the visible keys multiplied) 1.26x at (12,4,6
 0.74-0.86x and not served below 128 x 128 scores, and 1.32x at (64,6,256,64), formerly 0.80-0.85x;
 cross-entropy 1.92x at (768,65), 2.14x at (16384,65), 1.27x at (2048,50257), formerly 0.27-0.48x
 and not registered. Training step, ours/PyTorch (benchmarks/train_step.py, same process): 4x128
-1.14x -> 1.09x, 6x384 1.18x -> 1.10x.
+1.14x -> 1.09x, 6x384 1.18x -> 1.10x. Later, layer_norm's vectorised row sums, the group AdamW and
+the one-pass float32 GELU (alternating runs of the code without and with them): 4x128 38 -> 35 ms
+(1.04x -> 0.96x in quiet pairs), 6x384 7.3-7.9 s -> 6.9-7.4 s (1.03-1.15x -> 0.97-1.04x; PyTorch's own
+step varies from 6.9 to 11.6 s between runs here). Where the rest goes: benchmarks/profile_step.py.
 
 Every kernel is compiled with error_model="numpy": division by zero gives inf/nan as in NumPy (and
 the references) instead of Python's ZeroDivisionError check, whose branch kept LLVM from vectorising
