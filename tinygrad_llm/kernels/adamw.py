@@ -73,6 +73,8 @@ def numba_adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
 def numba_adamw_update_group(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
     """adamw_update_group's signature and effect: GROUP_CHUNK parameters per kernel call. A group with
     mixed dtypes, a non-contiguous array or a shape mismatch goes to the reference (one call each)."""
+    if not ps:
+        return
     dtype = ps[0].dtype
     if not (dtype in (np.float32, np.float64) and all(_covered(arrays, dtype) for arrays in (ps, gs, ms, vs))
             and all(p.shape == g.shape == m.shape == v.shape for p, g, m, v in zip(ps, gs, ms, vs))):
