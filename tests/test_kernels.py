@@ -15,7 +15,8 @@ pytest.importorskip("numba")
 
 from tinygrad_llm import backend, functional as F, optim  # noqa: E402
 from tinygrad_llm.kernels import KERNEL_MODULES  # noqa: E402
-from tinygrad_llm.kernels.attention import NumbaAttention, every_size_served, row_blocks_of  # noqa: E402
+from tinygrad_llm.kernels.attention import (NumbaAttention, every_size_served, row_blocks_of,  # noqa: E402
+                                            spread_over_threads)
 from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference  # noqa: E402
 from tinygrad_llm.kernels.cross_entropy import NumbaCrossEntropy  # noqa: E402
 from tinygrad_llm.kernels.gelu import NumbaGELU  # noqa: E402
@@ -112,6 +113,30 @@ def test_causal_attention_row_blocks_equal_reference(B, NH, TQ, extra_keys, HS, 
     k, v = (rng.standard_normal((B, NH, TQ + extra_keys, HS)).astype(dtype) * 2 for _ in range(2))
     with every_size_served(), row_blocks_of(rows):
         assert_attention_kernel_matches(q, k, v, dict(causal=True, scale=HS ** -0.5), seed)
+
+
+@given(B=st.integers(1, 3), NH=st.integers(1, 3), T=st.integers(1, 40), HS=st.integers(1, 9), causal=st.booleans(),
+       strided=st.booleans(), threads=st.sampled_from([2, 3]), dtype=dtypes, seed=st.integers(0, 2**16))
+def test_attention_spread_over_threads_equals_reference(B, NH, T, HS, causal, strided, threads, dtype, seed):
+    """Work items run on 2-3 Python threads (OpenBLAS on one thread each), from contiguous heads (runs over
+    all (batch, head) pairs) or from a permuted (B, T, NH, HS) layout (per-head items on strided rows)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, T, NH, HS) if strided else (B, NH, T, HS)).astype(dtype) * 2 for _ in range(3))
+    if strided:
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    with every_size_served(), spread_over_threads(threads):
+        assert_attention_kernel_matches(q, k, v, dict(causal=causal, scale=HS ** -0.5), seed)
+
+
+def test_blas_threads_sets_and_restores_openblas_threads():
+    from tinygrad_llm.kernels.common import blas_threads, openblas_threads_api
+    api = openblas_threads_api()
+    if api is None:
+        pytest.skip("NumPy here is not linked to OpenBLAS")
+    before = api[1]()
+    with blas_threads(1):
+        assert api[1]() == 1
+    assert api[1]() == before
 
 
 @given(rows=st.integers(1, 50), C=st.integers(2, 70), dtype=dtypes, seed=st.integers(0, 2**16))

@@ -31,14 +31,17 @@ calling BLAS from inside a Numba prange runs into OpenBLAS's OpenMP guard (one t
 call). A row of at most a few thousand keys fits in cache, so the softmax is exact in one row pass and
 needs no running rescaling; the matmuls stay on BLAS, as DESIGN.md section 6 asks.
 """
+import concurrent.futures
 import contextlib
 import math
+import os
 
 import numpy as np
 from numba import njit
 
 from ..functional import ScaledDotProductAttention
-from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
+from .common import (TOLERANCE, blas_threads, compare_with_reference, forward_backward, median_ms, table_row,
+                     torch_or_none)
 
 CHUNK_BYTES = 4 << 20  # the (chunk, TQ, TK) score buffers; bounded so that they stay near the caches
 ROW_BLOCKS, MIN_ROW_BLOCK = 4, 16  # causal: TQ split in 4 row blocks of >= 16 rows (62.5% of the score flops)
@@ -53,10 +56,6 @@ def _covered(q, k, v, mask, causal):
             and q.shape[-2] * k.shape[-2] >= MIN_SCORES_PER_HEAD)
 
 
-def _chunk(BH, TQ, TK, itemsize):
-    return max(1, min(BH, CHUNK_BYTES // max(TQ * TK * itemsize, 1)))
-
-
 def _row_blocks(TQ, TK, causal):
     """(r0, r1, kend): query rows [r0, r1) see keys [0, kend). Causal: row i sees keys <= i + TK - TQ, so
     a block needs keys up to r1 + TK - TQ; keys [kend of the block before, kend) are seen only by rows >= r0."""
@@ -66,7 +65,7 @@ def _row_blocks(TQ, TK, causal):
     return [(r0, min(r0 + size, TQ), min(r0 + size, TQ) + offset) for r0 in range(0, TQ, size)]
 
 
-@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
 def max_shift_rows(s, r0, r1, kend, first, m):
     """s: (C, R, K) C-contiguous raw scores. Rows i in [r0, r1) see keys j < n = min(kend, i + first): each
     becomes s - rowmax (m[c, i - r0] = rowmax), keys [n, kend) become -inf, so that np.exp gives P's numerator."""
@@ -91,7 +90,7 @@ def max_shift_rows(s, r0, r1, kend, first, m):
             m[c, i - r0] = mx
 
 
-@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
 def shift_rows(s, r0, r1, kend, first, shift):
     """As max_shift_rows with a given shift (the saved log-sum-exp): s - shift, masked keys -inf."""
     C = s.shape[0]
@@ -106,7 +105,7 @@ def shift_rows(s, r0, r1, kend, first, shift):
                 row[j] = -np.inf
 
 
-@njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
 def softmax_grad_rows(ds, p, r0, r1, kend, first):
     """ds: dP = dO V^T -> dS = P (dP - rowsum(P dP)) for rows [r0, r1), keys [0, kend) (P is 0 on masked keys).
 
@@ -132,6 +131,142 @@ def softmax_grad_rows(ds, p, r0, r1, kend, first):
                 drow[jj] = prow[jj] * (drow[jj] - d)
 
 
+# ---- the passes over one work item: batch entries [b0, b1) of head h ---------------------------------
+# q, k, v, dout, out, dq, dk, dv are 4-D (B, NH, T, HS) arrays or views with a unit last stride: a
+# permuted (B, T, NH, HS) layout (the model's rope path) is read in place, the products going to BLAS
+# with the views' row strides. qs is q * scale, contiguous. Items of one call touch disjoint output rows,
+# so they may run in any order or at once. (A kernel for SelfAttention that read q, k, v as such views
+# of the packed (B, T, 3C) qkv and wrote y and dqkv in place measured no faster than SelfAttention's
+# reference around this one: 157 vs 152 ms forward + backward at (64, 256, 1152), 1.43-1.60 vs 1.45 s a
+# 6x384 step, its per-head products on strided rows costing what the copies save; it was dropped.)
+
+def _forward_item(qs, k, v, out, lse, h, b0, b1, blocks, first):
+    dtype = qs.dtype
+    qh, kh, vh = qs[b0:b1, h], k[b0:b1, h], v[b0:b1, h]
+    TK = kh.shape[1]
+    nb, rows = b1 - b0, max(r1 - r0 for r0, r1, _ in blocks)
+    buf = np.empty(nb * rows * TK, dtype)
+    for r0, r1, kend in blocks:
+        s = buf[:nb * (r1 - r0) * kend].reshape(nb, r1 - r0, kend)
+        np.matmul(qh[:, r0:r1], kh[:, :kend].swapaxes(1, 2), out=s)
+        m = np.empty((nb, r1 - r0), dtype)
+        max_shift_rows(s, 0, r1 - r0, kend, r0 + first, m)
+        np.exp(s, out=s)
+        total = s.sum(axis=2)
+        o = out[b0:b1, h, r0:r1]
+        np.matmul(s, vh[:, :kend], out=o)
+        o /= total[:, :, None]  # normalise the (rows, HV) output, not the (rows, kend) probabilities
+        np.log(total, out=total)
+        np.add(m, total, out=lse[b0:b1, h, r0:r1])
+
+
+def _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first, scale):
+    dtype = qs.dtype
+    qc, kc, vc, doc, lc = qs[b0:b1, h], k[b0:b1, h], v[b0:b1, h], dout[b0:b1, h], lse[b0:b1, h]
+    TQ, TK = qc.shape[1], kc.shape[1]
+    sc, dsc = np.empty((b1 - b0, TQ, TK), dtype), np.empty((b1 - b0, TQ, TK), dtype)
+    for r0, r1, kend in blocks:  # P = exp(S - lse), dS = P (dP - rowsum(P dP)), dq = dS K
+        p, ds = sc[:, r0:r1, :kend], dsc[:, r0:r1, :kend]
+        np.matmul(qc[:, r0:r1], kc[:, :kend].swapaxes(1, 2), out=p)
+        shift_rows(sc, r0, r1, kend, first, lc)
+        np.exp(p, out=p)
+        np.matmul(doc[:, r0:r1], vc[:, :kend].swapaxes(1, 2), out=ds)
+        softmax_grad_rows(dsc, sc, r0, r1, kend, first)
+        np.matmul(ds, kc[:, :kend], out=dq[b0:b1, h, r0:r1])
+    k0 = 0
+    for r0, r1, kend in blocks:  # keys [k0, kend) are seen by rows r0.. only, all written above
+        p, ds = sc[:, r0:, k0:kend], dsc[:, r0:, k0:kend]
+        np.matmul(p.swapaxes(1, 2), doc[:, r0:], out=dv[b0:b1, h, k0:kend])
+        np.matmul(ds.swapaxes(1, 2), qc[:, r0:], out=dk[b0:b1, h, k0:kend])
+        k0 = kend
+    dq[b0:b1, h] *= dtype.type(scale)  # S = scale Q K^T: dq = scale dS K; dk = dS^T (scale Q) = dS^T qs
+
+
+# ---- threads -------------------------------------------------------------------------------------
+# The (64, 6, 256, 64) products are small for BLAS (a few MFLOP each) and OpenBLAS's two threads on them
+# reach ~85 GFLOP/s. Splitting the work items over THREADS Python threads, each calling BLAS on one
+# thread (blas_threads(1)), measured 302 -> 182 ms for forward + backward at that shape (one process,
+# medians of 12, a 16384x384x1536 GEMM before each call as in a training step); at (12, 4, 64, 32) it
+# lost (1.9 -> 2.5-4.0 ms: thread hand-offs cost more than the work), hence the size gate. The row
+# passes are nogil Numba functions; np.exp, np.matmul and the sums release the GIL as well.
+
+THREADS = max(1, min(os.cpu_count() or 1, 8))
+PARALLEL_MIN_SCORES = 128 * 128   # TQ * TK per head from which the items are spread over threads
+_pool = None
+
+
+def _run_items(fn, items, parallel):
+    """fn(*item) for every item: in this thread, or spread over THREADS threads (OpenBLAS on one each)."""
+    global _pool
+    if not parallel or THREADS < 2 or len(items) < 2:
+        for item in items:
+            fn(*item)
+        return
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(THREADS - 1, thread_name_prefix="tinygrad_llm-attention")
+    shares = [items[i::THREADS] for i in range(THREADS)]
+    with blas_threads(1):
+        futures = [_pool.submit(lambda share=share: [fn(*item) for item in share]) for share in shares[1:]]
+        try:
+            for item in shares[0]:
+                fn(*item)
+        finally:
+            for future in futures:
+                future.result()   # waits, and re-raises a worker's exception here
+
+
+def _items(B, NH, rows, TK, itemsize):
+    """(h, b0, b1) work items: per head, runs of batch entries whose (rows, TK) scores fit CHUNK_BYTES."""
+    per = max(1, min(B, CHUNK_BYTES // max(rows * TK * itemsize, 1)))
+    return [(h, b0, min(b0 + per, B)) for h in range(NH) for b0 in range(0, B, per)]
+
+
+def _heads_merged(*arrays):
+    """(B, NH, ...) arrays as (B*NH, 1, ...) views when all are C-contiguous (so that a work item is a run
+    over every (batch, head) pair and each np.matmul call covers many of them), else unchanged."""
+    if all(a.flags.c_contiguous for a in arrays):
+        return [a.reshape((a.shape[0] * a.shape[1], 1) + a.shape[2:]) for a in arrays]
+    return list(arrays)
+
+
+def attention_forward(q, k, v, causal, scale, out, lse):
+    """Fill out (B,NH,TQ,HV) and lse (B,NH,TQ) (arrays or views) from q, k, v; returns qs = q * scale."""
+    TQ, TK, dtype = q.shape[2], k.shape[2], q.dtype
+    qs = np.empty(q.shape, dtype)
+    np.multiply(q, dtype.type(scale), out=qs)  # the scale folded into q, contiguous
+    q_saved = qs
+    qs, k, v, out, lse = _heads_merged(qs, k, v, out, lse)
+    B, NH = qs.shape[:2]
+    blocks = _row_blocks(TQ, TK, causal)
+    first = TK - TQ + 1 if causal else TK  # row i sees keys j < i + first
+    rows = max(r1 - r0 for r0, r1, _ in blocks)
+    items = _items(B, NH, rows, TK, dtype.itemsize)
+    _run_items(lambda h, b0, b1: _forward_item(qs, k, v, out, lse, h, b0, b1, blocks, first), items,
+               TQ * TK >= PARALLEL_MIN_SCORES)
+    return q_saved
+
+
+def attention_backward(qs, k, v, lse, dout, dq, dk, dv, causal, scale):
+    """Fill dq, dk, dv (arrays or views of q's, k's, v's shapes) from the forward's qs and lse and dout."""
+    TQ, TK = qs.shape[2], k.shape[2]
+    qs, k, v, lse, dout, dq, dk, dv = _heads_merged(qs, k, v, lse, dout, dq, dk, dv)
+    B, NH = qs.shape[:2]
+    blocks = _row_blocks(TQ, TK, causal)
+    first = TK - TQ + 1 if causal else TK
+    items = _items(B, NH, TQ, TK, qs.dtype.itemsize)
+    _run_items(lambda h, b0, b1: _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first, scale),
+               items, TQ * TK >= PARALLEL_MIN_SCORES)
+
+
+def _as_4d(a):
+    """(..., T, HS) -> (B, NH, T, HS): a view (one leading axis made of all the others, or added)."""
+    if a.ndim == 4:
+        return a
+    if a.ndim == 2:
+        return a[None, None]
+    return a.reshape((-1,) + a.shape[-3:]) if a.ndim > 4 else a[None]
+
+
 class NumbaAttention:
     """Kernel for ScaledDotProductAttention: no mask (causal or not), no dropout, NumPy float32/float64."""
 
@@ -141,69 +276,22 @@ class NumbaAttention:
         if ctx.fallback:
             return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale,
                                                      dropout_p=dropout_p, rng=rng)
-        TQ, TK, HS, HV = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-        dtype = q.dtype
-        qs = np.empty(q.shape, dtype)
-        np.multiply(q, dtype.type(scale), out=qs)  # the scale folded into q, contiguous
-        qs = qs.reshape(-1, TQ, HS)
-        k3, v3 = k.reshape(-1, TK, HS), v.reshape(-1, TK, HV)
-        BH = qs.shape[0]
-        out = np.empty((BH, TQ, HV), dtype)
-        lse = np.empty((BH, TQ), dtype)
-        blocks = _row_blocks(TQ, TK, causal)
-        first = TK - TQ + 1 if causal else TK  # row i sees keys j < i + first
-        rows = max(r1 - r0 for r0, r1, _ in blocks)
-        chunk = max(1, min(BH, CHUNK_BYTES // max(rows * TK * dtype.itemsize, 1)))
-        buf = np.empty(chunk * rows * TK, dtype)
-        for c0 in range(0, BH, chunk):
-            c1 = min(c0 + chunk, BH)
-            for r0, r1, kend in blocks:
-                s = buf[:(c1 - c0) * (r1 - r0) * kend].reshape(c1 - c0, r1 - r0, kend)
-                np.matmul(qs[c0:c1, r0:r1], k3[c0:c1, :kend].swapaxes(1, 2), out=s)
-                m = np.empty((c1 - c0, r1 - r0), dtype)
-                max_shift_rows(s, 0, r1 - r0, kend, r0 + first, m)
-                np.exp(s, out=s)
-                total = s.sum(axis=2)
-                o = out[c0:c1, r0:r1]
-                np.matmul(s, v3[c0:c1, :kend], out=o)
-                o /= total[:, :, None]  # normalise the (rows, HV) output, not the (rows, kend) probabilities
-                np.log(total, out=total)
-                np.add(m, total, out=lse[c0:c1, r0:r1])
-        ctx.qs, ctx.k3, ctx.v3, ctx.lse, ctx.scale, ctx.causal = qs, k3, v3, lse, scale, causal
+        q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
+        out = np.empty(q4.shape[:3] + (v4.shape[3],), q.dtype)
+        lse = np.empty(q4.shape[:3], q.dtype)
+        ctx.qs = attention_forward(q4, k4, v4, causal, scale, out, lse)
+        ctx.k, ctx.v, ctx.lse, ctx.scale, ctx.causal = k4, v4, lse, scale, causal
         ctx.shapes = q.shape, k.shape, v.shape
-        return out.reshape(q.shape[:-1] + (HV,))
+        return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
     @staticmethod
     def backward(ctx, dout):
         if ctx.fallback:
             return ScaledDotProductAttention.backward(ctx, dout)
-        qs, k3, v3, lse, causal = ctx.qs, ctx.k3, ctx.v3, ctx.lse, ctx.causal
-        (BH, TQ, HS), TK, dtype = qs.shape, k3.shape[1], qs.dtype
-        do3 = dout.reshape(BH, TQ, v3.shape[2])
-        dq, dk, dv = np.empty_like(qs), np.empty_like(k3), np.empty_like(v3)
-        blocks = _row_blocks(TQ, TK, causal)
-        first = TK - TQ + 1 if causal else TK
-        chunk = _chunk(BH, TQ, TK, dtype.itemsize)
-        scores, dscores = np.empty((chunk, TQ, TK), dtype), np.empty((chunk, TQ, TK), dtype)
-        for c0 in range(0, BH, chunk):
-            c1 = min(c0 + chunk, BH)
-            qc, kc, vc, doc = qs[c0:c1], k3[c0:c1], v3[c0:c1], do3[c0:c1]
-            sc, dsc, lc = scores[:c1 - c0], dscores[:c1 - c0], lse[c0:c1]
-            for r0, r1, kend in blocks:  # P = exp(S - lse), dS = P (dP - rowsum(P dP)), dq = dS K
-                p, ds = sc[:, r0:r1, :kend], dsc[:, r0:r1, :kend]
-                np.matmul(qc[:, r0:r1], kc[:, :kend].swapaxes(1, 2), out=p)
-                shift_rows(sc, r0, r1, kend, first, lc)
-                np.exp(p, out=p)
-                np.matmul(doc[:, r0:r1], vc[:, :kend].swapaxes(1, 2), out=ds)
-                softmax_grad_rows(dsc, sc, r0, r1, kend, first)
-                np.matmul(ds, kc[:, :kend], out=dq[c0:c1, r0:r1])
-            k0 = 0
-            for r0, r1, kend in blocks:  # keys [k0, kend) are seen by rows r0.. only, all written above
-                p, ds = scores[:c1 - c0, r0:, k0:kend], dscores[:c1 - c0, r0:, k0:kend]
-                np.matmul(p.swapaxes(1, 2), doc[:, r0:], out=dv[c0:c1, k0:kend])
-                np.matmul(ds.swapaxes(1, 2), qc[:, r0:], out=dk[c0:c1, k0:kend])
-                k0 = kend
-        dq *= dtype.type(ctx.scale)  # S = scale Q K^T: dq = scale dS K; dk = dS^T (scale Q) = dS^T qs
+        qs, k, v = ctx.qs, ctx.k, ctx.v
+        dq, dk, dv = np.empty(qs.shape, qs.dtype), np.empty(k.shape, qs.dtype), np.empty(v.shape, qs.dtype)
+        attention_backward(qs, k, v, ctx.lse, _as_4d(dout.reshape(ctx.shapes[0][:-1] + (v.shape[-1],))), dq, dk, dv,
+                           ctx.causal, ctx.scale)
         need = ctx.needs_input_grad
         q_shape, k_shape, v_shape = ctx.shapes
         return (dq.reshape(q_shape) if need[0] else None, dk.reshape(k_shape) if need[1] else None,
@@ -253,6 +341,17 @@ def row_blocks_of(size):
         ROW_BLOCKS, MIN_ROW_BLOCK = saved
 
 
+@contextlib.contextmanager
+def spread_over_threads(threads):
+    """Spread the work items of every size over `threads` threads (tests and validation: the size gate off)."""
+    global THREADS, PARALLEL_MIN_SCORES
+    saved, (THREADS, PARALLEL_MIN_SCORES) = (THREADS, PARALLEL_MIN_SCORES), (threads, 0)
+    try:
+        yield
+    finally:
+        THREADS, PARALLEL_MIN_SCORES = saved
+
+
 @every_size_served()
 def validate():
     """Every case with the default row blocks, then with blocks of 1, 3 and 5 rows (5 and 3 do not divide
@@ -267,6 +366,17 @@ def validate():
                 err = compare_with_reference(ScaledDotProductAttention, NumbaAttention, (q, k, v, mask), attrs,
                                              needs=(True, True, True, False))
             assert err <= TOLERANCE[np.dtype(dtype)], f"attention {shape} {attrs} {np.dtype(dtype).name} rows {rows}: {err}"
+            worst = max(worst, err)
+    # the work items spread over 2 and 3 threads whatever their size (OpenBLAS on one thread each)
+    for dtype, threads in [(np.float64, 2), (np.float32, 3)]:
+        for shape, attrs, strided, TK in VALIDATION_CASES:
+            q, k, v = _inputs(shape, dtype, strided=strided, TK=TK)
+            attrs = dict(attrs, scale=1 / math.sqrt(shape[-1]))
+            mask = attrs.pop("mask", None)
+            with spread_over_threads(threads):
+                err = compare_with_reference(ScaledDotProductAttention, NumbaAttention, (q, k, v, mask), attrs,
+                                             needs=(True, True, True, False))
+            assert err <= TOLERANCE[np.dtype(dtype)], f"attention {shape} {attrs} threads {threads}: {err}"
             worst = max(worst, err)
     return worst
 

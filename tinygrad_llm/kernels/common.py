@@ -5,11 +5,66 @@ backward(ctx, dout). `compare_with_reference` runs both on the same inputs and t
 and returns the largest relative difference over the output and every gradient; `median_ms` times a
 call after warm-up (the machine is shared: medians and ratios in one process, never a lone time).
 """
+import contextlib
+import ctypes
 import time
 
 import numpy as np
 
 from ..tensor import Context
+
+_BLAS_SENTINEL = object()
+_blas = _BLAS_SENTINEL
+
+
+def openblas_threads_api():
+    """(set_num_threads, get_num_threads) of the OpenBLAS NumPy has loaded, or None (another BLAS, no /proc).
+
+    Found by its path in /proc/self/maps and its exported names (NumPy's wheels ship OpenBLAS as
+    libscipy_openblas with prefixed, 64-bit-index symbols)."""
+    global _blas
+    if _blas is not _BLAS_SENTINEL:
+        return _blas
+    _blas = None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter, getter = f"{prefix}_set_num_threads{suffix}", f"{prefix}_get_num_threads{suffix}"
+                if hasattr(lib, setter) and hasattr(lib, getter):
+                    set_threads, get_threads = getattr(lib, setter), getattr(lib, getter)
+                    set_threads.argtypes, set_threads.restype, get_threads.restype = [ctypes.c_int], None, ctypes.c_int
+                    _blas = (set_threads, get_threads)
+                    return _blas
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Run the block with OpenBLAS using n threads (then back to what it had); a no-op without OpenBLAS.
+
+    For splitting work over Python threads that each call BLAS: with OpenBLAS's own threads as well,
+    the two kinds would fight over the cores. The setting is process-wide while the block runs."""
+    api = openblas_threads_api()
+    if api is None:
+        yield
+        return
+    set_threads, get_threads = api
+    before = get_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(before)
+
 
 # float64 must agree to rounding; float32 kernels may order their sums differently from NumPy's pairwise ones.
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 2e-4}
