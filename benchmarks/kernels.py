@@ -12,13 +12,15 @@ import os
 import platform
 import sys
 
-try:  # torch first: its OpenMP runtime starts with its own defaults, untouched by the kernels' settings
+import tinygrad_llm  # noqa: F401  (before NumPy: tinygrad_llm/__init__.py sets OpenBLAS's thread timeout)
+
+try:  # torch next: its OpenMP runtime starts with its own defaults, untouched by the kernels' settings
     import torch
 except ImportError:
     torch = None
 
-import numba
-import numpy as np
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 from tinygrad_llm.kernels import KERNEL_MODULES
 from tinygrad_llm.kernels.common import HEADER

@@ -25,11 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import tinygrad_llm  # noqa: E402,F401  (before NumPy: tinygrad_llm/__init__.py sets OpenBLAS's thread timeout)
+import numpy as np  # noqa: E402
 
 from tinygrad_llm import backend  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402

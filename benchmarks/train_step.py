@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import tinygrad_llm  # noqa: E402,F401  (before NumPy: tinygrad_llm/__init__.py sets OpenBLAS's thread timeout)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from test_model import torch_mirror  # noqa: E402  (the PyTorch mirror of our GPT)
 
