@@ -31,11 +31,14 @@ Every kernel is compiled with error_model="numpy": division by zero gives inf/na
 the references) instead of Python's ZeroDivisionError check, whose branch kept LLVM from vectorising
 the loops (AdamW went from 0.6x to 4.4x the reference with it).
 
-Every kernel is serial (parallel=False). With Numba's thread pool (OpenMP) beside OpenBLAS's on
+Every Numba function is serial (parallel=False). With Numba's thread pool (OpenMP) beside OpenBLAS's on
 2 cores, each pool's idle threads hold the cores the other's next call needs: the 4x128 training step
 took 420 ms with 2 Numba threads, 82 ms with 1, 66 ms with no kernels; the 6x384 step 11.2 s, 10.4 s,
 11.8 s (same process, PyTorch on the same 2 cores). NumPy's own elementwise loops, which the kernels
-replace, are single-threaded too.
+replace, are single-threaded too. The one exception is attention on heads of >= 128 x 128 scores: its
+work items run on Python threads with OpenBLAS set to one thread for the duration (attention.py,
+common.blas_threads), (64,6,256,64) forward + backward 204-209 -> 132-139 ms; with it and OpenBLAS's
+idle threads spinning only ~1.5 ms (tinygrad_llm/__init__.py), the 6x384 step is 0.95-0.97x PyTorch's.
 
 Without Numba nothing is registered and everything runs on the NumPy references;
 TINYGRAD_LLM_KERNELS=0 does the same.
