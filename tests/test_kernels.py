@@ -128,6 +128,21 @@ def test_attention_spread_over_threads_equals_reference(B, NH, T, HS, causal, st
         assert_attention_kernel_matches(q, k, v, dict(causal=causal, scale=HS ** -0.5), seed)
 
 
+def test_gelu_erf_form_is_not_served_and_its_kernel_still_validates():
+    """The erf form's kernel measured slower than the reference (kernels/gelu.py): GELU(approximate="none")
+    runs the reference; with the kernel switched on for measuring, it still equals the reference."""
+    from tinygrad_llm.kernels.gelu import exact_served
+    x = np.random.default_rng(3).standard_normal((4, 9)) * 3
+    ctx = Context((True,))
+    NumbaGELU.forward(ctx, x, approximate="none")
+    assert ctx.fallback
+    with exact_served():
+        assert compare_with_reference(F.GELU, NumbaGELU, (x,), dict(approximate="none")) <= TOLERANCE[np.dtype(np.float64)]
+        ctx = Context((True,))
+        NumbaGELU.forward(ctx, x, approximate="none")
+        assert not ctx.fallback
+
+
 def test_blas_threads_sets_and_restores_openblas_threads():
     from tinygrad_llm.kernels.common import blas_threads, openblas_threads_api
     api = openblas_threads_api()

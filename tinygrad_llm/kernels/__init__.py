@@ -6,7 +6,8 @@ only the kernels that measured faster than their reference (benchmarks/kernels.p
     functional.ScaledDotProductAttention -> attention.NumbaAttention  (no mask, no dropout; every size)
     functional.CrossEntropy              -> cross_entropy.NumbaCrossEntropy
     functional.LayerNorm, RMSNorm        -> layer_norm.NumbaLayerNorm, NumbaRMSNorm
-    functional.GELU, SwiGLU              -> gelu.NumbaGELU (both forms), NumbaSwiGLU (same shapes)
+    functional.GELU, SwiGLU              -> gelu.NumbaGELU (tanh form; the erf form's kernel lost to its
+                                            reference and is not served), NumbaSwiGLU (same shapes)
     functional.Embedding                 -> embedding.NumbaEmbedding  (scatter-add backward)
     optim.adamw_update                   -> adamw.numba_adamw_update
     optim.adamw_update_group             -> adamw.numba_adamw_update_group  (16 parameters per call)

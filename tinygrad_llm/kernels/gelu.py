@@ -14,9 +14,15 @@ runs three passes: Numba forms u, np.tanh(u) in place (SIMD), Numba forms the ou
 Numba pass forms u, t = tanh(u) by a rational function (_tanh_float32: arithmetic only, so LLVM
 vectorises the loop) and the output: (768,512) 0.236 -> 0.183 ms, (16384,1536) 25.1 -> 14.3 ms (2
 cores; np.tanh alone took 0.14 and 10.6 ms). Either way t = tanh(u) is kept for backward (as the
-reference keeps it), whose single Numba pass needs no transcendental. The exact form wins with libm's
-erf because the reference's erf is a long series; SwiGLU's exp is cheap next to its five NumPy passes.
+reference keeps it), whose single Numba pass needs no transcendental. SwiGLU's exp is cheap next to its
+five NumPy passes.
+
+The exact (erf) form's kernel, libm's erf per element, is measured but not served (SERVE_EXACT = False):
+it lost to the reference's vectorised erf series, 15.7 vs 11.3 ms forward + backward at (12,64,512) and
+997 vs 903 ms at (64,256,1536) float32 (benchmarks/kernels.py gelu, 2 cores); both are far behind torch's
+(0.37 and 32 ms). The model's default is the tanh form (GPT-2's), which the kernel serves.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -134,12 +140,26 @@ def _flat(x):
     return np.ascontiguousarray(x).reshape(-1)
 
 
+SERVE_EXACT = False   # the erf form's kernel measured slower than its reference (module docstring)
+
+
+@contextlib.contextmanager
+def exact_served():
+    """Run the erf form's kernel too (validation and the benchmark, which keep measuring it)."""
+    global SERVE_EXACT
+    saved, SERVE_EXACT = SERVE_EXACT, True
+    try:
+        yield
+    finally:
+        SERVE_EXACT = saved
+
+
 class NumbaGELU:
     """Kernel for GELU, both forms, NumPy float32/float64."""
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
-        ctx.fallback = not (_covered(x) and approximate in ("none", "tanh"))
+        ctx.fallback = not (_covered(x) and (approximate == "tanh" or (approximate == "none" and SERVE_EXACT)))
         if ctx.fallback:
             return GELU.forward(ctx, x, approximate=approximate)
         t = x.dtype.type
@@ -208,6 +228,7 @@ def _inputs(shape, dtype, seed=0, strided=False):
 VALIDATION_SHAPES = [(3, 7, 11), (1,), (129,), (2, 64)]
 
 
+@exact_served()
 def validate():
     worst = 0.0
     for dtype in (np.float64, np.float32):
@@ -224,6 +245,7 @@ def validate():
     return worst
 
 
+@exact_served()
 def benchmark(shapes=((12, 64, 512), (64, 256, 1536))):
     """Forward + backward, float32, the MLP hidden activations (B,T,4C) of the two model configs."""
     rows, torch = [], torch_or_none()
