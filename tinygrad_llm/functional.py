@@ -56,7 +56,11 @@ class Linear(Function):
     def forward(ctx, x, w, b=None):
         ctx.x, ctx.w, ctx.has_b = x, w, b is not None
         out = matmul(x, w)  # one 2-D GEMM over every leading axis (tensor.matmul says why)
-        return out + b if b is not None else out
+        if b is not None and b.dtype == out.dtype:
+            out += b        # out is the product's own fresh array: no second (..., OUT) array
+        elif b is not None:
+            out = out + b
+        return out
 
     # derivation: docs/backward/linear.md
     @staticmethod
