@@ -356,7 +356,7 @@ def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, row
     dout = cp.asarray(randn(rng, B, T, NH * HS, dtype=dtype))
     monkeypatch.setattr(kernels(), "ROW_BLOCKS", row_blocks)
     if one_call:
-        assert kernels().batched_gemm() is not None, kernels()._batched_gemm_error
+        assert kernels().batched_gemm() is not None, kernels().batched_gemm.error
     monkeypatch.setattr(kernels(), "HEADS_IN_ONE_CALL", one_call)
     # NaN in the pool's free blocks: the causal products leave score blocks unwritten, which must never be read
     poison = cp.full(4 * B * NH * T * T + 4096, np.nan, dtype=dtype)
@@ -415,12 +415,23 @@ def test_self_attention_kernel_follows_the_tf32_switch():
 def test_linear_kernel_equals_reference(x_shape, M, dtype):
     """x w + b with the bias in cuBLASLt's epilogue == matmul then add; the epilogue path really ran."""
     cuda = kernels()
-    assert cuda.lt() is not None, cuda._lt_error
+    assert cuda.lt() is not None, cuda.lt.error
     rng = np.random.default_rng(len(x_shape) * 10 + M)
     x, w, b = randn(rng, *x_shape, dtype=dtype), randn(rng, x_shape[-1], M, dtype=dtype), randn(rng, M, dtype=dtype)
     compare_kernel(F.Linear, cuda.LinearCuda, [x, w, b], {}, dtype)
     N = int(np.prod(x_shape[:-1]))
     assert cuda.lt().plans.get((N, x_shape[-1], M, np.dtype(dtype), cuda._compute_type(dtype))) is not None
+
+
+def test_linear_kernel_with_mismatched_shapes_takes_the_reference_and_raises():
+    """Linear.apply called directly (F.linear checks shapes first): no GEMM into a wrongly sized output."""
+    import cupy as cp
+    cuda = kernels()
+    x, w = cp.ones((3, 5), np.float32), cp.ones((4, 6), np.float32)
+    with pytest.raises(ValueError):
+        cuda.LinearCuda.forward(Context((True, True, True)), x, w, cp.ones(6, np.float32))
+    with pytest.raises(ValueError):
+        cuda.LinearCuda.forward(Context((True, True, True)), cp.ones((3, 4), np.float32), w, cp.ones(5, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])

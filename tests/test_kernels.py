@@ -149,9 +149,48 @@ def test_blas_threads_sets_and_restores_openblas_threads():
     if api is None:
         pytest.skip("NumPy here is not linked to OpenBLAS")
     before = api[1]()
-    with blas_threads(1):
-        assert api[1]() == 1
+    inside = 2 if before == 1 else 1          # a change whatever OPENBLAS_NUM_THREADS says
+    with blas_threads(inside):
+        assert api[1]() == inside
+        with blas_threads(inside):            # nested (another Python thread's block): the outer restores
+            assert api[1]() == inside
+        assert api[1]() == inside
     assert api[1]() == before
+
+
+def test_attention_threads_finish_every_share_and_raise_the_first_error():
+    """An exception in one share: every share still finishes before the call raises, this thread's error
+    comes first, and OpenBLAS gets its thread count back."""
+    import threading
+    import time
+
+    from tinygrad_llm.kernels import attention
+    from tinygrad_llm.kernels.common import openblas_threads_api
+    api = openblas_threads_api()
+    before = api[1]() if api else None
+    done, lock = [], threading.Lock()
+
+    def fn(i):                                # shares with 2 threads: this one [0, 2, 4], the worker [1, 3, 5]
+        if i == 0:
+            raise KeyError("this thread's share")
+        if i == 1:
+            time.sleep(0.2)                   # the worker is still busy when this thread's share fails
+        with lock:
+            done.append(i)
+
+    with spread_over_threads(2):
+        with pytest.raises(KeyError):
+            attention._run_items(fn, [(i,) for i in range(6)], parallel=True)
+        assert sorted(done) == [1, 3, 5]      # ... and had finished its share when the call raised
+
+        def fails_in_the_worker(i):
+            if i == 1:
+                raise ValueError("worker share")
+
+        with pytest.raises(ValueError, match="worker share"):
+            attention._run_items(fails_in_the_worker, [(i,) for i in range(6)], parallel=True)
+    if api:
+        assert api[1]() == before
 
 
 @given(rows=st.integers(1, 50), C=st.integers(2, 70), dtype=dtypes, seed=st.integers(0, 2**16))

@@ -190,20 +190,40 @@ def _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first, sc
 # lost (1.9 -> 2.5-4.0 ms: thread hand-offs cost more than the work), hence the size gate. The row
 # passes are nogil Numba functions; np.exp, np.matmul and the sums release the GIL as well.
 
-THREADS = max(1, min(os.cpu_count() or 1, 8))
+def _usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))   # the cores this process may run on (taskset, containers)
+    except AttributeError:                     # not Linux
+        return os.cpu_count() or 1
+
+
+THREADS = max(1, min(_usable_cores(), 8))
 PARALLEL_MIN_SCORES = 128 * 128   # TQ * TK per head from which the items are spread over threads
-_pool = None
+_pool, _pool_size = None, 0
+
+
+def _forget_pool_in_a_forked_child():
+    global _pool
+    _pool = None   # a fork copies the pool's bookkeeping but not its threads: a new one is made on demand
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_a_forked_child)
 
 
 def _run_items(fn, items, parallel):
-    """fn(*item) for every item: in this thread, or spread over THREADS threads (OpenBLAS on one each)."""
-    global _pool
+    """fn(*item) for every item: in this thread, or spread over THREADS threads (OpenBLAS on one each).
+
+    Every share is finished before this returns or raises (no thread still writes into the outputs or
+    calls BLAS after it), and an exception in this thread's share is raised before a worker's."""
+    global _pool, _pool_size
     if not parallel or THREADS < 2 or len(items) < 2:
         for item in items:
             fn(*item)
         return
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(THREADS - 1, thread_name_prefix="tinygrad_llm-attention")
+    if _pool is None or _pool_size != THREADS - 1:
+        _pool_size = THREADS - 1
+        _pool = concurrent.futures.ThreadPoolExecutor(_pool_size, thread_name_prefix="tinygrad_llm-attention")
     shares = [items[i::THREADS] for i in range(THREADS)]
     with blas_threads(1):
         futures = [_pool.submit(lambda share=share: [fn(*item) for item in share]) for share in shares[1:]]
@@ -211,8 +231,9 @@ def _run_items(fn, items, parallel):
             for item in shares[0]:
                 fn(*item)
         finally:
-            for future in futures:
-                future.result()   # waits, and re-raises a worker's exception here
+            concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()   # a worker's exception, raised here once all have finished
 
 
 def _items(B, NH, rows, TK, itemsize):

@@ -7,6 +7,8 @@ call after warm-up (the machine is shared: medians and ratios in one process, ne
 """
 import contextlib
 import ctypes
+import os
+import threading
 import time
 
 import numpy as np
@@ -28,9 +30,12 @@ def openblas_threads_api():
     _blas = None
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
     except OSError:
         return None
+    # NumPy's own first (SciPy, say, may have loaded another OpenBLAS beside it)
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    paths = sorted(paths, key=lambda path: (not path.startswith(os.path.join(numpy_dir, "numpy")), path))
     for path in paths:
         try:
             lib = ctypes.CDLL(path)
@@ -60,12 +65,23 @@ def blas_threads(n):
         yield
         return
     set_threads, get_threads = api
-    before = get_threads()
-    set_threads(n)
+    global _blas_users, _blas_before
+    with _blas_lock:   # blocks of several Python threads at once: the first saves, the last restores
+        if _blas_users == 0:
+            _blas_before = get_threads()
+        _blas_users += 1
+        set_threads(n)
     try:
         yield
     finally:
-        set_threads(before)
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                set_threads(_blas_before)
+
+
+_blas_lock = threading.Lock()
+_blas_users, _blas_before = 0, None
 
 
 # float64 must agree to rounding; float32 kernels may order their sums differently from NumPy's pairwise ones.

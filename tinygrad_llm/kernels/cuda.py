@@ -498,6 +498,17 @@ class CausalAttentionCuda:
 # writing it again (about 1.6 ms of a 6x384 step's 37 ms). CuPy has no cuBLASLt binding, so it is
 # called through ctypes; anything missing (the library, an algorithm for the shape) takes the reference.
 
+def _load_library(name):
+    """lib<name> as CuPy already has it loaded (found in /proc/self/maps: pip-installed CUDA libraries are
+    not on the linker's path), else wherever the linker finds it."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if f"/lib{name}.so" in line})
+    except OSError:
+        paths = []
+    return ctypes.CDLL(paths[0] if paths else ctypes.util.find_library(name) or f"lib{name}.so")
+
+
 class _HeuristicResult(ctypes.Structure):   # cublasLtMatmulHeuristicResult_t
     _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
                 ("waves_count", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
@@ -513,8 +524,7 @@ class _Lt:
     """A cuBLASLt handle and, per (rows, in, out, dtype, compute type), a descriptor and an algorithm."""
 
     def __init__(self):
-        name = ctypes.util.find_library("cublasLt")
-        self.lib = ctypes.CDLL(name or "libcublasLt.so")
+        self.lib = _load_library("cublasLt")
         self.handle = ctypes.c_void_p()
         self._check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
         self.workspace = cp.empty(_LT_WORKSPACE_BYTES, dtype=np.uint8)
@@ -537,24 +547,33 @@ class _Lt:
         compute = _compute_type(dtype)
         key = (N, K, M, dtype, compute)
         if key not in self.plans:
-            lib, desc, pref = self.lib, ctypes.c_void_p(), ctypes.c_void_p()
-            self._check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), ctypes.c_int(compute),
-                                                     ctypes.c_int(_CUDA_TYPE[dtype])), "cublasLtMatmulDescCreate")
-            epilogue = ctypes.c_uint32(_LT_EPILOGUE_BIAS)
-            self._check(lib.cublasLtMatmulDescSetAttribute(desc, _LT_DESC_EPILOGUE, ctypes.byref(epilogue),
-                                                           ctypes.c_size_t(4)),
-                        "cublasLtMatmulDescSetAttribute(EPILOGUE)")
-            a, b, d = self._layout(dtype, M, K, M), self._layout(dtype, K, N, K), self._layout(dtype, M, N, M)
-            self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
-            size = ctypes.c_uint64(_LT_WORKSPACE_BYTES)
-            self._check(lib.cublasLtMatmulPreferenceSetAttribute(pref, _LT_PREF_MAX_WORKSPACE_BYTES,
-                                                                 ctypes.byref(size), ctypes.c_size_t(8)),
-                        "cublasLtMatmulPreferenceSetAttribute")
-            result, count = _HeuristicResult(), ctypes.c_int(0)
-            status = lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, d, d, pref, 1, ctypes.byref(result),
-                                                        ctypes.byref(count))
-            self.plans[key] = (desc, a, b, d, result) if status == 0 and count.value > 0 else None
+            if len(self.plans) >= 256:   # e.g. generation without a KV cache: a new N every token
+                self.plans.clear()       # (the descriptors are a few hundred bytes of host memory each)
+            try:
+                self.plans[key] = self._make_plan(N, K, M, dtype, compute)
+            except RuntimeError:         # a shape cuBLASLt will not describe: the reference takes it
+                self.plans[key] = None
         return self.plans[key]
+
+    def _make_plan(self, N, K, M, dtype, compute):
+        lib, desc, pref = self.lib, ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), ctypes.c_int(compute),
+                                                 ctypes.c_int(_CUDA_TYPE[dtype])), "cublasLtMatmulDescCreate")
+        epilogue = ctypes.c_uint32(_LT_EPILOGUE_BIAS)
+        self._check(lib.cublasLtMatmulDescSetAttribute(desc, _LT_DESC_EPILOGUE, ctypes.byref(epilogue),
+                                                       ctypes.c_size_t(4)),
+                    "cublasLtMatmulDescSetAttribute(EPILOGUE)")
+        a, b, d = self._layout(dtype, M, K, M), self._layout(dtype, K, N, K), self._layout(dtype, M, N, M)
+        self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
+        size = ctypes.c_uint64(_LT_WORKSPACE_BYTES)
+        self._check(lib.cublasLtMatmulPreferenceSetAttribute(pref, _LT_PREF_MAX_WORKSPACE_BYTES,
+                                                             ctypes.byref(size), ctypes.c_size_t(8)),
+                    "cublasLtMatmulPreferenceSetAttribute")
+        result, count = _HeuristicResult(), ctypes.c_int(0)
+        status = lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, d, d, pref, 1, ctypes.byref(result),
+                                                    ctypes.byref(count))
+        lib.cublasLtMatmulPreferenceDestroy(pref)
+        return (desc, a, b, d, result) if status == 0 and count.value > 0 else None
 
     def linear(self, x2, w, bias, out, plan):
         desc, a, b, d, result = plan
@@ -570,19 +589,22 @@ class _Lt:
             ctypes.c_size_t(_LT_WORKSPACE_BYTES), ctypes.c_void_p(cp.cuda.get_current_stream().ptr)), "cublasLtMatmul")
 
 
-_lt = None
-_lt_error = None
+class _OnFirstUse:
+    """A ctypes library wrapper made on the first call; None (the reason kept in .error) where it cannot be."""
+
+    def __init__(self, make):
+        self.make, self.value, self.error = make, None, None
+
+    def __call__(self):
+        if self.value is None and self.error is None:
+            try:
+                self.value = self.make()
+            except (OSError, AttributeError, RuntimeError) as e:
+                self.error = repr(e)
+        return self.value
 
 
-def lt():
-    """The cuBLASLt wrapper, or None (with the reason in _lt_error) where it cannot be loaded."""
-    global _lt, _lt_error
-    if _lt is None and _lt_error is None:
-        try:
-            _lt = _Lt()
-        except (OSError, AttributeError, RuntimeError) as e:
-            _lt_error = repr(e)
-    return _lt
+lt = _OnFirstUse(_Lt)
 
 
 class LinearCuda:
@@ -590,18 +612,19 @@ class LinearCuda:
 
     @staticmethod
     def forward(ctx, x, w, b=None):
-        plan = None
-        if b is not None and _served(x, w, b) and x.dtype == w.dtype == b.dtype and lt() is not None:
+        plan, lib = None, lt()
+        if (b is not None and _served(x, w, b) and x.dtype == w.dtype == b.dtype and lib is not None and w.ndim == 2
+                and x.ndim >= 1 and x.shape[-1] == w.shape[0] and b.shape == (w.shape[1],)):
             x = cp.ascontiguousarray(x)
             w, b = cp.ascontiguousarray(w), cp.ascontiguousarray(b)
             K, M = w.shape
             x2 = x.reshape(-1, K)
             if x2.shape[0] > 0 and all(a.data.ptr % 16 == 0 for a in (x2, w, b)):
-                plan = _lt.plan(x2.shape[0], K, M, np.dtype(x.dtype))
+                plan = lib.plan(x2.shape[0], K, M, np.dtype(x.dtype))
         if plan is None:
             return Linear.forward(ctx, x, w, b)
         out = cp.empty(x.shape[:-1] + (M,), dtype=x.dtype)
-        _lt.linear(x2, w, b, out, plan)
+        lib.linear(x2, w, b, out, plan)
         ctx.x, ctx.w, ctx.has_b = x, w, True
         return out
 
@@ -642,7 +665,7 @@ class _BatchedGemm:
     """cublasGemmBatchedEx through ctypes (CuPy binds only the strided-batched GEMMs), on a handle of its own."""
 
     def __init__(self):
-        self.lib = ctypes.CDLL(ctypes.util.find_library("cublas") or "libcublas.so")
+        self.lib = _load_library("cublas")
         self.handle = ctypes.c_void_p()
         status = self.lib.cublasCreate_v2(ctypes.byref(self.handle))
         if status != 0:
@@ -660,19 +683,7 @@ class _BatchedGemm:
             raise RuntimeError(f"cublasGemmBatchedEx failed with status {status}")
 
 
-_batched_gemm = None
-_batched_gemm_error = None
-
-
-def batched_gemm():
-    """The pointer-array GEMM, or None (reason in _batched_gemm_error) where libcublas cannot be loaded."""
-    global _batched_gemm, _batched_gemm_error
-    if _batched_gemm is None and _batched_gemm_error is None:
-        try:
-            _batched_gemm = _BatchedGemm()
-        except (OSError, AttributeError, RuntimeError) as e:
-            _batched_gemm_error = repr(e)
-    return _batched_gemm
+batched_gemm = _OnFirstUse(_BatchedGemm)
 
 
 HEADS_IN_ONE_CALL = True
@@ -732,9 +743,9 @@ class SelfAttentionCuda:
     """functional.SelfAttention on the packed (B, T, 3C) qkv without unpacking it.
 
     The reference copies qkv into (3, B, NH, T, HS) and merges the output heads with another copy (and
-    backward two more). Here each head's products are cuBLAS strided-batched GEMMs over the batch that
-    read q, k, v as strided column blocks of qkv (row stride 3C) and write the output, and dq, dk, dv,
-    straight into their columns of y (B, T, C) and dqkv (B, T, 3C): no copies. Causal: the query rows
+    backward two more). Here each product is one cuBLAS pointer-array batched GEMM over every (batch, head)
+    pair (_gemm_heads) that reads q, k, v as strided column blocks of qkv (row stride 3C) and writes the
+    output, and dq, dk, dv, straight into their columns of y (B, T, C) and dqkv (B, T, 3C): no copies. Causal: the query rows
     go in ROW_BLOCKS blocks, and a block multiplies only the keys it can see (the softmax passes zero
     the rest of its rows), so the products do 3/4 of the full flops. The scores are (B, NH, T, T) as in
     CausalAttentionCuda, with the same softmax passes, so attention dropout draws the same mask from
