@@ -312,13 +312,30 @@ __global__ void cross_entropy_forward(const T* logits, const long long* targets,
 template<typename T> struct Vec16;
 template<> struct Vec16<float> { typedef float4 type; };
 template<> struct Vec16<double> { typedef double2 type; };
-#define FOR_EACH_VECTOR(n)                                                                        \
-    typedef typename Vec16<T>::type V;                                                            \
-    const int W = sizeof(V) / sizeof(T);                                                          \
-    long long stride = (long long)gridDim.x * blockDim.x, nv = (n) / W;                           \
-    long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x;                             \
-    for (long long v = tid; v < nv + ((n) - nv * W); v += stride)
-// inside: if v < nv, elements v*W .. v*W+W-1 as one vector; else the tail element nv*W + (v - nv)
+
+// out[e] = f(x[e], y[e], e) for e < n (y unread when BINARY is false), 16 bytes a load and a store, then
+// the tail of n % W elements one at a time.
+template<bool BINARY, typename T, typename F>
+__device__ __forceinline__ void map16(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ out,
+                                      long long n, F f) {
+    typedef typename Vec16<T>::type V;
+    const int W = sizeof(V) / sizeof(T);
+    long long stride = (long long)gridDim.x * blockDim.x, nv = n / W;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nv + (n - nv * W); v += stride) {
+        if (v < nv) {
+            V a = reinterpret_cast<const V*>(x)[v], b;
+            if (BINARY) b = reinterpret_cast<const V*>(y)[v];
+            T* e = reinterpret_cast<T*>(&a);
+            const T* g = reinterpret_cast<const T*>(&b);
+            #pragma unroll
+            for (int k = 0; k < W; k++) e[k] = f(e[k], BINARY ? g[k] : (T)0, v * W + k);
+            reinterpret_cast<V*>(out)[v] = a;
+        } else {
+            long long i = nv * W + (v - nv);
+            out[i] = f(x[i], BINARY ? y[i] : (T)0, i);
+        }
+    }
+}
 
 template<typename T> __device__ __forceinline__ T gelu_tanh_f(T x, T* t_out) {
     const T c = 0.044715, s = 0.7978845608028654;  // sqrt(2/pi)
@@ -326,82 +343,35 @@ template<typename T> __device__ __forceinline__ T gelu_tanh_f(T x, T* t_out) {
     *t_out = t;
     return (T)0.5 * x * (1 + t);
 }
-template<typename T> __device__ __forceinline__ T gelu_tanh_grad(T x, T dout) {
-    const T c = 0.044715, s = 0.7978845608028654;
-    T t;
-    gelu_tanh_f(x, &t);
-    return dout * ((T)0.5 * (1 + t) + (T)0.5 * x * (1 - t * t) * s * (1 + 3 * c * x * x));
-}
-template<typename T> __device__ __forceinline__ T dropout_f(T x, long long e, unsigned long long seed, float p, T scale) {
-    return dropout_keep(seed, e, p) ? x * scale : (T)0;
-}
 
-template<typename T>
-__global__ void gelu_tanh_forward_v(const T* __restrict__ x, T* __restrict__ y, long long n) {
-    FOR_EACH_VECTOR(n) {
+struct GeluTanh {
+    template<typename T> __device__ T operator()(T x, T, long long) const { T t; return gelu_tanh_f(x, &t); }
+};
+struct GeluTanhGrad {   // dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 c x^2)),  t = tanh(u)
+    template<typename T> __device__ T operator()(T x, T dout, long long) const {
+        const T c = 0.044715, s = 0.7978845608028654;
         T t;
-        if (v < nv) {
-            V a = reinterpret_cast<const V*>(x)[v];
-            T* e = reinterpret_cast<T*>(&a);
-            #pragma unroll
-            for (int k = 0; k < W; k++) e[k] = gelu_tanh_f(e[k], &t);
-            reinterpret_cast<V*>(y)[v] = a;
-        } else {
-            long long i = nv * W + (v - nv);
-            y[i] = gelu_tanh_f(x[i], &t);
-        }
+        gelu_tanh_f(x, &t);
+        return dout * ((T)0.5 * (1 + t) + (T)0.5 * x * (1 - t * t) * s * (1 + 3 * c * x * x));
     }
-}
+};
+struct Sum {
+    template<typename T> __device__ T operator()(T a, T b, long long) const { return a + b; }
+};
+template<typename T> struct DropoutMask {
+    unsigned long long seed; float p; T scale;
+    __device__ T operator()(T x, T, long long e) const { return dropout_keep(seed, e, p) ? x * scale : (T)0; }
+};
 
 template<typename T>
-__global__ void gelu_tanh_backward_v(const T* __restrict__ x, const T* __restrict__ dout, T* __restrict__ dx, long long n) {
-    FOR_EACH_VECTOR(n) {
-        if (v < nv) {
-            V a = reinterpret_cast<const V*>(x)[v], d = reinterpret_cast<const V*>(dout)[v];
-            T* e = reinterpret_cast<T*>(&a);
-            T* g = reinterpret_cast<T*>(&d);
-            #pragma unroll
-            for (int k = 0; k < W; k++) g[k] = gelu_tanh_grad(e[k], g[k]);
-            reinterpret_cast<V*>(dx)[v] = d;
-        } else {
-            long long i = nv * W + (v - nv);
-            dx[i] = gelu_tanh_grad(x[i], dout[i]);
-        }
-    }
-}
-
+__global__ void gelu_tanh_forward_v(const T* x, T* y, long long n) { map16<false>(x, x, y, n, GeluTanh()); }
 template<typename T>
-__global__ void add_v(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ out, long long n) {
-    FOR_EACH_VECTOR(n) {
-        if (v < nv) {
-            V a = reinterpret_cast<const V*>(x)[v], b = reinterpret_cast<const V*>(y)[v];
-            T* e = reinterpret_cast<T*>(&a);
-            T* f = reinterpret_cast<T*>(&b);
-            #pragma unroll
-            for (int k = 0; k < W; k++) e[k] += f[k];
-            reinterpret_cast<V*>(out)[v] = a;
-        } else {
-            long long i = nv * W + (v - nv);
-            out[i] = x[i] + y[i];
-        }
-    }
-}
-
+__global__ void gelu_tanh_backward_v(const T* x, const T* dout, T* dx, long long n) { map16<true>(x, dout, dx, n, GeluTanhGrad()); }
 template<typename T>
-__global__ void dropout_v(const T* __restrict__ x, T* __restrict__ y, long long n, unsigned long long seed, float p,
-                          T scale) {
-    FOR_EACH_VECTOR(n) {
-        if (v < nv) {
-            V a = reinterpret_cast<const V*>(x)[v];
-            T* e = reinterpret_cast<T*>(&a);
-            #pragma unroll
-            for (int k = 0; k < W; k++) e[k] = dropout_f(e[k], v * W + k, seed, p, scale);
-            reinterpret_cast<V*>(y)[v] = a;
-        } else {
-            long long i = nv * W + (v - nv);
-            y[i] = dropout_f(x[i], i, seed, p, scale);
-        }
-    }
+__global__ void add_v(const T* x, const T* y, T* out, long long n) { map16<true>(x, y, out, n, Sum()); }
+template<typename T>
+__global__ void dropout_v(const T* x, T* y, long long n, unsigned long long seed, float p, T scale) {
+    map16<false>(x, x, y, n, DropoutMask<T>{seed, p, scale});
 }
 """
 
