@@ -13,8 +13,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinygrad_llm.checkpoint import load_checkpoint  # noqa: E402
-from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
+from tinygrad_llm.checkpoint import load_model  # noqa: E402
 from tinygrad_llm.sample import generate  # noqa: E402
 from tinygrad_llm.tokenizer import tokenizer_from_dict  # noqa: E402
 
@@ -32,9 +31,7 @@ def main(argv):
     args = parser.parse_args(argv)
 
     try:
-        meta = load_checkpoint(args.ckpt)          # metadata first: it says which model to build
-        model = GPT(GPTConfig.from_dict(meta["config"]))
-        load_checkpoint(args.ckpt, model)
+        model, meta = load_model(args.ckpt)        # built from the checkpoint's own config
         model.to(args.device)
         if "tokenizer" not in meta:
             raise ValueError(f"{args.ckpt} holds no tokenizer in its metadata")

@@ -216,6 +216,19 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(restored.standard_normal(4), rng.standard_normal(4))
 
 
+def test_load_model_builds_the_saved_model_reading_the_file_once(tmp_path, monkeypatch):
+    model = tiny_model(seed=4, n_layer=2, n_embd=8, tie_embeddings=False)
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, meta={"step": 3})
+    reads = []
+    real = checkpoint.load_safetensors
+    monkeypatch.setattr(checkpoint, "load_safetensors", lambda path: reads.append(path) or real(path))
+    loaded, meta = checkpoint.load_model(tmp_path / "ckpt.safetensors")
+    assert len(reads) == 1
+    assert meta == {"step": 3, "config": model.config.to_dict()}
+    assert loaded.config == model.config
+    assert_same_arrays(loaded.state_dict(), model.state_dict())
+
+
 def test_tied_weights_are_stored_once_under_wte(tmp_path):
     model = tiny_model()
     save_checkpoint(tmp_path / "ckpt.safetensors", model)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_write
+from .model import GPT, GPTConfig
 
 # safetensors dtype names <-> NumPy dtypes (always little-endian on disk)
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
@@ -176,6 +177,22 @@ def load_checkpoint(path, model=None, optimizer=None):
     unexpected or mis-shaped weights, or a missing optimizer state raise and leave model and optimizer
     untouched.
     """
+    arrays, metadata, meta = _read_checkpoint(path)
+    _load_into(path, arrays, metadata, meta, model, optimizer)
+    return meta
+
+
+def load_model(path):
+    """(model, meta): a GPT built from the checkpoint's saved config and loaded with its weights, the file
+    read once (for sampling and evaluation, where no model exists yet to load into)."""
+    arrays, metadata, meta = _read_checkpoint(path)
+    model = GPT(GPTConfig.from_dict(meta["config"]))
+    _load_into(path, arrays, metadata, meta, model, None)
+    return model, meta
+
+
+def _read_checkpoint(path):
+    """(arrays, raw metadata, meta with its JSON values parsed), the format and version checked."""
     arrays, metadata = load_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a tinygrad_llm checkpoint (no "
@@ -191,8 +208,11 @@ def load_checkpoint(path, model=None, optimizer=None):
                 raise ValueError(f"{path} is corrupt: metadata {key!r} is not JSON: {value[:80]!r}") from None
     if "config" not in meta:
         raise ValueError(f"{path} is corrupt: its metadata holds no model config")
-    weights = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    return arrays, metadata, meta
 
+
+def _load_into(path, arrays, metadata, meta, model, optimizer):
+    weights = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER_PREFIX)}
     if model is not None:
         _check_config(path, meta["config"], model.config.to_dict())
     if optimizer is not None:
@@ -210,7 +230,6 @@ def load_checkpoint(path, model=None, optimizer=None):
             raise ValueError(f"{path} does not fit the model: {e}") from None
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
-    return meta
 
 
 def _to_numpy(value):
