@@ -36,7 +36,7 @@ from tinygrad_llm import backend  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW, param_groups  # noqa: E402
 
-from train_step import BETAS, CONFIGS, LR, VOCAB, WEIGHT_DECAY  # noqa: E402
+from train_step import BETAS, CONFIGS, LR, VOCAB, WEIGHT_DECAY, torch_training_step  # noqa: E402
 
 # op name (ours: the reference's name; torch: substrings of aten op names) -> category
 CATEGORIES = [
@@ -208,17 +208,7 @@ def profile_torch(spec, batches, warmup, steps, model_seed=0):
     spec.pop("batch_size")
     torch.set_num_threads(os.cpu_count())
     model = GPT(GPTConfig(vocab_size=VOCAB, **spec), rng=np.random.default_rng(model_seed))
-    mirror = torch_mirror(model)
-    params = list(mirror.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=LR, betas=BETAS)
-
-    def step(x, y):
-        _, loss = mirror(torch.from_numpy(x), torch.from_numpy(y))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    step = torch_training_step(torch_mirror(model))
 
     for i in range(warmup):
         step(*batches[i % len(batches)])

@@ -40,6 +40,23 @@ VOCAB = 65
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
 
 
+def torch_training_step(mirror):
+    """step(x, y) -> loss: forward, backward and a torch.optim.AdamW step of the mirror (the same two
+    parameter groups as param_groups: decay on matrices only)."""
+    params = list(mirror.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=LR, betas=BETAS)
+
+    def step(x, y):
+        _, loss = mirror(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
@@ -57,22 +74,13 @@ def main():
     model = GPT(cfg, rng=np.random.default_rng(0))
     mirror = torch_mirror(model)
     opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
-    t_params = list(mirror.parameters())
-    t_opt = torch.optim.AdamW([{"params": [p for p in t_params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-                               {"params": [p for p in t_params if p.dim() < 2], "weight_decay": 0.0}], lr=LR, betas=BETAS)
+    torch_step = torch_training_step(mirror)
 
     def ours_step(x, y):
         _, loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad()
-        return loss.item()
-
-    def torch_step(x, y):
-        _, loss = mirror(torch.from_numpy(x), torch.from_numpy(y))
-        loss.backward()
-        t_opt.step()
-        t_opt.zero_grad(set_to_none=True)
         return loss.item()
 
     rng = np.random.default_rng(1)

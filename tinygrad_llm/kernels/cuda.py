@@ -406,6 +406,36 @@ def _warp_rows_launch(rows):
 
 # ---- attention -----------------------------------------------------------------------------------
 
+def _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng):
+    """The masked-softmax pass over the raw scores s (..., TQ, TK), in place (s becomes P); returns Pd (P
+    itself without dropout). Keeps in ctx what _softmax_backward needs: scale, causal, the dropout seed."""
+    T = s.dtype.type
+    ctx.scale, ctx.causal = scale, causal
+    ctx.seed, ctx.drop_p, ctx.drop_scale = np.uint64(0), np.float32(dropout_p), T(1 / (1 - dropout_p))
+    ctx.has_drop = np.int32(dropout_p > 0)
+    pd = s
+    if dropout_p > 0:
+        ctx.seed = np.uint64(rng.integers(0, 2 ** 63))
+        pd = cp.empty_like(s)
+    rows = s.size // TK
+    lse = cp.empty(rows, dtype=s.dtype)
+    grid, block = _warp_rows_launch(rows)
+    _kernel("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
+                                                                np.int32(TK - TQ if causal else TK), T(scale), pd,
+                                                                ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+    return pd
+
+
+def _softmax_backward(ctx, p, ds, TQ, TK):
+    """ds (..., TQ, TK) = dPd, overwritten by dS * scale (the forward's mask recomputed from its seed)."""
+    rows = ds.size // TK
+    grid, block = _warp_rows_launch(rows)
+    _kernel("attention_softmax_backward", ds.dtype)(grid, block, (p, ds, np.int64(rows), np.int32(TQ), np.int32(TK),
+                                                                  np.int32(TK - TQ if ctx.causal else TK),
+                                                                  ds.dtype.type(ctx.scale), ctx.seed, ctx.drop_p,
+                                                                  ctx.drop_scale, ctx.has_drop))
+
+
 class CausalAttentionCuda:
     """ScaledDotProductAttention with causal or no mask: cuBLAS products around fused softmax passes.
 
@@ -423,21 +453,8 @@ class CausalAttentionCuda:
                                                      dropout_p=dropout_p, rng=rng)
         TQ, TK = q.shape[-2], k.shape[-2]
         s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
-        rows = s.size // TK
-        lse = cp.empty(s.shape[:-1], dtype=s.dtype)
-        offset = TK - TQ if causal else TK
-        T = s.dtype.type
-        ctx.seed, ctx.drop_p, ctx.drop_scale = np.uint64(0), np.float32(dropout_p), T(1 / (1 - dropout_p))
-        ctx.has_drop = np.int32(dropout_p > 0)
-        pd = s
-        if dropout_p > 0:
-            ctx.seed = np.uint64(rng.integers(0, 2 ** 63))
-            pd = cp.empty_like(s)
-        grid, block = _warp_rows_launch(rows)
-        _kernel("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
-                                                                    np.int32(offset), T(scale), pd, ctx.seed,
-                                                                    ctx.drop_p, ctx.drop_scale, ctx.has_drop))
-        ctx.q, ctx.k, ctx.v, ctx.p, ctx.pd, ctx.scale, ctx.causal = q, k, v, s, pd, scale, causal
+        pd = _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
+        ctx.q, ctx.k, ctx.v, ctx.p, ctx.pd = q, k, v, s, pd
         return cp.matmul(pd, v)
 
     @staticmethod
@@ -449,14 +466,7 @@ class CausalAttentionCuda:
         # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
         dv = cp.matmul(ctx.pd.swapaxes(-1, -2), dout) if need[2] else None
         ds = cp.matmul(dout, v.swapaxes(-1, -2))
-        TK = ds.shape[-1]
-        rows = ds.size // TK
-        grid, block = _warp_rows_launch(rows)
-        TQ = ds.shape[-2]
-        offset = TK - TQ if ctx.causal else TK
-        _kernel("attention_softmax_backward", ds.dtype)(grid, block, (p, ds, np.int64(rows), np.int32(TQ), np.int32(TK),
-                                                                      np.int32(offset), ds.dtype.type(ctx.scale), ctx.seed,
-                                                                      ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+        _softmax_backward(ctx, p, ds, ds.shape[-2], ds.shape[-1])
         dq = cp.matmul(ds, k) if need[0] else None
         dk = cp.matmul(ds.swapaxes(-1, -2), q) if need[1] else None
         return dq, dk, dv, None
@@ -742,23 +752,12 @@ class SelfAttentionCuda:
             kend = r1 if causal else T
             _gemm_heads(dtype, B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * size, C3, *qs, q0 + C * size, C3, *qs,
                         s0 + r0 * T * size, T, *ss, trans_b=True)
-        rows = B * NH * T
-        lse = cp.empty(rows, dtype=dtype)
-        ctx.seed, ctx.drop_p, ctx.drop_scale = np.uint64(0), np.float32(dropout_p), dtype.type(1 / (1 - dropout_p))
-        ctx.has_drop = np.int32(dropout_p > 0)
-        pd = s
-        if dropout_p > 0:
-            ctx.seed = np.uint64(rng.integers(0, 2 ** 63))
-            pd = cp.empty_like(s)
-        grid, block = _warp_rows_launch(rows)
-        _kernel("attention_softmax_forward", dtype)(grid, block, (s, lse, np.int64(rows), np.int32(T), np.int32(T),
-                                                                  np.int32(0 if causal else T), dtype.type(scale), pd,
-                                                                  ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+        pd = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng)
         for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
             kend = r1 if causal else T
             _gemm_heads(dtype, B, NH, r1 - r0, HS, kend, pd.data.ptr + r0 * T * size, T, *ss, q0 + 2 * C * size, C3,
                         *qs, y.data.ptr + r0 * C * size, C, *ys)
-        ctx.qkv, ctx.p, ctx.pd, ctx.scale, ctx.n_head, ctx.causal = qkv, s, pd, scale, NH, causal
+        ctx.qkv, ctx.p, ctx.pd, ctx.n_head = qkv, s, pd, NH
         return y
 
     @staticmethod
@@ -786,11 +785,7 @@ class SelfAttentionCuda:
             kend = r1 if causal else T
             _gemm_heads(dtype, B, NH, r1 - r0, kend, HS, d0 + r0 * C * size, C, *ys, q0 + 2 * C * size, C3, *qs,
                         ds0 + r0 * T * size, T, *ss, trans_b=True)                                           # dPd
-        rows = B * NH * T
-        grid, block = _warp_rows_launch(rows)
-        _kernel("attention_softmax_backward", dtype)(grid, block, (p, ds, np.int64(rows), np.int32(T), np.int32(T),
-                                                                   np.int32(0 if causal else T), dtype.type(ctx.scale),
-                                                                   ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+        _softmax_backward(ctx, p, ds, T, T)
         for r0, r1 in blocks:
             kend = r1 if causal else T
             _gemm_heads(dtype, B, NH, r1 - r0, HS, kend, ds0 + r0 * T * size, T, *ss, q0 + C * size, C3, *qs,
