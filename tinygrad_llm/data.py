@@ -13,12 +13,16 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .fileio import atomic_write
 from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
 CHUNK_CHARS = 1 << 20  # characters read (and tokens copied) per step: this bounds prepare's memory
 END_OF_TEXT = "<|endoftext|>"
+# tiny Shakespeare, shipped in a checkout (examples/data/README.md says where it comes from); the default text
+# of examples/train_shakespeare.py and the benchmarks. An installed copy of the package without the checkout lacks it.
+SHAKESPEARE_TEXT = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"
 
 
 def read_blocks(path, chunk_chars=CHUNK_CHARS):
@@ -54,23 +58,45 @@ def _last_safe_cut(text):
     return 0
 
 
+def check_tokenizer_spec(spec):
+    """ValueError unless spec is "char", "bpe:N" (N >= 256) or the path of a file (a saved BPE tokenizer)."""
+    if spec == "char" or (isinstance(spec, (str, Path)) and not str(spec).startswith("bpe:") and Path(spec).is_file()):
+        return
+    if isinstance(spec, str) and spec.startswith("bpe:"):
+        n = spec[4:]
+        if not (n.isdigit() and int(n) >= 256):
+            raise ValueError(f"tokenizer {spec!r}: expected 'bpe:N' with N an integer >= 256 "
+                             "(the 256 bytes, then the merges), e.g. 'bpe:512'")
+        return
+    raise ValueError(f"tokenizer must be 'char', 'bpe:N' or the path of a saved BPE tokenizer file; got {spec!r}")
+
+
+def _text_blocks(path, chunk_chars, desc):
+    """read_blocks with a progress bar over the file's bytes (on a terminal), and a clear error for a file
+    that is not text: one that is not UTF-8, or holds NUL characters (a binary file that happens to decode)."""
+    with tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True, disable=None, leave=False) as bar:
+        try:
+            for block in read_blocks(path, chunk_chars):
+                if "\x00" in block:
+                    raise ValueError(f"{path} looks like a binary file, not text: it holds NUL characters")
+                bar.update(len(block.encode("utf-8")))
+                yield block
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); "
+                             "give a text file") from None
+
+
 def _build_tokenizer(spec, input_path, chunk_chars):
     if spec == "char":
         chars = set()
-        for block in read_blocks(input_path, chunk_chars):
+        for block in _text_blocks(input_path, chunk_chars, "reading characters"):
             chars.update(block)
         return CharTokenizer(sorted(chars))
     if isinstance(spec, str) and spec.startswith("bpe:"):
-        try:
-            vocab_size = int(spec[4:])
-        except ValueError:
-            raise ValueError(f"tokenizer {spec!r}: expected 'bpe:N' with N an integer, e.g. 'bpe:512'") from None
-        large = input_path.stat().st_size > 10 * CHUNK_CHARS  # show progress when training takes a while
-        return BPETokenizer.train(read_blocks(input_path, chunk_chars), vocab_size,
+        large = input_path.stat().st_size > 10 * CHUNK_CHARS  # show the merges' progress when training takes a while
+        return BPETokenizer.train(_text_blocks(input_path, chunk_chars, "BPE: counting pieces"), int(spec[4:]),
                                   special_tokens=(END_OF_TEXT,), verbose=large)
-    if Path(spec).is_file():
-        return BPETokenizer.load(spec)
-    raise ValueError(f"tokenizer must be 'char', 'bpe:N' or the path of a saved BPE tokenizer; got {spec!r}")
+    return BPETokenizer.load(spec)
 
 
 def prepare(input_path, out_dir, tokenizer="char", val_fraction=0.1, chunk_chars=CHUNK_CHARS):
@@ -84,8 +110,11 @@ def prepare(input_path, out_dir, tokenizer="char", val_fraction=0.1, chunk_chars
     input_path, out_dir = Path(input_path), Path(out_dir)
     if not input_path.is_file():
         raise FileNotFoundError(f"input text file not found: {input_path}")
+    if input_path.stat().st_size == 0:
+        raise ValueError(f"input text file is empty: {input_path}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_tokenizer_spec(tokenizer)
     tok = _build_tokenizer(tokenizer, input_path, chunk_chars)
     encode = tok.encode if isinstance(tok, CharTokenizer) else lambda s: tok.encode(s, allowed_special="all")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
@@ -93,11 +122,15 @@ def prepare(input_path, out_dir, tokenizer="char", val_fraction=0.1, chunk_chars
     out_dir.mkdir(parents=True, exist_ok=True)
     train_tmp, val_tmp = out_dir / "train.bin.tmp", out_dir / "val.bin.tmp"
     n_tokens = 0
-    with open(train_tmp, "wb") as f:
-        for block in read_blocks(input_path, chunk_chars):
-            ids = np.asarray(encode(block), dtype=dtype)
-            ids.tofile(f)
-            n_tokens += ids.size
+    try:
+        with open(train_tmp, "wb") as f:
+            for block in _text_blocks(input_path, chunk_chars, "tokenizing"):
+                ids = np.asarray(encode(block), dtype=dtype)
+                ids.tofile(f)
+                n_tokens += ids.size
+    except BaseException:
+        train_tmp.unlink(missing_ok=True)
+        raise
     if n_tokens == 0:
         train_tmp.unlink()
         raise ValueError(f"input text file is empty: {input_path}")

@@ -6,10 +6,18 @@
 
 The filters apply in this order: divide the logits by the temperature, keep the top_k largest,
 keep the smallest set of tokens whose probability adds up to at least top_p, sample from what is left.
+
+From the command line (the checkpoint carries the model's config and its tokenizer):
+
+    python -m tinygrad_llm.sample --ckpt out/shakespeare_char/ckpt.safetensors --prompt "ROMEO:" --top_k 40
 """
+import math
+from pathlib import Path
+
 import numpy as np
 
 from . import backend
+from .cli import bounded, new_parser, parse_config_args, parse_float, parse_int, run_cli
 from .tensor import no_grad
 
 
@@ -118,3 +126,52 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     finally:
         model.train(was_training)
     return out[0] if squeeze else out
+
+
+def argument_parser():
+    p = new_parser("Generate text from a checkpoint written by a training run.", prog="python -m tinygrad_llm.sample")
+    p.add_argument("--ckpt", type=Path, default=Path("out/shakespeare_char/ckpt.safetensors"),
+                   help="a .safetensors checkpoint from training (default: out/shakespeare_char/ckpt.safetensors, "
+                        "where examples/train_shakespeare.py saves its best)")
+    p.add_argument("--prompt", default="\n", help="text to continue, not empty (default: a newline)")
+    p.add_argument("--max_new_tokens", type=bounded(parse_int, lambda n: n > 0, "a positive integer"), default=300,
+                   help="tokens to generate (default: 300)")
+    p.add_argument("--temperature", type=bounded(parse_float, lambda t: 0 <= t < math.inf, "a finite number >= 0"),
+                   default=0.8, help="divides the logits; 0 is greedy decoding (default: 0.8)")
+    p.add_argument("--top_k", type=bounded(parse_int, lambda k: k >= 1, "an integer >= 1"), default=None,
+                   help="keep only the k most likely tokens (default: all)")
+    p.add_argument("--top_p", type=bounded(parse_float, lambda q: 0 < q <= 1, "in (0, 1]"), default=None,
+                   help="keep the most likely tokens up to this total probability (default: 1, all)")
+    p.add_argument("--seed", type=parse_int, default=1337, help="seed of the sampling (default: 1337)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model runs; cuda needs CuPy (default: cpu)")
+    return p
+
+
+def main(argv=None):
+    """`python -m tinygrad_llm.sample --ckpt PATH [--prompt TEXT] ...`; --help lists the options."""
+    run_cli(_main, argv)
+
+
+def _main(argv):
+    from .checkpoint import load_model
+    from .tokenizer import tokenizer_from_dict
+    from .train import check_device
+
+    args = parse_config_args(argument_parser(), argv)
+    if not args["prompt"]:
+        raise ValueError("--prompt is empty: give some text to continue (the default is a newline)")
+    check_device(args["device"])
+    model, meta = load_model(args["ckpt"])        # built from the checkpoint's own config
+    if "tokenizer" not in meta:
+        raise ValueError(f"{args['ckpt']} holds no tokenizer in its metadata")
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    prompt_ids = tokenizer.encode(args["prompt"])
+    model.to(args["device"])
+    ids = generate(model, np.asarray(prompt_ids, dtype=np.int64), args["max_new_tokens"], temperature=args["temperature"],
+                   top_k=args["top_k"], top_p=args["top_p"], rng=np.random.default_rng(args["seed"]))
+    print(tokenizer.decode(ids.tolist()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,38 +1,57 @@
-"""The training loop as a library function: `train(TrainConfig(...)) -> summary dict`.
+"""The training loop as a library function: `train(TrainConfig(...)) -> summary dict`, and its command line.
 
     from tinygrad_llm.train import TrainConfig, parse_overrides, train
-    config = parse_overrides(["--max_iters=500", "--lr=3e-4"], TrainConfig(data_dir="data/shakespeare/char"))
+    config = parse_overrides(["--max_iters", "500", "--lr=3e-4"], TrainConfig(data_dir="data/shakespeare/char"))
     summary = train(config)          # -> {"best_val_loss": ..., "best_iter": ..., "sample": ..., ...}
 
+    python -m tinygrad_llm.train --data_dir data/shakespeare/char --max_iters 500    # --help lists every key
+
 What one run does, step by step:
+- before anything is allocated or written: out_dir must not hold another run (unless overwrite or resume),
+  and the model, its gradients, AdamW's state and one micro-batch's activations must fit in memory;
 - one np.random.Generator seeded with `seed` drives the model's init, dropout and the training batches;
   evaluation batches come from their own generator seeded with (seed, iter), so how often one
   evaluates never changes the training trajectory;
 - each iteration sums the gradients of `grad_accum` micro-batches of `batch_size` windows, each
   micro-batch loss scaled by 1/grad_accum, so k micro-batches give the gradient of one batch k times
   larger; clipping then sees that whole-batch gradient (nanoGPT issue #168);
-- AdamW with weight decay on the matrices only, lr on a cosine schedule with linear warmup;
+- AdamW with weight decay on the matrices only, lr on a cosine schedule with linear warmup that reaches
+  min_lr at lr_decay_iters (max_iters unless set) and stays there;
 - every `eval_interval` iterations (and at the last): the mean loss over `eval_iters` batches of each
   split in eval mode without a graph, one line in out_dir/metrics.jsonl, out_dir/loss.png redrawn,
   and out_dir/ckpt.safetensors rewritten when the val loss is the best so far (atomically);
-- a NaN/Inf loss or gradient norm stops the run: the step's forward/backward is re-run under
-  detect_anomaly to name the op, and the error names both; the best checkpoint is left as it was.
+- a NaN/Inf loss or gradient norm at a step, or a NaN/Inf evaluation loss, stops the run: the step's
+  forward (and backward) is re-run under detect_anomaly to name the op, and the error names both;
+  the best checkpoint is left as it was;
+- at the end, or at the first SIGINT/SIGTERM (after the step under way), the run's latest state goes to
+  out_dir/last.safetensors (atomically); an interruption then raises TrainingInterrupted, whose message
+  says how to resume. A second signal stops at once without saving.
 
-Resuming (`init_from="resume"`) reads ckpt.safetensors: weights, optimizer, iteration, best val loss and
-the generator's state, so the resumed run continues bit for bit as the uninterrupted one would have.
-The checkpoint is taken at an evaluation, before that iteration's training step.
+Resuming (`init_from="resume"`) reads the newer of ckpt.safetensors and last.safetensors: weights,
+optimizer, iteration, best val loss and the generator's state, so the resumed run continues bit for bit
+as the uninterrupted one would have. A checkpoint is taken at an iteration, after its evaluation and
+before its training step. A resumed run keeps its data, model and optimization settings (the saved
+config); only the keys in RESUMABLE may differ, and a new max_iters needs lr_decay_iters set so that the
+learning-rate schedule is stated, not implied. `resume_config(out_dir, **changes)` builds that config.
 """
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from . import backend
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import UsageError, config_parser, option, parse_config_args, run_cli
 from .data import get_batch, load_meta
 from .fileio import atomic_write
 from .model import GPT, GPTConfig
@@ -40,49 +59,55 @@ from .optim import AdamW, clip_grad_norm, cosine_lr, param_groups
 from .tensor import detect_anomaly, no_grad
 from .tokenizer import tokenizer_from_dict
 
-CHECKPOINT_NAME = "ckpt.safetensors"
+CHECKPOINT_NAME = "ckpt.safetensors"      # the best val loss so far
+LAST_NAME = "last.safetensors"            # the latest state: at the end of a run, or where it was interrupted
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("float32", "float64"), "device": ("cpu", "cuda"),
            "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "position": ("learned", "rope")}
+# what a resumed run may set differently from the run it continues (everything else comes from the checkpoint)
+RESUMABLE = ("out_dir", "init_from", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
+             "log_interval", "sample_chars", "device")
 
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs; defaults are the tiny-Shakespeare character recipe (DESIGN.md section 6)."""
-    data_dir: str = "data/shakespeare/char"   # a folder written by data.prepare
-    out_dir: str = "out"                      # checkpoint, metrics.jsonl, loss.png
+    """Everything one run needs; defaults are the tiny-Shakespeare character recipe."""
+    data_dir: str = option("data/shakespeare/char", "folder written by tinygrad_llm.data.prepare (meta.json, train.bin, val.bin)")
+    out_dir: str = option("out", "folder for ckpt.safetensors (best), last.safetensors, metrics.jsonl, loss.png")
     # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = True
-    norm: str = "layernorm"
-    mlp: str = "gelu"
-    position: str = "learned"
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads per block (must divide n_embd)")
+    n_embd: int = option(128, "width of the residual stream")
+    block_size: int = option(64, "context length in tokens")
+    dropout: float = option(0.0, "dropout probability in [0, 1)")
+    bias: bool = option(True, "biases in the Linear and LayerNorm layers")
+    norm: str = option("layernorm", "normalization layer")
+    mlp: str = option("gelu", "MLP kind (swiglu: Llama's gated MLP)")
+    position: str = option("learned", "position encoding (rope: rotary)")
     # optimization
-    batch_size: int = 12                      # windows per micro-batch
-    grad_accum: int = 1                       # micro-batches per optimizer step
-    max_iters: int = 2000                     # optimizer steps
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    beta1: float = 0.9
-    beta2: float = 0.99
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0                    # 0 turns clipping off
+    batch_size: int = option(12, "windows per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_iters: int = option(2000, "optimizer steps")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "linear warm-up steps")
+    lr_decay_iters: int = option(None, "step at which the cosine decay reaches min_lr (None: max_iters)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)")
     # evaluation and logging
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 50                    # a progress line every this many iterations (0: none)
+    eval_interval: int = option(250, "evaluate (and maybe save the best checkpoint) every this many steps")
+    eval_iters: int = option(20, "batches per split in each evaluation")
+    log_interval: int = option(50, "a progress line every this many steps (0: none)")
     # run
-    seed: int = 1337
-    dtype: str = "float32"
-    device: str = "cpu"
-    init_from: str = "scratch"                # "scratch" | "resume" (from out_dir/ckpt.safetensors)
-    sample_chars: int = 300                   # length of the closing text sample (0: none)
+    seed: int = option(1337, "seed of the init, dropout and batches")
+    dtype: str = option("float32", "parameter and activation dtype")
+    device: str = option("cpu", "where to train (cuda needs CuPy and an NVIDIA GPU)")
+    init_from: str = option("scratch", "scratch: a new run; resume: continue the run saved in out_dir")
+    overwrite: bool = option(False, "let a new run replace the run saved in out_dir")
+    sample_chars: int = option(300, "length of the closing text sample (0: none)")
 
     def __post_init__(self):
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters")
@@ -91,16 +116,22 @@ class TrainConfig:
         problems += [f"{name} must be a non-negative integer, got {getattr(self, name)!r}"
                      for name in ("max_iters", "warmup_iters", "log_interval", "sample_chars")
                      if not _is_int(getattr(self, name)) or getattr(self, name) < 0]
+        if self.lr_decay_iters is not None and not (_is_int(self.lr_decay_iters) and self.lr_decay_iters > 0):
+            problems.append(f"lr_decay_iters must be a positive integer (or None), got {self.lr_decay_iters!r}")
         problems += [f"{name}={getattr(self, name)!r}: expected one of {allowed}"
                      for name, allowed in CHOICES.items() if getattr(self, name) not in allowed]
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            problems.append(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            problems.append(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+        numbers = ("dropout", "lr", "min_lr", "beta1", "beta2", "weight_decay", "grad_clip")
+        not_finite = [name for name in numbers if not _is_finite(getattr(self, name))]
+        problems += [f"{name} must be a finite number, got {getattr(self, name)!r}" for name in not_finite]
+        if not not_finite:
+            if not 0 <= self.dropout < 1:
+                problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+            if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+                problems.append(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+                problems.append(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
+            if self.weight_decay < 0 or self.grad_clip < 0:
+                problems.append(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
         if _is_int(self.n_embd) and _is_int(self.n_head) and self.n_head > 0 and self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if problems:
@@ -111,47 +142,180 @@ class TrainConfig:
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
                          dtype=self.dtype, norm=self.norm, mlp=self.mlp, position=self.position)
 
+    def lr_at(self, it):
+        return cosine_lr(it, self.lr, self.min_lr, self.warmup_iters, self.lr_decay_iters or self.max_iters)
+
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _is_finite(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_argument_parser(description=None, defaults=None, epilog=None, prog=None):
+    """The argparse parser of every TrainConfig key (--key value or --key=value; --help lists them all)."""
+    return config_parser(TrainConfig, description=description, defaults=defaults, choices=CHOICES, epilog=epilog,
+                         prog=prog)
+
+
 def parse_overrides(args, config=None):
-    """Apply `--key=value` arguments to a TrainConfig (a new one; `config` is left as it was).
+    """Apply `--key value` / `--key=value` arguments to a TrainConfig (a new one; `config` is left as it was).
 
-    Values are converted to the field's type: "--max_iters=500", "--lr=3e-4", "--bias=false".
-    An unknown key, a malformed argument or a value of the wrong type raises ValueError saying so.
+    Values are converted to the field's type: "--max_iters=500", "--lr", "3e-4", "--bias=false".
+    An unknown key, a malformed argument or a value of the wrong type raises ValueError (UsageError) saying so.
     """
-    config = config or TrainConfig()
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    changes = {}
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        if key not in types:
-            raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(types)}")
-        changes[key] = _convert(key, text, types[key])
-    return dataclasses.replace(config, **changes)
-
-
-def _convert(key, text, kind):
-    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind)  # annotations may be strings
-    if kind is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"--{key} expects true or false, got {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"--{key} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    given = parse_config_args(config_argument_parser(), args)
+    return dataclasses.replace(config or TrainConfig(), **given)
 
 
 class TrainingDiverged(FloatingPointError):
     """A NaN or Inf loss (or gradient norm) stopped training; the message names the step and the op."""
 
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after saving its state; the message says how to resume."""
+
+
+class ConfigTooLarge(ValueError):
+    """The run would not fit in memory; raised before anything is allocated, with the estimate."""
+
+
+# ---- before the run: the out_dir, the device, the memory, a resume's settings ----------------------
+
+def check_out_dir(config):
+    """Refuse an out_dir under a file, and a new run into an out_dir holding one (unless overwrite)."""
+    out_dir = Path(config.out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"out_dir {out_dir}: {folder} is a file, not a folder")
+            break
+    if config.init_from == "scratch" and not config.overwrite:
+        held = [name for name in (CHECKPOINT_NAME, LAST_NAME) if (out_dir / name).exists()]
+        if held:
+            raise FileExistsError(f"{out_dir} already holds a run ({', '.join(held)}); continue it with "
+                                  f"--init_from=resume, or replace it with --overwrite=true")
+
+
+def check_device(device):
+    if device == "cuda" and not backend.cuda_available():
+        raise ValueError("--device cuda needs CuPy and an NVIDIA GPU, and none was found "
+                         "(pip install -e '.[cuda]' on a machine with one); use --device cpu")
+
+
+def latest_checkpoint(out_dir):
+    """(path, meta) of the newer of out_dir's best and last checkpoints (the last one on a tie); None if neither."""
+    found = []
+    for name in (CHECKPOINT_NAME, LAST_NAME):
+        path = Path(out_dir) / name
+        if path.is_file():
+            meta = load_checkpoint(path)
+            lacking = [key for key in ("step", "best_val_loss", "rng_state", "train_config") if key not in meta]
+            if lacking:
+                raise ValueError(f"{path} lacks the training state {lacking} needed to resume "
+                                 "(was it written by another tool?)")
+            found.append((meta["step"], name == LAST_NAME, path, meta))
+    return max(found, key=lambda f: f[:2])[2:] if found else None
+
+
+def resume_config(out_dir, **changes):
+    """The TrainConfig that continues the run saved in out_dir: its saved settings, with `changes` applied.
+
+    A change to a key outside RESUMABLE that differs from the saved value raises ValueError, as does a
+    new max_iters without lr_decay_iters (which would silently reshape the learning-rate schedule).
+    """
+    found = latest_checkpoint(out_dir)
+    if found is None:
+        raise FileNotFoundError(f"init_from=resume but {out_dir} holds no checkpoint ({CHECKPOINT_NAME} or {LAST_NAME})")
+    path, meta = found
+    known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in meta["train_config"].items() if k in known}
+    config = TrainConfig(**{**saved, **changes, "out_dir": str(out_dir), "init_from": "resume"})
+    check_resumable(config, meta["train_config"], path, meta["step"])
+    return config
+
+
+def check_resumable(config, saved, path, step):
+    """ValueError unless `config` may continue the run whose saved config is `saved` (see RESUMABLE)."""
+    conflicts = [f"--{k}={getattr(config, k)} (the run has {saved[k]})" for k in saved
+                 if k not in RESUMABLE and hasattr(config, k) and getattr(config, k) != saved[k]]
+    if conflicts:
+        raise ValueError(f"{path} continues a run with other settings: {', '.join(conflicts)}; a resumed run keeps "
+                         f"its data, model and optimization settings (only {', '.join(RESUMABLE[3:])} may change), "
+                         "so drop those flags or start a new run in another --out_dir")
+    saved_decay = saved.get("lr_decay_iters") or saved["max_iters"]
+    if config.lr_decay_iters is None and config.max_iters != saved_decay:
+        raise ValueError(f"--max_iters={config.max_iters} would change the learning-rate schedule, which reaches "
+                         f"min_lr at iteration {saved_decay} in this run; state it: --lr_decay_iters={saved_decay} keeps "
+                         f"it (lr stays at min_lr after {saved_decay}), --lr_decay_iters={config.max_iters} stretches it")
+    if config.max_iters < step:
+        raise ValueError(f"--max_iters={config.max_iters} is before iteration {step}, where {path} was saved")
+
+
+def count_params(config):
+    """Parameter elements of GPT(config) (a GPTConfig), tied weights once, computed without building it."""
+    C, H, V, T, L = config.n_embd, config.mlp_hidden, config.vocab_size, config.block_size, config.n_layer
+    b = 1 if config.bias else 0
+    norm = C * (1 + b) if config.norm == "layernorm" else C
+    attention = C * 3 * C + b * 3 * C + C * C + b * C
+    mlp = (2 if config.mlp == "swiglu" else 1) * (C * H + b * H) + H * C + b * C
+    embeddings = V * C + (T * C if config.position == "learned" else 0) + (0 if config.tie_embeddings else V * C)
+    return embeddings + L * (2 * norm + attention + mlp) + norm
+
+
+def estimate_memory(config, vocab_size):
+    """Bytes one training step needs, about: {"parameters", "gradients", "optimizer", "activations", "total"}.
+
+    Activations: what one micro-batch's graph keeps for the backward pass, per block about 10 (B, T, C)
+    arrays, 3 (B, T, H) ones and 2 (B, NH, T, T) attention arrays; then 3 (B, T, V) arrays for the
+    logits and the loss, and 2 (B, T, C) for the embeddings. tests/test_train.py checks the total
+    against the peak that tracemalloc measures.
+    """
+    model_config = config.model_config(vocab_size)
+    itemsize = np.dtype(config.dtype).itemsize
+    B, T, C, H, NH = config.batch_size, config.block_size, config.n_embd, model_config.mlp_hidden, config.n_head
+    params = count_params(model_config) * itemsize
+    per_block = B * T * (10 * C + 3 * H) + 2 * B * NH * T * T
+    activations = (config.n_layer * per_block + 3 * B * T * vocab_size + 2 * B * T * C) * itemsize
+    sizes = {"parameters": params, "gradients": params, "optimizer": 2 * params, "activations": activations}
+    return {**sizes, "total": sum(sizes.values())}
+
+
+def available_memory(device):
+    """Bytes free for this process on the device, or None when unknown: for the CPU, MemAvailable of
+    /proc/meminfo, lowered to the cgroup's limit when one is set; for cuda, the GPU's free memory."""
+    if device == "cuda":
+        return int(backend.cupy_module().cuda.Device().mem_info[0])
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_memory(config, vocab_size):
+    need, free = estimate_memory(config, vocab_size), available_memory(config.device)
+    if free is not None and need["total"] > free:
+        parts = ", ".join(f"{name} {_gib(need[name])}" for name in ("parameters", "gradients", "optimizer", "activations"))
+        raise ConfigTooLarge(f"this config needs about {_gib(need['total'])} ({parts}) but {_gib(free)} of "
+                             f"{'GPU ' if config.device == 'cuda' else ''}memory is available; make n_embd, n_layer, "
+                             "block_size or batch_size smaller (grad_accum keeps the batch with smaller micro-batches)")
+
+
+def _gib(n):
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+# ---- the run ------------------------------------------------------------------------------------------
 
 def train(config):
     """Run the loop described in the module docstring; returns a summary dict.
@@ -161,94 +325,193 @@ def train(config):
     checkpoint (its path), sample (the decoded closing text, or None) and model (the trained GPT).
     """
     out_dir = Path(config.out_dir)
+    ckpt_path, last_path = out_dir / CHECKPOINT_NAME, out_dir / LAST_NAME
+    check_out_dir(config)
+    check_device(config.device)
     meta = load_meta(config.data_dir)
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    if config.init_from == "resume" and not ckpt_path.is_file():
-        raise FileNotFoundError(f"init_from=resume but there is no checkpoint at {ckpt_path}")
+    resume_from = None
+    if config.init_from == "resume":
+        resume_from = latest_checkpoint(out_dir)
+        if resume_from is None:
+            raise FileNotFoundError(f"init_from=resume but {out_dir} holds no checkpoint ({CHECKPOINT_NAME} or {LAST_NAME})")
+        path, saved = resume_from
+        check_resumable(config, saved["train_config"], path, saved["step"])
+        if saved.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
+            raise ValueError(f"{path} was trained with another tokenizer than the one in "
+                             f"{config.data_dir}/meta.json; resume with the data_dir the run was started with")
+    check_memory(config, meta["vocab_size"])
 
     rng = np.random.default_rng(config.seed)
     model = GPT(config.model_config(meta["vocab_size"]), rng=rng)
     model.to(config.device)  # before a resume, so that the optimizer state is loaded onto the same device
     optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                       betas=(config.beta1, config.beta2))
-    start_iter, best_val_loss, best_iter, previous_elapsed = 0, math.inf, None, 0.0
-    if config.init_from == "resume":
-        saved = load_checkpoint(ckpt_path, model, optimizer)
-        lacking = [key for key in ("step", "best_val_loss", "rng_state") if key not in saved]
-        if lacking:
-            raise ValueError(f"{ckpt_path} lacks the training state {lacking} needed to resume "
-                             "(was it written by another tool?)")
-        if saved.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
-            raise ValueError(f"{ckpt_path} was trained with another tokenizer than the one in {config.data_dir}/meta.json; "
-                             "resume with the data_dir the run was started with")
+    run = {"start_iter": 0, "best_val_loss": math.inf, "best_iter": None, "previous_elapsed": 0.0}
+    if resume_from is not None:
+        path = resume_from[0]
+        saved = load_checkpoint(path, model, optimizer)
         rng.bit_generator.state = saved["rng_state"]
-        start_iter, best_val_loss, best_iter = saved["step"], saved["best_val_loss"], saved["step"]
-        previous_elapsed = saved.get("elapsed_s", 0.0)
-        print(f"resuming from {ckpt_path} at iteration {start_iter} (best val loss {best_val_loss:.4f})")
+        run = {"start_iter": saved["step"], "best_val_loss": saved["best_val_loss"],
+               "best_iter": saved.get("best_iter", saved["step"]), "previous_elapsed": saved.get("elapsed_s", 0.0)}
+        print(f"resuming from {path} at iteration {run['start_iter']} (best val loss {run['best_val_loss']:.4f})")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_NAME
     if config.init_from == "scratch":
+        for stale in (ckpt_path, last_path, out_dir / PLOT_NAME):  # only with overwrite=true: check_out_dir said so
+            stale.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.init_from == "scratch":
         metrics_path.write_text("")
-    records = _read_records(metrics_path, before_iter=start_iter)
+    records = _read_records(metrics_path, before_iter=run["start_iter"])
 
     tokens_per_iter = config.batch_size * config.grad_accum * config.block_size
     print(f"model: {model.num_params():,} parameters; {tokens_per_iter:,} tokens per iteration; "
           f"{config.max_iters} iterations; vocabulary {meta['vocab_size']}")
 
-    run_start = time.perf_counter()
-    train_time, interval_tokens, interval_time = 0.0, 0, 0.0
-    last = {"train": None, "val": None}
-    for it in range(start_iter, config.max_iters + 1):
-        lr = cosine_lr(it, config.lr, config.min_lr, config.warmup_iters, config.max_iters)
-        evaluate_now = it % config.eval_interval == 0 or it == config.max_iters
-        # a resumed run starts where its checkpoint was taken: right after that iteration's evaluation
-        if evaluate_now and not (config.init_from == "resume" and it == start_iter):
-            losses = estimate_loss(model, config, it)
-            last = losses
-            record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
-                      "elapsed_s": round(previous_elapsed + time.perf_counter() - run_start, 3),
-                      "tokens_per_s": round(interval_tokens / interval_time, 1) if interval_time else None}
-            records.append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            improved = losses["val"] < best_val_loss
-            if improved:
-                best_val_loss, best_iter = losses["val"], it
-                save_checkpoint(ckpt_path, model, optimizer, meta={
-                    "step": it, "best_val_loss": best_val_loss, "rng_state": rng.bit_generator.state,
-                    "tokenizer": meta["tokenizer"], "train_config": dataclasses.asdict(config),
-                    "elapsed_s": record["elapsed_s"]})
-            print(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  + (f" (best so far, saved {ckpt_path})" if improved else ""), flush=True)
-            plot_losses(records, out_dir / PLOT_NAME)
-            interval_tokens, interval_time = 0, 0.0
-        if it == config.max_iters:
-            break
+    def save(path, it):
+        save_checkpoint(path, model, optimizer, meta={
+            "step": it, "best_val_loss": run["best_val_loss"], "best_iter": run["best_iter"],
+            "rng_state": rng.bit_generator.state, "tokenizer": meta["tokenizer"],
+            "train_config": dataclasses.asdict(config),
+            "elapsed_s": round(run["previous_elapsed"] + time.perf_counter() - run_start, 3)})
 
-        step_start = time.perf_counter()
-        loss_value = train_step(model, optimizer, config, rng, it, lr, ckpt_path)
-        step_time = time.perf_counter() - step_start
-        train_time += step_time
-        interval_time += step_time
-        interval_tokens += tokens_per_iter
-        done = it + 1 - start_iter
-        if config.log_interval and (it % config.log_interval == 0 or it == config.max_iters - 1):
-            ms = 1000 * train_time / done
-            eta = (config.max_iters - it - 1) * train_time / done
-            print(f"iter {it:5d} | loss {loss_value:.4f} | lr {lr:.2e} | {ms:7.1f} ms/iter | "
-                  f"{tokens_per_iter * done / train_time:8,.0f} tokens/s | ETA {_duration(eta)}", flush=True)
+    run_start = time.perf_counter()
+    progress = Progress(config, run["start_iter"], tokens_per_iter)
+    last = {"train": None, "val": None}
+    warned = set()
+    with stop_requests() as stop, progress:
+        for it in range(run["start_iter"], config.max_iters + 1):
+            lr = config.lr_at(it)
+            evaluate_now = it % config.eval_interval == 0 or it == config.max_iters
+            # a resumed run starts where its checkpoint was taken: right after that iteration's evaluation
+            if evaluate_now and not (resume_from is not None and it == run["start_iter"]):
+                losses = estimate_loss(model, config, it)
+                check_finite_losses(model, config, it, losses, ckpt_path)
+                last = losses
+                record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                          "elapsed_s": round(run["previous_elapsed"] + time.perf_counter() - run_start, 3),
+                          "tokens_per_s": progress.interval_rate()}
+                records.append(record)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                improved = losses["val"] < run["best_val_loss"]
+                if improved:
+                    run["best_val_loss"], run["best_iter"] = losses["val"], it
+                    save(ckpt_path, it)
+                progress.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                               + (f" (best so far, saved {ckpt_path})" if improved else ""))
+                if not plot_losses(records, out_dir / PLOT_NAME) and "plot" not in warned:
+                    warned.add("plot")
+                    progress.write(f"{PLOT_NAME} skipped: matplotlib is not installed (pip install -e '.[plot]')")
+            if it == config.max_iters:
+                break
+            if stop.signal is not None:
+                save(last_path, it)
+                raise TrainingInterrupted(f"interrupted by {signal.Signals(stop.signal).name} at iteration {it}; "
+                                          f"the run's state is saved in {last_path}; continue it with "
+                                          f"--init_from=resume --out_dir={out_dir}")
+            progress.start_step()
+            loss_value = train_step(model, optimizer, config, rng, it, lr, ckpt_path)
+            progress.end_step(it, loss_value, lr)
+    save(last_path, config.max_iters)
 
     elapsed = time.perf_counter() - run_start
     sample = None
     if config.sample_chars:
         sample = sample_text(model, tokenizer, config.sample_chars, rng)
         print(f"--- sample ({config.sample_chars} characters) ---\n{sample}\n---")
-    return {"best_val_loss": best_val_loss, "best_iter": best_iter, "iters": config.max_iters,
+    return {"best_val_loss": run["best_val_loss"], "best_iter": run["best_iter"], "iters": config.max_iters,
             "final_train_loss": last["train"], "final_val_loss": last["val"], "elapsed_s": elapsed,
-            "tokens_per_s": tokens_per_iter * (config.max_iters - start_iter) / train_time if train_time else None,
-            "checkpoint": str(ckpt_path), "sample": sample, "model": model}
+            "tokens_per_s": progress.mean_rate(), "checkpoint": str(ckpt_path), "sample": sample, "model": model}
+
+
+class Progress:
+    """Progress lines and a tqdm bar for the training steps, with the first step timed apart.
+
+    The first step of a process compiles the Numba kernels (seconds, once): it is reported on its
+    own line and left out of the rate and the ETA. The bar shows on a terminal only (stderr a TTY);
+    the log lines (every log_interval steps) go to stdout either way, through the bar so as not to break it.
+    """
+
+    def __init__(self, config, start_iter, tokens_per_iter):
+        self.config, self.start_iter, self.tokens_per_iter = config, start_iter, tokens_per_iter
+        self.bar = None
+        self.first_step_s = None
+        self.steady_time, self.steady_steps = 0.0, 0       # every step but the first
+        self.interval_time, self.interval_steps = 0.0, 0   # since the last evaluation
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def write(self, line):
+        (self.bar.write if self.bar is not None else print)(line)
+        sys.stdout.flush()
+
+    def start_step(self):
+        self.step_start = time.perf_counter()
+
+    def end_step(self, it, loss, lr):
+        seconds = time.perf_counter() - self.step_start
+        self.interval_time += seconds
+        self.interval_steps += 1
+        if self.first_step_s is None:
+            self.first_step_s = seconds
+            if self.config.log_interval:
+                self.write(f"first step {seconds:.2f} s (includes compiling the kernels once; "
+                           "left out of the rate and ETA)")
+            self.bar = tqdm(total=self.config.max_iters, initial=it + 1, unit="it", desc="training",
+                            disable=None, dynamic_ncols=True, leave=False)
+        else:
+            self.steady_time += seconds
+            self.steady_steps += 1
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        log = self.config.log_interval
+        if log and (it % log == 0 or it == self.config.max_iters - 1):
+            rate = self.mean_rate()
+            per_step = self.steady_time / self.steady_steps if self.steady_steps else None
+            eta = _duration((self.config.max_iters - it - 1) * per_step) if per_step is not None else "-"
+            ms = f"{1000 * per_step:7.1f}" if per_step is not None else "      -"
+            speed = f"{rate:8,.0f}" if rate is not None else "       -"
+            self.write(f"iter {it:5d} | loss {loss:.4f} | lr {lr:.2e} | {ms} ms/iter | {speed} tokens/s | ETA {eta}")
+
+    def mean_rate(self):
+        """Tokens per second over the steps after the first (None until there is one)."""
+        return self.tokens_per_iter * self.steady_steps / self.steady_time if self.steady_time else None
+
+    def interval_rate(self):
+        """Tokens per second since the previous evaluation (None if no step ran), then starts a new interval."""
+        rate = round(self.tokens_per_iter * self.interval_steps / self.interval_time, 1) if self.interval_time else None
+        self.interval_time, self.interval_steps = 0.0, 0
+        return rate
+
+
+@contextmanager
+def stop_requests():
+    """While inside, the first SIGINT or SIGTERM sets `.signal` (the loop stops after its step and saves);
+    a second one raises KeyboardInterrupt at once. Outside the main thread signals are left alone."""
+    state = type("StopRequest", (), {"signal": None})()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state.signal is not None:
+            raise KeyboardInterrupt(f"interrupted again by {signal.Signals(signum).name}: stopped at once, "
+                                    "without saving the latest state")
+        state.signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def train_step(model, optimizer, config, rng, it, lr, ckpt_path):
@@ -277,19 +540,37 @@ def _grad_norm(model):
     return math.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in model.parameters() if p.grad is not None))
 
 
-def _diverged(model, x, y, what, ckpt_path):
-    """Re-run the step's forward and backward under detect_anomaly to find the op; raise TrainingDiverged."""
+def _diverged(model, x, y, what, ckpt_path, backward=True):
+    """Re-run the step's forward (and backward) under detect_anomaly to find the op; raise TrainingDiverged."""
     model.zero_grad()
     op = "no op produced a non-finite value when the step was re-run"
     try:
         with detect_anomaly():
-            _, loss = model(x, y, rng=np.random.default_rng(0))  # (any dropout mask will do here)
-            loss.backward()
+            if backward:
+                _, loss = model(x, y, rng=np.random.default_rng(0))  # (any dropout mask will do here)
+                loss.backward()
+            else:
+                with no_grad():
+                    model(x, y)
     except FloatingPointError as e:
         op = str(e)
     model.zero_grad()
     kept = f"the last good checkpoint {ckpt_path} is untouched" if ckpt_path.is_file() else "no checkpoint was written yet"
     raise TrainingDiverged(f"training stopped: {what}; {op}; {kept}")
+
+
+def check_finite_losses(model, config, it, losses, ckpt_path):
+    """TrainingDiverged, naming the op, when an evaluation loss is NaN or Inf."""
+    for split, value in losses.items():
+        if not math.isfinite(value):
+            x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size,
+                             np.random.default_rng((config.seed, it)))
+            model.eval()
+            try:
+                _diverged(model, x, y, f"{split} loss is {value} at the evaluation of iteration {it}", ckpt_path,
+                          backward=False)
+            finally:
+                model.train()
 
 
 def estimate_loss(model, config, it):
@@ -342,12 +623,12 @@ def _read_records(path, before_iter):
 
 
 def plot_losses(records, path):
-    """Train and val loss against iteration, as a PNG; silently skipped when matplotlib is missing."""
+    """Train and val loss against iteration, as a PNG; returns False (and draws nothing) without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        return
+        return False
     figure = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -360,6 +641,7 @@ def plot_losses(records, path):
     ax.legend()
     figure.tight_layout()
     atomic_write(path, lambda f: figure.savefig(f, format="png"))
+    return True
 
 
 def _duration(seconds):
@@ -368,14 +650,21 @@ def _duration(seconds):
 
 
 def main(argv=None):
-    """`python -m tinygrad_llm.train --data_dir=... [--key=value ...]`."""
-    try:
-        config = parse_overrides(sys.argv[1:] if argv is None else argv)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    """`python -m tinygrad_llm.train --data_dir DIR [--key value ...]`; --help lists every key."""
+    parser = config_argument_parser(prog="python -m tinygrad_llm.train", description="Train a GPT on a folder written by tinygrad_llm.data.prepare "
+                                    "(examples/train_shakespeare.py prepares tiny Shakespeare and calls this).")
+    run_cli(lambda args: _main(parser, args), argv)
+
+
+def _main(parser, argv):
+    given = parse_config_args(parser, argv)
+    if given.get("init_from") == "resume":
+        config = resume_config(given.pop("out_dir", TrainConfig.out_dir), **given)
+    else:
+        config = TrainConfig(**given)
     summary = train(config)
     print(f"best val loss {summary['best_val_loss']:.4f} at iteration {summary['best_iter']}; "
-          f"{summary['elapsed_s']:.1f} s")
+          f"{summary['elapsed_s']:.1f} s; checkpoint {summary['checkpoint']}")
 
 
 if __name__ == "__main__":
