@@ -621,7 +621,7 @@ def test_train_function_on_cuda_resumes(tmp_path):
     prepare(text, tmp_path / "data")
     common = dict(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2, n_embd=16,
                   block_size=16, batch_size=4, eval_interval=5, eval_iters=2, log_interval=0, sample_chars=20,
-                  device="cuda", dropout=0.1)
+                  device="cuda", dropout=0.1, lr_decay_iters=10)   # the schedule stated: resumed with more iterations
     first = train(TrainConfig(max_iters=5, **common))
     assert first["model"].device == "cuda" and np.isfinite(first["best_val_loss"])
     resumed = train(TrainConfig(max_iters=10, init_from="resume", **common))

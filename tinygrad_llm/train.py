@@ -326,12 +326,45 @@ def train(config):
     final_train_loss, final_val_loss (the last evaluation), elapsed_s (this run), tokens_per_s,
     checkpoint (its path), sample (the decoded closing text, or None) and model (the trained GPT).
     """
+    meta, resume_from = check_run(config)      # everything is checked before anything is allocated or written
+    run = Run(config, meta)
+    if resume_from is not None:
+        run.restore(*resume_from)
+    run.open_outputs()
+    print(f"model: {run.model.num_params():,} parameters; {run.tokens_per_iter:,} tokens per iteration; "
+          f"{config.max_iters} iterations; vocabulary {meta['vocab_size']}")
+    with stop_requests() as stop, run.progress:
+        for it in range(run.start_iter, config.max_iters + 1):
+            lr = config.lr_at(it)
+            # a resumed run starts where its checkpoint was taken: right after that iteration's evaluation
+            if (it % config.eval_interval == 0 or it == config.max_iters) and not (run.resumed and it == run.start_iter):
+                run.evaluate(it, lr)
+            if it == config.max_iters:
+                break
+            if stop.signal is not None:
+                run.interrupt(it, stop.signal)
+            run.progress.start_step()
+            loss = train_step(run.model, run.optimizer, config, run.rng, it, lr, run.ckpt_path)
+            run.progress.end_step(it, loss, lr)
+    elapsed = time.perf_counter() - run.start_time
+    run.save(run.last_path, config.max_iters)
+    sample = None
+    if config.sample_chars:
+        sample = sample_text(run.model, run.tokenizer, config.sample_chars, run.rng)
+        print(f"--- sample ({config.sample_chars} characters) ---\n{sample}\n---")
+    return {"best_val_loss": run.best_val_loss, "best_iter": run.best_iter, "iters": config.max_iters,
+            "final_train_loss": run.last_losses["train"], "final_val_loss": run.last_losses["val"],
+            "elapsed_s": elapsed, "tokens_per_s": run.progress.mean_rate(), "checkpoint": str(run.ckpt_path),
+            "sample": sample, "model": run.model}
+
+
+def check_run(config):
+    """(data meta, (checkpoint path, its meta) to resume from or None), after every check that needs no
+    allocation: out_dir, device, data, a resume's checkpoint and settings, memory."""
     out_dir = Path(config.out_dir)
-    ckpt_path, last_path = out_dir / CHECKPOINT_NAME, out_dir / LAST_NAME
     check_out_dir(config)
     check_device(config.device)
     meta = load_meta(config.data_dir)
-    tokenizer = tokenizer_from_dict(meta["tokenizer"])
     resume_from = None
     if config.init_from == "resume":
         resume_from = latest_checkpoint(out_dir)
@@ -343,89 +376,87 @@ def train(config):
             raise ValueError(f"{path} was trained with another tokenizer than the one in "
                              f"{config.data_dir}/meta.json; resume with the data_dir the run was started with")
     check_memory(config, meta["vocab_size"])
+    return meta, resume_from
 
-    rng = np.random.default_rng(config.seed)
-    model = GPT(config.model_config(meta["vocab_size"]), rng=rng)
-    model.to(config.device)  # before a resume, so that the optimizer state is loaded onto the same device
-    optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                      betas=(config.beta1, config.beta2))
-    run = {"start_iter": 0, "best_val_loss": math.inf, "best_iter": None, "previous_elapsed": 0.0}
-    if resume_from is not None:
-        path = resume_from[0]
-        saved = load_checkpoint(path, model, optimizer)
-        rng.bit_generator.state = saved["rng_state"]
-        run = {"start_iter": saved["step"], "best_val_loss": saved["best_val_loss"],
-               "best_iter": saved.get("best_iter", saved["step"]), "previous_elapsed": saved.get("elapsed_s", 0.0)}
-        print(f"resuming from {path} at iteration {run['start_iter']} (best val loss {run['best_val_loss']:.4f})")
 
-    metrics_path = out_dir / METRICS_NAME
-    if config.init_from == "scratch":
-        for stale in (ckpt_path, last_path, out_dir / PLOT_NAME):  # only with overwrite=true: check_out_dir said so
-            stale.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.init_from == "scratch":
-        metrics_path.write_text("")
-    records = _read_records(metrics_path, before_iter=run["start_iter"])
+class Run:
+    """One training run's state: model, optimizer, generator, best so far, outputs; train() drives it."""
 
-    tokens_per_iter = config.batch_size * config.grad_accum * config.block_size
-    print(f"model: {model.num_params():,} parameters; {tokens_per_iter:,} tokens per iteration; "
-          f"{config.max_iters} iterations; vocabulary {meta['vocab_size']}")
+    def __init__(self, config, meta):
+        self.config, self.meta = config, meta
+        self.tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        out_dir = Path(config.out_dir)
+        self.ckpt_path, self.last_path = out_dir / CHECKPOINT_NAME, out_dir / LAST_NAME
+        self.metrics_path, self.plot_path = out_dir / METRICS_NAME, out_dir / PLOT_NAME
+        self.rng = np.random.default_rng(config.seed)
+        self.model = GPT(config.model_config(meta["vocab_size"]), rng=self.rng)
+        self.model.to(config.device)  # before a resume, so that the optimizer state is loaded onto the same device
+        self.optimizer = AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
+                               betas=(config.beta1, config.beta2))
+        self.resumed, self.start_iter, self.previous_elapsed = False, 0, 0.0
+        self.best_val_loss, self.best_iter = math.inf, None
+        self.last_losses = {"train": None, "val": None}
+        self.tokens_per_iter = config.batch_size * config.grad_accum * config.block_size
+        self.progress = Progress(config, self.tokens_per_iter)
+        self.plot_skipped = False
+        self.start_time = time.perf_counter()
 
-    def save(path, it):
-        save_checkpoint(path, model, optimizer, meta={
-            "step": it, "best_val_loss": run["best_val_loss"], "best_iter": run["best_iter"],
-            "rng_state": rng.bit_generator.state, "tokenizer": meta["tokenizer"],
-            "train_config": dataclasses.asdict(config),
-            "elapsed_s": round(run["previous_elapsed"] + time.perf_counter() - run_start, 3)})
+    def restore(self, path, meta):
+        """Load the checkpoint at path (its meta already read) into the model, optimizer and generator."""
+        saved = load_checkpoint(path, self.model, self.optimizer)
+        self.rng.bit_generator.state = saved["rng_state"]
+        self.resumed, self.start_iter = True, saved["step"]
+        self.best_val_loss, self.best_iter = saved["best_val_loss"], saved.get("best_iter", saved["step"])
+        self.previous_elapsed = saved.get("elapsed_s", 0.0)
+        print(f"resuming from {path} at iteration {self.start_iter} (best val loss {self.best_val_loss:.4f})")
 
-    run_start = time.perf_counter()
-    progress = Progress(config, run["start_iter"], tokens_per_iter)
-    last = {"train": None, "val": None}
-    warned = set()
-    with stop_requests() as stop, progress:
-        for it in range(run["start_iter"], config.max_iters + 1):
-            lr = config.lr_at(it)
-            evaluate_now = it % config.eval_interval == 0 or it == config.max_iters
-            # a resumed run starts where its checkpoint was taken: right after that iteration's evaluation
-            if evaluate_now and not (resume_from is not None and it == run["start_iter"]):
-                losses = estimate_loss(model, config, it)
-                check_finite_losses(model, config, it, losses, ckpt_path)
-                last = losses
-                record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
-                          "elapsed_s": round(run["previous_elapsed"] + time.perf_counter() - run_start, 3),
-                          "tokens_per_s": progress.interval_rate()}
-                records.append(record)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                improved = losses["val"] < run["best_val_loss"]
-                if improved:
-                    run["best_val_loss"], run["best_iter"] = losses["val"], it
-                    save(ckpt_path, it)
-                progress.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                               + (f" (best so far, saved {ckpt_path})" if improved else ""))
-                if not plot_losses(records, out_dir / PLOT_NAME) and "plot" not in warned:
-                    warned.add("plot")
-                    progress.write(f"{PLOT_NAME} skipped: matplotlib is not installed (pip install -e '.[plot]')")
-            if it == config.max_iters:
-                break
-            if stop.signal is not None:
-                save(last_path, it)
-                raise TrainingInterrupted(f"interrupted by {signal.Signals(stop.signal).name} at iteration {it}; "
-                                          f"the run's state is saved in {last_path}; continue it with "
-                                          f"--init_from=resume --out_dir={out_dir}")
-            progress.start_step()
-            loss_value = train_step(model, optimizer, config, rng, it, lr, ckpt_path)
-            progress.end_step(it, loss_value, lr)
-    save(last_path, config.max_iters)
+    def open_outputs(self):
+        """A new run clears what an overwritten run left (check_out_dir allowed it); a resumed one keeps the
+        metrics of the evaluations up to its start."""
+        if not self.resumed:
+            for stale in (self.ckpt_path, self.last_path, self.plot_path):
+                stale.unlink(missing_ok=True)
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.resumed:
+            self.metrics_path.write_text("")
+        self.records = _read_records(self.metrics_path, before_iter=self.start_iter)
+        self.start_time = time.perf_counter()
 
-    elapsed = time.perf_counter() - run_start
-    sample = None
-    if config.sample_chars:
-        sample = sample_text(model, tokenizer, config.sample_chars, rng)
-        print(f"--- sample ({config.sample_chars} characters) ---\n{sample}\n---")
-    return {"best_val_loss": run["best_val_loss"], "best_iter": run["best_iter"], "iters": config.max_iters,
-            "final_train_loss": last["train"], "final_val_loss": last["val"], "elapsed_s": elapsed,
-            "tokens_per_s": progress.mean_rate(), "checkpoint": str(ckpt_path), "sample": sample, "model": model}
+    def elapsed(self):
+        return round(self.previous_elapsed + time.perf_counter() - self.start_time, 3)
+
+    def save(self, path, it):
+        save_checkpoint(path, self.model, self.optimizer, meta={
+            "step": it, "best_val_loss": self.best_val_loss, "best_iter": self.best_iter,
+            "rng_state": self.rng.bit_generator.state, "tokenizer": self.meta["tokenizer"],
+            "train_config": dataclasses.asdict(self.config), "elapsed_s": self.elapsed()})
+
+    def evaluate(self, it, lr):
+        """Both splits' loss (a NaN or Inf stops the run); a metrics line, the plot, the best checkpoint."""
+        losses = estimate_loss(self.model, self.config, it)
+        check_finite_losses(self.model, self.config, it, losses, self.ckpt_path)
+        self.last_losses = losses
+        record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                  "elapsed_s": self.elapsed(), "tokens_per_s": self.progress.interval_rate()}
+        self.records.append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        improved = losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_iter = losses["val"], it
+            self.save(self.ckpt_path, it)
+        self.progress.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                            + (f" (best so far, saved {self.ckpt_path})" if improved else ""))
+        if not plot_losses(self.records, self.plot_path) and not self.plot_skipped:
+            self.plot_skipped = True
+            self.progress.write(f"{PLOT_NAME} skipped: matplotlib is not installed (pip install -e '.[plot]')")
+
+    def interrupt(self, it, signum):
+        """Save the state at iteration it (before its step) and raise TrainingInterrupted."""
+        self.save(self.last_path, it)
+        raise TrainingInterrupted(f"interrupted by {signal.Signals(signum).name} at iteration {it}; the run's state "
+                                  f"is saved in {self.last_path}; continue it with --init_from=resume "
+                                  f"--out_dir={self.config.out_dir}")
 
 
 class Progress:
@@ -436,8 +467,8 @@ class Progress:
     the log lines (every log_interval steps) go to stdout either way, through the bar so as not to break it.
     """
 
-    def __init__(self, config, start_iter, tokens_per_iter):
-        self.config, self.start_iter, self.tokens_per_iter = config, start_iter, tokens_per_iter
+    def __init__(self, config, tokens_per_iter):
+        self.config, self.tokens_per_iter = config, tokens_per_iter
         self.bar = None
         self.first_step_s = None
         self.steady_time, self.steady_steps = 0.0, 0       # every step but the first
