@@ -165,3 +165,33 @@ def test_get_batch_errors(text_file, tmp_path):
     (data_dir / "meta.json").write_text(json.dumps({"something": "else"}))
     with pytest.raises(ValueError, match="not written by"):
         load_meta(data_dir)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"input text file is empty"),
+    (bytes(range(256)) * 4, r"is not UTF-8 text \(invalid start byte: byte 0x80\)"),
+    (b"looks like text\x00but is not\n" * 50, r"looks like a binary file, not text: it holds NUL characters"),
+])
+@pytest.mark.parametrize("tokenizer", ["char", "bpe:260"])
+def test_prepare_refuses_empty_and_binary_files_and_leaves_nothing(tmp_path, content, message, tokenizer):
+    path = tmp_path / "input.bin"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        prepare(path, tmp_path / "out", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["bpe:", "bpe:abc", "bpe:255", "bpe:-3", "words", "missing/tok.json"])
+def test_prepare_names_a_bad_tokenizer_before_reading_the_text(text_file, tmp_path, spec):
+    with pytest.raises(ValueError, match="tokenizer"):
+        prepare(text_file, tmp_path / "out", tokenizer=spec)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_turns_out_not_to_be_text_leaves_no_temporary_file(tmp_path):
+    tok = BPETokenizer.train("some text to learn from", 260)
+    tok.save(tmp_path / "tok.json")                 # a saved tokenizer: the text is first read while encoding
+    (tmp_path / "input.txt").write_bytes(b"fine text\n" * 10 + b"\xff\xfe")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        prepare(tmp_path / "input.txt", tmp_path / "out", tokenizer=str(tmp_path / "tok.json"))
+    assert not list((tmp_path / "out").glob("*"))
