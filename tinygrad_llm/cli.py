@@ -9,7 +9,6 @@ command line come back from parse_config_args, so a caller can tell "left at its
 """
 import argparse
 import difflib
-import math
 import sys
 from dataclasses import MISSING, field, fields
 
@@ -62,19 +61,18 @@ def bounded(parse, check, what):
     return parse_checked
 
 
-finite = lambda value: math.isfinite(value)  # noqa: E731
 _PARSERS = {bool: parse_bool, int: parse_int, float: parse_float, str: str}
 _TYPE_NAMES = {"bool": bool, "int": int, "float": float, "str": str}
 _METAVARS = {bool: "{true,false}", int: "N", float: "X", str: "TEXT"}
 
 
-def config_parser(config_cls, description=None, defaults=None, choices=None, parser=None, epilog=None, prog=None):
+def config_parser(config_cls, description=None, defaults=None, choices=None, epilog=None, prog=None):
     """An argparse parser with `--name` for every field of the dataclass config_cls.
 
     defaults: {name: text} to show in --help instead of the field's default (e.g. one that another
     option decides). choices: {name: allowed values}. The parsed namespace holds only the options given.
     """
-    parser = parser or new_parser(description, epilog, prog)
+    parser = new_parser(description, epilog, prog)
     defaults, choices = defaults or {}, choices or {}
     for f in fields(config_cls):
         kind = _TYPE_NAMES.get(f.type, f.type)  # annotations may be strings

@@ -157,7 +157,8 @@ def load_meta(data_dir):
     """The meta.json dict that prepare wrote into data_dir."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run tinygrad_llm.data.prepare first")
+        raise FileNotFoundError(f"{path} not found; run tinygrad_llm.data.prepare first "
+                                "(examples/train_shakespeare.py prepares tiny Shakespeare and trains on it)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

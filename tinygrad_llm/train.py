@@ -37,7 +37,6 @@ learning-rate schedule is stated, not implied. `resume_config(out_dir, **changes
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -51,7 +50,7 @@ from tqdm import tqdm
 
 from . import backend
 from .checkpoint import load_checkpoint, save_checkpoint
-from .cli import UsageError, config_parser, option, parse_config_args, run_cli
+from .cli import config_parser, option, parse_config_args, run_cli
 from .data import get_batch, load_meta
 from .fileio import atomic_write
 from .model import GPT, GPTConfig
