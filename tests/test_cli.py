@@ -89,6 +89,8 @@ def test_a_new_run_into_a_folder_holding_a_run_refuses_and_touches_nothing(data_
         train(tiny(data_dir, tmp_path, max_iters=4, seed=1))
     code, _, err = run_main(train_module.main, ["--data_dir", data_dir, "--out_dir", str(tmp_path), *TINY_FLAGS], capsys)
     assert_one_line_error(code, err, "--init_from=resume", "--overwrite=true")
+    code, _, err = run_main(load_example_main(), ["--data_dir", data_dir, "--out_dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "--init_from=resume", "--overwrite=true")
     assert file_bytes(tmp_path) == before
 
     train(tiny(data_dir, tmp_path, max_iters=2, seed=1, overwrite=True))     # asked for: replaced, not appended
