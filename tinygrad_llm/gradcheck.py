@@ -165,7 +165,13 @@ def op_cases():
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Check every op's backward against central finite differences (float64).")
     parser.add_argument("--op", help="check only ops whose name contains this text")
+    parser.add_argument("--property", action="store_true",
+                        help="draw shapes and values with hypothesis (tinygrad_llm.testing) instead of one fixed input per op")
+    parser.add_argument("--examples", type=int, default=20, help="drawn examples per op with --property")
+    parser.add_argument("--seed", type=int, default=0, help="hypothesis seed with --property")
     args = parser.parse_args(argv)
+    if args.property:
+        return _property_main(args)
     cases = [c for c in op_cases() if args.op is None or args.op in c[0]]
     if not cases:
         print(f"no op matches {args.op!r}", file=sys.stderr)
@@ -178,6 +184,23 @@ def main(argv=None):
         failures += not result.passed
         print(f"{name:34s} {shapes:28s} {result.max_abs_err:12.2e} {result.max_rel_err:12.2e}  {'ok' if result.passed else 'FAIL'}")
     print(f"{len(cases) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+def _property_main(args):
+    """--property: tinygrad_llm.testing.property_table (its per-op strategies live there)."""
+    if args.examples < 1:
+        print(f"--examples must be at least 1, got {args.examples}", file=sys.stderr)
+        return 2
+    try:
+        from . import testing
+    except ImportError as e:
+        print(e, file=sys.stderr)
+        return 2
+    failures = testing.property_table(op=args.op, examples=args.examples, seed=args.seed)
+    if failures is None:
+        print(f"no op matches {args.op!r}", file=sys.stderr)
+        return 2
     return 1 if failures else 0
 
 
