@@ -41,9 +41,9 @@ __all__ = ["elements", "shapes", "arrays", "broadcastable_shapes", "token_ids", 
 def elements(min_value=-10.0, max_value=10.0, *, allow_nan=False, allow_infinity=False, tiny=True):
     """Floats for array elements: the range [min_value, max_value], with 0 and tiny magnitudes drawn often.
 
-    Four equally likely sources: exact 0 (when in range), tiny magnitudes (|x| <= 1e-3), the whole
-    range, and small integers in range (branch points such as 0, 1, 3 sit on integers). NaN and
-    +-inf only when asked.
+    Four equally likely sources: exact 0 (when in range), small integers in range (branch points such
+    as 0, 1, 3 sit on integers), tiny magnitudes (|x| <= 1e-3), and the whole range. NaN and +-inf
+    only when asked. A failing value shrinks towards the earlier sources: 0, then an integer.
     """
     if not min_value <= max_value:
         raise ValueError(f"elements: min_value {min_value} is above max_value {max_value}")
@@ -51,15 +51,15 @@ def elements(min_value=-10.0, max_value=10.0, *, allow_nan=False, allow_infinity
     sources = []
     if min_value <= 0 <= max_value:
         sources.append(st.just(0.0))
+    # hypothesis shrinks towards the earlier sources: a failing value becomes an integer if one fails
+    lo_int, hi_int = max(math.ceil(min_value), -20), min(math.floor(max_value), 20)
+    if lo_int <= hi_int:  # sampled_from, not integers().map(float): a third of the drawing time
+        sources.append(st.sampled_from([float(k) for k in range(lo_int, hi_int + 1)]))
     if tiny:
         lo, hi = max(min_value, -1e-3), min(max_value, 1e-3)
         if lo <= hi:
             sources.append(st.floats(lo, hi, allow_nan=False, allow_infinity=False))
     sources.append(wide)
-    lo_int, hi_int = math.ceil(min_value), math.floor(max_value)
-    lo_int, hi_int = max(lo_int, -20), min(hi_int, 20)
-    if lo_int <= hi_int:  # sampled_from, not integers().map(float): a third of the drawing time
-        sources.append(st.sampled_from([float(k) for k in range(lo_int, hi_int + 1)]))
     special = ([math.nan] if allow_nan else []) + ([math.inf, -math.inf] if allow_infinity else [])
     if special:
         sources.append(st.sampled_from(special))
@@ -207,8 +207,11 @@ def _analytic(fn, arrays, checked, dout_seed):
     return out_data, dout, grads
 
 
-def _numeric(fn, arrays, checked, dout, eps):
-    """Central differences of L = sum(fn(x) * dout), from the output DIFFERENCE (rounding stays local)."""
+def _numeric(fn, arrays, checked, dout, eps, stop=None):
+    """Central differences of L = sum(fn(x) * dout), from the output DIFFERENCE (rounding stays local).
+
+    stop(i, j, value) -> True ends the input's loop early (the rest stays NaN): a failing example need
+    not be differenced to its last element while hypothesis shrinks it."""
     work = [np.array(a, copy=True) for a in arrays]
 
     def out_of(values):
@@ -218,7 +221,7 @@ def _numeric(fn, arrays, checked, dout, eps):
 
     grads = {}
     for i in checked:
-        flat, num = work[i].reshape(-1), np.zeros(work[i].size)
+        flat, num = work[i].reshape(-1), np.full(work[i].size, np.nan)
         for j in range(flat.size):
             original = flat[j]
             flat[j] = original + eps
@@ -228,13 +231,15 @@ def _numeric(fn, arrays, checked, dout, eps):
             flat[j] = original
             with np.errstate(invalid="ignore"):
                 num[j] = float(((plus - minus) * dout).sum()) / (2 * eps)
+            if stop is not None and stop(i, j, num[j]):
+                break
         grads[i] = num.reshape(work[i].shape)
     return grads
 
 
 def _show(a):
     a = np.asarray(a)
-    body = np.array2string(a, separator=", ", threshold=64, max_line_width=100, floatmode="unique")
+    body = " ".join(np.array2string(a, separator=", ", threshold=64, floatmode="unique").split())  # one line
     return f"shape {a.shape} {a.dtype}: {body}"
 
 
@@ -265,8 +270,10 @@ def _worst(a, b, atol, rtol):
     return not bad.any(), tuple(int(k) for k in worst), max_abs, max_rel
 
 
-def _gradient_errors(fn, arrays, eps, atol, rtol, dout_seed=0, names=None):
-    """Check one example; returns (max relative error, failure message or None, failure kind or None)."""
+def _gradient_errors(fn, arrays, eps, atol, rtol, dout_seed=0, names=None, quick=False):
+    """Check one example; returns (max relative error, failure message or None, failure kind or None).
+
+    quick: stop differencing an input at its first failing element (while searching and shrinking)."""
     fn = _callable(fn)
     arrays = [np.asarray(a) for a in arrays]
     checked = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
@@ -281,10 +288,24 @@ def _gradient_errors(fn, arrays, eps, atol, rtol, dout_seed=0, names=None):
     if not np.all(np.isfinite(out)):
         return math.inf, ("the function's output is not finite (NaN or inf) at this input, so finite differences "
                           "say nothing; draw inputs from its domain (arrays(..., elements=elements(lo, hi)))"), ("finite",)
-    numeric = _numeric(fn, arrays, checked, dout, eps)
+    first_bad = {}
+
+    def stop(i, j, value):
+        a = analytic[i].reshape(-1)[j]
+        if quick and not _worst(np.array([a]), np.array([value]), atol, rtol)[0]:
+            first_bad[i] = j
+            return True
+        return False
+
+    numeric = _numeric(fn, arrays, checked, dout, eps, stop)
     worst_rel = 0.0
     for i in checked:
-        ok, where, max_abs, max_rel = _worst(analytic[i], numeric[i], atol, rtol)
+        if i in first_bad:  # quick mode: judged on the elements differenced so far
+            n = first_bad[i] + 1
+            ok, where, max_abs, max_rel = _worst(analytic[i].reshape(-1)[:n], numeric[i].reshape(-1)[:n], atol, rtol)
+            where = tuple(int(k) for k in np.unravel_index(where[0], arrays[i].shape))
+        else:
+            ok, where, max_abs, max_rel = _worst(analytic[i], numeric[i], atol, rtol)
         worst_rel = max(worst_rel, max_rel)
         if not ok:
             a, n = analytic[i][where], numeric[i][where]
@@ -348,12 +369,13 @@ def _smaller(arrays, drop_axes=True):
                 if axis == 0 and drop_axes:
                     yield [b[0] if j == i else b for j, b in enumerate(arrays)]
                 continue
-            for k in range(n):
+            # keep one index (the biggest cut), else drop one (a broadcast needs two elements against one)
+            for keep in [[k] for k in range(n)] + [[m for m in range(n) if m != k] for k in range(n)]:
                 out = []
                 for j, b in enumerate(arrays):
                     aligned = axis - a.ndim + b.ndim
                     if j == i or (b.dtype.kind == "f" and 0 <= aligned and b.shape[aligned] == n):
-                        b = np.take(b, [k], axis=aligned)
+                        b = np.take(b, keep, axis=aligned)
                     out.append(b)
                 yield out
 
@@ -421,7 +443,7 @@ def _check_shrunk(check, strategies, max_examples, seed, what, names=None, count
     def test(*drawn):
         if counter is not None:
             counter[0] += 1
-        rel, failure, key = check(*drawn)
+        rel, failure, key = check(*drawn, quick=True)
         if failure:
             raise _Failed(failure, drawn, key)
         worst[0] = max(worst[0], rel)
@@ -429,8 +451,8 @@ def _check_shrunk(check, strategies, max_examples, seed, what, names=None, count
     try:
         _run(test, strategies, max_examples, seed)
     except _Failed as e:
-        drawn = _shrink_further(e.drawn, lambda arrays: check(*arrays)[2] == e.key)
-        failure = check(*drawn)[1] or str(e)
+        drawn = _shrink_further(e.drawn, lambda arrays: check(*arrays, quick=True)[2] == e.key)
+        failure = check(*drawn)[1] or str(e)  # the full report: every element differenced
         raise AssertionError(f"{what}: {failure}\n  minimal failing input (after shrinking):\n"
                              f"{_describe_inputs(drawn, names)}") from None
     return worst[0]
@@ -465,8 +487,8 @@ def check_gradients(fn, *input_strategies, max_examples=100, atol=1e-5, rtol=1e-
     is wrong, the worst element's analytic and numeric values, and the minimal failing input.
     """
     strategies = _strategies_for(fn, input_strategies)
-    return _check_shrunk(lambda *drawn: _gradient_errors(fn, drawn, eps, atol, rtol, 0, names), strategies,
-                         max_examples, seed, "check_gradients", names)
+    return _check_shrunk(lambda *drawn, quick=False: _gradient_errors(fn, drawn, eps, atol, rtol, 0, names, quick),
+                         strategies, max_examples, seed, "check_gradients", names)
 
 
 def _torch_call(reference_fn, arrays, checked, dout):
@@ -499,7 +521,7 @@ def check_against(fn, reference_fn, *input_strategies, max_examples=100, atol=1e
         raise ValueError(f"check_against: framework must be 'tinygrad_llm' or 'torch', got {framework!r}")
     strategies = _strategies_for(fn, input_strategies)
 
-    def check(*drawn):
+    def check(*drawn, quick=False):
         arrays = [np.asarray(a) for a in drawn]
         checked = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"]
         try:
@@ -576,6 +598,7 @@ def property_cases():
         ("getitem (repeated ints)", lambda x: x[np.array([0, x.shape[0] - 1, 0])], [arrays(s)]),
         ("getitem (slice)", lambda x: x[..., ::2], [arrays(s)]),
         ("cat", lambda x, y: cat([x, y], axis=-1), [arrays(dims(B, T)), arrays(dims(B, C))]),
+        ("split", lambda x: x.split([1, x.shape[-1] - 1], axis=-1)[1], [arrays(dims(B, side("split", 2, 5)))]),
         ("where", lambda x, y: where(x.data > 0, x, y), [arrays(s, elements=unique), arrays(broadcastable_shapes(s))]),
         ("linear", F.linear, [arrays(dims(B, T, C)), arrays(dims(C, V)), arrays(dims(V))]),
         ("embedding", lambda w, i: F.embedding(i, w), [arrays(dims(V, C)), token_ids(2, dims(B, T))]),
@@ -623,8 +646,9 @@ def property_table(op=None, examples=20, seed=0, out=None):
     for name, fn, strategies in cases:
         count = [0]
         try:
-            worst = _check_shrunk(lambda *drawn, fn=fn: _gradient_errors(fn, drawn, 1e-6, 1e-5, 1e-4), strategies,
-                                  examples, seed, name, counter=count)
+            worst = _check_shrunk(lambda *drawn, fn=fn, quick=False: _gradient_errors(fn, drawn, 1e-6, 1e-5, 1e-4,
+                                                                                       quick=quick),
+                                  strategies, examples, seed, name, counter=count)
             result, report = "ok", None
         except AssertionError as e:
             failures += 1
