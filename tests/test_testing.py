@@ -132,7 +132,7 @@ def test_right_broadcasting_op_passes_with_default_strategies():
 
 
 def test_built_in_ops_pass_with_names_in_reports():
-    s = st.shared(T.shapes(min_dims=1, max_dims=2, max_side=4), key="ln")
+    s = st.shared(T.shapes(min_dims=1, max_dims=2, max_side=3), key="ln")
     last = s.map(lambda shape: shape[-1:])
     T.check_gradients(F.layer_norm, T.arrays(s), T.arrays(last), T.arrays(last), max_examples=8, seed=0)
 
@@ -152,7 +152,7 @@ def test_non_finite_output_is_reported_as_such():
 
 def test_bad_arguments():
     with pytest.raises(TypeError, match="must return a Tensor"):
-        T.check_gradients(lambda x: x.numpy(), T.arrays((2,)), max_examples=2, seed=0)
+        T.assert_gradients(lambda x: x.numpy(), np.ones(2))
     with pytest.raises(TypeError, match="float64"):
         T.assert_gradients(lambda x: x * 2, np.ones(2, dtype=np.float32))
     with pytest.raises(ValueError, match="min_value"):
@@ -180,11 +180,12 @@ def test_check_against_composite_and_torch():
     T.check_against(F.softmax, C.softmax, s, max_examples=10, seed=0)
     T.check_against(lambda x: F.gelu(x, approximate="tanh"), lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
                     s, max_examples=10, seed=0, framework="torch")
-    with pytest.raises(AssertionError) as info:   # a reference with another gradient: exp(x) against x**2
-        T.check_against(lambda x: x * x, lambda x: (x * x).detach() + x, s, max_examples=20, seed=0)
+    small = T.arrays((2,))
+    with pytest.raises(AssertionError) as info:   # the same forward, another gradient
+        T.check_against(lambda x: x * x, lambda x: (x * x).detach() + x - x.detach(), small, max_examples=20, seed=0)
     assert "the gradient of input 0 differs from the reference" in str(info.value)
     with pytest.raises(AssertionError, match="the forward output differs"):
-        T.check_against(lambda x: x * 2, lambda x: x * 2 + 1, s, max_examples=20, seed=0)
+        T.check_against(lambda x: x * 2, lambda x: x * 2 + 1, small, max_examples=20, seed=0)
 
 
 # ---- strategies -----------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_property_cli_rows_and_exit_codes(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_property_cli_every_op_passes():
-    assert subprocess.run([sys.executable, "-m", "tinygrad_llm.gradcheck", "--property", "--examples", "8"],
+    assert subprocess.run([sys.executable, "-m", "tinygrad_llm.gradcheck", "--property", "--examples", "5"],
                           cwd=ROOT, capture_output=True).returncode == 0
 
 
