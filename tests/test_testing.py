@@ -276,3 +276,19 @@ def test_package_imports_without_hypothesis_and_testing_says_what_to_install():
     assert r.returncode == 2, r.stderr
     assert r.stdout.strip() == 'tinygrad_llm.testing needs hypothesis: pip install "tinygrad_llm[testing]"'
     assert r.stderr.strip() == r.stdout.strip() and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_docs_examples_run(monkeypatch):
+    # the README's "Check your own op" block and docs/custom_op.md's blocks, as written, on 20 examples each
+    real = T.check_gradients
+    monkeypatch.setattr(T, "check_gradients", lambda *a, **kw: real(*a, **{"max_examples": 20, "seed": 0, **kw}))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Check your own op", 1)[1].split("\n## ", 1)[0]
+    custom_op = open(os.path.join(ROOT, "docs", "custom_op.md")).read()
+    for text, count in ((section, 1), (custom_op, 2)):
+        blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+        assert len(blocks) == count
+        namespace = {}
+        for block in blocks:
+            exec(compile(block, "docs", "exec"), namespace)
