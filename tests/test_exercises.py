@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tinygrad_llm import exercises as X
-from tinygrad_llm.exercises import EXERCISES, grade, load, render
+from tinygrad_llm.exercises import core as X
+from tinygrad_llm.exercises.core import EXERCISES, grade, load, render
 from tinygrad_llm.exercises.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -292,3 +292,29 @@ def test_docs_examples_run(monkeypatch):
         namespace = {}
         for block in blocks:
             exec(compile(block, "docs", "exec"), namespace)
+
+
+class GradientTupleTooShort(Function):
+    @staticmethod
+    def forward(ctx, x, y):
+        return x + y
+
+    @staticmethod
+    def backward(ctx, dout):
+        raise IndexError("no gradient for you")
+
+
+def test_exception_inside_backward_is_reported_with_the_minimal_input():
+    with pytest.raises(AssertionError) as info:
+        T.check_gradients(GradientTupleTooShort, T.arrays((2,)), T.arrays((2,)), max_examples=5, seed=0)
+    assert str(info.value).startswith("check_gradients: the backward raised IndexError: no gradient for you")
+    assert "minimal failing input" in str(info.value)
+
+
+def test_exercises_cli_without_hypothesis_says_what_to_install():
+    code = ("import sys, runpy; sys.modules['hypothesis'] = None; sys.argv = ['exercises', 'list']\n"
+            "runpy.run_module('tinygrad_llm.exercises', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == 'tinygrad_llm.testing needs hypothesis: pip install "tinygrad_llm[testing]"'

@@ -147,6 +147,14 @@ def default_inputs(n):
 # ================================================================================================
 # One example: analytic against numeric gradients
 
+class _BackwardRaised(Exception):
+    """An exception from inside a backward (say, a shape check of the autograd's own): reported, not propagated."""
+
+    def __init__(self, error):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 class _WrongShape(Exception):
     def __init__(self, op, index, grad_shape, input_shape, fn_input):
         self.op, self.index, self.grad_shape, self.input_shape, self.fn_input = op, index, grad_shape, input_shape, fn_input
@@ -200,7 +208,12 @@ def _analytic(fn, arrays, checked, dout_seed):
     dout = np.random.default_rng(dout_seed).standard_normal(out.shape)
     if out.requires_grad:
         _guard_shapes(out, tensors)
-        out.backward(dout.astype(out.dtype))
+        try:
+            out.backward(dout.astype(out.dtype))
+        except _WrongShape:
+            raise
+        except Exception as error:
+            raise _BackwardRaised(error) from error
     grads = {}
     for i in checked:
         g = tensors[i].grad
@@ -286,6 +299,8 @@ def _gradient_errors(fn, arrays, eps, atol, rtol, dout_seed=0, names=None, quick
     except _WrongShape as e:
         return math.inf, f"the gradient of {_name(e.fn_input, names) if e.fn_input is not None else 'an inner op'} " \
                          f"has the wrong shape: {e.describe()}", ("shape", e.op, e.index)
+    except _BackwardRaised as e:
+        return math.inf, f"the backward raised {e}", ("raised", type(e.error).__name__)
     if not np.all(np.isfinite(out)):
         return math.inf, ("the function's output is not finite (NaN or inf) at this input, so finite differences "
                           "say nothing; draw inputs from its domain (arrays(..., elements=elements(lo, hi)))"), ("finite",)
@@ -530,6 +545,8 @@ def check_against(fn, reference_fn, *input_strategies, max_examples=100, atol=1e
             out, dout, grads = _analytic(fn, arrays, checked, 0)
         except _WrongShape as e:
             return math.inf, e.describe(), ("shape", e.op, e.index)
+        except _BackwardRaised as e:
+            return math.inf, f"the backward raised {e}", ("raised", type(e.error).__name__)
         if framework == "torch":
             ref_out, ref_grads = _torch_call(ref, arrays, checked, dout)
         else:

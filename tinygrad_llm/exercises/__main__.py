@@ -34,7 +34,7 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
-        from . import EXERCISES, ExerciseError, exercise, exercise_path, grade, load, passed, record_pass, render
+        from .core import EXERCISES, ExerciseError, exercise, exercise_path, grade, load, passed, record_pass, render
     except ImportError as e:  # hypothesis missing
         print(e, file=sys.stderr)
         return 2
