@@ -143,6 +143,7 @@ def test_built_in_ops_pass_with_names_in_reports():
                           names=("x", "w", "b"))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # log of the drawn negatives, on purpose
 def test_non_finite_output_is_reported_as_such():
     with pytest.raises(AssertionError, match="not finite"):
         T.check_gradients(lambda x: x.log(), T.arrays((3,)), max_examples=30, seed=0)

@@ -166,9 +166,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Check every op's backward against central finite differences (float64).")
     parser.add_argument("--op", help="check only ops whose name contains this text")
     parser.add_argument("--property", action="store_true",
-                        help="draw shapes and values with hypothesis (tinygrad_llm.testing) instead of one fixed input per op")
-    parser.add_argument("--examples", type=int, default=20, help="drawn examples per op with --property")
-    parser.add_argument("--seed", type=int, default=0, help="hypothesis seed with --property")
+                        help="draw shapes and values with hypothesis (tinygrad_llm.testing) instead of one fixed input "
+                             "per op (default: off)")
+    parser.add_argument("--examples", type=int, default=20, help="drawn examples per op with --property (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="hypothesis seed with --property (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.property:
         return _property_main(args)
