@@ -6,6 +6,7 @@
     python examples/train_shakespeare.py --device cuda            # on an NVIDIA GPU (pip install -e ".[cuda]")
     python examples/train_shakespeare.py --max_iters 500 --n_layer 2   # any TrainConfig key: --help lists them
     python examples/train_shakespeare.py --init_from=resume       # continue the run in out/shakespeare_char/
+    mpiexec -n 2 python examples/train_shakespeare.py --batch_size 6   # data-parallel: 2 ranks, 6 windows each
 
 The text (examples/data/tinyshakespeare.txt unless --data says otherwise) is tokenized once into
 ./data/shakespeare/<tokenizer>/ (kept for later runs); the run writes its best checkpoint, its last state,
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from tinygrad_llm import distributed  # noqa: E402
 from tinygrad_llm.cli import UsageError, parse_config_args, run_cli  # noqa: E402
 from tinygrad_llm.data import SHAKESPEARE_TEXT, check_tokenizer_spec, prepare  # noqa: E402
 from tinygrad_llm.train import TrainConfig, check_out_dir, config_argument_parser, resume_config, train  # noqa: E402
@@ -67,7 +69,12 @@ def main(argv):
             text_path = (text or SHAKESPEARE_TEXT).resolve()
             if not text_path.is_file():
                 raise FileNotFoundError(f"--data {text_path}: no such file")
+            world = distributed.world()   # under mpiexec, rank 0 tokenizes while the others wait
+            if not world.is_main:
+                world.barrier()
             config.data_dir = str(prepared_dir(text_path, tokenizer))
+            if world.is_main:
+                world.barrier()
     summary = train(config)
     print(f"best val loss {summary['best_val_loss']:.4f} at iteration {summary['best_iter']}, "
           f"{summary['elapsed_s']:.1f} s; checkpoint {summary['checkpoint']}")

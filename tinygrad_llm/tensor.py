@@ -19,6 +19,7 @@ from . import backend
 
 _grad_enabled = True
 _anomaly_mode = False
+_leaf_grad_hook = None
 
 
 @contextlib.contextmanager
@@ -45,6 +46,20 @@ def detect_anomaly():
         yield
     finally:
         _anomaly_mode = previous
+
+
+@contextlib.contextmanager
+def leaf_grad_hook(fn):
+    """While the block runs, backward() calls fn(leaf, dout) as soon as a leaf's gradient from this
+    backward is complete (all its uses are done), before the rest of the graph is visited. The leaf's
+    .grad is still written only at the end (dout added to it). Data-parallel training starts its
+    gradient all-reduce from here, so that communication overlaps the rest of backward."""
+    global _leaf_grad_hook
+    previous, _leaf_grad_hook = _leaf_grad_hook, fn
+    try:
+        yield
+    finally:
+        _leaf_grad_hook = previous
 
 
 def _check_finite(xp, array, where):
@@ -198,6 +213,8 @@ class Tensor:
                 continue
             if node._ctx is None:
                 leaves.append((node, dout))
+                if _leaf_grad_hook is not None:
+                    _leaf_grad_hook(node, dout)
                 continue
             ctx = node._ctx
             input_grads = ctx.backward_fn(ctx, dout)

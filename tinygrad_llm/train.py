@@ -27,12 +27,18 @@ What one run does, step by step:
   out_dir/last.safetensors (atomically); an interruption then raises TrainingInterrupted, whose message
   says how to resume. A second signal stops at once without saving.
 
+Under `mpiexec -n K` (K > 1) the run is data-parallel (distributed.py): batch_size is per rank, every
+micro-batch is drawn once with the global batch and rank r keeps its rows, gradients are averaged over the
+ranks before clipping, evaluation losses too; rank 0 alone writes and prints; throughput is the whole job's.
+
 Resuming (`init_from="resume"`) reads the newer of ckpt.safetensors and last.safetensors: weights,
 optimizer, iteration, best val loss and the generator's state, so the resumed run continues bit for bit
 as the uninterrupted one would have. A checkpoint is taken at an iteration, after its evaluation and
 before its training step. A resumed run keeps its data, model and optimization settings (the saved
 config); only the keys in RESUMABLE may differ, and a new max_iters needs lr_decay_iters set so that the
 learning-rate schedule is stated, not implied. `resume_config(out_dir, **changes)` builds that config.
+A run saved by K ranks resumes with any other number: what must stay is the global batch (batch_size x
+ranks); left unsaid, batch_size is rescaled to keep it.
 """
 import dataclasses
 import json
@@ -48,13 +54,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import backend
+from . import backend, distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import config_parser, option, parse_config_args, run_cli
 from .data import get_batch, load_meta
 from .fileio import atomic_write
 from .model import GPT, GPTConfig
-from .optim import AdamW, clip_grad_norm, cosine_lr, param_groups
+from .optim import clip_grad_norm, cosine_lr, param_groups
 from .tensor import detect_anomaly, no_grad
 from .tokenizer import tokenizer_from_dict
 
@@ -66,7 +72,7 @@ CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("float32", "float64"), 
            "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "position": ("learned", "rope")}
 # what a resumed run may set differently from the run it continues (everything else comes from the checkpoint)
 RESUMABLE = ("out_dir", "init_from", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
-             "log_interval", "sample_chars", "device")
+             "log_interval", "sample_chars", "device", "zero")   # (batch_size: see check_resumable)
 
 
 @dataclass
@@ -107,6 +113,7 @@ class TrainConfig:
     init_from: str = option("scratch", "scratch: a new run; resume: continue the run saved in out_dir")
     overwrite: bool = option(False, "let a new run replace the run saved in out_dir")
     sample_chars: int = option(300, "length of the closing text sample (0: none)")
+    zero: int = option(0, "1: ZeRO-1 under mpiexec, AdamW's state and update sharded over the ranks")
 
     def __post_init__(self):
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters")
@@ -115,6 +122,8 @@ class TrainConfig:
         problems += [f"{name} must be a non-negative integer, got {getattr(self, name)!r}"
                      for name in ("max_iters", "warmup_iters", "log_interval", "sample_chars")
                      if not _is_int(getattr(self, name)) or getattr(self, name) < 0]
+        if self.zero not in (0, 1) or isinstance(self.zero, bool):
+            problems.append(f"zero must be 0 or 1, got {self.zero!r}")
         if self.lr_decay_iters is not None and not (_is_int(self.lr_decay_iters) and self.lr_decay_iters > 0):
             problems.append(f"lr_decay_iters must be a positive integer (or None), got {self.lr_decay_iters!r}")
         problems += [f"{name}={getattr(self, name)!r}: expected one of {allowed}"
@@ -231,15 +240,27 @@ def resume_config(out_dir, **changes):
     path, meta = found
     known = {f.name for f in fields(TrainConfig)}
     saved = {k: v for k, v in meta["train_config"].items() if k in known}
+    ranks, saved_ranks = distributed.world().size, meta.get("ranks", 1)
+    if "batch_size" not in changes and ranks != saved_ranks and saved["batch_size"] * saved_ranks % ranks == 0:
+        saved["batch_size"] = saved["batch_size"] * saved_ranks // ranks     # the same global batch
     config = TrainConfig(**{**saved, **changes, "out_dir": str(out_dir), "init_from": "resume"})
-    check_resumable(config, meta["train_config"], path, meta["step"])
+    check_resumable(config, meta["train_config"], path, meta["step"], saved_ranks)
     return config
 
 
-def check_resumable(config, saved, path, step):
-    """ValueError unless `config` may continue the run whose saved config is `saved` (see RESUMABLE)."""
+def check_resumable(config, saved, path, step, saved_ranks=1):
+    """ValueError unless `config` may continue the run whose saved config is `saved` (see RESUMABLE).
+
+    The run was saved by saved_ranks ranks; batch_size may differ when batch_size x ranks (the global
+    batch) is the run's."""
+    ranks = distributed.world().size
+    same_global_batch = config.batch_size * ranks == saved.get("batch_size", 0) * saved_ranks
     conflicts = [f"--{k}={getattr(config, k)} (the run has {saved[k]})" for k in saved
-                 if k not in RESUMABLE and hasattr(config, k) and getattr(config, k) != saved[k]]
+                 if k not in RESUMABLE and hasattr(config, k) and getattr(config, k) != saved[k]
+                 and not (k == "batch_size" and same_global_batch)]
+    if not same_global_batch and ranks != saved_ranks:
+        conflicts.append(f"a global batch of {config.batch_size} x {ranks} ranks (the run has "
+                         f"{saved.get('batch_size')} x {saved_ranks}; --batch_size sets it per rank)")
     if conflicts:
         raise ValueError(f"{path} continues a run with other settings: {', '.join(conflicts)}; a resumed run keeps "
                          f"its data, model and optimization settings (only {', '.join(RESUMABLE[3:])} may change), "
@@ -325,7 +346,11 @@ def train(config):
     final_train_loss, final_val_loss (the last evaluation), elapsed_s (this run), tokens_per_s,
     checkpoint (its path), sample (the decoded closing text, or None) and model (the trained GPT).
     """
+    world = distributed.world()   # several ranks under mpiexec: data-parallel (distributed.py)
+    world.begin()
+    world.check_same_config(dataclasses.asdict(config))
     meta, resume_from = check_run(config)      # everything is checked before anything is allocated or written
+    world.setup(config.device)
     run = Run(config, meta)
     if resume_from is not None:
         run.restore(*resume_from)
@@ -340,15 +365,17 @@ def train(config):
                 run.evaluate(it, lr)
             if it == config.max_iters:
                 break
-            if stop.signal is not None:
-                run.interrupt(it, stop.signal)
+            stop_signal = world.max(stop.signal or 0)    # the ranks stop together, at the same iteration
+            if stop_signal:
+                run.interrupt(it, stop_signal)
             run.progress.start_step()
-            loss = train_step(run.model, run.optimizer, config, run.rng, it, lr, run.ckpt_path)
-            run.progress.end_step(it, loss, lr)
+            loss = train_step(run.model, run.optimizer, config, run.rng, it, lr, run.ckpt_path, run.dp)
+            run.progress.end_step(it, world.mean(loss), lr)
     elapsed = time.perf_counter() - run.start_time
     run.save(run.last_path, config.max_iters)
     sample = None
-    if config.sample_chars:
+    world.end()
+    if config.sample_chars and world.is_main:
         sample = sample_text(run.model, run.tokenizer, config.sample_chars, run.rng)
         print(f"--- sample ({config.sample_chars} characters) ---\n{sample}\n---")
     return {"best_val_loss": run.best_val_loss, "best_iter": run.best_iter, "iters": config.max_iters,
@@ -370,7 +397,7 @@ def check_run(config):
         if resume_from is None:
             raise FileNotFoundError(f"init_from=resume but {out_dir} holds no checkpoint ({CHECKPOINT_NAME} or {LAST_NAME})")
         path, saved = resume_from
-        check_resumable(config, saved["train_config"], path, saved["step"])
+        check_resumable(config, saved["train_config"], path, saved["step"], saved.get("ranks", 1))
         if saved.get("tokenizer", meta["tokenizer"]) != meta["tokenizer"]:
             raise ValueError(f"{path} was trained with another tokenizer than the one in "
                              f"{config.data_dir}/meta.json; resume with the data_dir the run was started with")
@@ -390,12 +417,14 @@ class Run:
         self.rng = np.random.default_rng(config.seed)
         self.model = GPT(config.model_config(meta["vocab_size"]), rng=self.rng)
         self.model.to(config.device)  # before a resume, so that the optimizer state is loaded onto the same device
-        self.optimizer = AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
-                               betas=(config.beta1, config.beta2))
+        self.world = distributed.world()
+        self.dp = distributed.DataParallel(self.world, self.model, zero=config.zero)
+        self.optimizer = self.dp.optimizer(param_groups(self.model, config.weight_decay), lr=config.lr,
+                                           betas=(config.beta1, config.beta2))
         self.resumed, self.start_iter, self.previous_elapsed = False, 0, 0.0
         self.best_val_loss, self.best_iter = math.inf, None
         self.last_losses = {"train": None, "val": None}
-        self.tokens_per_iter = config.batch_size * config.grad_accum * config.block_size
+        self.tokens_per_iter = config.batch_size * config.grad_accum * config.block_size * self.world.size  # all ranks
         self.progress = Progress(config, self.tokens_per_iter)
         self.plot_skipped = False
         self.start_time = time.perf_counter()
@@ -412,23 +441,28 @@ class Run:
     def open_outputs(self):
         """A new run clears what an overwritten run left (check_out_dir allowed it); a resumed one keeps the
         metrics of the evaluations up to its start."""
-        if not self.resumed:
-            for stale in (self.ckpt_path, self.last_path, self.plot_path):
-                stale.unlink(missing_ok=True)
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.resumed:
-            self.metrics_path.write_text("")
-        self.records = _read_records(self.metrics_path, before_iter=self.start_iter)
+        self.records = []
+        if self.world.is_main:      # (several ranks: rank 0 alone writes)
+            if not self.resumed:
+                for stale in (self.ckpt_path, self.last_path, self.plot_path):
+                    stale.unlink(missing_ok=True)
+            self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.resumed:
+                self.metrics_path.write_text("")
+            self.records = _read_records(self.metrics_path, before_iter=self.start_iter)
         self.start_time = time.perf_counter()
 
     def elapsed(self):
         return round(self.previous_elapsed + time.perf_counter() - self.start_time, 3)
 
     def save(self, path, it):
-        save_checkpoint(path, self.model, self.optimizer, meta={
+        optimizer = self.dp.full_optimizer(self.optimizer)   # ZeRO: gathered from every rank (all call save)
+        if not self.world.is_main:
+            return
+        save_checkpoint(path, self.model, optimizer, meta={
             "step": it, "best_val_loss": self.best_val_loss, "best_iter": self.best_iter,
             "rng_state": self.rng.bit_generator.state, "tokenizer": self.meta["tokenizer"],
-            "train_config": dataclasses.asdict(self.config), "elapsed_s": self.elapsed()})
+            "train_config": dataclasses.asdict(self.config), "elapsed_s": self.elapsed(), "ranks": self.world.size})
 
     def evaluate(self, it, lr):
         """Both splits' loss (a NaN or Inf stops the run); a metrics line, the plot, the best checkpoint."""
@@ -438,21 +472,23 @@ class Run:
         record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                   "elapsed_s": self.elapsed(), "tokens_per_s": self.progress.interval_rate()}
         self.records.append(record)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.world.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_iter = losses["val"], it
             self.save(self.ckpt_path, it)
         self.progress.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                             + (f" (best so far, saved {self.ckpt_path})" if improved else ""))
-        if not plot_losses(self.records, self.plot_path) and not self.plot_skipped:
+        if self.world.is_main and not plot_losses(self.records, self.plot_path) and not self.plot_skipped:
             self.plot_skipped = True
             self.progress.write(f"{PLOT_NAME} skipped: matplotlib is not installed (pip install -e '.[plot]')")
 
     def interrupt(self, it, signum):
         """Save the state at iteration it (before its step) and raise TrainingInterrupted."""
         self.save(self.last_path, it)
+        self.world.end()      # every rank stops here together: the job may end without an MPI abort
         raise TrainingInterrupted(f"interrupted by {signal.Signals(signum).name} at iteration {it}; the run's state "
                                   f"is saved in {self.last_path}; continue it with --init_from=resume "
                                   f"--out_dir={self.config.out_dir}")
@@ -546,21 +582,27 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def train_step(model, optimizer, config, rng, it, lr, ckpt_path):
-    """One optimizer step over grad_accum micro-batches; returns the (unscaled) mean loss."""
+def train_step(model, optimizer, config, rng, it, lr, ckpt_path, dp=None):
+    """One optimizer step over grad_accum micro-batches; returns the (unscaled) mean loss (this rank's)."""
+    world = distributed.world()
+    dp = dp or distributed.DataParallel(world, model)
     model.train()
     optimizer.lr = lr
     total = 0.0
     for micro in range(config.grad_accum):
-        x, y = get_batch(config.data_dir, "train", config.batch_size, config.block_size, rng)
-        _, loss = model(x, y, rng=rng)          # NumPy ids: the model checks them on the host, then copies them
+        x, y = world.batch(config.data_dir, "train", config.batch_size, config.block_size, rng)
+        _, loss = model(x, y, rng=world.dropout_rng(rng, config, it, micro))  # NumPy ids: checked on the host, then copied
         value = loss.item()
         if not math.isfinite(value):
             _diverged(model, x, y, f"loss is {value} at iteration {it} (micro-batch {micro})", ckpt_path)
         # scaled by 1/k, the k backward passes sum to the gradient of the mean over all k micro-batches
-        (loss * (1.0 / config.grad_accum)).backward()
+        dp.backward(loss * (1.0 / config.grad_accum), last=micro == config.grad_accum - 1)
         total += value
-    norm = clip_grad_norm(model.parameters(), config.grad_clip) if config.grad_clip else _grad_norm(model)
+    dp.average_gradients()   # over the ranks (with ZeRO, into this rank's shard)
+    if config.zero:
+        norm = dp.clip_grad_norm(config.grad_clip)
+    else:
+        norm = clip_grad_norm(model.parameters(), config.grad_clip) if config.grad_clip else _grad_norm(model)
     if not math.isfinite(norm):
         _diverged(model, x, y, f"gradient norm is {norm} at iteration {it} (loss was finite)", ckpt_path)
     optimizer.step()
@@ -612,16 +654,17 @@ def estimate_loss(model, config, it):
     training generator, so evaluating does not change what training sees.
     """
     eval_rng = np.random.default_rng((config.seed, it))
+    world = distributed.world()
     model.eval()
     losses = {}
     with no_grad():
         for split in ("train", "val"):
             total = 0.0
             for _ in range(config.eval_iters):
-                x, y = get_batch(config.data_dir, split, config.batch_size, config.block_size, eval_rng)
+                x, y = world.batch(config.data_dir, split, config.batch_size, config.block_size, eval_rng)
                 _, loss = model(x, y)
                 total += loss.item()
-            losses[split] = total / config.eval_iters
+            losses[split] = world.mean(total / config.eval_iters)   # over ranks: the global batch's mean
     model.train()
     return losses
 
