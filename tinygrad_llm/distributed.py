@@ -13,8 +13,9 @@ How the pieces work:
   OMPI_COMM_WORLD_SIZE, MPICH/hydra's PMI_SIZE); without them this is a world of one and mpi4py is never
   imported. With K > 1, other ranks' stdout goes to /dev/null (rank 0 alone prints), each CPU rank's BLAS
   uses the cores of its machine divided among the ranks that share them, and a GPU rank takes GPU
-  number local_rank. At exit, a rank that leaves train() by an exception (or dies on one) calls
-  MPI_Abort, so the launcher ends every rank at once instead of leaving them waiting in a collective.
+  number local_rank. A rank that exits before world.end() (train() calls it when it finishes, or when
+  Ctrl-C stops every rank at the same iteration) calls MPI_Abort at exit, so that an error on one rank
+  ends every rank at once instead of leaving them waiting in a collective.
 - DataParallel: gradients are packed into a few flat buckets (parameters in reverse order, the order
   backward finishes them). tensor.leaf_grad_hook tells it when each parameter's gradient is complete;
   a full bucket is all-reduced right away with a non-blocking MPI_Iallreduce (CPU) or ncclAllReduce on a
