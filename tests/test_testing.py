@@ -194,7 +194,8 @@ def test_check_against_composite_and_torch():
 def test_default_elements_span_the_range_with_zero_and_tiny_values_often():
     arrays = []
 
-    @settings(max_examples=100, deadline=None, database=None)
+    # derandomize: the shares below are statistics of the draws, so a fixed seed keeps the test from flaking
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
     @given(T.arrays((20,)))
     def collect(a):
         arrays.append(a)
@@ -207,7 +208,7 @@ def test_default_elements_span_the_range_with_zero_and_tiny_values_often():
     assert share(lambda a: a > 3) > 0.3 and share(lambda a: a < -3) > 0.3
     nan = []
 
-    @settings(max_examples=100, deadline=None, database=None)
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
     @given(T.elements(allow_nan=True))
     def collect_nan(v):
         nan.append(np.isnan(v))
