@@ -7,8 +7,8 @@ bit for bit), the inner loop over the C columns vectorised. The forward (a gathe
 import numpy as np
 from numba import njit
 
-from ..functional import Embedding
-from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
+from ...functional import Embedding
+from .threads import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
 def embedding_backward(idx, dout, dw):

@@ -18,8 +18,8 @@ import math
 import numpy as np
 from numba import njit
 
-from ..optim import adamw_update, adamw_update_group
-from .common import TOLERANCE, median_ms, relative_error, table_row, torch_or_none
+from ...optim import adamw_update, adamw_update_group
+from .threads import TOLERANCE, median_ms, relative_error, table_row, torch_or_none
 
 
 GROUP_CHUNK = 16

@@ -39,8 +39,8 @@ import os
 import numpy as np
 from numba import njit
 
-from ..functional import ScaledDotProductAttention
-from .common import (TOLERANCE, blas_threads, compare_with_reference, forward_backward, median_ms, table_row,
+from ...functional import ScaledDotProductAttention
+from .threads import (TOLERANCE, blas_threads, compare_with_reference, forward_backward, median_ms, table_row,
                      torch_or_none)
 
 CHUNK_BYTES = 4 << 20  # the (chunk, TQ, TK) score buffers; bounded so that they stay near the caches

@@ -50,9 +50,9 @@ import numpy as np
 
 from cupy.cuda import cublas
 
-from ..functional import GELU, CrossEntropy, Dropout, LayerNorm, Linear, ScaledDotProductAttention, SelfAttention
-from ..optim import adamw_update, adamw_update_group, clip_grads
-from ..tensor import Add
+from ...functional import GELU, CrossEntropy, Dropout, LayerNorm, Linear, ScaledDotProductAttention, SelfAttention
+from ...optim import adamw_update, adamw_update_group, clip_grads
+from ...tensor import Add
 
 _SOURCE = r"""
 #define NEG_INF (-__longlong_as_double(0x7ff0000000000000LL))  // -inf without math.h (NVRTC)

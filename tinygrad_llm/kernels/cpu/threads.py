@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..tensor import Context
+from ...tensor import Context
 
 _BLAS_SENTINEL = object()
 _blas = _BLAS_SENTINEL

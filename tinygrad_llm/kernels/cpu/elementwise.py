@@ -30,8 +30,8 @@ import math
 import numpy as np
 from numba import njit
 
-from ..functional import GELU, SwiGLU
-from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
+from ...functional import GELU, SwiGLU
+from .threads import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)

@@ -14,8 +14,8 @@ import math
 import numpy as np
 from numba import njit
 
-from ..functional import LayerNorm, RMSNorm
-from .common import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
+from ...functional import LayerNorm, RMSNorm
+from .threads import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 # The row sums are small functions compiled with fastmath="reassoc" only (no nnan/ninf/contract), which
 # lets LLVM reorder each sum into vector lanes once it inlines them; the kernels around them keep strict
