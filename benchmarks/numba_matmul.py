@@ -1,23 +1,20 @@
-"""Blocked Numba matmuls, measured against BLAS (np.matmul) on the model's shapes: nothing is registered.
+"""Blocked Numba matmuls, measured against BLAS (np.matmul) on the model's shapes: why no matmul kernel
+is served (benchmarks/kernels.py matmul; tests/test_kernels.py checks their results).
 
-Three kernels: a blocked 2-D product (the Linear layers), a batched product with one (batch) task per
-thread (attention's per-head products), and a 2-D product with a fused bias + tanh-GELU epilogue (the
-MLP's first layer: saves one pass over the (B*T, 4C) activations). The loops run i, k, j with j
-innermost, so the inner loop is an axpy over a row of b that needs no reassociated sum (fastmath stays
-off, and every out[i, j] adds its k terms in order: results are deterministic).
+Three kernels: a blocked 2-D product (the Linear layers), a batched product (attention's per-head
+products), and a 2-D product with a fused bias + tanh-GELU epilogue (the MLP's first layer: saves one
+pass over the (B*T, 4C) activations). The loops run i, k, j with j innermost, so the inner loop is an
+axpy over a row of b that needs no reassociated sum (fastmath stays off, results are deterministic).
 
-Measured (benchmarks/kernels.py, 2 cores): np.matmul (OpenBLAS) wins every shape of both model
-configs by 20-100x, the fused bias+GELU epilogue included (15x), the small per-head products too
-(30x): OpenBLAS packs panels and runs register-blocked assembly micro-kernels, these loops reach a
-few GFLOP/s. So the backend keeps all matmuls on BLAS (DESIGN.md section 6) and nothing here is
-registered; this file is the measurement that justifies it.
+np.matmul (OpenBLAS) wins every shape of both model configs by one to two orders of magnitude, the fused
+epilogue and the small per-head products included: OpenBLAS packs panels and runs register-blocked
+assembly micro-kernels, these loops reach a few GFLOP/s. Figures: benchmarks/RESULTS.md.
 """
 import math
 
 import numpy as np
 from numba import njit
 
-from .common import TOLERANCE, median_ms, relative_error, table_row, torch_or_none
 
 BLOCK_I, BLOCK_K, BLOCK_J = 32, 128, 256  # a (BLOCK_K, BLOCK_J) float32 panel of b is 128 KB: stays in L2
 
@@ -73,7 +70,8 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-def validate():
+def check(relative_error, tolerance):
+    """The three kernels against NumPy on odd shapes; the largest relative difference."""
     worst = 0.0
     rng = np.random.default_rng(0)
     for dtype in (np.float64, np.float32):
@@ -88,7 +86,7 @@ def validate():
             out3 = np.empty((3, M, N), dtype)
             batched_matmul(a3, b3, out3)
             errors.append(relative_error(out3, a3 @ b3))
-            assert max(errors) <= TOLERANCE[np.dtype(dtype)], f"matmul {M}x{K}x{N} {np.dtype(dtype).name}: {errors}"
+            assert max(errors) <= tolerance[np.dtype(dtype)], f"matmul {M}x{K}x{N} {np.dtype(dtype).name}: {errors}"
             worst = max(worst, *errors)
     return worst
 
@@ -99,9 +97,9 @@ MODEL_SHAPES = [  # (M, K, N) of the Linear layers: 4x128 (B*T = 768) and 6x384 
 BATCHED_SHAPES = [(48, 64, 32, 64), (48, 64, 64, 32), (384, 256, 64, 256), (384, 256, 256, 64)]  # (NB, M, K, N)
 
 
-def benchmark():
-    """float32: Numba blocked vs np.matmul (BLAS) vs torch, forward products only."""
-    rows, torch = [], torch_or_none()
+def benchmark(median_ms, table_row, torch):
+    """float32: Numba blocked vs np.matmul (BLAS) vs torch (None: no column), forward products only."""
+    rows = []
     rng = np.random.default_rng(0)
     def product_row(name, label, kernel, a_shape, b_shape, out_shape):
         a, b = rng.standard_normal(a_shape).astype(np.float32), rng.standard_normal(b_shape).astype(np.float32)

@@ -122,9 +122,11 @@ def test_to_moves_and_back():
 # ---- the CuPy kernels equal their references (both run on the GPU) -------------------------------
 
 def kernels():
-    backend.accelerated(F.LayerNorm)  # loads kernels/ (registers the CuPy ones)
-    from tinygrad_llm.kernels import cuda
-    return cuda
+    """The CuPy kernel modules, by op family (importing them needs CuPy)."""
+    import importlib
+    import types
+    names = ("attention", "cross_entropy", "cublas", "elementwise", "layer_norm", "linear", "optim")
+    return types.SimpleNamespace(**{n: importlib.import_module(f"tinygrad_llm.kernels.cuda.{n}") for n in names})
 
 
 def compare_kernel(reference, kernel, arrays, attrs, dtype, seed=0):
@@ -150,7 +152,7 @@ def compare_kernel(reference, kernel, arrays, attrs, dtype, seed=0):
 def test_attention_kernel_equals_reference(shape, causal, dtype):
     rng = np.random.default_rng(1)
     q, k, v = (randn(rng, *shape, dtype=dtype) for _ in range(3))
-    compare_kernel(F.ScaledDotProductAttention, kernels().CausalAttentionCuda, [q, k, v, None],
+    compare_kernel(F.ScaledDotProductAttention, kernels().attention.ScaledDotProductAttentionCuda, [q, k, v, None],
                    dict(causal=causal, scale=1 / np.sqrt(shape[-1])), dtype)
 
 
@@ -158,10 +160,10 @@ def test_attention_kernel_equals_reference(shape, causal, dtype):
 def test_attention_kernel_short_queries_and_mask_fallback(dtype):
     rng = np.random.default_rng(2)
     q, k, v = randn(rng, 2, 2, 3, 8, dtype=dtype), randn(rng, 2, 2, 9, 8, dtype=dtype), randn(rng, 2, 2, 9, 8, dtype=dtype)
-    compare_kernel(F.ScaledDotProductAttention, kernels().CausalAttentionCuda, [q, k, v, None], dict(causal=True, scale=0.3), dtype)
+    compare_kernel(F.ScaledDotProductAttention, kernels().attention.ScaledDotProductAttentionCuda, [q, k, v, None], dict(causal=True, scale=0.3), dtype)
     mask = np.random.default_rng(3).random((2, 2, 3, 9)) < 0.5
     import cupy as cp
-    compare_kernel(F.ScaledDotProductAttention, kernels().CausalAttentionCuda, [q, k, v, cp.asarray(mask)],
+    compare_kernel(F.ScaledDotProductAttention, kernels().attention.ScaledDotProductAttentionCuda, [q, k, v, cp.asarray(mask)],
                    dict(causal=False, scale=0.3), dtype)
 
 
@@ -173,7 +175,7 @@ def test_layer_norm_kernel_equals_reference(N, C, affine, dtype):
     x = randn(rng, N, C, dtype=dtype, scale=3) + 2
     w = randn(rng, C, dtype=dtype) if affine != "none" else None
     b = randn(rng, C, dtype=dtype) if affine == "wb" else None
-    compare_kernel(F.LayerNorm, kernels().LayerNormCuda, [x, w, b], dict(eps=1e-5), dtype)
+    compare_kernel(F.LayerNorm, kernels().layer_norm.LayerNormCuda, [x, w, b], dict(eps=1e-5), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -184,7 +186,7 @@ def test_cross_entropy_kernel_equals_reference(V, reduction, dtype):
     logits = randn(rng, 4, 33, V, dtype=dtype, scale=10)
     targets = rng.integers(0, V, (4, 33))
     targets[0, :5] = -100
-    compare_kernel(F.CrossEntropy, kernels().CrossEntropyCuda, [logits, targets],
+    compare_kernel(F.CrossEntropy, kernels().cross_entropy.CrossEntropyCuda, [logits, targets],
                    dict(ignore_index=-100, reduction=reduction), dtype)
 
 
@@ -192,9 +194,9 @@ def test_cross_entropy_kernel_all_ignored_gives_zero():
     import cupy as cp
     ctx = Context((True, False))
     logits = cp.asarray(np.ones((2, 3, 5), np.float32))
-    loss = kernels().CrossEntropyCuda.forward(ctx, logits, cp.full((2, 3), -100), ignore_index=-100, reduction="mean")
+    loss = kernels().cross_entropy.CrossEntropyCuda.forward(ctx, logits, cp.full((2, 3), -100), ignore_index=-100, reduction="mean")
     assert float(loss) == 0.0
-    dx, _ = kernels().CrossEntropyCuda.backward(ctx, cp.ones((), np.float32))
+    dx, _ = kernels().cross_entropy.CrossEntropyCuda.backward(ctx, cp.ones((), np.float32))
     assert float(abs(dx).max()) == 0.0
 
 
@@ -203,7 +205,7 @@ def test_cross_entropy_kernel_all_ignored_gives_zero():
 def test_gelu_kernel_equals_reference(approximate, dtype):
     x = randn(np.random.default_rng(6), 5, 301, dtype=dtype, scale=4)
     x[0, :4] = [0, -40, 40, -3]
-    compare_kernel(F.GELU, kernels().GELUCuda, [x], dict(approximate=approximate), dtype)
+    compare_kernel(F.GELU, kernels().elementwise.GELUCuda, [x], dict(approximate=approximate), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -218,17 +220,17 @@ def test_attention_dropout_kernel_equals_reference_with_the_same_mask(shape, TK,
     q = cp.asarray(randn(rng, *shape, dtype=dtype))
     k, v = (cp.asarray(randn(rng, *shape[:2], TK, shape[3], dtype=dtype)) for _ in range(2))
     ctx_ker, ctx_ref = Context((True, True, True, False)), Context((True, True, True, False))
-    out_ker = cuda.CausalAttentionCuda.forward(ctx_ker, q, k, v, None, causal=causal, scale=0.4, dropout_p=p,
+    out_ker = cuda.attention.ScaledDotProductAttentionCuda.forward(ctx_ker, q, k, v, None, causal=causal, scale=0.4, dropout_p=p,
                                                rng=np.random.default_rng(9))
     seed = np.uint64(np.random.default_rng(9).integers(0, 2 ** 63))
-    mask = cuda._dropout_apply(cp.ones(shape[:3] + (TK,), dtype), seed, np.float32(p), dtype(1 / (1 - p)))
+    mask = cuda.elementwise._dropout_apply(cp.ones(shape[:3] + (TK,), dtype), seed, np.float32(p), dtype(1 / (1 - p)))
     F.ScaledDotProductAttention.forward(ctx_ref, q, k, v, None, causal=causal, scale=0.4)
     ctx_ref.drop = mask
     out_ref = (ctx_ref.p * mask) @ v
     assert rel_err(out_ker, out_ref) < TOL[dtype]
     assert rel_err(ctx_ker.pd, ctx_ref.p * mask) < TOL[dtype]
     dout = cp.asarray(randn(np.random.default_rng(5), *out_ref.shape, dtype=dtype))
-    for g_ker, g_ref in zip(cuda.CausalAttentionCuda.backward(ctx_ker, dout)[:3],
+    for g_ker, g_ref in zip(cuda.attention.ScaledDotProductAttentionCuda.backward(ctx_ker, dout)[:3],
                             F.ScaledDotProductAttention.backward(ctx_ref, dout)[:3]):
         assert g_ker.dtype == g_ref.dtype and rel_err(g_ker, g_ref) < TOL[dtype]
 
@@ -239,22 +241,22 @@ def test_attention_dropout_kernel_statistics_reproducibility_and_p_zero():
     rng = np.random.default_rng(6)
     q, k, v = (cp.asarray(randn(rng, 4, 4, 128, 16, dtype=np.float32)) for _ in range(3))
     ctx = Context((True, True, True, False))
-    out = cuda.CausalAttentionCuda.forward(ctx, q, k, v, None, causal=False, scale=0.25, dropout_p=p,
+    out = cuda.attention.ScaledDotProductAttentionCuda.forward(ctx, q, k, v, None, causal=False, scale=0.25, dropout_p=p,
                                            rng=np.random.default_rng(0))
     dropped = float((ctx.pd == 0).mean())   # softmax over all keys: no probability is exactly 0 otherwise
     assert abs(dropped - p) < 0.005           # 262144 draws: 5 standard deviations is 0.004
     kept = ctx.pd != 0
     assert rel_err(ctx.pd[kept], ctx.p[kept] / (1 - p)) < 1e-6
     # averaged over many masks, attention dropout leaves the output unchanged in expectation
-    plain = cuda.CausalAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25)
+    plain = cuda.attention.ScaledDotProductAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25)
     gen = np.random.default_rng(1)
-    mean = sum(cuda.CausalAttentionCuda.forward(Context((False,) * 4), q[:1, :1], k[:1, :1], v[:1, :1], None,
+    mean = sum(cuda.attention.ScaledDotProductAttentionCuda.forward(Context((False,) * 4), q[:1, :1], k[:1, :1], v[:1, :1], None,
                                                 causal=False, scale=0.25, dropout_p=p, rng=gen) for _ in range(400)) / 400
     assert float(abs(mean - plain[:1, :1]).max()) < 0.1
-    again = cuda.CausalAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25,
+    again = cuda.attention.ScaledDotProductAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25,
                                              dropout_p=p, rng=np.random.default_rng(0))
     assert bool((again == out).all())
-    zero = cuda.CausalAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25, dropout_p=0.0)
+    zero = cuda.attention.ScaledDotProductAttentionCuda.forward(Context((False,) * 4), q, k, v, None, causal=False, scale=0.25, dropout_p=0.0)
     assert bool((zero == plain).all())
     # the public op on cuda tensors goes through the kernel and draws one seed from rng
     t = [Tensor(a) for a in (q, k, v)]
@@ -277,7 +279,7 @@ def test_multi_tensor_adamw_and_clip_equal_references(dtype):
     ker = [[cp.asarray(a) for a in group] for group in (p, g, m, v)]
     for step in (1, 2, 50):
         adamw_update_group(*ref, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
-        cuda.adamw_update_group_cuda(*ker, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        cuda.optim.adamw_update_group_cuda(*ker, 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
     for group_ker, group_ref in zip(ker, ref):
         for a, b in zip(group_ker, group_ref):
             assert rel_err(a, b) < TOL[dtype]
@@ -285,7 +287,7 @@ def test_multi_tensor_adamw_and_clip_equal_references(dtype):
         grads_cpu = [a.copy() for a in g]
         grads_gpu = [cp.asarray(a) for a in g]
         total_cpu = clip_grads(grads_cpu, max_norm)
-        total_gpu = cuda.clip_grads_cuda(grads_gpu, max_norm)
+        total_gpu = cuda.optim.clip_grads_cuda(grads_gpu, max_norm)
         assert backend.is_cupy_array(total_gpu) and total_gpu.shape == ()
         assert abs(float(total_gpu) - total_cpu) / total_cpu < TOL[dtype]
         for a, b in zip(grads_gpu, grads_cpu):
@@ -293,8 +295,8 @@ def test_multi_tensor_adamw_and_clip_equal_references(dtype):
         if max_norm > 1:
             for a, b in zip(grads_gpu, g):
                 np.testing.assert_array_equal(a.get(), b)
-    assert backend.accelerated(clip_grads, grads_gpu[0]) is cuda.clip_grads_cuda
-    assert backend.accelerated(adamw_update_group, grads_gpu[0]) is cuda.adamw_update_group_cuda
+    assert backend.accelerated(clip_grads, grads_gpu[0]) is cuda.optim.clip_grads_cuda
+    assert backend.accelerated(adamw_update_group, grads_gpu[0]) is cuda.optim.adamw_update_group_cuda
 
 
 def test_clip_grad_norm_on_gpu_returns_a_device_scalar_without_syncing():
@@ -320,7 +322,7 @@ def test_adamw_kernel_equals_reference(dtype):
     ker = [cp.asarray(a) for a in arrays]
     for step in (1, 2, 50):
         adamw_update(ref[0], ref[1], ref[2], ref[3], 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
-        kernels().adamw_update_cuda(ker[0], ker[1], ker[2], ker[3], 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        kernels().optim.adamw_update_cuda(ker[0], ker[1], ker[2], ker[3], 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
     for a, b in zip(ker, ref):
         assert rel_err(a, b) < TOL[dtype]
 
@@ -330,17 +332,17 @@ def test_dropout_kernel_mask_is_shared_scaled_and_reproducible():
     cuda = kernels()
     x = cp.asarray(np.random.default_rng(8).standard_normal((64, 1000)).astype(np.float32)) + 5
     ctx = Context((True,))
-    y = cuda.DropoutCuda.forward(ctx, x, p=0.2, rng=np.random.default_rng(0))
+    y = cuda.elementwise.DropoutCuda.forward(ctx, x, p=0.2, rng=np.random.default_rng(0))
     kept = y != 0
     assert abs(float(kept.mean()) - 0.8) < 0.01
     assert rel_err(y[kept], x[kept] / 0.8) < 1e-6
-    dx = cuda.DropoutCuda.backward(ctx, cp.ones_like(x))
+    dx = cuda.elementwise.DropoutCuda.backward(ctx, cp.ones_like(x))
     assert bool(((dx != 0) == kept).all()) and rel_err(dx[kept], cp.full(int(kept.sum()), 1 / 0.8)) < 1e-6
-    again = cuda.DropoutCuda.forward(Context((True,)), x, p=0.2, rng=np.random.default_rng(0))
+    again = cuda.elementwise.DropoutCuda.forward(Context((True,)), x, p=0.2, rng=np.random.default_rng(0))
     assert bool((again == y).all())
-    other = cuda.DropoutCuda.forward(Context((True,)), x, p=0.2, rng=np.random.default_rng(1))
+    other = cuda.elementwise.DropoutCuda.forward(Context((True,)), x, p=0.2, rng=np.random.default_rng(1))
     assert not bool((other == y).all())
-    assert float(abs(cuda.DropoutCuda.forward(Context((True,)), x, p=1.0, rng=np.random.default_rng(0))).max()) == 0
+    assert float(abs(cuda.elementwise.DropoutCuda.forward(Context((True,)), x, p=1.0, rng=np.random.default_rng(0))).max()) == 0
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -354,16 +356,16 @@ def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, row
     rng = np.random.default_rng(B * 100 + T)
     qkv = cp.asarray(randn(rng, B, T, 3 * NH * HS, dtype=dtype))
     dout = cp.asarray(randn(rng, B, T, NH * HS, dtype=dtype))
-    monkeypatch.setattr(kernels(), "ROW_BLOCKS", row_blocks)
+    monkeypatch.setattr(kernels().attention, "ROW_BLOCKS", row_blocks)
     if one_call:
-        assert kernels().batched_gemm() is not None, kernels().batched_gemm.error
-    monkeypatch.setattr(kernels(), "HEADS_IN_ONE_CALL", one_call)
+        assert kernels().cublas.batched_gemm() is not None, kernels().cublas.batched_gemm.error
+    monkeypatch.setattr(kernels().cublas, "HEADS_IN_ONE_CALL", one_call)
     # NaN in the pool's free blocks: the causal products leave score blocks unwritten, which must never be read
     poison = cp.full(4 * B * NH * T * T + 4096, np.nan, dtype=dtype)
     del poison
     ctx = Context((True,))
-    out_ker = kernels().SelfAttentionCuda.forward(ctx, qkv, NH, causal=causal, scale=0.3)
-    d_ker = kernels().SelfAttentionCuda.backward(ctx, dout)
+    out_ker = kernels().attention.SelfAttentionCuda.forward(ctx, qkv, NH, causal=causal, scale=0.3)
+    d_ker = kernels().attention.SelfAttentionCuda.backward(ctx, dout)
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")   # no kernel inside the reference either
     ctx = Context((True,))
     out_ref = F.SelfAttention.forward(ctx, qkv, NH, causal=causal, scale=0.3)
@@ -376,14 +378,14 @@ def test_self_attention_kernel_equals_reference(B, T, NH, HS, causal, dtype, row
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 def test_self_attention_kernel_with_dropout_equals_the_split_heads_kernel(dtype):
     """Same (B, NH, T, T) scores and the same seed from the same generator: the same mask as
-    CausalAttentionCuda on the unpacked heads, so the two paths agree to rounding."""
+    ScaledDotProductAttentionCuda on the unpacked heads, so the two paths agree to rounding."""
     import cupy as cp
     B, T, NH, HS = 2, 40, 3, 8
     qkv = cp.asarray(randn(np.random.default_rng(3), B, T, 3 * NH * HS, dtype=dtype))
     dout = cp.asarray(randn(np.random.default_rng(4), B, T, NH * HS, dtype=dtype))
     ctx = Context((True,))
-    out = kernels().SelfAttentionCuda.forward(ctx, qkv, NH, scale=0.35, dropout_p=0.3, rng=np.random.default_rng(8))
-    dqkv = kernels().SelfAttentionCuda.backward(ctx, dout)
+    out = kernels().attention.SelfAttentionCuda.forward(ctx, qkv, NH, scale=0.35, dropout_p=0.3, rng=np.random.default_rng(8))
+    dqkv = kernels().attention.SelfAttentionCuda.backward(ctx, dout)
     x = Tensor(qkv, requires_grad=True)
     q, k, v = [t.reshape(B, T, NH, HS).permute(0, 2, 1, 3) for t in x.split(NH * HS, axis=2)]
     y = F.scaled_dot_product_attention(q, k, v, scale=0.35, dropout_p=0.3, rng=np.random.default_rng(8))
@@ -400,10 +402,10 @@ def test_self_attention_kernel_follows_the_tf32_switch():
     rng = np.random.default_rng(10)
     qkv = cp.asarray(randn(rng, 2, 128, 3 * 128, dtype=np.float32, scale=3.0))
     exact = F.SelfAttention.forward(Context((False,)), qkv.astype(np.float64), 2, scale=1.0)
-    off = cuda.SelfAttentionCuda.forward(Context((False,)), qkv, 2, scale=1.0)
+    off = cuda.attention.SelfAttentionCuda.forward(Context((False,)), qkv, 2, scale=1.0)
     try:
         backend.set_tf32(True)
-        on = cuda.SelfAttentionCuda.forward(Context((False,)), qkv, 2, scale=1.0)
+        on = cuda.attention.SelfAttentionCuda.forward(Context((False,)), qkv, 2, scale=1.0)
     finally:
         backend.set_tf32(False)
     assert rel_err(off, exact) < 1e-4
@@ -415,12 +417,12 @@ def test_self_attention_kernel_follows_the_tf32_switch():
 def test_linear_kernel_equals_reference(x_shape, M, dtype):
     """x w + b with the bias in cuBLASLt's epilogue == matmul then add; the epilogue path really ran."""
     cuda = kernels()
-    assert cuda.lt() is not None, cuda.lt.error
+    assert cuda.cublas.lt() is not None, cuda.cublas.lt.error
     rng = np.random.default_rng(len(x_shape) * 10 + M)
     x, w, b = randn(rng, *x_shape, dtype=dtype), randn(rng, x_shape[-1], M, dtype=dtype), randn(rng, M, dtype=dtype)
-    compare_kernel(F.Linear, cuda.LinearCuda, [x, w, b], {}, dtype)
+    compare_kernel(F.Linear, cuda.linear.LinearCuda, [x, w, b], {}, dtype)
     N = int(np.prod(x_shape[:-1]))
-    assert cuda.lt().plans.get((N, x_shape[-1], M, np.dtype(dtype), cuda._compute_type(dtype))) is not None
+    assert cuda.cublas.lt().plans.get((N, x_shape[-1], M, np.dtype(dtype), cuda.cublas.compute_type(dtype))) is not None
 
 
 def test_linear_kernel_with_mismatched_shapes_takes_the_reference_and_raises():
@@ -429,9 +431,9 @@ def test_linear_kernel_with_mismatched_shapes_takes_the_reference_and_raises():
     cuda = kernels()
     x, w = cp.ones((3, 5), np.float32), cp.ones((4, 6), np.float32)
     with pytest.raises(ValueError):
-        cuda.LinearCuda.forward(Context((True, True, True)), x, w, cp.ones(6, np.float32))
+        cuda.linear.LinearCuda.forward(Context((True, True, True)), x, w, cp.ones(6, np.float32))
     with pytest.raises(ValueError):
-        cuda.LinearCuda.forward(Context((True, True, True)), cp.ones((3, 4), np.float32), w, cp.ones(5, np.float32))
+        cuda.linear.LinearCuda.forward(Context((True, True, True)), cp.ones((3, 4), np.float32), w, cp.ones(5, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -446,16 +448,16 @@ def test_vector_kernels_equal_the_elementwise_kernels(n, dtype):
     seed, p, scale = np.uint64(123456789), np.float32(0.3), dtype(1 / 0.7)
     for x, d in ((base[:n], dbase[:n]), (base[1:], dbase[1:])):   # aligned, then 4 or 8 bytes off
         ctx = Context((True,))
-        y = cuda.GELUCuda.forward(ctx, x, approximate="tanh")
-        dx = cuda.GELUCuda.backward(ctx, d)
+        y = cuda.elementwise.GELUCuda.forward(ctx, x, approximate="tanh")
+        dx = cuda.elementwise.GELUCuda.backward(ctx, d)
         tol = 1e-6 if dtype == np.float32 else 1e-14
-        assert rel_err(y, cuda._gelu_tanh_forward(x)) < tol
-        assert rel_err(dx, cuda._gelu_tanh_backward(x, d)) < tol
-        assert bool((cuda._dropout(x, seed, p, scale) == cuda._dropout_apply(x, seed, p, scale)).all())
-        assert bool((cuda.AddCuda.forward(Context((True, True)), x, d) == x + d).all())
+        assert rel_err(y, cuda.elementwise._gelu_tanh_forward(x)) < tol
+        assert rel_err(dx, cuda.elementwise._gelu_tanh_backward(x, d)) < tol
+        assert bool((cuda.elementwise._dropout(x, seed, p, scale) == cuda.elementwise._dropout_apply(x, seed, p, scale)).all())
+        assert bool((cuda.elementwise.AddCuda.forward(Context((True, True)), x, d) == x + d).all())
     # other shapes (broadcasting) and a scalar take CuPy's add
     ctx = Context((True, True))
-    assert bool((cuda.AddCuda.forward(ctx, base[:n].reshape(1, n), base[:1]) == base[:n] + base[0]).all())
+    assert bool((cuda.elementwise.AddCuda.forward(ctx, base[:n].reshape(1, n), base[:1]) == base[:n] + base[0]).all())
     assert ctx.shapes == ((1, n), (1,))
 
 
@@ -463,11 +465,11 @@ def test_kernels_serve_cuda_arrays_and_kernels_off_uses_references(monkeypatch):
     import cupy as cp
     cuda = kernels()
     a = cp.zeros(3, np.float32)
-    assert backend.accelerated(F.LayerNorm, a) is cuda.LayerNormCuda
-    assert backend.accelerated(F.SelfAttention, a) is cuda.SelfAttentionCuda
-    assert backend.accelerated(F.Linear, a) is cuda.LinearCuda
-    assert backend.accelerated(Add, a) is cuda.AddCuda
-    assert backend.accelerated(adamw_update, a) is cuda.adamw_update_cuda
+    assert backend.accelerated(F.LayerNorm, a) is cuda.layer_norm.LayerNormCuda
+    assert backend.accelerated(F.SelfAttention, a) is cuda.attention.SelfAttentionCuda
+    assert backend.accelerated(F.Linear, a) is cuda.linear.LinearCuda
+    assert backend.accelerated(Add, a) is cuda.elementwise.AddCuda
+    assert backend.accelerated(adamw_update, a) is cuda.optim.adamw_update_cuda
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
     assert backend.accelerated(F.LayerNorm, a) is F.LayerNorm
 

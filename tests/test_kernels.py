@@ -1,42 +1,39 @@
 """Every Numba kernel equals its NumPy reference, forward and every gradient, and the switch works.
 
-Three layers of checks: each kernel file's validate() (random and odd shapes, strided inputs,
-fallback cases; float64 to 1e-10 relative, float32 to 2e-4); hypothesis over shapes for the row
+Three layers of checks: each kernel file's edge cases (kernel_checks.py: random and odd shapes, strided
+inputs, inputs left to the op; float64 to 1e-10 relative, float32 to 2e-4); hypothesis over shapes for the row
 kernels; and the public API run twice, TINYGRAD_LLM_KERNELS=0 and kernels on, through functional,
 the optimizer and a whole float64 GPT. The file skips when Numba is not installed.
 """
-import importlib
-
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 pytest.importorskip("numba")
 
+from kernel_checks import CHECKS, TOLERANCE, compare_with_reference, row_blocks_of, spread_over_threads  # noqa: E402
+
 from tinygrad_llm import backend, functional as F, optim  # noqa: E402
-from tinygrad_llm.kernels import KERNEL_MODULES  # noqa: E402
-from tinygrad_llm.kernels.attention import (NumbaAttention, every_size_served, row_blocks_of,  # noqa: E402
-                                            spread_over_threads)
-from tinygrad_llm.kernels.common import TOLERANCE, compare_with_reference  # noqa: E402
-from tinygrad_llm.kernels.cross_entropy import NumbaCrossEntropy  # noqa: E402
-from tinygrad_llm.kernels.gelu import NumbaGELU  # noqa: E402
-from tinygrad_llm.kernels.layer_norm import NumbaLayerNorm, NumbaRMSNorm  # noqa: E402
+from tinygrad_llm.kernels.cpu.attention import ScaledDotProductAttentionNumba  # noqa: E402
+from tinygrad_llm.kernels.cpu.cross_entropy import CrossEntropyNumba  # noqa: E402
+from tinygrad_llm.kernels.cpu.elementwise import GELUNumba  # noqa: E402
+from tinygrad_llm.kernels.cpu.layer_norm import LayerNormNumba, RMSNormNumba  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.tensor import Context, Tensor  # noqa: E402
 
 
-@pytest.mark.parametrize("name", KERNEL_MODULES)
+@pytest.mark.parametrize("name", sorted(CHECKS))
 def test_kernel_file_validates_against_its_reference(name):
-    worst = importlib.import_module(f"tinygrad_llm.kernels.{name}").validate()
+    worst = CHECKS[name]()
     assert worst <= TOLERANCE[np.dtype(np.float32)]
 
 
 def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
     x = np.zeros((2, 3))
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "1")
-    assert backend.accelerated(F.LayerNorm, x) is NumbaLayerNorm
-    assert backend.accelerated(F.ScaledDotProductAttention, x) is NumbaAttention
-    assert backend.accelerated(F.CrossEntropy, x) is NumbaCrossEntropy
+    assert backend.accelerated(F.LayerNorm, x) is LayerNormNumba
+    assert backend.accelerated(F.ScaledDotProductAttention, x) is ScaledDotProductAttentionNumba
+    assert backend.accelerated(F.CrossEntropy, x) is CrossEntropyNumba
     assert backend.accelerated(optim.adamw_update, x) is not optim.adamw_update
     assert backend.accelerated(optim.adamw_update_group, x) is not optim.adamw_update_group
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
@@ -47,11 +44,11 @@ def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
 
 
 def test_float32_gelu_tanh_is_within_7_ulp_of_tanh_and_keeps_the_references_edge_values():
-    """The float32 tanh form computes tanh(u) by a rational function (kernels/gelu.py): check the saved t
+    """The float32 tanh form computes tanh(u) by a rational function (kernels/cpu/elementwise.py): check the saved t
     against float64 tanh of the same float32 u, over u in about [-12, 12], and the non-finite inputs."""
     x = np.linspace(-6, 6, 1_000_001, dtype=np.float32)
     ctx = Context((True,))
-    NumbaGELU.forward(ctx, x, approximate="tanh")
+    GELUNumba.forward(ctx, x, approximate="tanh")
     c, a = np.float32(np.sqrt(2 / np.pi)), np.float32(0.044715)
     u = c * (x + a * x * x * x)   # as the kernel forms it, in float32
     truth = np.tanh(u.astype(np.float64))
@@ -62,7 +59,7 @@ def test_float32_gelu_tanh_is_within_7_ulp_of_tanh_and_keeps_the_references_edge
     edges = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 30.0, -30.0], np.float32)
     with np.errstate(invalid="ignore"):   # -inf * 0 = nan, in both
         reference = F.GELU.forward(Context((True,)), edges, approximate="tanh")
-        np.testing.assert_array_equal(NumbaGELU.forward(Context((True,)), edges, approximate="tanh"), reference)
+        np.testing.assert_array_equal(GELUNumba.forward(Context((True,)), edges, approximate="tanh"), reference)
 
 
 # ---- hypothesis over shapes ------------------------------------------------------------------------
@@ -84,12 +81,12 @@ def assert_attention_kernel_matches(q, k, v, attrs, seed):
     saturates, dS = P (dP - rowsum(dP P)) cancels O(1) terms into a ~1e-7 gradient, and any float32 evaluation
     order is then off by ~1e-8 absolute, which is a large relative error (hypothesis found TQ=1, HS=1 cases)."""
     if q.dtype == np.float64:
-        err = compare_with_reference(F.ScaledDotProductAttention, NumbaAttention, (q, k, v, None), attrs,
+        err = compare_with_reference(F.ScaledDotProductAttention, ScaledDotProductAttentionNumba, (q, k, v, None), attrs,
                                      needs=(True, True, True, False), seed=seed)
         assert err <= TOLERANCE[np.dtype(np.float64)]
         return
     truth, dout = _forward_backward_results(F.ScaledDotProductAttention, [a.astype(np.float64) for a in (q, k, v)], attrs, seed)
-    kernel, _ = _forward_backward_results(NumbaAttention, [q, k, v], attrs, seed)
+    kernel, _ = _forward_backward_results(ScaledDotProductAttentionNumba, [q, k, v], attrs, seed)
     terms = max(float(np.abs(a).max()) for a in (q, k, v)) ** 2 * float(np.abs(dout).max())
     for i, (t, g) in enumerate(zip(truth, kernel)):
         assert float(np.abs(g - t).max()) <= 1e-5 * terms, f"result {i}"
@@ -100,8 +97,7 @@ def assert_attention_kernel_matches(q, k, v, attrs, seed):
 def test_attention_equals_reference_on_random_shapes(B, NH, T, HS, causal, dtype, seed):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal((B, NH, T, HS)).astype(dtype) * 2 for _ in range(3))
-    with every_size_served():  # small heads normally go to the reference
-        assert_attention_kernel_matches(q, k, v, dict(causal=causal, scale=HS ** -0.5), seed)
+    assert_attention_kernel_matches(q, k, v, dict(causal=causal, scale=HS ** -0.5), seed)
 
 
 @given(B=st.integers(1, 2), NH=st.integers(1, 2), TQ=st.integers(1, 40), extra_keys=st.integers(0, 5),
@@ -111,7 +107,7 @@ def test_causal_attention_row_blocks_equal_reference(B, NH, TQ, extra_keys, HS, 
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((B, NH, TQ, HS)).astype(dtype) * 2
     k, v = (rng.standard_normal((B, NH, TQ + extra_keys, HS)).astype(dtype) * 2 for _ in range(2))
-    with every_size_served(), row_blocks_of(rows):
+    with row_blocks_of(rows):
         assert_attention_kernel_matches(q, k, v, dict(causal=True, scale=HS ** -0.5), seed)
 
 
@@ -124,38 +120,38 @@ def test_attention_spread_over_threads_equals_reference(B, NH, T, HS, causal, st
     q, k, v = (rng.standard_normal((B, T, NH, HS) if strided else (B, NH, T, HS)).astype(dtype) * 2 for _ in range(3))
     if strided:
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    with every_size_served(), spread_over_threads(threads):
+    with spread_over_threads(threads):
         assert_attention_kernel_matches(q, k, v, dict(causal=causal, scale=HS ** -0.5), seed)
 
 
 def test_gelu_erf_form_is_not_served_and_its_kernel_still_validates():
-    """The erf form's kernel measured slower than the reference (kernels/gelu.py): GELU(approximate="none")
+    """The erf form's kernel measured slower than the reference (kernels/cpu/elementwise.py): GELU(approximate="none")
     runs the reference; with the kernel switched on for measuring, it still equals the reference."""
-    from tinygrad_llm.kernels.gelu import exact_served
+    from tinygrad_llm.kernels.cpu.elementwise import exact_served
     x = np.random.default_rng(3).standard_normal((4, 9)) * 3
     ctx = Context((True,))
-    NumbaGELU.forward(ctx, x, approximate="none")
-    assert ctx.fallback
+    GELUNumba.forward(ctx, x, approximate="none")
+    assert ctx.reference
     with exact_served():
-        assert compare_with_reference(F.GELU, NumbaGELU, (x,), dict(approximate="none")) <= TOLERANCE[np.dtype(np.float64)]
+        assert compare_with_reference(F.GELU, GELUNumba, (x,), dict(approximate="none")) <= TOLERANCE[np.dtype(np.float64)]
         ctx = Context((True,))
-        NumbaGELU.forward(ctx, x, approximate="none")
-        assert not ctx.fallback
+        GELUNumba.forward(ctx, x, approximate="none")
+        assert not ctx.reference
 
 
 def test_blas_threads_sets_and_restores_openblas_threads():
-    from tinygrad_llm.kernels.common import blas_threads, openblas_threads_api
-    api = openblas_threads_api()
-    if api is None:
-        pytest.skip("NumPy here is not linked to OpenBLAS")
-    before = api[1]()
+    from tinygrad_llm.kernels.cpu.threads import blas_threads, numpy_blas
+    blas = numpy_blas()
+    if blas is None:
+        pytest.skip("threadpoolctl does not find NumPy's BLAS here")
+    before = blas.get_num_threads()
     inside = 2 if before == 1 else 1          # a change whatever OPENBLAS_NUM_THREADS says
     with blas_threads(inside):
-        assert api[1]() == inside
+        assert blas.get_num_threads() == inside
         with blas_threads(inside):            # nested (another Python thread's block): the outer restores
-            assert api[1]() == inside
-        assert api[1]() == inside
-    assert api[1]() == before
+            assert blas.get_num_threads() == inside
+        assert blas.get_num_threads() == inside
+    assert blas.get_num_threads() == before
 
 
 def test_attention_threads_finish_every_share_and_raise_the_first_error():
@@ -164,10 +160,9 @@ def test_attention_threads_finish_every_share_and_raise_the_first_error():
     import threading
     import time
 
-    from tinygrad_llm.kernels import attention
-    from tinygrad_llm.kernels.common import openblas_threads_api
-    api = openblas_threads_api()
-    before = api[1]() if api else None
+    from tinygrad_llm.kernels.cpu import threads
+    blas = threads.numpy_blas()
+    before = blas.get_num_threads() if blas else None
     done, lock = [], threading.Lock()
 
     def fn(i):                                # shares with 2 threads: this one [0, 2, 4], the worker [1, 3, 5]
@@ -180,7 +175,7 @@ def test_attention_threads_finish_every_share_and_raise_the_first_error():
 
     with spread_over_threads(2):
         with pytest.raises(KeyError):
-            attention._run_items(fn, [(i,) for i in range(6)], parallel=True)
+            threads.run_items(fn, [(i,) for i in range(6)], parallel=True)
         assert sorted(done) == [1, 3, 5]      # ... and had finished its share when the call raised
 
         def fails_in_the_worker(i):
@@ -188,9 +183,9 @@ def test_attention_threads_finish_every_share_and_raise_the_first_error():
                 raise ValueError("worker share")
 
         with pytest.raises(ValueError, match="worker share"):
-            attention._run_items(fails_in_the_worker, [(i,) for i in range(6)], parallel=True)
-    if api:
-        assert api[1]() == before
+            threads.run_items(fails_in_the_worker, [(i,) for i in range(6)], parallel=True)
+    if blas:
+        assert blas.get_num_threads() == before
 
 
 @given(rows=st.integers(1, 50), C=st.integers(2, 70), dtype=dtypes, seed=st.integers(0, 2**16))
@@ -202,8 +197,8 @@ def test_norms_equal_reference_on_random_shapes(rows, C, dtype, seed):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, C)) * 5 + 2).astype(dtype)
     w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
-    assert compare_with_reference(F.LayerNorm, NumbaLayerNorm, (x, w, b), dict(eps=1e-5), seed=seed) <= TOLERANCE[np.dtype(dtype)]
-    assert compare_with_reference(F.RMSNorm, NumbaRMSNorm, (x, w), dict(eps=1e-6), seed=seed) <= TOLERANCE[np.dtype(dtype)]
+    assert compare_with_reference(F.LayerNorm, LayerNormNumba, (x, w, b), dict(eps=1e-5), seed=seed) <= TOLERANCE[np.dtype(dtype)]
+    assert compare_with_reference(F.RMSNorm, RMSNormNumba, (x, w), dict(eps=1e-6), seed=seed) <= TOLERANCE[np.dtype(dtype)]
 
 
 @given(N=st.integers(1, 40), V=st.integers(1, 300), dtype=dtypes, reduction=st.sampled_from(["mean", "sum", "none"]),
@@ -212,7 +207,7 @@ def test_cross_entropy_equals_reference_on_random_shapes(N, V, dtype, reduction,
     rng = np.random.default_rng(seed)
     logits = (rng.standard_normal((N, V)) * 10).astype(dtype)
     targets = np.where(rng.random(N) < 0.3, -100, rng.integers(0, V, N))
-    err = compare_with_reference(F.CrossEntropy, NumbaCrossEntropy, (logits, targets),
+    err = compare_with_reference(F.CrossEntropy, CrossEntropyNumba, (logits, targets),
                                  dict(ignore_index=-100, reduction=reduction), seed=seed)
     assert err <= TOLERANCE[np.dtype(dtype)]
 

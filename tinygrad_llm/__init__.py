@@ -1,15 +1,38 @@
-"""tinygrad_llm: a GPT-style language model from scratch in NumPy, every backward pass written by hand."""
-import os as _os
+"""tinygrad_llm: a GPT-style language model from scratch in NumPy, every backward pass written by hand.
+
+Process-wide tuning lives here and only here (everything else the library changes, it changes for the
+duration of its own call and puts back):
+- glibc keeps freed memory in its heap for reuse (_keep_freed_memory_in_the_heap below).
+- Threads: none. The library never sets a thread count or an environment variable for the process;
+  the Numba kernels are serial, and the attention kernel sets NumPy's OpenBLAS to one thread with
+  threadpoolctl only while its own Python threads run (kernels/cpu/threads.py). OpenBLAS's idle threads
+  spin for a while after each call (OPENBLAS_THREAD_TIMEOUT, read once when NumPy loads it); that is
+  the user's setting to make before Python starts (README, "Threads").
+"""
+import ctypes as _ctypes
 import sys as _sys
 
-# OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call before they sleep; on a 2-core
-# machine the spinning holds the core that the attention kernel's second thread needs (kernels/attention.py).
-# 2^22 cycles (~1.5 ms) keeps them spinning between the GEMMs of a step but not through an attention call:
-# measured (64,6,256,64) forward + backward right after a GEMM, 172-185 ms -> 133 ms; the 4x128 training
-# step unchanged within noise (benchmarks/RESULTS.md). OpenBLAS reads the variable once, when NumPy loads
-# it, so it is set only when NumPy is not loaded yet (import tinygrad_llm first to get it) and only if unset.
-if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")
+
+def _keep_freed_memory_in_the_heap():
+    """Ask glibc to reuse freed memory instead of handing large blocks back to the kernel.
+
+    By default every array over 32 MiB is a fresh mmap that the kernel must fault in and zero page by
+    page, and a training step allocates dozens of such activations: serving them from the heap made the
+    6x384 step faster (benchmarks/RESULTS.md). The cost: memory freed by a run is kept by the process
+    for reuse rather than returned. Independent of import order: it applies to later allocations.
+    """
+    if not _sys.platform.startswith("linux"):
+        return
+    try:
+        libc = _ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): leave the allocator alone
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, _ctypes.c_int(1 << 30))
+    libc.mallopt(M_TRIM_THRESHOLD, _ctypes.c_int((1 << 31) - 1))
+
+
+_keep_freed_memory_in_the_heap()
 
 from .tensor import Tensor, cat, detect_anomaly, no_grad, where  # noqa: E402
 

@@ -4,35 +4,12 @@ Nothing here knows about the graph or about derivatives. Ops ask `array_module(x
 their inputs and write `xp.exp(x)` instead of `np.exp(x)`, so the same op code runs on NumPy and CuPy.
 CuPy is imported only when a CUDA array is asked for: importing tinygrad_llm never needs it.
 """
-import ctypes
+import importlib
 import os
-import sys
 
 import numpy as np
 
 _cupy = None
-
-
-def _keep_freed_memory_in_the_heap():
-    """Ask glibc to reuse freed memory instead of handing large blocks back to the kernel.
-
-    By default every array over 32 MiB is a fresh mmap that the kernel must fault in and zero page by
-    page, and the 6x384 training step allocates dozens of 100 MB activations: measured on the 2-core
-    machine, serving them from the heap takes the step from 10.9 s to 9.0 s (benchmarks/RESULTS.md).
-    The cost: memory freed by a run is kept by the process for reuse rather than returned.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): leave the allocator alone
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
-    libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int((1 << 31) - 1))
-
-
-_keep_freed_memory_in_the_heap()
 
 
 def cupy_module():
@@ -146,42 +123,64 @@ def add_at(xp, target, index, values):
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel dispatch. An op is a reference: a Function class (functional.py) or a plain array function
-# (the AdamW update). `accelerated(reference, *arrays)` gives back what to run: a kernel registered
-# for that reference and the arrays' device when kernels are enabled, else the reference itself.
-# A kernel for a Function is a class with the same forward(ctx, ...)/backward(ctx, dout) signature;
-# it keeps its own saved context. A kernel is registered only beside a test that it equals the reference.
+# Kernel dispatch. An op names its kernels where it is defined: a Function class has
+#     kernels = {"cpu": "layer_norm.LayerNormNumba", "cuda": "layer_norm.LayerNormCuda"}
+# and a plain array function (the optimizer's updates) gets the same through @kernels(cpu=..., cuda=...).
+# A name is "<module>.<attribute>" under tinygrad_llm/kernels/<device>/. The kernel is imported the first
+# time an op runs on that device, so nothing here imports kernels/ (which imports the ops above it).
+# A kernel for a Function is a class with the same forward(ctx, ...)/backward(ctx, dout) signature that
+# runs the op itself for inputs it does not cover; a kernel for a function has the function's signature.
 
-_kernels = {}  # (reference, device) -> kernel
-_kernels_loaded = False
+_LIBRARY = {"cpu": "numba", "cuda": "cupy"}   # what a device's kernels are written with
+_library_found = {}
+_implementations = {}   # (op, device) -> what runs
 
 
 def kernels_enabled():
-    """TINYGRAD_LLM_KERNELS=0 selects the pure NumPy reference path everywhere."""
+    """TINYGRAD_LLM_KERNELS=0 selects the pure NumPy/CuPy ops everywhere."""
     return os.environ.get("TINYGRAD_LLM_KERNELS", "1") != "0"
 
 
-def register_kernel(reference, device, kernel):
-    """Serve `kernel` in place of `reference` for arrays on `device` ("cpu" or "cuda")."""
-    _kernels[(reference, device)] = kernel
+def kernels(**names):
+    """Name the kernels of a plain array function, as a Function does with its `kernels` attribute:
+    @kernels(cpu="optim.adamw_update_numba", cuda="optim.adamw_update_cuda")."""
+    def name(fn):
+        fn.kernels = dict(names)
+        return fn
+    return name
 
 
-def _load_kernels():
-    global _kernels_loaded
-    _kernels_loaded = True
-    try:
-        from . import kernels  # noqa: F401  (registers what it can: Numba and CuPy are optional)
-    except ImportError:
-        pass
+def _library_installed(device):
+    if device not in _library_found:
+        try:
+            importlib.import_module(_LIBRARY[device])
+            _library_found[device] = True
+        except ImportError:
+            _library_found[device] = False
+    return _library_found[device]
 
 
-def accelerated(reference, *arrays):
-    """What to run for `reference` on these arrays: a kernel if one serves them, else `reference`."""
+def implementation(op, device):
+    """What runs `op` on `device` ("cpu" or "cuda"): the kernel the op names for it, imported on first use,
+    or the op itself when it names none, when Numba/CuPy is missing, or when kernels are switched off."""
     if not kernels_enabled():
-        return reference
-    if not _kernels_loaded:
-        _load_kernels()
-    if not _kernels:
-        return reference
+        return op
+    impl = _implementations.get((op, device))
+    if impl is None:
+        # the op's own attribute, not one inherited by a subclass (whose forward the kernel would not run)
+        name = vars(op).get("kernels", {}).get(device)
+        impl = op
+        if name is not None and _library_installed(device):
+            module, attribute = name.rsplit(".", 1)
+            impl = getattr(importlib.import_module(f"tinygrad_llm.kernels.{device}.{module}"), attribute)
+        _implementations[(op, device)] = impl
+    return impl
+
+
+def accelerated(op, *arrays):
+    """implementation(op, device of the first array among `arrays`): what Function.apply and the
+    optimizer call."""
+    if not kernels_enabled():
+        return op
     device = next((device_of(a) for a in arrays if hasattr(a, "dtype")), "cpu")
-    return _kernels.get((reference, device), reference)
+    return implementation(op, device)

@@ -51,6 +51,7 @@ def _sum_to_last(a):
 
 class Linear(Function):
     """(..., IN), (IN, OUT), (OUT,) -> (..., OUT): out = x w + b, with w stored (in, out) as in GPT-2."""
+    kernels = {"cuda": "linear.LinearCuda"}
 
     @staticmethod
     def forward(ctx, x, w, b=None):
@@ -90,6 +91,7 @@ def linear(x, w, b=None):
 
 class Embedding(Function):
     """(B,T) int, (V,C) -> (B,T,C): row idx[b,t] of the table w (any index shape)."""
+    kernels = {"cpu": "embedding.EmbeddingNumba"}
 
     @staticmethod
     def forward(ctx, idx, w):
@@ -125,6 +127,7 @@ def embedding(idx, w):
 
 class LayerNorm(Function):
     """(B,T,C), (C,), (C,) -> (B,T,C): normalise over the last axis, then scale by w and shift by b."""
+    kernels = {"cpu": "layer_norm.LayerNormNumba", "cuda": "layer_norm.LayerNormCuda"}
 
     @staticmethod
     def forward(ctx, x, w=None, b=None, eps=1e-5):
@@ -168,6 +171,7 @@ def layer_norm(x, w=None, b=None, eps=1e-5):
 
 class RMSNorm(Function):
     """(B,T,C), (C,) -> (B,T,C): x / sqrt(mean(x^2) + eps) over the last axis, scaled by w."""
+    kernels = {"cpu": "layer_norm.RMSNormNumba"}
 
     @staticmethod
     def forward(ctx, x, w=None, eps=None):
@@ -259,6 +263,7 @@ _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 class GELU(Function):
     """(...) -> (...): x Phi(x) ("none", exact, via erf) or its tanh approximation ("tanh")."""
+    kernels = {"cpu": "elementwise.GELUNumba", "cuda": "elementwise.GELUCuda"}
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
@@ -322,6 +327,7 @@ def silu(x):
 
 class SwiGLU(Function):
     """(B,T,H), (B,T,H) -> (B,T,H): silu(gate) * up (broadcasting allowed)."""
+    kernels = {"cpu": "elementwise.SwiGLUNumba"}
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -412,6 +418,7 @@ def log_softmax(x, axis=-1):
 
 class CrossEntropy(Function):
     """(..., V), (...) int -> () for "mean"/"sum", (...) for "none": -log softmax(logits)[target]."""
+    kernels = {"cpu": "cross_entropy.CrossEntropyNumba", "cuda": "cross_entropy.CrossEntropyCuda"}
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index=-100, reduction="mean"):
@@ -470,6 +477,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
 
 class Dropout(Function):
     """(...) -> (...): zero each element with probability p, scale the rest by 1/(1-p)."""
+    kernels = {"cuda": "elementwise.DropoutCuda"}
 
     @staticmethod
     def forward(ctx, x, p=0.5, rng=None):
@@ -504,6 +512,8 @@ def dropout(x, p=0.5, training=True, rng=None):
 
 class ScaledDotProductAttention(Function):
     """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS), mask (B,NH,TQ,TK) bool or None -> (B,NH,TQ,HS)."""
+    kernels = {"cpu": "attention.ScaledDotProductAttentionNumba",
+               "cuda": "attention.ScaledDotProductAttentionCuda"}
 
     @staticmethod
     def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -588,10 +598,11 @@ class SelfAttention(Function):
 
     The op a GPT block runs on c_attn's output; equal to the composite (split, reshape, permute, attend,
     permute, reshape) but one node. Forward makes one contiguous (3, B, NH, T, HS) copy of qkv; the
-    attention itself is ScaledDotProductAttention's forward/backward (or the kernel registered for it).
+    attention itself is ScaledDotProductAttention's forward/backward (or the kernel it names).
     Backward writes dq, dk, dv straight into one (B, T, 3C) gradient: through split, each of the three
     pieces' GetItem backward would zero a (B, T, 3C) buffer and the autograd would add the three.
     """
+    kernels = {"cuda": "attention.SelfAttentionCuda"}
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):

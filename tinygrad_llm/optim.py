@@ -130,6 +130,7 @@ class Optimizer:
                                      f"{tuple(value.shape)}, the parameter has shape {params[i].shape}")
 
 
+@backend.kernels(cpu="optim.adamw_update_numba", cuda="optim.adamw_update_cuda")
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     """One AdamW step on arrays, in place (torch.optim.AdamW's formulas and order). step counts from 1."""
     xp = backend.array_module(p)
@@ -145,9 +146,10 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     p -= (lr / bias_correction1) * (m / denom)
 
 
+@backend.kernels(cpu="optim.adamw_update_group_numba", cuda="optim.adamw_update_group_cuda")
 def adamw_update_group(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
     """adamw_update over lists of arrays sharing one step count (a parameter group); a GPU kernel does
-    them all in one launch (kernels/cuda.py), here each array goes to adamw_update (or its kernel)."""
+    them all in one launch (kernels/cuda/optim.py), here each array goes to adamw_update (or its kernel)."""
     for p, g, m, v in zip(ps, gs, ms, vs):
         backend.accelerated(adamw_update, p)(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
 
@@ -157,7 +159,7 @@ class AdamW(Optimizer):
 
     A plain list of parameters decays all of them, as torch does; `param_groups(model, wd)` gives the
     usual split (no decay on biases and norm weights). The update is `adamw_update`, served by a
-    kernel through backend.accelerated when one is registered.
+    kernel through backend.accelerated when the op names one.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
@@ -242,6 +244,7 @@ def clip_grad_norm(params, max_norm):
     return backend.accelerated(clip_grads, grads[0])(grads, max_norm)
 
 
+@backend.kernels(cuda="optim.clip_grads_cuda")
 def clip_grads(grads, max_norm):
     """clip_grad_norm's work on the arrays (a kernel may serve it): scales grads in place, returns the norm."""
     xp = backend.array_module(grads[0])

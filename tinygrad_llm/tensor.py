@@ -100,7 +100,7 @@ class Function:
         needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
         record = _grad_enabled and any(needs)
         ctx = Context(needs)
-        # A registered kernel (kernels/) is another forward/backward pair for the same op; else cls itself.
+        # the kernel the op names for this device (kernels/), another forward/backward pair; else cls itself
         impl = backend.accelerated(cls, *arrays)
         out = impl.forward(ctx, *arrays, **attrs)
         if _anomaly_mode:
@@ -379,6 +379,8 @@ def where(condition, a, b):
 # Primitive ops. Shapes: x, y broadcast together to out; every backward reduces to its input's shape.
 
 class Add(Function):
+    kernels = {"cuda": "elementwise.AddCuda"}
+
     @staticmethod
     def forward(ctx, x, y):
         ctx.shapes = x.shape, y.shape

@@ -1,59 +1,42 @@
-"""Scaled dot-product attention, forward and backward: BLAS products on causal row blocks, Numba row
-passes and NumPy's SIMD exp between them.
+"""Scaled dot-product attention on NumPy arrays: BLAS products on causal row blocks, Numba row passes
+and NumPy's SIMD exp between them (op: functional.ScaledDotProductAttention; no mask, no dropout).
 
-Reference: functional.ScaledDotProductAttention, which keeps the (B,NH,TQ,TK) probabilities for
-backward and makes about ten NumPy passes over them (scale, mask, max, subtract, exp, sum, divide;
-then dP * P, a row sum, a subtract, a multiply). Here, for a chunk of (batch, head) pairs at a time and
-the query rows in ROW_BLOCKS blocks (causal: block [r0, r1) multiplies only the keys [0, r1 + TK - TQ)
-it can see, so 4 blocks do 62.5% of the score flops; keys beyond a block are never touched):
+For a run of (batch, head) pairs at a time and the query rows in ROW_BLOCKS blocks (causal: block
+[r0, r1) multiplies only the keys [0, r1 + TK - TQ) it can see, so 4 blocks do 62.5% of the score flops):
 
   forward   S = (scale Q) K^T (BLAS; the scale folded into the saved copy of q) -> Numba row pass:
-            mask, row max, S - max -> np.exp in place (SIMD) -> row sums -> O = E V / sum (BLAS, the
-            normalisation on the (rows, HV) output, not the (rows, keys) probabilities); lse = max + log sum
+            mask, row max, S - max -> np.exp in place -> row sums -> O = E V / sum (BLAS, normalising the
+            (rows, HV) output rather than the (rows, keys) probabilities); lse = max + log sum
   backward  per row block: S = (scale Q) K^T, dP = dO V^T (BLAS) -> Numba pass S - lse, mask -> np.exp
             -> P -> Numba pass dS = P (dP - rowsum(P dP)) -> dQ = scale dS K (BLAS); then per key block
             [kend of block b-1, kend of block b), seen only by rows r0_b..: dV = P^T dO, dK = dS^T (scale Q)
 
 Saved for backward: scale q, k, v and the per-row log-sum-exp (B,NH,TQ); the probabilities never
-outlive a chunk, so the memory of attention does not grow with TQ*TK per layer.
+outlive a chunk, so attention's memory does not grow with TQ*TK per layer.
 
-The exp is NumPy's: Numba calls the scalar libm exp per element (the former all-Numba row passes were
-0.80-0.86x the reference), NumPy's loop is SIMD. Measured (benchmarks/kernels.py, float32 fwd+bwd,
-2 cores, one process): (64,6,256,64) 204 ms vs reference 270 ms (1.32x; the former kernel 320 ms,
-0.80x), torch 165 ms; (12,4,64,32) 1.40 ms vs reference 1.76 ms (1.26x; former 2.35 ms), torch
-1.37 ms. So every size is served (MIN_SCORES_PER_HEAD = 0; the former gate was 128 x 128). Fewer,
-larger row blocks do fewer BLAS calls, more blocks fewer flops: 4 blocks of >= 16 rows measured best
-for both shapes (2-8 within noise at T=256, 1 block 10-15% slower).
-
-Why not one all-Numba tiled loop with an online softmax (flash attention)? Measured on the 6x384 shapes:
-Numba's loops reach a few GFLOP/s where OpenBLAS's batched products reach ~100 (matmul.py's rows), and
-calling BLAS from inside a Numba prange runs into OpenBLAS's OpenMP guard (one thread, a warning per
-call). A row of at most a few thousand keys fits in cache, so the softmax is exact in one row pass and
-needs no running rescaling; the matmuls stay on BLAS, as DESIGN.md section 6 asks.
+Why not one Numba loop with an online softmax (flash attention): Numba's loops reach a few GFLOP/s where
+OpenBLAS's products reach ~100 (benchmarks/numba_matmul.py), and a row of a few thousand keys fits in
+cache, so the softmax is exact in one row pass. The matmuls stay on BLAS. Figures: benchmarks/RESULTS.md.
 """
-import concurrent.futures
-import contextlib
-import math
-import os
-
 import numpy as np
 from numba import njit
 
 from ...functional import ScaledDotProductAttention
-from .threads import (TOLERANCE, blas_threads, compare_with_reference, forward_backward, median_ms, table_row,
-                     torch_or_none)
+from . import threads
 
 CHUNK_BYTES = 4 << 20  # the (chunk, TQ, TK) score buffers; bounded so that they stay near the caches
-ROW_BLOCKS, MIN_ROW_BLOCK = 4, 16  # causal: TQ split in 4 row blocks of >= 16 rows (62.5% of the score flops)
-MIN_SCORES_PER_HEAD = 0  # every size is served: the kernel beats the reference at T=64 too (see above)
+ROW_BLOCKS, MIN_ROW_BLOCK = 4, 16  # causal: 4 row blocks of >= 16 rows measured best (fewer BLAS calls vs fewer flops)
+# TQ * TK per head from which the work items are spread over threads: below it the hand-offs cost more
+# than the work (the (64, 6, 256, 64) products are small for BLAS, and two threads calling it on one
+# core each beat OpenBLAS's two threads on each product)
+PARALLEL_MIN_SCORES = 128 * 128
 
 
 def _covered(q, k, v, mask, causal):
     arrays = (q, k, v)
     return (mask is None and all(type(a) is np.ndarray for a in arrays) and q.dtype in (np.float32, np.float64)
             and k.dtype == q.dtype and v.dtype == q.dtype and q.ndim >= 2 and q.shape[-2] > 0
-            and k.shape[-2] > 0 and (not causal or k.shape[-2] >= q.shape[-2])
-            and q.shape[-2] * k.shape[-2] >= MIN_SCORES_PER_HEAD)
+            and k.shape[-2] > 0 and (not causal or k.shape[-2] >= q.shape[-2]))
 
 
 def _row_blocks(TQ, TK, causal):
@@ -75,7 +58,6 @@ def max_shift_rows(s, r0, r1, kend, first, m):
             row = s[c, i]
             n = min(kend, i + first)
             m0, m1, m2, m3 = row[0], row[0], row[0], row[0]  # four chains: the max is not one long dependency
-            # (kept in this file: Numba's disk cache does not notice edits to jitted functions in other files)
             j = 0
             while j + 4 <= n:
                 m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
@@ -135,10 +117,7 @@ def softmax_grad_rows(ds, p, r0, r1, kend, first):
 # q, k, v, dout, out, dq, dk, dv are 4-D (B, NH, T, HS) arrays or views with a unit last stride: a
 # permuted (B, T, NH, HS) layout (the model's rope path) is read in place, the products going to BLAS
 # with the views' row strides. qs is q * scale, contiguous. Items of one call touch disjoint output rows,
-# so they may run in any order or at once. (A kernel for SelfAttention that read q, k, v as such views
-# of the packed (B, T, 3C) qkv and wrote y and dqkv in place measured no faster than SelfAttention's
-# reference around this one: 157 vs 152 ms forward + backward at (64, 256, 1152), 1.43-1.60 vs 1.45 s a
-# 6x384 step, its per-head products on strided rows costing what the copies save; it was dropped.)
+# so they may run in any order or at once (threads.run_items).
 
 def _forward_item(qs, k, v, out, lse, h, b0, b1, blocks, first):
     dtype = qs.dtype
@@ -182,60 +161,6 @@ def _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first, sc
     dq[b0:b1, h] *= dtype.type(scale)  # S = scale Q K^T: dq = scale dS K; dk = dS^T (scale Q) = dS^T qs
 
 
-# ---- threads -------------------------------------------------------------------------------------
-# The (64, 6, 256, 64) products are small for BLAS (a few MFLOP each) and OpenBLAS's two threads on them
-# reach ~85 GFLOP/s. Splitting the work items over THREADS Python threads, each calling BLAS on one
-# thread (blas_threads(1)), measured 302 -> 182 ms for forward + backward at that shape (one process,
-# medians of 12, a 16384x384x1536 GEMM before each call as in a training step); at (12, 4, 64, 32) it
-# lost (1.9 -> 2.5-4.0 ms: thread hand-offs cost more than the work), hence the size gate. The row
-# passes are nogil Numba functions; np.exp, np.matmul and the sums release the GIL as well.
-
-def _usable_cores():
-    try:
-        return len(os.sched_getaffinity(0))   # the cores this process may run on (taskset, containers)
-    except AttributeError:                     # not Linux
-        return os.cpu_count() or 1
-
-
-THREADS = max(1, min(_usable_cores(), 8))
-PARALLEL_MIN_SCORES = 128 * 128   # TQ * TK per head from which the items are spread over threads
-_pool, _pool_size = None, 0
-
-
-def _forget_pool_in_a_forked_child():
-    global _pool
-    _pool = None   # a fork copies the pool's bookkeeping but not its threads: a new one is made on demand
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_in_a_forked_child)
-
-
-def _run_items(fn, items, parallel):
-    """fn(*item) for every item: in this thread, or spread over THREADS threads (OpenBLAS on one each).
-
-    Every share is finished before this returns or raises (no thread still writes into the outputs or
-    calls BLAS after it), and an exception in this thread's share is raised before a worker's."""
-    global _pool, _pool_size
-    if not parallel or THREADS < 2 or len(items) < 2:
-        for item in items:
-            fn(*item)
-        return
-    if _pool is None or _pool_size != THREADS - 1:
-        _pool_size = THREADS - 1
-        _pool = concurrent.futures.ThreadPoolExecutor(_pool_size, thread_name_prefix="tinygrad_llm-attention")
-    shares = [items[i::THREADS] for i in range(THREADS)]
-    with blas_threads(1):
-        futures = [_pool.submit(lambda share=share: [fn(*item) for item in share]) for share in shares[1:]]
-        try:
-            for item in shares[0]:
-                fn(*item)
-        finally:
-            concurrent.futures.wait(futures)
-    for future in futures:
-        future.result()   # a worker's exception, raised here once all have finished
-
-
 def _items(B, NH, rows, TK, itemsize):
     """(h, b0, b1) work items: per head, runs of batch entries whose (rows, TK) scores fit CHUNK_BYTES."""
     per = max(1, min(B, CHUNK_BYTES // max(rows * TK * itemsize, 1)))
@@ -262,7 +187,7 @@ def attention_forward(q, k, v, causal, scale, out, lse):
     first = TK - TQ + 1 if causal else TK  # row i sees keys j < i + first
     rows = max(r1 - r0 for r0, r1, _ in blocks)
     items = _items(B, NH, rows, TK, dtype.itemsize)
-    _run_items(lambda h, b0, b1: _forward_item(qs, k, v, out, lse, h, b0, b1, blocks, first), items,
+    threads.run_items(lambda h, b0, b1: _forward_item(qs, k, v, out, lse, h, b0, b1, blocks, first), items,
                TQ * TK >= PARALLEL_MIN_SCORES)
     return q_saved
 
@@ -275,7 +200,7 @@ def attention_backward(qs, k, v, lse, dout, dq, dk, dv, causal, scale):
     blocks = _row_blocks(TQ, TK, causal)
     first = TK - TQ + 1 if causal else TK
     items = _items(B, NH, TQ, TK, qs.dtype.itemsize)
-    _run_items(lambda h, b0, b1: _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first, scale),
+    threads.run_items(lambda h, b0, b1: _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first, scale),
                items, TQ * TK >= PARALLEL_MIN_SCORES)
 
 
@@ -288,13 +213,13 @@ def _as_4d(a):
     return a.reshape((-1,) + a.shape[-3:]) if a.ndim > 4 else a[None]
 
 
-class NumbaAttention:
+class ScaledDotProductAttentionNumba:
     """Kernel for ScaledDotProductAttention: no mask (causal or not), no dropout, NumPy float32/float64."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0, dropout_p=0.0, rng=None):
-        ctx.fallback = dropout_p > 0 or not _covered(q, k, v, mask, causal)   # attention dropout: the reference
-        if ctx.fallback:
+        ctx.reference = dropout_p > 0 or not _covered(q, k, v, mask, causal)   # attention dropout: the reference
+        if ctx.reference:
             return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale,
                                                      dropout_p=dropout_p, rng=rng)
         q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
@@ -307,7 +232,7 @@ class NumbaAttention:
 
     @staticmethod
     def backward(ctx, dout):
-        if ctx.fallback:
+        if ctx.reference:
             return ScaledDotProductAttention.backward(ctx, dout)
         qs, k, v = ctx.qs, ctx.k, ctx.v
         dq, dk, dv = np.empty(qs.shape, qs.dtype), np.empty(k.shape, qs.dtype), np.empty(v.shape, qs.dtype)
@@ -317,108 +242,3 @@ class NumbaAttention:
         q_shape, k_shape, v_shape = ctx.shapes
         return (dq.reshape(q_shape) if need[0] else None, dk.reshape(k_shape) if need[1] else None,
                 dv.reshape(v_shape) if need[2] else None, None)
-
-
-def _inputs(shape, dtype, seed=0, strided=False, TK=None):
-    rng = np.random.default_rng(seed)
-    B, NH, T, HS = shape
-    kv_shape = (B, NH, TK or T, HS)
-    if strided:  # the model's layout: (B, T, NH, HS) transposed to (B, NH, T, HS), not contiguous
-        q = rng.standard_normal((B, T, NH, HS)).astype(dtype).transpose(0, 2, 1, 3)
-    else:
-        q = rng.standard_normal(shape).astype(dtype)
-    return q, rng.standard_normal(kv_shape).astype(dtype), rng.standard_normal(kv_shape).astype(dtype)
-
-
-VALIDATION_CASES = [  # (B, NH, T, HS), attributes, strided q, TK
-    ((2, 3, 17, 8), dict(causal=True), False, None),
-    ((1, 2, 64, 16), dict(causal=True), True, None),
-    ((2, 1, 5, 3), dict(causal=False), False, 9),
-    ((1, 2, 4, 8), dict(causal=True), False, 11),  # a KV-cache query block: aligned to the end of the keys
-    ((1, 1, 1, 1), dict(causal=True), False, None),
-    ((2, 2, 7, 4), dict(causal=True, mask=np.tril(np.ones((7, 7), bool))), False, None),  # mask: falls back
-]
-
-
-@contextlib.contextmanager
-def every_size_served():
-    """Lift the size gate, so that validation and benchmarks run the kernel on small shapes too."""
-    global MIN_SCORES_PER_HEAD
-    saved, MIN_SCORES_PER_HEAD = MIN_SCORES_PER_HEAD, 0
-    try:
-        yield
-    finally:
-        MIN_SCORES_PER_HEAD = saved
-
-
-@contextlib.contextmanager
-def row_blocks_of(size):
-    """Causal row blocks of `size` rows (the last one shorter when it does not divide TQ), for tests."""
-    global ROW_BLOCKS, MIN_ROW_BLOCK
-    saved, (ROW_BLOCKS, MIN_ROW_BLOCK) = (ROW_BLOCKS, MIN_ROW_BLOCK), (1 << 30, size)
-    try:
-        yield
-    finally:
-        ROW_BLOCKS, MIN_ROW_BLOCK = saved
-
-
-@contextlib.contextmanager
-def spread_over_threads(threads):
-    """Spread the work items of every size over `threads` threads (tests and validation: the size gate off)."""
-    global THREADS, PARALLEL_MIN_SCORES
-    saved, (THREADS, PARALLEL_MIN_SCORES) = (THREADS, PARALLEL_MIN_SCORES), (threads, 0)
-    try:
-        yield
-    finally:
-        THREADS, PARALLEL_MIN_SCORES = saved
-
-
-@every_size_served()
-def validate():
-    """Every case with the default row blocks, then with blocks of 1, 3 and 5 rows (5 and 3 do not divide
-    T = 17 or 64: a short last block; TQ = 4 of TK = 11: blocks offset from the keys)."""
-    worst = 0.0
-    for dtype, rows in [(np.float64, None), (np.float32, None), (np.float64, 1), (np.float64, 5), (np.float32, 3)]:
-        for shape, attrs, strided, TK in VALIDATION_CASES:
-            q, k, v = _inputs(shape, dtype, strided=strided, TK=TK)
-            attrs = dict(attrs, scale=1 / math.sqrt(shape[-1]))
-            mask = attrs.pop("mask", None)
-            with row_blocks_of(rows) if rows else contextlib.nullcontext():
-                err = compare_with_reference(ScaledDotProductAttention, NumbaAttention, (q, k, v, mask), attrs,
-                                             needs=(True, True, True, False))
-            assert err <= TOLERANCE[np.dtype(dtype)], f"attention {shape} {attrs} {np.dtype(dtype).name} rows {rows}: {err}"
-            worst = max(worst, err)
-    # the work items spread over 2 and 3 threads whatever their size (OpenBLAS on one thread each)
-    for dtype, threads in [(np.float64, 2), (np.float32, 3)]:
-        for shape, attrs, strided, TK in VALIDATION_CASES:
-            q, k, v = _inputs(shape, dtype, strided=strided, TK=TK)
-            attrs = dict(attrs, scale=1 / math.sqrt(shape[-1]))
-            mask = attrs.pop("mask", None)
-            with spread_over_threads(threads):
-                err = compare_with_reference(ScaledDotProductAttention, NumbaAttention, (q, k, v, mask), attrs,
-                                             needs=(True, True, True, False))
-            assert err <= TOLERANCE[np.dtype(dtype)], f"attention {shape} {attrs} threads {threads}: {err}"
-            worst = max(worst, err)
-    return worst
-
-
-@every_size_served()
-def benchmark(shapes=((12, 4, 64, 32), (64, 6, 256, 64))):
-    """Forward + backward of causal attention, float32, (B,NH,T,HS) of the two model configs."""
-    rows, torch = [], torch_or_none()
-    for shape in shapes:
-        q, k, v = _inputs(shape, np.float32, strided=True)
-        arrays, attrs = (q, k, v, None), dict(causal=True, scale=1 / math.sqrt(shape[-1]))
-        needs = (True, True, True, False)
-        t_numba = median_ms(forward_backward(NumbaAttention, arrays, attrs, needs), repeat=5)
-        t_numpy = median_ms(forward_backward(ScaledDotProductAttention, arrays, attrs, needs), repeat=5)
-        t_torch = None
-        if torch is not None:
-            tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a)).requires_grad_() for a in (q, k, v))
-
-            def torch_step():
-                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True).sum().backward()
-
-            t_torch = median_ms(torch_step, repeat=5)
-        rows.append(table_row("attention fwd+bwd", shape, np.float32, t_numba, t_numpy, t_torch))
-    return rows

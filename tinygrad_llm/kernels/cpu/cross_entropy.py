@@ -1,4 +1,4 @@
-"""Softmax + cross-entropy fused, forward and backward (reference: functional.CrossEntropy).
+"""Softmax + cross-entropy fused, forward and backward (op: functional.CrossEntropy).
 
 The reference makes a NumPy pass per operation (max, subtract, exp, sum, divide into a kept (N, V)
 probability array; in backward a copy, a scatter and a multiply). Here:
@@ -10,11 +10,8 @@ probability array; in backward a copy, a scatter and a multiply). Here:
 Kept for backward: e = exp(x - max) (N, V) and the row sums (N,), as the reference keeps its
 probabilities. Rows whose target is ignore_index give loss 0 and gradient 0.
 
-Registered. The first version did the exp inside Numba, where it is a scalar libm call (NumPy's is
-SIMD), and with one-chain sums: 0.46x the reference at the 6x384 loss. With np.exp between the Numba
-passes, float32 fwd+bwd (benchmarks/kernels.py, 2 cores, one process): (768, 65) 0.087 ms vs reference
-0.167 ms (1.92x), (16384, 65) 1.45 ms vs 3.11 ms (2.14x), a GPT-2 vocabulary (2048, 50257) 139 ms vs
-176 ms (1.27x; 207 ms, 0.85x, while the row sum was one dependency chain).
+The exp runs as np.exp between the Numba passes (SIMD), and the row max and sum run as four independent
+chains: with Numba's scalar exp and one-chain sums the kernel lost to the op. Figures: benchmarks/RESULTS.md.
 """
 import math
 
@@ -22,7 +19,6 @@ import numpy as np
 from numba import njit
 
 from ...functional import CrossEntropy
-from .threads import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
@@ -32,7 +28,6 @@ def shift_rows(x, targets, ignore_index, e, target_shifted):
     for r in range(N):
         row, out = x[r], e[r]
         m0, m1, m2, m3 = row[0], row[0], row[0], row[0]  # four chains: the max is not one long dependency
-        # (kept in this file: Numba's disk cache does not notice edits to jitted functions in other files)
         j = 0
         while j + 4 <= V:
             m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
@@ -83,14 +78,14 @@ def cross_entropy_backward(e, targets, ignore_index, row_sum, row_scale, dx):
         out[t] = (row[t] / row_sum[r] - 1.0) * g
 
 
-class NumbaCrossEntropy:
+class CrossEntropyNumba:
     """Kernel for CrossEntropy, NumPy float32/float64 logits with the class axis last."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index=-100, reduction="mean"):
-        ctx.fallback = not (type(logits) is np.ndarray and type(targets) is np.ndarray and logits.size > 0
+        ctx.reference = not (type(logits) is np.ndarray and type(targets) is np.ndarray and logits.size > 0
                             and logits.dtype in (np.float32, np.float64) and reduction in ("mean", "sum", "none"))
-        if ctx.fallback:
+        if ctx.reference:
             return CrossEntropy.forward(ctx, logits, targets, ignore_index=ignore_index, reduction=reduction)
         V = logits.shape[-1]
         x = logits.reshape(-1, V)
@@ -112,7 +107,7 @@ class NumbaCrossEntropy:
 
     @staticmethod
     def backward(ctx, dout):
-        if ctx.fallback:
+        if ctx.reference:
             return CrossEntropy.backward(ctx, dout)
         e = ctx.e
         row_scale = np.broadcast_to(np.asarray(dout, dtype=e.dtype).reshape(-1) * e.dtype.type(ctx.scale), e.shape[:1])
@@ -120,44 +115,3 @@ class NumbaCrossEntropy:
         # dlogits = (softmax(logits) - onehot(target)) * dout * scale, zero on ignored rows
         cross_entropy_backward(e, ctx.t, ctx.ignore_index, ctx.row_sum, np.ascontiguousarray(row_scale), dx)
         return dx.reshape(ctx.shape), None
-
-
-def _inputs(shape, dtype, seed=0, ignore_fraction=0.2, large=False):
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal(shape).astype(dtype) * (1e4 if large else 3)
-    targets = rng.integers(0, shape[-1], shape[:-1])
-    targets[rng.random(shape[:-1]) < ignore_fraction] = -100
-    return logits, targets
-
-
-VALIDATION_CASES = [((4, 9, 65), {}), ((7, 3), {}), ((1, 1), {}), ((5, 13), dict(large=True)),
-                    ((3, 6), dict(ignore_fraction=1.0)), ((2, 3, 11), dict(ignore_fraction=0.0))]
-
-
-def validate():
-    worst = 0.0
-    for dtype in (np.float64, np.float32):
-        for shape, kwargs in VALIDATION_CASES:
-            logits, targets = _inputs(shape, dtype, **kwargs)
-            for reduction in ("mean", "sum", "none"):
-                attrs = dict(ignore_index=-100, reduction=reduction)
-                err = compare_with_reference(CrossEntropy, NumbaCrossEntropy, (logits, targets), attrs)
-                assert err <= TOLERANCE[np.dtype(dtype)], f"cross_entropy {shape} {kwargs} {reduction} {np.dtype(dtype).name}: {err}"
-                worst = max(worst, err)
-    return worst
-
-
-def benchmark(shapes=((12 * 64, 65), (64 * 256, 65), (8 * 256, 50257))):
-    """Forward + backward, float32, (N, V): the two char-level configs and a GPT-2-vocabulary row block."""
-    rows, torch = [], torch_or_none()
-    for shape in shapes:
-        logits, targets = _inputs(shape, np.float32, ignore_fraction=0.0)
-        arrays, attrs = (logits, targets), dict(ignore_index=-100, reduction="mean")
-        t_numba = median_ms(forward_backward(NumbaCrossEntropy, arrays, attrs), repeat=5)
-        t_numpy = median_ms(forward_backward(CrossEntropy, arrays, attrs), repeat=5)
-        t_torch = None
-        if torch is not None:
-            tl, tt = torch.from_numpy(logits).requires_grad_(), torch.from_numpy(targets)
-            t_torch = median_ms(lambda: torch.nn.functional.cross_entropy(tl, tt).backward(), repeat=5)
-        rows.append(table_row("cross_entropy fwd+bwd", shape, np.float32, t_numba, t_numpy, t_torch))
-    return rows

@@ -1,28 +1,21 @@
-"""GELU (tanh form and exact erf form) and SwiGLU, forward and backward, in one to three passes
-(references: functional.GELU, functional.SwiGLU).
+"""GELU (tanh form and exact erf form) and SwiGLU on NumPy arrays, forward and backward, in one to three
+passes (ops: functional.GELU, functional.SwiGLU).
 
-The references evaluate a NumPy expression per operation (the tanh form's forward alone is seven
-passes, the exact form's erf a Horner series over masked copies) and save a second array (tanh(u),
-Phi(x) or sigmoid(gate)) for backward. Here the exact form and SwiGLU save only their inputs and
-backward recomputes the transcendental in the same pass that forms the gradient: less memory, fewer
-passes. Constants are
-passed in the input's dtype, so float32 work stays float32 (tanhf, erff, expf), as in NumPy.
+The ops evaluate a NumPy expression per operation and save a second array (tanh(u), Phi(x) or
+sigmoid(gate)) for backward. Here the exact form and SwiGLU save only their inputs and backward
+recomputes the transcendental in the pass that forms the gradient. Constants are passed in the input's
+dtype, so float32 work stays float32, as in NumPy.
 
-Numba calls the scalar libm tanhf/expf per element while NumPy's np.tanh/np.exp are SIMD loops: a
-tanh computed in the Numba loop made the tanh form 0.5x the reference. So the tanh form in float64
-runs three passes: Numba forms u, np.tanh(u) in place (SIMD), Numba forms the output. In float32 one
-Numba pass forms u, t = tanh(u) by a rational function (_tanh_float32: arithmetic only, so LLVM
-vectorises the loop) and the output: (768,512) 0.236 -> 0.183 ms, (16384,1536) 25.1 -> 14.3 ms (2
-cores; np.tanh alone took 0.14 and 10.6 ms; the rational tanh is within 6.4 ulp where np.tanh is within
-1.4, and for x below about -3, where 1 + t cancels, GELU's float32 output carries a few times the
-reference's relative error, a tiny absolute one). Either way t = tanh(u) is kept for backward (as the
-reference keeps it), whose single Numba pass needs no transcendental. SwiGLU's exp is cheap next to its
-five NumPy passes.
+Numba's tanh is a scalar libm call and NumPy's a SIMD loop, so the float64 tanh form runs three passes
+(Numba forms u, np.tanh(u) in place, Numba forms the output); in float32 one Numba pass forms u, tanh(u)
+by a rational function (_tanh_float32: arithmetic only, so LLVM vectorises it) and the output. The
+rational tanh is within 6.4 ulp (np.tanh: 1.4), so for x below about -3, where 1 + t cancels, the float32
+output carries a few times the op's relative error, a tiny absolute one. t = tanh(u) is kept for
+backward, as the op keeps it.
 
-The exact (erf) form's kernel, libm's erf per element, is measured but not served (SERVE_EXACT = False):
-it lost to the reference's vectorised erf series, 15.7 vs 11.3 ms forward + backward at (12,64,512) and
-997 vs 903 ms at (64,256,1536) float32 (benchmarks/kernels.py gelu, 2 cores); both are far behind torch's
-(0.37 and 32 ms). The model's default is the tanh form (GPT-2's), which the kernel serves.
+The exact (erf) form's kernel (libm's erf per element) lost to the op's vectorised erf series, so it is
+not served (SERVE_EXACT = False) but kept measured (benchmarks/kernels.py). The model's default is the
+tanh form. Figures: benchmarks/RESULTS.md.
 """
 import contextlib
 import math
@@ -31,7 +24,6 @@ import numpy as np
 from numba import njit
 
 from ...functional import GELU, SwiGLU
-from .threads import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
@@ -142,12 +134,12 @@ def _flat(x):
     return np.ascontiguousarray(x).reshape(-1)
 
 
-SERVE_EXACT = False   # the erf form's kernel measured slower than its reference (module docstring)
+SERVE_EXACT = False   # the erf form's kernel measured slower than its op (module docstring)
 
 
 @contextlib.contextmanager
 def exact_served():
-    """Run the erf form's kernel too (validation and the benchmark, which keep measuring it)."""
+    """Run the erf form's kernel too (its tests and the benchmark, which keep measuring it)."""
     global SERVE_EXACT
     saved, SERVE_EXACT = SERVE_EXACT, True
     try:
@@ -156,13 +148,13 @@ def exact_served():
         SERVE_EXACT = saved
 
 
-class NumbaGELU:
+class GELUNumba:
     """Kernel for GELU's tanh form, NumPy float32/float64 (the erf form runs the reference unless SERVE_EXACT)."""
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
-        ctx.fallback = not (_covered(x) and (approximate == "tanh" or (approximate == "none" and SERVE_EXACT)))
-        if ctx.fallback:
+        ctx.reference = not (_covered(x) and (approximate == "tanh" or (approximate == "none" and SERVE_EXACT)))
+        if ctx.reference:
             return GELU.forward(ctx, x, approximate=approximate)
         t = x.dtype.type
         xf = _flat(x)
@@ -183,7 +175,7 @@ class NumbaGELU:
 
     @staticmethod
     def backward(ctx, dout):
-        if ctx.fallback:
+        if ctx.reference:
             return GELU.backward(ctx, dout)
         xf, t = ctx.xf, ctx.xf.dtype.type
         dx = np.empty_like(xf)
@@ -196,13 +188,13 @@ class NumbaGELU:
         return dx.reshape(ctx.shape)
 
 
-class NumbaSwiGLU:
+class SwiGLUNumba:
     """Kernel for SwiGLU when gate and up have the same shape (broadcasting falls back), float32/float64."""
 
     @staticmethod
     def forward(ctx, gate, up):
-        ctx.fallback = not _covered(gate, up)
-        if ctx.fallback:
+        ctx.reference = not _covered(gate, up)
+        if ctx.reference:
             return SwiGLU.forward(ctx, gate, up)
         gf, uf = _flat(gate), _flat(up)
         out = np.empty_like(gf)
@@ -212,59 +204,10 @@ class NumbaSwiGLU:
 
     @staticmethod
     def backward(ctx, dout):
-        if ctx.fallback:
+        if ctx.reference:
             return SwiGLU.backward(ctx, dout)
         dgate, dup = np.empty_like(ctx.gf), np.empty_like(ctx.uf)
         # dgate = dout * up * sig * (1 + gate (1 - sig)),  dup = dout * gate * sig
         swiglu_backward(ctx.gf, ctx.uf, _flat(dout), dgate, dup, ctx.gf.dtype.type(1))
         need = ctx.needs_input_grad
         return (dgate.reshape(ctx.shape) if need[0] else None), (dup.reshape(ctx.shape) if need[1] else None)
-
-
-def _inputs(shape, dtype, seed=0, strided=False):
-    rng = np.random.default_rng(seed)
-    draw = lambda: (rng.standard_normal(shape[:-1] + (2 * shape[-1],))[..., ::2] if strided else rng.standard_normal(shape)) * 3
-    return draw().astype(dtype), draw().astype(dtype)
-
-
-VALIDATION_SHAPES = [(3, 7, 11), (1,), (129,), (2, 64)]
-
-
-@exact_served()
-def validate():
-    worst = 0.0
-    for dtype in (np.float64, np.float32):
-        for shape in VALIDATION_SHAPES:
-            for strided in (False, True):
-                x, y = _inputs(shape, dtype, strided=strided)
-                x.reshape(-1)[:1] = -9.0  # far left tail: Phi(x) ~ 1e-19
-                cases = [(GELU, NumbaGELU, (x,), dict(approximate="tanh")), (GELU, NumbaGELU, (x,), dict(approximate="none")),
-                         (SwiGLU, NumbaSwiGLU, (x, y), {}), (SwiGLU, NumbaSwiGLU, (x, y[..., :1]), {})]  # broadcast: fallback
-                for reference, kernel, arrays, attrs in cases:
-                    err = compare_with_reference(reference, kernel, arrays, attrs)
-                    assert err <= TOLERANCE[np.dtype(dtype)], f"{kernel.__name__} {shape} {attrs} {np.dtype(dtype).name}: {err}"
-                    worst = max(worst, err)
-    return worst
-
-
-@exact_served()
-def benchmark(shapes=((12, 64, 512), (64, 256, 1536))):
-    """Forward + backward, float32, the MLP hidden activations (B,T,4C) of the two model configs."""
-    rows, torch = [], torch_or_none()
-    for shape in shapes:
-        x, y = _inputs(shape, np.float32)
-        cases = [("gelu tanh", GELU, NumbaGELU, (x,), dict(approximate="tanh")),
-                 ("gelu exact", GELU, NumbaGELU, (x,), dict(approximate="none")),
-                 ("swiglu", SwiGLU, NumbaSwiGLU, (x, y), {})]
-        for name, reference, kernel, arrays, attrs in cases:
-            t_numba = median_ms(forward_backward(kernel, arrays, attrs), repeat=5)
-            t_numpy = median_ms(forward_backward(reference, arrays, attrs), repeat=5)
-            t_torch = None
-            if torch is not None:
-                tx, ty = torch.from_numpy(x).requires_grad_(), torch.from_numpy(y).requires_grad_()
-                F = torch.nn.functional
-                fn = {"gelu tanh": lambda: F.gelu(tx, approximate="tanh"), "gelu exact": lambda: F.gelu(tx),
-                      "swiglu": lambda: F.silu(tx) * ty}[name]
-                t_torch = median_ms(lambda: fn().backward(torch.ones(shape)), repeat=5)
-            rows.append(table_row(f"{name} fwd+bwd", shape, np.float32, t_numba, t_numpy, t_torch))
-    return rows

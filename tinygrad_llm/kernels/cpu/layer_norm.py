@@ -1,13 +1,11 @@
-"""layer_norm and rms_norm, forward and backward, one pass per row (references: functional.LayerNorm, RMSNorm).
+"""layer_norm and rms_norm, forward and backward, one pass per row (ops: functional.LayerNorm, RMSNorm).
 
 The references make a NumPy pass per operation (mean, subtract, square, mean, sqrt, divide, multiply,
 add; backward about ten more, recomputing xhat). Here each row is read a few times while it is in
 cache: statistics, then output. Parameter gradients (dw, db) are sums over rows in float64 (C,)
 accumulators. Row statistics accumulate in float64 for float32 inputs too.
 
-Measured float32 fwd+bwd (benchmarks/kernels.py, 2 cores): layer_norm (12,64,128) 0.114 ms vs reference
-0.483 ms, torch 0.225 ms; (64,256,384) 5.8 ms vs 38.7 ms, torch 6.4 ms (before REASSOC below: about
-0.35 ms and 22 ms, slower than torch).
+Figures (against the op and PyTorch): benchmarks/RESULTS.md.
 """
 import math
 
@@ -15,16 +13,13 @@ import numpy as np
 from numba import njit
 
 from ...functional import LayerNorm, RMSNorm
-from .threads import TOLERANCE, compare_with_reference, forward_backward, median_ms, table_row, torch_or_none
 
 # The row sums are small functions compiled with fastmath="reassoc" only (no nnan/ninf/contract), which
 # lets LLVM reorder each sum into vector lanes once it inlines them; the kernels around them keep strict
 # IEEE order, so the elementwise formulas round as the references' do (with reassoc on the whole kernel,
-# hypothesis found a float64 C = 2 row, where dx is pure cancellation, 3.7e-10 from the reference). With
-# every row sum one chain of dependent float64 adds the kernels ran at about 2 ns per element
-# (layer_norm forward 194 us at (768,128), 12.1 ms at (16384,384); backward 156 us, 10.1 ms). The row
-# statistics, once summed in float64, are stored in x's dtype and read back, so the elementwise passes
-# run at x's width.
+# hypothesis found a float64 C = 2 row, where dx is pure cancellation, 3.7e-10 from the op). With every
+# row sum one chain of dependent float64 adds the kernels ran several times slower. The row statistics,
+# once summed in float64, are stored in x's dtype and read back, so the elementwise passes run at x's width.
 REASSOC = {"reassoc"}
 
 
@@ -145,13 +140,13 @@ def _param(p, C, dtype, fill):
     return np.full(C, fill, dtype) if p is None else np.ascontiguousarray(p)
 
 
-class NumbaLayerNorm:
+class LayerNormNumba:
     """Kernel for LayerNorm (w, b optional), NumPy float32/float64."""
 
     @staticmethod
     def forward(ctx, x, w=None, b=None, eps=1e-5):
-        ctx.fallback = not _covered(x, w, b)
-        if ctx.fallback:
+        ctx.reference = not _covered(x, w, b)
+        if ctx.reference:
             return LayerNorm.forward(ctx, x, w, b, eps=eps)
         x2 = _rows(x)
         N, C = x2.shape
@@ -163,7 +158,7 @@ class NumbaLayerNorm:
 
     @staticmethod
     def backward(ctx, dout):
-        if ctx.fallback:
+        if ctx.reference:
             return LayerNorm.backward(ctx, dout)
         N, C = ctx.x2.shape
         dx, dw, db = np.empty_like(ctx.x2), np.zeros(C), np.zeros(C)
@@ -175,13 +170,13 @@ class NumbaLayerNorm:
         return (dx.reshape(ctx.shape) if need[0] else None), dw, db
 
 
-class NumbaRMSNorm:
+class RMSNormNumba:
     """Kernel for RMSNorm (w optional), NumPy float32/float64."""
 
     @staticmethod
     def forward(ctx, x, w=None, eps=None):
-        ctx.fallback = not _covered(x, w)
-        if ctx.fallback:
+        ctx.reference = not _covered(x, w)
+        if ctx.reference:
             return RMSNorm.forward(ctx, x, w, eps=eps)
         x2 = _rows(x)
         N, C = x2.shape
@@ -193,7 +188,7 @@ class NumbaRMSNorm:
 
     @staticmethod
     def backward(ctx, dout):
-        if ctx.fallback:
+        if ctx.reference:
             return RMSNorm.backward(ctx, dout)
         N, C = ctx.x2.shape
         dx, dw = np.empty_like(ctx.x2), np.zeros(C)
@@ -202,55 +197,3 @@ class NumbaRMSNorm:
         need = ctx.needs_input_grad
         dw = dw.astype(ctx.x2.dtype) if len(need) > 1 and need[1] else None
         return (dx.reshape(ctx.shape) if need[0] else None), dw
-
-
-def _inputs(shape, dtype, seed=0, strided=False):
-    rng = np.random.default_rng(seed)
-    C = shape[-1]
-    x = rng.standard_normal(shape[:-1] + (2 * C,)).astype(dtype)[..., ::2] if strided else rng.standard_normal(shape).astype(dtype)
-    return x * 3 + 1, rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
-
-
-VALIDATION_SHAPES = [(2, 5, 7), (3, 128), (1, 1), (4, 1, 33), (17,)]
-
-
-def validate():
-    worst = 0.0
-    for dtype in (np.float64, np.float32):
-        for shape in VALIDATION_SHAPES:
-            for strided in (False, True):
-                x, w, b = _inputs(shape, dtype, strided=strided)
-                cases = [(LayerNorm, NumbaLayerNorm, (x, w, b), dict(eps=1e-5)),
-                         (LayerNorm, NumbaLayerNorm, (x, None, None), dict(eps=1e-5)),
-                         (RMSNorm, NumbaRMSNorm, (x, w), dict(eps=1e-6)),
-                         (RMSNorm, NumbaRMSNorm, (x, None), dict(eps=1e-6))]
-                if dtype == np.float32 and shape[-1] == 1:
-                    # rms_norm over one element: dx = rstd dxhat (1 - xhat^2) with xhat^2 = 1 - eps/x^2, pure
-                    # cancellation; two float32 evaluation orders differ in the leading digit (float64 agrees)
-                    cases = cases[:2]
-                for reference, kernel, arrays, attrs in cases:
-                    err = compare_with_reference(reference, kernel, arrays, attrs)
-                    assert err <= TOLERANCE[np.dtype(dtype)], f"{kernel.__name__} {shape} {np.dtype(dtype).name}: {err}"
-                    worst = max(worst, err)
-    return worst
-
-
-def benchmark(shapes=((12, 64, 128), (64, 256, 384))):
-    """Forward + backward, float32, (B,T,C) of the two model configs."""
-    rows, torch = [], torch_or_none()
-    for shape in shapes:
-        x, w, b = _inputs(shape, np.float32)
-        for name, reference, kernel, arrays, attrs in [("layer_norm", LayerNorm, NumbaLayerNorm, (x, w, b), dict(eps=1e-5)),
-                                                       ("rms_norm", RMSNorm, NumbaRMSNorm, (x, w), dict(eps=1e-6))]:
-            t_numba = median_ms(forward_backward(kernel, arrays, attrs))
-            t_numpy = median_ms(forward_backward(reference, arrays, attrs))
-            t_torch = None
-            if torch is not None:
-                tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
-                if name == "layer_norm":
-                    step = lambda: torch.nn.functional.layer_norm(tx, (shape[-1],), tw, tb, 1e-5).sum().backward()
-                else:
-                    step = lambda: torch.nn.functional.rms_norm(tx, (shape[-1],), tw, 1e-6).sum().backward()
-                t_torch = median_ms(step)
-            rows.append(table_row(f"{name} fwd+bwd", shape, np.float32, t_numba, t_numpy, t_torch))
-    return rows
