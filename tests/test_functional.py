@@ -10,6 +10,7 @@ from oracle import check_op, torch
 
 import tinygrad_llm.composite as C
 import tinygrad_llm.functional as F
+from tinygrad_llm import cases
 from tinygrad_llm.gradcheck import gradcheck
 from tinygrad_llm.tensor import Tensor
 
@@ -18,103 +19,33 @@ DTYPES = ["float64", "float32"]
 rng0 = np.random.default_rng(1234)
 
 
-def _end_aligned_causal(TQ, TK):
-    """Query i sits at absolute position TK - TQ + i (torch's is_causal aligns to the top-left instead)."""
-    return np.arange(TK)[None, :] <= np.arange(TQ)[:, None] + (TK - TQ)
-
-
-def _torch_rope(x, pos, theta=10000.0, interleaved=False):
-    """Rotary embedding as Hugging Face Llama (rotate_half) or Meta Llama (interleaved pairs) write it."""
-    HS = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, HS, 2, dtype=torch.float64) / HS)
-    angle = torch.as_tensor(pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-    rotate_half = torch.cat([-x[..., HS // 2:], x[..., : HS // 2]], dim=-1)
-    return x * torch.cat([cos, cos], -1) + rotate_half * torch.cat([sin, sin], -1)
-
-
-def _torch_self_attention(qkv, n_head, causal=True, scale=None):
-    """nanoGPT's CausalSelfAttention between c_attn and c_proj: split, view heads, transpose, SDPA, merge."""
-    B, T, C3 = qkv.shape
-    q, k, v = [t.view(B, T, n_head, C3 // 3 // n_head).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2)]
-    y = TF.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    return y.transpose(1, 2).reshape(B, T, C3 // 3)
+_end_aligned_causal = cases._end_aligned_causal
 
 
 def _torch_cross_entropy(logits, targets, **kw):
-    V = logits.shape[-1]
-    out = TF.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), **kw)
-    return out.reshape(targets.shape) if kw.get("reduction") == "none" else out
+    return cases._torch_cross_entropy(torch, logits, targets, **kw)
 
 
-IDS = np.array([[0, 3, 3, 1], [4, 0, 0, 0]])
-TARGETS = np.array([[1, -100, 4, 0], [2, 2, -100, 3]])
-MASK = rng0.random((2, 1, 3, 5)) > 0.4
-MASK[..., 0] = True  # every query keeps at least one key, so torch has no NaN rows
-
-# name -> (inputs: shapes or arrays, torch function, our function given the module F or C)
-CASES = {
-    "linear": ([(2, 3, 4), (4, 5), (5,)], lambda x, w, b: x @ w + b, lambda M: M.linear),
-    "linear (no bias)": ([(3, 4), (4, 2)], lambda x, w: x @ w, lambda M: M.linear),
-    "embedding": ([IDS, rng0.standard_normal((5, 3))], TF.embedding, lambda M: M.embedding),
-    "layer_norm": ([(2, 3, 8), (8,), (8,)], lambda x, w, b: TF.layer_norm(x, (8,), w, b), lambda M: M.layer_norm),
-    "layer_norm (eps, no affine)": ([(4, 6)], lambda x: TF.layer_norm(x, (6,), eps=1e-3), lambda M: lambda x: M.layer_norm(x, eps=1e-3)),
-    "rms_norm": ([(2, 3, 8), (8,)], lambda x, w: TF.rms_norm(x, (8,), w), lambda M: M.rms_norm),
-    "rms_norm (eps)": ([(4, 6), (6,)], lambda x, w: TF.rms_norm(x, (6,), w, eps=1e-5), lambda M: lambda x, w: M.rms_norm(x, w, eps=1e-5)),
-    "gelu (none)": ([rng0.standard_normal((6, 7)) * 4], TF.gelu, lambda M: M.gelu),
-    "gelu (tanh)": ([rng0.standard_normal((6, 7)) * 4], lambda x: TF.gelu(x, approximate="tanh"), lambda M: lambda x: M.gelu(x, approximate="tanh")),
-    "silu": ([rng0.standard_normal((6, 7)) * 4], TF.silu, lambda M: M.silu),
-    "swiglu": ([(3, 5), (3, 5)], lambda g, u: TF.silu(g) * u, lambda M: M.swiglu),
-    "swiglu (broadcast)": ([(2, 3, 5), (3, 1)], lambda g, u: TF.silu(g) * u, lambda M: M.swiglu),
-    "softmax": ([(2, 3, 5)], lambda x: TF.softmax(x, -1), lambda M: M.softmax),
-    "softmax (axis 1)": ([(2, 3, 5)], lambda x: TF.softmax(x, 1), lambda M: lambda x: M.softmax(x, axis=1)),
-    "log_softmax": ([(2, 3, 5)], lambda x: TF.log_softmax(x, -1), lambda M: M.log_softmax),
-    "log_softmax (axis 0)": ([(2, 3, 5)], lambda x: TF.log_softmax(x, 0), lambda M: lambda x: M.log_softmax(x, axis=0)),
-    "cross_entropy (mean)": ([rng0.standard_normal((2, 4, 5)), TARGETS], _torch_cross_entropy, lambda M: M.cross_entropy),
-    "cross_entropy (sum)": ([rng0.standard_normal((2, 4, 5)), TARGETS], lambda x, t: _torch_cross_entropy(x, t, reduction="sum"),
-                            lambda M: lambda x, t: M.cross_entropy(x, t, reduction="sum")),
-    "cross_entropy (none)": ([rng0.standard_normal((2, 4, 5)), TARGETS], lambda x, t: _torch_cross_entropy(x, t, reduction="none"),
-                             lambda M: lambda x, t: M.cross_entropy(x, t, reduction="none")),
-    "cross_entropy (2-D, ignore 2)": ([rng0.standard_normal((6, 4)), np.array([0, 2, 3, 2, 1, 1])],
-                                      lambda x, t: TF.cross_entropy(x, t, ignore_index=2),
-                                      lambda M: lambda x, t: M.cross_entropy(x, t, ignore_index=2)),
-    "attention (causal)": ([(2, 3, 5, 4)] * 3, lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=True),
-                           lambda M: M.scaled_dot_product_attention),
-    "attention (full, scale)": ([(1, 2, 4, 3), (1, 2, 6, 3), (1, 2, 6, 5)],
-                                lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, scale=0.7),
-                                lambda M: lambda q, k, v: M.scaled_dot_product_attention(q, k, v, causal=False, scale=0.7)),
-    "attention (causal+mask, TQ<TK)": ([(2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 4)],
-                                       lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=torch.tensor(MASK & _end_aligned_causal(3, 5))),
-                                       lambda M: lambda q, k, v: M.scaled_dot_product_attention(q, k, v, mask=MASK)),
-    "self_attention (2 heads)": ([(2, 5, 12)], lambda qkv: _torch_self_attention(qkv, 2), lambda M: lambda qkv: M.self_attention(qkv, 2)),
-    "self_attention (full, scale)": ([(1, 4, 9)], lambda qkv: _torch_self_attention(qkv, 1, causal=False, scale=0.7),
-                                     lambda M: lambda qkv: M.self_attention(qkv, 1, causal=False, scale=0.7)),
-    "rope": ([(2, 3, 5, 8)], lambda x: _torch_rope(x, np.arange(4, 9)), lambda M: lambda x: M.rope(x, np.arange(4, 9))),
-    "rope (interleaved, theta)": ([(1, 2, 4, 6)], lambda x: _torch_rope(x, np.arange(4), 500.0, True),
-                                  lambda M: lambda x: M.rope(x, np.arange(4), theta=500.0, interleaved=True)),
-}
+TORCH_CASES = [case.name for case in cases.CASES if case.torch_fn is not None]
+COMPOSITE_CASES = [case.name for case in cases.CASES if case.composite]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", TORCH_CASES)
 def test_against_torch(name, dtype):
-    inputs, torch_fn, ours = CASES[name]
-    out = check_op(inputs, torch_fn, ours(F), dtype=dtype)
+    case = cases.BY_NAME[name]
+    out = check_op(case.arrays(dtype), lambda *ts: case.torch_fn(torch, *ts), lambda *xs: case.fn(F, *xs), dtype=dtype)
     assert out.dtype == np.dtype(dtype), "ops compute in their input dtype"
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", COMPOSITE_CASES)
 def test_fused_equals_composite(name):
-    inputs, _, ours = CASES[name]
-    arrays = [np.asarray(a) for a in inputs] if not all(isinstance(s, tuple) for s in inputs) \
-        else [np.random.default_rng(7).standard_normal(s) for s in inputs]
+    case = cases.BY_NAME[name]
+    arrays = case.arrays("float64", seed=7)
     dout, results = None, []
     for module in (F, C):
         tensors = [Tensor(a, requires_grad=a.dtype.kind == "f") for a in arrays]
-        out = ours(module)(*tensors)
+        out = case.fn(module, *tensors)
         dout = np.random.default_rng(8).standard_normal(out.shape) if dout is None else dout
         (out * Tensor(dout)).sum().backward()
         results.append([out.numpy()] + [t.grad for t in tensors if t.requires_grad])

@@ -4,18 +4,16 @@ their references; a training step, checkpoints and sampling work across devices.
 Skipped (cleanly, at collection) where CuPy or a GPU is missing. Tolerances: float64 to rounding (1e-10
 relative), float32 loose (2e-4 for an op, 1e-3 for the whole model: cuBLAS and NumPy sum in other orders).
 """
-import zlib
-
 import numpy as np
 import pytest
 
-from tinygrad_llm import backend
+from tinygrad_llm import backend, cases
 from tinygrad_llm import functional as F
 from tinygrad_llm.checkpoint import load_checkpoint, save_checkpoint
 from tinygrad_llm.model import GPT, GPTConfig
 from tinygrad_llm.optim import AdamW, adamw_update, clip_grad_norm, param_groups
 from tinygrad_llm.sample import generate
-from tinygrad_llm.tensor import Add, Context, Tensor, cat, where
+from tinygrad_llm.tensor import Add, Context, Tensor
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")]
@@ -53,50 +51,14 @@ def randn(rng, *shape, dtype=np.float64, scale=1.0):
 
 # ---- every op: GPU == CPU --------------------------------------------------------------------------
 
-B, T, C, V, NH, HS = 3, 7, 10, 13, 2, 6
-IDX = np.random.default_rng(5).integers(0, V, (B, T))
-TARGETS = np.where(np.arange(T) < 2, -100, np.random.default_rng(6).integers(0, V, (B, T)))
-MASK = np.random.default_rng(7).random((B, NH, T, T)) < 0.7
-
-OPS = {
-    "add_broadcast": (lambda x, y: x + y, [(B, T, C), (C,)]),
-    "sub_mul_div": (lambda x, y: (x - y) * x / (y * y + 1), [(B, T, C), (B, T, C)]),
-    "pow_exp_log_sqrt_tanh": (lambda x: ((x * x + 1) ** 1.5).log().sqrt().tanh() + (-x).exp(), [(B, T, C)]),
-    "matmul_batched": (lambda a, b: a @ b, [(B, T, C), (C, 5)]),
-    "matmul_broadcast": (lambda a, b: a @ b, [(B, 1, T, C), (NH, C, 4)]),
-    "reshape_permute_getitem": (lambda x: x.reshape(B, T, 2, 5).permute(2, 0, 3, 1)[1, :, ::2, [0, 3, 3]], [(B, T, C)]),
-    "sum_mean_max": (lambda x: x.sum(axis=0) + x.mean(axis=(0, 1), keepdims=True) + x.max(axis=0), [(B, T, C)]),
-    "cat_split_where": (lambda x, y: where(x.data > 0, cat(x.split([4, 6], axis=2)[::-1], axis=2), y), [(B, T, C), (B, T, C)]),
-    "linear": (lambda x, w, b: F.linear(x, w, b), [(B, T, C), (C, 8), (8,)]),
-    "embedding": (lambda w: F.embedding(IDX, w), [(V, C)]),
-    "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), [(B, T, C), (C,), (C,)]),
-    "layer_norm_no_affine": (lambda x: F.layer_norm(x), [(B, T, C)]),
-    "rms_norm": (lambda x, w: F.rms_norm(x, w, eps=1e-5), [(B, T, C), (C,)]),
-    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), [(B, T, C)]),
-    "gelu_exact": (lambda x: F.gelu(x * 3), [(B, T, C)]),
-    "silu": (lambda x: F.silu(x), [(B, T, C)]),
-    "swiglu": (lambda g, u: F.swiglu(g, u), [(B, T, C), (B, T, C)]),
-    "softmax": (lambda x: F.softmax(x * 5, axis=1), [(B, T, C)]),
-    "log_softmax": (lambda x: F.log_softmax(x * 5), [(B, T, C)]),
-    "cross_entropy_mean": (lambda x: F.cross_entropy(x * 4, TARGETS), [(B, T, V)]),
-    "cross_entropy_sum": (lambda x: F.cross_entropy(x * 4, TARGETS, reduction="sum"), [(B, T, V)]),
-    "cross_entropy_none": (lambda x: F.cross_entropy(x * 4, TARGETS, reduction="none"), [(B, T, V)]),
-    "attention_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(B, NH, T, HS)] * 3),
-    "attention_full": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False), [(B, NH, T, HS)] * 3),
-    "attention_kv_longer": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [(B, NH, 3, HS), (B, NH, T, HS), (B, NH, T, HS)]),
-    "attention_mask": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, mask=MASK), [(B, NH, T, HS)] * 3),
-    "rope": (lambda x: F.rope(x, np.arange(3, 3 + T)), [(B, NH, T, HS)]),
-    "self_attention_causal": (lambda qkv: F.self_attention(qkv, NH), [(B, T, 3 * NH * HS)]),
-    "self_attention_full": (lambda qkv: F.self_attention(qkv, NH, causal=False, scale=0.3), [(B, T, 3 * NH * HS)]),
-}
+GPU_CASES = [case.name for case in cases.CASES if case.devices_agree]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("name", GPU_CASES)
 def test_op_on_gpu_equals_cpu(name, dtype):
-    fn, shapes = OPS[name]
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    assert_same_on_both(fn, [randn(rng, *s, dtype=dtype) for s in shapes], dtype)
+    case = cases.BY_NAME[name]
+    assert_same_on_both(lambda *xs: case.fn(F, *xs), case.arrays(dtype), dtype)
 
 
 def test_mixed_devices_raise_naming_both():

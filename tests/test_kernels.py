@@ -13,7 +13,7 @@ pytest.importorskip("numba")
 
 from kernel_checks import CHECKS, TOLERANCE, compare_with_reference, row_blocks_of, spread_over_threads  # noqa: E402
 
-from tinygrad_llm import backend, functional as F, optim  # noqa: E402
+from tinygrad_llm import backend, cases, functional as F, optim, tensor  # noqa: E402
 from tinygrad_llm.kernels.cpu.attention import ScaledDotProductAttentionNumba  # noqa: E402
 from tinygrad_llm.kernels.cpu.cross_entropy import CrossEntropyNumba  # noqa: E402
 from tinygrad_llm.kernels.cpu.elementwise import GELUNumba  # noqa: E402
@@ -227,30 +227,29 @@ def _run_both(monkeypatch, fn, arrays, grad_inputs):
     return results
 
 
-def _ops(rng, dtype):
-    x = rng.standard_normal((2, 5, 12)).astype(dtype)
-    w, b = rng.standard_normal(12).astype(dtype), rng.standard_normal(12).astype(dtype)
-    q, k, v = (rng.standard_normal((1, 2, 128, 8)).astype(dtype) for _ in range(3))  # T large enough for the kernel
-    idx = rng.integers(0, 7, (2, 5))
-    return [
-        ("layer_norm", lambda x, w, b: F.layer_norm(x, w, b), (x, w, b), {0, 1, 2}),
-        ("rms_norm", lambda x, w: F.rms_norm(x, w), (x, w), {0, 1}),
-        ("gelu tanh", lambda x: F.gelu(x, approximate="tanh"), (x,), {0}),
-        ("gelu exact", lambda x: F.gelu(x), (x,), {0}),
-        ("swiglu", F.swiglu, (x, x[::-1].copy()), {0, 1}),
-        ("attention", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True), (q, k, v), {0, 1, 2}),
-        ("cross_entropy", lambda x, t: F.cross_entropy(x, t), (x, np.where(idx == 3, -100, idx)), {0}),
-        ("embedding", lambda i, w: F.embedding(i, w), (idx, rng.standard_normal((7, 6)).astype(dtype)), {1}),
-    ]
+def _names_a_cpu_kernel(case):
+    op = getattr(F, case.op, None) or getattr(tensor, case.op, None) if case.op else None
+    return op is not None and "cpu" in vars(op).get("kernels", {})
+
+
+KERNEL_CASES = [case.name for case in cases.CASES if _names_a_cpu_kernel(case)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_public_api_gives_the_same_results_with_kernels_off_and_on(monkeypatch, dtype):
-    for name, fn, arrays, grad_inputs in _ops(np.random.default_rng(0), dtype):
-        reference, kernels = _run_both(monkeypatch, fn, arrays, grad_inputs)
-        for i, (a, b) in enumerate(zip(kernels, reference)):
-            np.testing.assert_allclose(a, b, rtol=TOLERANCE[np.dtype(dtype)], atol=TOLERANCE[np.dtype(dtype)] * np.abs(b).max(),
-                                       err_msg=f"{name}: {'output' if i == 0 else f'gradient {i}'}")
+@pytest.mark.parametrize("name", KERNEL_CASES)
+def test_public_api_gives_the_same_results_with_kernels_off_and_on(monkeypatch, name, dtype):
+    case = cases.BY_NAME[name]
+    arrays = case.arrays(dtype)
+    grad_inputs = {i for i, a in enumerate(arrays) if a.dtype.kind == "f"}
+    reference, kernels = _run_both(monkeypatch, lambda *xs: case.fn(F, *xs), arrays, grad_inputs)
+    for i, (a, b) in enumerate(zip(kernels, reference)):
+        np.testing.assert_allclose(a, b, rtol=TOLERANCE[np.dtype(dtype)], atol=TOLERANCE[np.dtype(dtype)] * np.abs(b).max(),
+                                   err_msg=f"{name}: {'output' if i == 0 else f'gradient {i}'}")
+
+
+def test_every_cpu_kernel_is_reached_by_a_case():
+    reached = {cases.BY_NAME[name].op for name in KERNEL_CASES}
+    assert {"LayerNorm", "RMSNorm", "GELU", "SwiGLU", "ScaledDotProductAttention", "CrossEntropy", "Embedding"} <= reached
 
 
 def test_whole_model_and_adamw_give_the_same_results_with_kernels_off_and_on(monkeypatch):
