@@ -9,6 +9,7 @@ shared: compare the ratios, not a lone time). numpy/numba > 1 means the kernel i
 torch/numba > 1 means faster than PyTorch. PyTorch is optional (its columns read "-" without it).
 """
 import argparse
+import math
 import os
 import platform
 import sys

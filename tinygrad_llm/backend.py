@@ -81,8 +81,8 @@ def _is_basic_index(index):
 def sum_rows(a):
     """(N, C) -> (C,): the column sums, as bias and norm-weight gradients need.
 
-    A product with a kept vector of ones: on CuPy its axis-0 reduction took 393 us for (16384, 1152)
-    float32 on an H200, the cuBLAS product 28 us; on NumPy, see _ones. With TF32 switched on (set_tf32)
+    A product with a kept vector of ones: a BLAS gemv (CPU) or cuBLAS product (GPU) measured several times
+    faster than the axis-0 reduction on both (benchmarks/RESULTS.md). With TF32 switched on (set_tf32)
     the GPU product rounds like every other float32 matmul in that mode.
     """
     if a.ndim == 2 and a.dtype.kind == "f":
@@ -94,10 +94,7 @@ _ones_cache = {}
 
 
 def _ones(n, dtype, device_id):
-    """A kept vector of n ones (None: NumPy; else on that GPU): no fill per call; a few sizes at most.
-
-    On the CPU the product is a BLAS gemv: (768, 384) float32 column sums took 32 us as a.sum(axis=0),
-    14 us as ones @ a (2 cores)."""
+    """A kept vector of n ones (None: NumPy; else on that GPU): no fill per call; a few sizes at most."""
     key = (n, np.dtype(dtype), device_id)
     ones = _ones_cache.get(key)
     if ones is None:

@@ -101,5 +101,3 @@ class OnFirstUse:
         return self.value
 
 
-lt = _OnFirstUse(_Lt)
-
