@@ -21,7 +21,7 @@ def compute_type(dtype):
     if np.dtype(dtype) == np.float64:
         return cublas.CUBLAS_COMPUTE_64F
     from cupy._core import _routines_linalg as linalg
-    tf32 = linalg.getcompute_type(np.dtype(np.float32)) == linalg.COMPUTE_TYPE_TF32
+    tf32 = linalg.get_compute_type(np.dtype(np.float32)) == linalg.COMPUTE_TYPE_TF32
     return cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else cublas.CUBLAS_COMPUTE_32F
 
 
