@@ -247,6 +247,17 @@ def test_public_api_gives_the_same_results_with_kernels_off_and_on(monkeypatch, 
                                    err_msg=f"{name}: {'output' if i == 0 else f'gradient {i}'}")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_public_attention_on_threaded_heads_gives_the_same_results_with_kernels_off_and_on(monkeypatch, dtype):
+    """T = 128: heads of 128 x 128 scores, which the kernel spreads over threads (the catalogue's are smaller)."""
+    q, k, v = (np.random.default_rng(i).standard_normal((1, 2, 128, 8)).astype(dtype) for i in range(3))
+    reference, kernels = _run_both(monkeypatch, lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v),
+                                   {0, 1, 2})
+    for i, (a, b) in enumerate(zip(kernels, reference)):
+        np.testing.assert_allclose(a, b, rtol=TOLERANCE[np.dtype(dtype)], atol=TOLERANCE[np.dtype(dtype)] * np.abs(b).max(),
+                                   err_msg=f"attention: {'output' if i == 0 else f'gradient {i}'}")
+
+
 def test_every_cpu_kernel_is_reached_by_a_case():
     reached = {cases.BY_NAME[name].op for name in KERNEL_CASES}
     assert {"LayerNorm", "RMSNorm", "GELU", "SwiGLU", "ScaledDotProductAttention", "CrossEntropy", "Embedding"} <= reached
