@@ -43,6 +43,23 @@ def test_kernels_are_registered_and_the_switch_turns_them_off(monkeypatch):
     assert backend.accelerated(optim.adamw_update_group, x) is optim.adamw_update_group
 
 
+def test_dispatch_imports_the_named_kernel_and_falls_back_to_the_op(monkeypatch):
+    """A subclass of an op does not inherit its kernels (they would not run its forward); without the
+    device's library (Numba here) every op runs as written; a plain function names its kernels too."""
+    class MyLayerNorm(F.LayerNorm):
+        pass
+
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "1")
+    assert backend.implementation(F.LayerNorm, "cpu") is LayerNormNumba
+    assert backend.implementation(MyLayerNorm, "cpu") is MyLayerNorm
+    assert backend.implementation(F.Linear, "cpu") is F.Linear          # names a CUDA kernel only
+    assert optim.adamw_update.kernels == {"cpu": "optim.adamw_update_numba", "cuda": "optim.adamw_update_cuda"}
+    monkeypatch.setattr(backend, "_implementations", {})
+    monkeypatch.setattr(backend, "_library_found", {"cpu": False})
+    assert backend.implementation(F.LayerNorm, "cpu") is F.LayerNorm
+    assert backend.accelerated(optim.adamw_update, np.zeros(3)) is optim.adamw_update
+
+
 def test_float32_gelu_tanh_is_within_7_ulp_of_tanh_and_keeps_the_references_edge_values():
     """The float32 tanh form computes tanh(u) by a rational function (kernels/cpu/elementwise.py): check the saved t
     against float64 tanh of the same float32 u, over u in about [-12, 12], and the non-finite inputs."""

@@ -165,7 +165,7 @@ def implementation(op, device):
     impl = _implementations.get((op, device))
     if impl is None:
         # the op's own attribute, not one inherited by a subclass (whose forward the kernel would not run)
-        name = vars(op).get("kernels", {}).get(device)
+        name = getattr(op, "__dict__", {}).get("kernels", {}).get(device)
         impl = op
         if name is not None and _library_installed(device):
             module, attribute = name.rsplit(".", 1)
@@ -180,4 +180,5 @@ def accelerated(op, *arrays):
     if not kernels_enabled():
         return op
     device = next((device_of(a) for a in arrays if hasattr(a, "dtype")), "cpu")
-    return implementation(op, device)
+    impl = _implementations.get((op, device))
+    return impl if impl is not None else implementation(op, device)
