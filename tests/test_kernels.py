@@ -301,3 +301,16 @@ def test_whole_model_and_adamw_give_the_same_results_with_kernels_off_and_on(mon
     np.testing.assert_allclose(losses_ker, losses_ref, rtol=1e-10)
     for name in params_ref:
         np.testing.assert_allclose(params_ker[name], params_ref[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_kernel_benchmark_cli_help_and_a_bad_family():
+    """benchmarks/kernels.py on a fresh clone: --help lists the options, an unknown family is one line and exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    ok = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd="/")
+    assert ok.returncode == 0 and "attention" in ok.stdout and ok.stderr == ""
+    bad = subprocess.run([sys.executable, str(script), "no_such_family"], capture_output=True, text=True, cwd="/")
+    assert bad.returncode == 2 and "unknown kernel family 'no_such_family'" in bad.stderr and "Traceback" not in bad.stderr
