@@ -314,3 +314,25 @@ def test_kernel_benchmark_cli_help_and_a_bad_family():
     assert ok.returncode == 0 and "attention" in ok.stdout and ok.stderr == ""
     bad = subprocess.run([sys.executable, str(script), "no_such_family"], capture_output=True, text=True, cwd="/")
     assert bad.returncode == 2 and "unknown kernel family 'no_such_family'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_thread_settings_do_not_depend_on_import_order_or_leak_to_the_process():
+    """import tinygrad_llm sets no environment variable (children and libraries loaded later see none), whether
+    NumPy was imported before it or not; and the threaded attention limits only NumPy's BLAS, only while it runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS", "OMP_", "MKL_"))}
+    code = "import {}; import os; print(sorted(k for k in os.environ if k.startswith(('OPENBLAS', 'OMP_', 'MKL_'))))"
+    for first in ("numpy, tinygrad_llm", "tinygrad_llm, numpy"):
+        out = subprocess.run([sys.executable, "-c", code.format(first)], capture_output=True, text=True, env=env)
+        assert out.returncode == 0 and out.stdout.strip() == "[]", (first, out.stdout, out.stderr)
+
+    torch = pytest.importorskip("torch")
+    from tinygrad_llm.kernels.cpu.threads import blas_threads, numpy_blas
+    torch_threads = torch.get_num_threads()
+    with blas_threads(1):
+        assert torch.get_num_threads() == torch_threads     # another library's pool is left alone
+        if numpy_blas() is not None:
+            assert numpy_blas().get_num_threads() == 1
