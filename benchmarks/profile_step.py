@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import tinygrad_llm  # noqa: E402,F401  (before NumPy: tinygrad_llm/__init__.py sets OpenBLAS's thread timeout)
+import tinygrad_llm  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from tinygrad_llm import backend  # noqa: E402
