@@ -188,7 +188,7 @@ def attention_forward(q, k, v, causal, scale, out, lse):
     rows = max(r1 - r0 for r0, r1, _ in blocks)
     items = _items(B, NH, rows, TK, dtype.itemsize)
     threads.run_items(lambda h, b0, b1: _forward_item(qs, k, v, out, lse, h, b0, b1, blocks, first), items,
-               TQ * TK >= PARALLEL_MIN_SCORES)
+                      TQ * TK >= PARALLEL_MIN_SCORES)
     return q_saved
 
 
@@ -200,8 +200,8 @@ def attention_backward(qs, k, v, lse, dout, dq, dk, dv, causal, scale):
     blocks = _row_blocks(TQ, TK, causal)
     first = TK - TQ + 1 if causal else TK
     items = _items(B, NH, TQ, TK, qs.dtype.itemsize)
-    threads.run_items(lambda h, b0, b1: _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first, scale),
-               items, TQ * TK >= PARALLEL_MIN_SCORES)
+    threads.run_items(lambda h, b0, b1: _backward_item(qs, k, v, lse, dout, dq, dk, dv, h, b0, b1, blocks, first,
+                                                       scale), items, TQ * TK >= PARALLEL_MIN_SCORES)
 
 
 def _as_4d(a):
