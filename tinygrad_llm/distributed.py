@@ -134,11 +134,11 @@ class World:
             raise RuntimeError(f"this process already trains on {self.device}; one device per run under MPI")
         self.device = device
         if device == "cpu":
-            from .kernels import attention, common
-            api = common.openblas_threads_api()
-            if api is not None:
-                api[0](self.cores)
-            attention.THREADS = max(1, min(self.cores, attention.THREADS))
+            from .kernels.cpu import threads
+            blas = threads.numpy_blas()
+            if blas is not None:
+                blas.set_num_threads(self.cores)
+            threads.THREADS = max(1, min(self.cores, threads.THREADS))
             return
         cp = backend.cupy_module()
         count = cp.cuda.runtime.getDeviceCount()
