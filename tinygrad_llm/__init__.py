@@ -11,7 +11,7 @@ import sys as _sys
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")
 
-from .tensor import Tensor, cat, detect_anomaly, no_grad, where  # noqa: E402
+from .tensor import Function, Tensor, cat, detect_anomaly, no_grad, where  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "cat", "where", "no_grad", "detect_anomaly"]
+__all__ = ["Tensor", "Function", "cat", "where", "no_grad", "detect_anomaly"]
