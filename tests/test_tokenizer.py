@@ -1,8 +1,11 @@
 """Tokenizer tests: each behaviour pinned by an invariant, an external oracle (tiktoken) or a
 worked example small enough to check by hand."""
 import json
+import os
 import re
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from tinygrad_llm import tokenizer as tokenizer_module
 from tinygrad_llm.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, CharTokenizer,
                                     _ascii_twin, _count_pieces, _encode_bytes, _gpt2_byte_alphabet,
-                                    _merge_batch_numba, _merge_by_rank, _pair_table, tokenizer_from_dict,
+                                    _merge_batch_numba, _merge_by_rank, _merge_by_rank_heap, _pair_table, tokenizer_from_dict,
                                     train_ranks_reference)
 import regex
 
@@ -169,6 +172,7 @@ def merge_path(request, monkeypatch):
     if request.param == "no numba":
         monkeypatch.setattr(tokenizer_module, "_compiled_kernel", lambda: None)
     monkeypatch.setattr(tokenizer_module, "_NUMBA_MIN_PIECES", MERGE_PATHS[request.param])
+    monkeypatch.setattr(tokenizer_module, "_NUMBA_MIN_BYTES", MERGE_PATHS[request.param])
     calls = []
     monkeypatch.setattr(tokenizer_module, "_merge_batch_numba",
                         lambda *args: calls.append(1) or _merge_batch_numba(*args))
@@ -208,6 +212,71 @@ def test_numba_kernel_follows_tiktokens_rule():
     # a whole piece that is a token stays one token although merging by rank would split it
     stuck = {bytes([b]): b for b in range(256)} | {b"bc": 256, b"abcd": 257}  # a|bc|d: neither abc nor bcd is a token
     assert _merge_batch_numba([b"abcd", b"abcde"], stuck, _pair_table(stuck)) == [(257,), (97, 256, 100, 101)]
+
+
+# ----- long pieces: a run of one character is one piece, merged in n log n -----
+
+RUN_CHARS = ["e", " ", "!", "1", "\n", "\u00e9", "\u6211", "\U0001f600"]
+
+
+@pytest.fixture(scope="module")
+def run_tokenizers():
+    """Tokenizers whose vocabularies hold runs (ee, eee, eeee, ...) of each RUN_CHARS character, with
+    tiktoken built from the same ranks as the oracle."""
+    tiktoken = pytest.importorskip("tiktoken")
+    base = SHAKESPEARE.read_text(encoding="utf-8")[:20_000] if SHAKESPEARE.is_file() else "hello world " * 500
+    corpus = base + "".join(f"{c * k} x " * (40 // k + 1) for c in RUN_CHARS for k in range(1, 40))
+    out = {}
+    for name, pattern in PATTERNS.items():
+        tok = BPETokenizer.train(corpus, 700, pattern=pattern)
+        out[name] = tok, tiktoken.Encoding(f"runs_{name}", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
+                                           special_tokens={})
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_runs_of_one_character_equal_tiktoken(run_tokenizers, merge_path, name):
+    tok, ref = run_tokenizers[name]
+    for c in RUN_CHARS:
+        lengths = [1, 2, 3, 64, 65, 66, 1001] + ([50_000] if merge_path == "numba" and c in "e\u00e9" else [])
+        for n in lengths:
+            text = f"{c * n} again {c * n}"
+            cold = BPETokenizer(tok.mergeable_ranks, tok.pattern)
+            assert cold.encode_ordinary(text) == ref.encode_ordinary(text), (c, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(word=st.text(alphabet="eabé", min_size=60, max_size=400))
+def test_heap_merge_equals_scan_on_long_pieces(run_tokenizers, word):
+    """The heap merge (pieces over _HEAP_MIN_BYTES), in Python and in the kernel, joins what the scan joins."""
+    ranks = run_tokenizers["gpt4"][0].mergeable_ranks
+    data = word.encode("utf-8")
+    scan = _merge_by_rank(data, ranks)
+    assert _merge_by_rank_heap(data, ranks) == scan
+    if data not in ranks:
+        assert _merge_batch_numba([b"ab", data, b"e"], ranks, _pair_table(ranks))[1] == tuple(scan)
+
+
+@pytest.mark.slow
+def test_a_megabyte_of_one_character_encodes_in_under_a_second():
+    """It was quadratic: 16k characters took 8.6 s and a megabyte did not finish. In a child process (a
+    regression would otherwise hang the test run); CPU time of the encode alone, the kernel loaded first."""
+    code = textwrap.dedent("""
+        import time
+        from tinygrad_llm.tokenizer import BPETokenizer, GPT4_SPLIT_PATTERN
+        text = "the cheese " * 300 + "".join(f"{'e' * k} " * 10 for k in range(1, 30))
+        tok = BPETokenizer.train(text, 400, pattern=GPT4_SPLIT_PATTERN)
+        tok.encode("warm up the kernel " + "e" * 20_000)
+        start = time.process_time()
+        ids = tok.encode("e" * 1_000_000)
+        print(time.process_time() - start, len(ids))
+    """)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds, n_ids = result.stdout.split()
+    assert float(seconds) < 1.0 and int(n_ids) < 1_000_000
 
 
 def test_cold_encode_past_the_cache_limit(trained, reference, monkeypatch):
