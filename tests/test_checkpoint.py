@@ -315,3 +315,78 @@ def test_corrupt_metadata_is_named(tmp_path):
     save_safetensors(tmp_path / "bad.safetensors", arrays, {**metadata, "config": "{oops"})
     with pytest.raises(ValueError, match="metadata 'config' is not JSON"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+# ---- temporary files left by a process killed during a save ---------------------------------------
+
+def _dead_pid():
+    """The pid of a process that has exited (and been reaped), as a killed writer's would be."""
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _leftovers(folder, name, pid):
+    """Temporary files as atomic_write names them, and look-alikes that are not ours to remove."""
+    stale = [f".{name}.{pid}.abc_1234.tmp", f".{name}.k3jd9x0q.tmp"]   # the second: the earlier naming
+    alive = [f".{name}.{os.getppid()}.zzzzzzzz.tmp"]                     # a live writer's (the test's parent)
+    others = [f".{name}.notes.tmp", f"{name}.{pid}.abc_1234.tmp", f".{name}.{pid}.abc_1234.tmp.bak",
+              f".other.safetensors.{pid}.abc_1234.tmp", f".{name}.{pid}.ABC_1234.tmp", f".{name}.{pid}.abc1234.tmp",
+              "notes.txt"]
+    for entry in stale + alive + others:
+        (folder / entry).write_bytes(b"x" * 100)
+    return stale, alive + others
+
+
+def test_stale_temporaries_are_removed_at_the_next_save(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    stale, kept = _leftovers(tmp_path, path.name, _dead_pid())
+    model, optimizer = trained_pair()
+    save_checkpoint(path, model, optimizer, meta={"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [path.name])
+
+
+def test_stale_temporaries_are_removed_at_the_next_load(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, tiny_model())
+    stale, kept = _leftovers(tmp_path, path.name, _dead_pid())
+    load_checkpoint(path, tiny_model())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [path.name])
+
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    """A real kill: a child process is killed (SIGKILL) inside its write, after the temporary file exists."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = ("import os, signal, sys\nfrom tinygrad_llm.fileio import atomic_write\n"
+            "def write(f):\n    f.write(b'partial')\n    f.flush()\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "atomic_write(sys.argv[1], write)\n")
+    target = tmp_path / "loss.png"
+    result = subprocess.run([sys.executable, "-c", code, str(target)], cwd=root, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".loss.png.") and left[0].endswith(".tmp")
+    fileio.atomic_write(target, b"png")
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+
+
+def test_a_write_in_flight_in_this_process_is_not_removed(tmp_path):
+    """A temporary file of this process (same pid) that a write still has open is left alone."""
+    path = tmp_path / "a.bin"
+    seen = []
+
+    def write(f):
+        f.write(b"first")
+        seen.extend(p.name for p in tmp_path.iterdir())
+        fileio.atomic_write(path.with_name("b.bin"), b"other target")   # a nested write of another file
+        assert fileio.remove_stale_temporaries(path) == []                 # ours, in flight: kept
+        f.write(b" done")
+
+    fileio.atomic_write(path, write)
+    assert len(seen) == 1 and path.read_bytes() == b"first done"

@@ -418,3 +418,19 @@ def test_gpt2_files_load_like_tiktoken(trained, tmp_path, monkeypatch):
     (tmp_path / "vocab.bpe").write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]))
     with pytest.raises(ValueError, match="merge 0 .* does not match"):
         BPETokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_tokenizer_save_and_load_remove_stale_temporaries(trained, tmp_path):
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()                                   # a writer that was killed: its pid no longer runs
+    path = tmp_path / "tok.json"
+    stale = [f".tok.json.{child.pid}.abcdefgh.tmp", f".tok.vocab.{child.pid}.abcdefgh.tmp"]
+    kept = [".tok.json.notes.tmp", "tok.json.bak"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    trained["gpt4"].save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["tok.json", "tok.vocab"])
+    (tmp_path / stale[0]).write_bytes(b"x")
+    BPETokenizer.load(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["tok.json", "tok.vocab"])

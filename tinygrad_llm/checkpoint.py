@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_stale_temporaries
 from .model import GPT, GPTConfig
 
 # safetensors dtype names <-> NumPy dtypes (always little-endian on disk)
@@ -79,6 +79,7 @@ def save_safetensors(path, arrays, metadata=None):
 def load_safetensors(path):
     """Read a safetensors file: ({name: ndarray}, {str: str} metadata). Raises on a bad file, naming why."""
     path = Path(path)
+    remove_stale_temporaries(path)  # left by a process killed while it saved this file
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     size = path.stat().st_size

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_stale_temporaries
 
 # The pre-split patterns of GPT-2 and GPT-4 (cl100k): text is cut into pieces (words with their
 # leading space, number runs, punctuation runs, whitespace runs) and BPE never merges across pieces.
@@ -771,6 +771,7 @@ class BPETokenizer:
     @classmethod
     def load(cls, path):
         path = Path(path)
+        remove_stale_temporaries(path)  # left by a process killed while it saved this file
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
