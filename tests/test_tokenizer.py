@@ -434,3 +434,70 @@ def test_tokenizer_save_and_load_remove_stale_temporaries(trained, tmp_path):
     (tmp_path / stale[0]).write_bytes(b"x")
     BPETokenizer.load(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["tok.json", "tok.vocab"])
+
+
+# ----- malformed tokenizer files and dicts: a ValueError naming the field -----
+
+def _bpe_file(trained, tmp_path, **changes):
+    path = tmp_path / "tok.json"
+    trained["gpt4"].save(path)
+    payload = json.loads(path.read_text())
+    payload.update(changes)
+    path.write_text(json.dumps(payload))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(pattern="(unclosed"), "pattern is not a valid regular expression"),
+    (dict(pattern="[z-a]"), "pattern is not a valid regular expression"),
+    (dict(pattern=42), "pattern must be a regular expression string, got int"),
+    (dict(special_tokens={"<|endoftext|>": "600"}), r"special_tokens: the id of '<\|endoftext\|>' must be a non-negative integer, got '600'"),
+    (dict(special_tokens={"<|endoftext|>": 600.5}), "must be a non-negative integer, got '600.5'"),
+    (dict(special_tokens={"<|endoftext|>": True}), "must be a non-negative integer, got 'True'"),
+    (dict(special_tokens={"<|endoftext|>": -1}), "must be a non-negative integer"),
+    (dict(special_tokens={"<|endoftext|>": None}), "must be a non-negative integer, got 'None'"),
+    (dict(special_tokens={"": 700}), "a special token must be a non-empty string"),
+    (dict(special_tokens=["<|endoftext|>"]), "'special_tokens' must map strings to ids, got list"),
+    (dict(tokens="00ff"), "'tokens' must be a list of hex strings, got str"),
+    (dict(tokens=[0, 1]), "'tokens' holds '0', not a hex string"),
+    (dict(tokens=["zz"]), "'tokens' holds 'zz', not a hex string"),
+])
+def test_bpe_file_with_a_bad_field_is_a_value_error_naming_it(trained, tmp_path, changes, message):
+    path = _bpe_file(trained, tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        BPETokenizer.load(path)
+    with pytest.raises(ValueError, match=message):
+        tokenizer_from_dict(json.loads(path.read_text()))
+
+
+def test_bpe_dict_lacking_a_field_is_named(trained):
+    d = trained["gpt4"].to_dict()
+    del d["pattern"]
+    with pytest.raises(ValueError, match=r"it lacks \['pattern'\]"):
+        tokenizer_from_dict(d)
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"kind": "char"}, "'chars' must be a string of the vocabulary's characters, got NoneType"),
+    ({"kind": "char", "chars": ["a", "b"]}, "'chars' must be a string of the vocabulary's characters, got list"),
+    ({"kind": "char", "chars": 12}, "'chars' must be a string.*got int"),
+    ({"kind": "char", "chars": None}, "'chars' must be a string.*got NoneType"),
+    ({"kind": "char", "chars": "abca"}, "chars must be distinct"),
+    ({"kind": "bpe"}, r"it lacks \['tokens', 'pattern', 'special_tokens'\]"),
+    (["char", "abc"], "unknown tokenizer kind None"),
+    ({"kind": ["char"]}, "unknown tokenizer kind"),
+])
+def test_malformed_tokenizer_dicts_are_value_errors(d, message):
+    with pytest.raises(ValueError, match=message):
+        tokenizer_from_dict(d)
+
+
+def test_char_tokenizer_constructor_names_bad_characters():
+    with pytest.raises(ValueError, match="chars must be single characters, got 'ab'"):
+        CharTokenizer(["ab", "c"])
+    with pytest.raises(ValueError, match="chars must be single characters, got '7'"):
+        CharTokenizer([7])
+    with pytest.raises(ValueError, match="chars must be a string"):
+        CharTokenizer(None)
+    with pytest.raises(ValueError, match="not a CharTokenizer dict"):
+        CharTokenizer.from_dict("char")

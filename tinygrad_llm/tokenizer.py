@@ -45,9 +45,15 @@ class CharTokenizer:
     """
 
     def __init__(self, chars):
-        chars = list(chars)
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise ValueError("CharTokenizer needs distinct single characters")
+        if isinstance(chars, (str, list, tuple)):
+            chars = list(chars)
+        else:
+            raise ValueError(f"CharTokenizer: chars must be a string (or list) of characters, got {type(chars).__name__}")
+        bad = next((c for c in chars if not (isinstance(c, str) and len(c) == 1)), None)
+        if bad is not None:
+            raise ValueError(f"CharTokenizer: chars must be single characters, got {str(bad)[:20]!r}")
+        if len(set(chars)) != len(chars):
+            raise ValueError("CharTokenizer: chars must be distinct single characters")
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
 
@@ -80,8 +86,11 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d):
-        if d.get("kind") != "char":
-            raise ValueError(f"not a CharTokenizer dict (kind={d.get('kind')!r})")
+        if not isinstance(d, dict) or d.get("kind") != "char":
+            raise ValueError(f"not a CharTokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
+        if not isinstance(d.get("chars"), str):
+            raise ValueError(f"malformed CharTokenizer dict: 'chars' must be a string of the vocabulary's characters, "
+                             f"got {type(d.get('chars')).__name__}")
         return cls(d["chars"])
 
 
@@ -113,6 +122,7 @@ def _ascii_twin(pattern):
     if not pattern.isascii():
         return None
     out, i, in_class = [], 0, False
+    # (a pattern that `regex` compiles but whose translation `re` does not is left to `regex`: see the end)
     while i < len(pattern):
         if pattern.startswith(r"\p{", i):
             token = pattern[i:i + 5]
@@ -128,7 +138,10 @@ def _ascii_twin(pattern):
             in_class = (in_class or token == "[") and token != "]"
             out.append(token)
         i += len(token)
-    return re.compile("".join(out))
+    try:
+        return re.compile("".join(out))
+    except re.error:
+        return None
 
 
 def _replace_pair(ids, pair, new_id):
@@ -574,10 +587,25 @@ class BPETokenizer:
     """
 
     def __init__(self, mergeable_ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None):
+        if not isinstance(mergeable_ranks, dict) or not isinstance(special_tokens or {}, dict):
+            raise ValueError("mergeable_ranks must be a dict of bytes -> rank and special_tokens a dict of str -> id")
         ranks = dict(mergeable_ranks)
         special_tokens = dict(special_tokens or {})
-        if not all(isinstance(k, bytes) for k in ranks) or sorted(ranks.values()) != list(range(len(ranks))):
+        if not (all(isinstance(k, bytes) for k in ranks) and all(_is_id(v) for v in ranks.values())
+                and sorted(ranks.values()) == list(range(len(ranks)))):
             raise ValueError("mergeable_ranks must map bytes to the ranks 0..n-1, each used once")
+        for token, i in special_tokens.items():
+            if not (isinstance(token, str) and token):
+                raise ValueError(f"special_tokens: a special token must be a non-empty string, got {str(token)[:40]!r}")
+            if not (_is_id(i) and i >= 0):
+                raise ValueError(f"special_tokens: the id of {token!r} must be a non-negative integer, got {str(i)[:40]!r}")
+        special_tokens = {token: int(i) for token, i in special_tokens.items()}
+        if not isinstance(pattern, str):
+            raise ValueError(f"pattern must be a regular expression string, got {type(pattern).__name__}")
+        try:
+            split = regex.compile(pattern)
+        except regex.error as e:
+            raise ValueError(f"pattern is not a valid regular expression ({e}): {pattern[:80]!r}") from None
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise ValueError(f"mergeable_ranks lacks {len(missing)} single bytes (first: {bytes(missing[:1])!r}); "
@@ -589,7 +617,7 @@ class BPETokenizer:
         self.mergeable_ranks = ranks
         self.pattern = pattern
         self.special_tokens = special_tokens
-        self._split = regex.compile(pattern)
+        self._split = split
         self._split_ascii = _ascii_twin(pattern)
         self._decoder = {i: token for token, i in ranks.items()}
         self._decoder.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
@@ -748,14 +776,22 @@ class BPETokenizer:
     def from_dict(cls, d):
         if not isinstance(d, dict) or d.get("kind") != "bpe":
             raise ValueError(f"not a BPETokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
+        missing = [k for k in ("tokens", "pattern", "special_tokens") if k not in d]
+        if missing:
+            raise ValueError(f"malformed BPETokenizer dict: it lacks {missing}")
+        if not isinstance(d["tokens"], list):
+            raise ValueError(f"malformed BPETokenizer dict: 'tokens' must be a list of hex strings, got {type(d['tokens']).__name__}")
+        if not isinstance(d["special_tokens"], dict):
+            raise ValueError(f"malformed BPETokenizer dict: 'special_tokens' must map strings to ids, "
+                             f"got {type(d['special_tokens']).__name__}")
         try:
             ranks = {bytes.fromhex(t): i for i, t in enumerate(d["tokens"])}
-            pattern, special = d["pattern"], dict(d["special_tokens"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed BPETokenizer dict: {e!r}") from None
+        except (TypeError, ValueError):
+            bad = next(t for t in d["tokens"] if not _is_hex(t))
+            raise ValueError(f"malformed BPETokenizer dict: 'tokens' holds {str(bad)[:40]!r}, not a hex string") from None
         if len(ranks) != len(d["tokens"]):
-            raise ValueError("malformed BPETokenizer dict: a token is listed twice")
-        return cls(ranks, pattern, special)
+            raise ValueError("malformed BPETokenizer dict: a token is listed twice in 'tokens'")
+        return cls(ranks, d["pattern"], d["special_tokens"])
 
     def save(self, path):
         """Write `path` (JSON: format, version, the dict above) and, beside it with the suffix
@@ -789,6 +825,18 @@ class BPETokenizer:
             raise ValueError(f"{path} is corrupt: {e}") from None
 
 
+def _is_id(i):
+    return isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+
+
+def _is_hex(t):
+    try:
+        bytes.fromhex(t)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _gpt2_byte_alphabet():
     """GPT-2's files spell byte b as one printable character: bytes that print as themselves
     (b'!'..b'~', 0xA1..0xAC, 0xAE..0xFF) keep their code point; the other 68 (controls, space,
@@ -805,6 +853,6 @@ def tokenizer_from_dict(d):
     """Rebuild a tokenizer from its `to_dict()`, whichever kind it is."""
     kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
     kind = d.get("kind") if isinstance(d, dict) else None
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind].from_dict(d)
