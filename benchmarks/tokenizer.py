@@ -1,6 +1,6 @@
 """BPE training and encoding speed on tiny Shakespeare, beside tiktoken built from the same ranks.
 
-    python benchmarks/tokenizer.py [path/to/tinyshakespeare.txt] [--repeats 7]
+    python benchmarks/tokenizer.py [path/to/text] [--repeats 7]      # default: examples/data/tinyshakespeare.txt
 
 The machine is shared and noisy: every figure is the median of --repeats runs, and tiktoken runs
 in the same process on the same text (for encoding, in turn with ours in each round), so the ratio
@@ -11,19 +11,21 @@ scratch, by the Numba kernel or, for comparison, the pure-Python loop) and warm 
 again: every piece is in its cache). The Numba kernel's first call (compiling it, or loading it from
 the on-disk cache) is timed once on its own, before any encode is timed.
 """
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import tiktoken
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinygrad_llm import tokenizer as tokenizer_module
+import tiktoken  # noqa: E402
+
+from cli_args import DEFAULT_TEXT, Parser, positive_int, require_file  # noqa: E402
+
+from tinygrad_llm import tokenizer as tokenizer_module  # noqa: E402
 from tinygrad_llm.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, _compiled_kernel,
-                                    _count_pieces, _merge_batch_numba, _pair_table, train_ranks_reference)
+                                    _count_pieces, _merge_batch_numba, _pair_table, train_ranks_reference)  # noqa: E402
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def median_seconds(fn, repeats):
@@ -71,11 +73,17 @@ def cold_encode(ranks, pattern, sample, python_loop=False):
         tokenizer_module._NUMBA_MIN_PIECES = saved
 
 
+def parse_args(argv=None):
+    parser = Parser(__doc__.splitlines()[0])
+    parser.add_argument("text", nargs="?", default=str(DEFAULT_TEXT), help="the text (default %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="runs per figure, median (default %(default)s)")
+    args = parser.parse_args(argv)
+    require_file(parser, "text", args.text)
+    return args
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("text", nargs="?", default=str(DEFAULT_TEXT))
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = parse_args()
     text = Path(args.text).read_text(encoding="utf-8")
     mb = len(text.encode("utf-8")) / 1e6
     print(f"text: {args.text} ({mb:.2f} MB), median of {args.repeats} runs\n")
