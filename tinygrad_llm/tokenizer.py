@@ -101,7 +101,7 @@ _ENCODE_CACHE_LIMIT = 1 << 18  # pieces remembered per tokenizer; beyond this, n
 _NUMBA_MIN_PIECES = 256
 # ... unless the new pieces hold this many bytes: a long piece (a run of one character) merges at ~20 us a
 # byte in Python even with the heap (_merge_by_rank_heap), about 100x the kernel's time.
-_NUMBA_MIN_BYTES = 16384
+_NUMBA_MIN_BYTES = 4096
 _FILE_FORMAT, _FILE_VERSION = "tinygrad_llm.bpe", 1
 
 
