@@ -83,3 +83,20 @@ def test_cross_entropy_target_far_outside_does_not_crash_the_process():
                             cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "refused: cross_entropy: target 1000000 is outside [0, 65)" in result.stdout
+
+
+def test_attention_apply_checks_shapes(path):
+    """The Numba attention kernel reads v for every key of k: a v with fewer positions was read past its end."""
+    f = lambda *shape: Tensor(np.ones(shape, np.float32), requires_grad=True)  # noqa: E731
+    with pytest.raises(ValueError, match=r"k has shape \(1, 2, 16, 8\), v has shape \(1, 2, 4, 8\)"):
+        F.ScaledDotProductAttention.apply(f(1, 2, 16, 8), f(1, 2, 16, 8), f(1, 2, 4, 8), None, causal=True, scale=0.3)
+    with pytest.raises(ValueError, match=r"q has shape \(1, 2, 16, 8\), k has shape \(1, 2, 16, 4\)"):
+        F.ScaledDotProductAttention.apply(f(1, 2, 16, 8), f(1, 2, 16, 4), f(1, 2, 16, 4), None, causal=True, scale=0.3)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 3\) does not broadcast"):
+        F.ScaledDotProductAttention.apply(f(1, 2, 16, 8), f(1, 2, 16, 8), f(1, 2, 16, 8), np.ones((3, 3), bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        F.ScaledDotProductAttention.apply(f(1, 2, 16, 8), f(1, 2, 16, 8), f(1, 2, 16, 8), np.ones((16, 16)))
+    with pytest.raises(ValueError, match=r"qkv has shape \(2, 16, 40\); expected \(B, T, 3C\) with C divisible by n_head=3"):
+        F.SelfAttention.apply(f(2, 16, 40), n_head=3, causal=True, scale=0.3)
+    with pytest.raises(ValueError, match="n_head must be a positive integer"):
+        F.SelfAttention.apply(f(2, 16, 48), n_head=0)

@@ -545,8 +545,32 @@ def dropout(x, p=0.5, training=True, rng=None):
 
 # ---- attention -----------------------------------------------------------------------------------
 
+def _check_attention_shapes(q, k, v, mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if getattr(t, "ndim", 0) < 2:
+            raise ValueError(f"scaled_dot_product_attention: {name} has shape {tuple(getattr(t, 'shape', ()))}; "
+                             "expected (B, NH, T, HS)")
+    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    if qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1] or qs[-1] != ks[-1]:
+        raise ValueError(f"scaled_dot_product_attention: q has shape {qs}, k has shape {ks}, v has shape {vs}; "
+                         "expected (B, NH, TQ, HS), (B, NH, TK, HS), (B, NH, TK, HS)")
+    if mask is not None:
+        if getattr(mask, "dtype", None) != np.bool_:
+            raise TypeError(f"scaled_dot_product_attention: mask must be boolean (True = may attend), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        try:
+            np.broadcast_shapes(tuple(mask.shape), qs[:-1] + (ks[-2],))
+        except ValueError:
+            raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"{qs[:-1] + (ks[-2],)} (B, NH, TQ, TK)") from None
+
+
 class ScaledDotProductAttention(Function):
     """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS), mask (B,NH,TQ,TK) bool or None -> (B,NH,TQ,HS)."""
+
+    @staticmethod
+    def check_inputs(q, k, v, mask=None, **attrs):
+        _check_attention_shapes(q, k, v, mask)
 
     @staticmethod
     def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -605,22 +629,10 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dr
                          "(e.g. np.random.default_rng(seed))")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require_float("scaled_dot_product_attention", name, t)
-        if t.ndim < 2:
-            raise ValueError(f"scaled_dot_product_attention: {name} has shape {tuple(t.shape)}; expected (B, NH, T, HS)")
-    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
-    if qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1] or qs[-1] != ks[-1]:
-        raise ValueError(f"scaled_dot_product_attention: q has shape {qs}, k has shape {ks}, v has shape {vs}; "
-                         "expected (B, NH, TQ, HS), (B, NH, TK, HS), (B, NH, TK, HS)")
     if mask is not None:
         mask = _data(mask, like=q)
-        if mask.dtype != np.bool_:
-            raise TypeError(f"scaled_dot_product_attention: mask must be boolean (True = may attend), got dtype {mask.dtype}")
-        try:
-            np.broadcast_shapes(tuple(mask.shape), qs[:-1] + (ks[-2],))
-        except ValueError:
-            raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
-                             f"{qs[:-1] + (ks[-2],)} (B, NH, TQ, TK)") from None
-    scale = 1 / math.sqrt(qs[-1]) if scale is None else float(scale)
+    # shapes and mask: ScaledDotProductAttention.check_inputs, which apply runs
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale,
                                            dropout_p=float(dropout_p), rng=rng)
 
@@ -635,6 +647,14 @@ class SelfAttention(Function):
     Backward writes dq, dk, dv straight into one (B, T, 3C) gradient: through split, each of the three
     pieces' GetItem backward would zero a (B, T, 3C) buffer and the autograd would add the three.
     """
+
+    @staticmethod
+    def check_inputs(qkv, n_head, **attrs):
+        if not isinstance(n_head, (int, np.integer)) or n_head <= 0:
+            raise ValueError(f"self_attention: n_head must be a positive integer, got {n_head!r}")
+        if getattr(qkv, "ndim", 0) != 3 or qkv.shape[-1] % (3 * n_head):
+            raise ValueError(f"self_attention: qkv has shape {tuple(getattr(qkv, 'shape', ()))}; expected (B, T, 3C) "
+                             f"with C divisible by n_head={n_head}")
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -672,11 +692,7 @@ def self_attention(qkv, n_head, causal=True, scale=None, dropout_p=0.0, rng=None
     defaults to 1/sqrt(HS); with dropout_p > 0 the mask is drawn as scaled_dot_product_attention's.
     """
     _require_float("self_attention", "qkv", qkv)
-    if not isinstance(n_head, (int, np.integer)) or n_head <= 0:
-        raise ValueError(f"self_attention: n_head must be a positive integer, got {n_head!r}")
-    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
-        raise ValueError(f"self_attention: qkv has shape {tuple(qkv.shape)}; expected (B, T, 3C) with C divisible "
-                         f"by n_head={n_head}")
+    SelfAttention.check_inputs(qkv, n_head)
     if qkv.shape[1] == 0:
         raise ValueError("self_attention: qkv has no positions (T = 0)")
     if not 0 <= dropout_p <= 1:
