@@ -327,6 +327,10 @@ def test_backward_gradient_of_wrong_shape_names_op_input_and_both_shapes():
     x, y = Tensor(np.ones(3), requires_grad=True), Tensor(np.ones(3), requires_grad=True)
     with pytest.raises(RuntimeError, match=r"Scale backward gave a gradient of shape \(1,\) for input 1, which has shape \(3,\)"):
         op.apply(x, y).sum().backward()
+    as_list = _op_with_backward(lambda dout: [dout, dout])                 # a list is taken as the tuple
+    as_list.apply(x, y).sum().backward()
+    np.testing.assert_array_equal(x.grad, np.ones(3))
+    x.grad = y.grad = None
     not_array = _op_with_backward(lambda dout: (dout, 1.0))
     with pytest.raises(RuntimeError, match=r"Scale backward returned a float as the gradient of input 1 \(shape \(3,\)\)"):
         not_array.apply(x, y).sum().backward()

@@ -224,7 +224,9 @@ class Tensor:
                 continue
             ctx = node._ctx
             input_grads = ctx.backward_fn(ctx, dout)
-            if not isinstance(input_grads, tuple):
+            if isinstance(input_grads, list):
+                input_grads = tuple(input_grads)
+            elif not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             if len(input_grads) != len(ctx.parents):
                 raise RuntimeError(f"{ctx.op_name} backward returned {len(input_grads)} gradient(s) for its "
