@@ -1,10 +1,11 @@
 """Train the 6x384 character GPT on tiny Shakespeare on one GPU: ours (CuPy) beside PyTorch eager, one process.
 
-    python benchmarks/gpu_train.py --data .gpu_data/tinyshakespeare.txt --steps 200          # step times only
-    python benchmarks/gpu_train.py --data .gpu_data/tinyshakespeare.txt --train ours         # the 5000-iteration run
-    python benchmarks/gpu_train.py --data .gpu_data/tinyshakespeare.txt --train torch --tf32
+    python benchmarks/gpu_train.py --steps 200                # step times only
+    python benchmarks/gpu_train.py --train ours               # the 5000-iteration run
+    python benchmarks/gpu_train.py --train torch --tf32
 
-The recipe (DESIGN.md section 6): 6 layers, 6 heads, 384 wide, T=256, B=64, dropout 0.2, vocabulary 65
+The text is the tiny Shakespeare shipped in examples/data/ unless --data names another. The recipe (nanoGPT's
+shakespeare_char configuration): 6 layers, 6 heads, 384 wide, T=256, B=64, dropout 0.2, vocabulary 65
 (characters), AdamW betas (0.9, 0.99), weight decay 0.1 on matrices, gradient clipping at 1.0, lr 1e-3
 with 100 warm-up steps and a cosine down to 1e-4 at 5000 iterations. The PyTorch model is written below
 with the same architecture and loaded with our initial weights; it uses F.scaled_dot_product_attention
@@ -19,7 +20,6 @@ TF32 matmuls are off unless --tf32 (then on for both).
 median ms/step, tokens/s and peak GPU memory. --train ours|torch: the full run, evaluating every
 --eval_interval on --eval_iters batches of each split; best val loss, median step time, wall time.
 """
-import argparse
 import json
 import math
 import statistics
@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cli_args import DEFAULT_TEXT, Parser, positive_int, require_file  # noqa: E402
 from tinygrad_llm import backend  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW, clip_grad_norm, cosine_lr, param_groups  # noqa: E402
@@ -387,22 +388,31 @@ def train_run(kind, data, vocab, max_iters, eval_interval, eval_iters, log):
             "history": history}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT / ".gpu_data" / "tinyshakespeare.txt")
-    parser.add_argument("--steps", type=int, default=0, help="time this many steps of each framework")
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--data", type=Path, default=DEFAULT_TEXT, help="the text (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="time this many steps of each framework (default: no timing)")
     parser.add_argument("--train", choices=("ours", "torch"), help="run the whole training of one framework")
-    parser.add_argument("--iters", type=int, default=5000)
-    parser.add_argument("--eval_interval", type=int, default=250)
-    parser.add_argument("--eval_iters", type=int, default=50)
-    parser.add_argument("--profile", type=int, default=0, help="print the GPU kernels of this many steps of each")
+    parser.add_argument("--iters", type=positive_int, default=5000, help="with --train (default %(default)s)")
+    parser.add_argument("--eval_interval", type=positive_int, default=250, help="with --train (default %(default)s)")
+    parser.add_argument("--eval_iters", type=positive_int, default=50, help="with --train (default %(default)s)")
+    parser.add_argument("--profile", type=positive_int, default=None,
+                        help="print the GPU kernels of this many steps of each (default: no profile)")
     parser.add_argument("--by_op", action="store_true", help="with --profile: our kernels charged to each op")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls in both frameworks")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    if not args.data.is_file():
-        sys.exit(f"error: --data {args.data}: no such file (copy tinyshakespeare.txt there)")
-    import cupy as cp
+    args = parser.parse_args(argv)
+    require_file(parser, "--data", args.data)
+    return args
+
+
+def main():
+    args = parse_args()
+    try:
+        import cupy as cp
+    except ImportError:
+        sys.exit("error: this benchmark needs CuPy and a CUDA GPU: pip install -e '.[cuda]'")
     import torch
     backend.set_tf32(args.tf32)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32

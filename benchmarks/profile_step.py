@@ -1,4 +1,4 @@
-"""Where one training step's time goes, per op, for our GPT and for the PyTorch mirror (issue 5).
+"""Where one training step's time goes, per op, for our GPT and for the PyTorch mirror.
 
     python benchmarks/profile_step.py --config small --steps 30
     python benchmarks/profile_step.py --config large --steps 2 --warmup 1
@@ -17,7 +17,6 @@ PyTorch is profiled with torch.profiler over the same steps (its self CPU time p
 with the same categories by name); the profiler's own overhead is included, so compare shares more
 than absolute times. The steps of the two run one after the other (OpenBLAS and torch threads spin).
 """
-import argparse
 import collections
 import os
 import statistics
@@ -36,6 +35,7 @@ from tinygrad_llm import backend  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW, param_groups  # noqa: E402
 
+from cli_args import Parser, non_negative_int, positive_int  # noqa: E402
 from train_step import BETAS, CONFIGS, LR, VOCAB, WEIGHT_DECAY, torch_training_step  # noqa: E402
 
 # op name (ours: the reference's name; torch: substrings of aten op names) -> category
@@ -233,13 +233,17 @@ def profile_torch(spec, batches, warmup, steps, model_seed=0):
     print_categories(by_cat, total)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 small, 2 large)")
-    parser.add_argument("--warmup", type=int, default=3)
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="(default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps (default 30 small, 2 large)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default %(default)s)")
     parser.add_argument("--no-torch", action="store_true", help="profile ours only")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     spec = dict(CONFIGS[args.config])
     steps = args.steps or (30 if args.config == "small" else 2)
     B, T = spec["batch_size"], spec["block_size"]

@@ -4,7 +4,7 @@
     python benchmarks/shakespeare_vs_torch.py --order torch-first --json out.json
     python benchmarks/shakespeare_vs_torch.py --max_iters 20 --eval_interval 10 --eval_iters 2 --dtype float64
 
-The recipe is TrainConfig's defaults (DESIGN.md section 6): 4 layers, 4 heads, 128 wide, block 64, batch 12,
+The recipe is TrainConfig's defaults (the tiny-Shakespeare character recipe): 4 layers, 4 heads, 128 wide, block 64, batch 12,
 lr 1e-3 cosine to 1e-4 after 100 warmup iterations, AdamW betas (0.9, 0.99), weight decay 0.1 on 2-D weights
 only, clip 1.0, no dropout, evaluation every 250 iterations on 20 batches of each split, char-level.
 
@@ -27,7 +27,6 @@ evaluations and checkpoint writes included, data preparation and model construct
 Threads: --threads sets torch.set_num_threads (default: all cores). NumPy's OpenBLAS thread count is
 fixed when NumPy is imported, by OPENBLAS_NUM_THREADS (unset: all cores); it cannot be changed here.
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -48,6 +47,7 @@ import tinygrad_llm  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli_args import DEFAULT_TEXT, Parser, non_negative_int, positive_int, require_file  # noqa: E402
 from test_model import torch_mirror  # noqa: E402  (the PyTorch mirror of our GPT)
 
 import tinygrad_llm.train as train_module  # noqa: E402
@@ -57,7 +57,6 @@ from tinygrad_llm.model import GPT  # noqa: E402
 from tinygrad_llm.optim import cosine_lr  # noqa: E402
 from tinygrad_llm.train import TrainConfig, train  # noqa: E402
 
-DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
 
 # ---- (a) ours, through train() ------------------------------------------------------------------
@@ -197,23 +196,27 @@ def figures(result, tokens_per_iter):
             "evals": result["evals"], "train_losses": result["train_losses"]}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="tiny Shakespeare text (default %(default)s)")
-    parser.add_argument("--max_iters", type=int, default=TrainConfig.max_iters)
-    parser.add_argument("--eval_interval", type=int, default=TrainConfig.eval_interval)
-    parser.add_argument("--eval_iters", type=int, default=TrainConfig.eval_iters)
-    parser.add_argument("--log_interval", type=int, default=TrainConfig.log_interval)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--data", type=Path, default=DEFAULT_TEXT, help="tiny Shakespeare text (default %(default)s)")
+    parser.add_argument("--max_iters", type=positive_int, default=TrainConfig.max_iters, help="(default %(default)s)")
+    parser.add_argument("--eval_interval", type=positive_int, default=TrainConfig.eval_interval, help="(default %(default)s)")
+    parser.add_argument("--eval_iters", type=positive_int, default=TrainConfig.eval_iters, help="(default %(default)s)")
+    parser.add_argument("--log_interval", type=positive_int, default=TrainConfig.log_interval, help="(default %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=TrainConfig.seed, help="(default %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="float64 checks that the two loops follow the same recipe (losses agree to ~1e-8)")
-    parser.add_argument("--order", choices=("ours-first", "torch-first"), default="ours-first")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--order", choices=("ours-first", "torch-first"), default="ours-first", help="(default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    require_file(parser, "--data", args.data)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     text_path = args.data.resolve()
-    if not text_path.is_file():
-        parser.error(f"--data {args.data}: no such file")
     torch.set_num_threads(args.threads)
     openblas = os.environ.get("OPENBLAS_NUM_THREADS")
     thread_note = (f"torch threads {torch.get_num_threads()}; NumPy's OpenBLAS threads are fixed at import by "

@@ -1,6 +1,7 @@
 """BPE training and encoding speed on tiny Shakespeare, beside tiktoken built from the same ranks.
 
-    python benchmarks/tokenizer.py [path/to/tinyshakespeare.txt] [--repeats 7]
+    python benchmarks/tokenizer.py [path/to/text] [--repeats 7]      # default: examples/data/tinyshakespeare.txt
+    python benchmarks/tokenizer.py --runs-only                        # runs of one character only
 
 The machine is shared and noisy: every figure is the median of --repeats runs, and tiktoken runs
 in the same process on the same text (for encoding, in turn with ours in each round), so the ratio
@@ -11,19 +12,21 @@ scratch, by the Numba kernel or, for comparison, the pure-Python loop) and warm 
 again: every piece is in its cache). The Numba kernel's first call (compiling it, or loading it from
 the on-disk cache) is timed once on its own, before any encode is timed.
 """
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import tiktoken
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinygrad_llm import tokenizer as tokenizer_module
+import tiktoken  # noqa: E402
+
+from cli_args import DEFAULT_TEXT, Parser, positive_int, require_file  # noqa: E402
+
+from tinygrad_llm import tokenizer as tokenizer_module  # noqa: E402
 from tinygrad_llm.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, _compiled_kernel,
-                                    _count_pieces, _merge_batch_numba, _pair_table, train_ranks_reference)
+                                    _count_pieces, _merge_batch_numba, _pair_table, train_ranks_reference)  # noqa: E402
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def median_seconds(fn, repeats):
@@ -63,30 +66,67 @@ def interleaved_medians(fns, repeats):
 
 def cold_encode(ranks, pattern, sample, python_loop=False):
     """A first encode on a new tokenizer (empty piece cache), by the Numba kernel or the Python loop."""
-    saved = tokenizer_module._NUMBA_MIN_PIECES
-    tokenizer_module._NUMBA_MIN_PIECES = sys.maxsize if python_loop else saved
+    saved = tokenizer_module._NUMBA_MIN_PIECES, tokenizer_module._NUMBA_MIN_BYTES
+    if python_loop:
+        tokenizer_module._NUMBA_MIN_PIECES = tokenizer_module._NUMBA_MIN_BYTES = sys.maxsize
     try:
         return BPETokenizer.from_tiktoken(ranks, pattern).encode(sample)
     finally:
-        tokenizer_module._NUMBA_MIN_PIECES = saved
+        tokenizer_module._NUMBA_MIN_PIECES, tokenizer_module._NUMBA_MIN_BYTES = saved
+
+
+RUN_CHARS = ("e", " ", "!", "\u00e9")
+
+
+def time_runs(text, pattern, repeats, size=1_000_000):
+    """A run of one character is one piece of `size` characters: cold encode of each RUN_CHARS run, ours
+    (Numba kernel, n log n heap merge) in turn with tiktoken, ids checked equal first. The vocabulary
+    (600) is trained on the text plus runs of 2..32 of each character, so that runs merge into tokens."""
+    runs = "".join(f"{char * k} " * 3 for char in RUN_CHARS for k in range(2, 33))
+    tok = BPETokenizer.train(text + runs, 600, pattern=pattern)
+    ref = tiktoken.Encoding("bench_runs", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks, special_tokens={})
+    longest = {char: max((len(t) for t in tok.mergeable_ranks if t.strip(char.encode("utf-8")) == b""), default=0)
+               for char in RUN_CHARS}
+    print(f"  runs of one character (vocab 600 with runs; longest run token in bytes: {longest})")
+    for char in RUN_CHARS:
+        sample = char * size
+        ours = cold_encode(tok.mergeable_ranks, tok.pattern, sample)
+        assert ours == ref.encode(sample), f"ids of a run of {char!r} differ from tiktoken"
+        seconds = interleaved_medians({"tiktoken": lambda: ref.encode(sample),
+                                       "ours": lambda: cold_encode(tok.mergeable_ranks, tok.pattern, sample)}, repeats)
+        mb = len(sample.encode("utf-8")) / 1e6
+        print(f"  encode {size:,} x {char!r} ({mb:.1f} MB, {len(ours):,} ids): ours {seconds['ours']:.3f} s, "
+              f"tiktoken {seconds['tiktoken']:.3f} s ({seconds['tiktoken'] / seconds['ours']:.2f}x tiktoken); "
+              "ids identical")
+
+
+def parse_args(argv=None):
+    parser = Parser(__doc__.splitlines()[0])
+    parser.add_argument("text", nargs="?", default=str(DEFAULT_TEXT), help="the text (default %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="runs per figure, median (default %(default)s)")
+    parser.add_argument("--runs-only", action="store_true",
+                        help="only the runs of one character (1 MB each), not training and text encoding")
+    args = parser.parse_args(argv)
+    require_file(parser, "text", args.text)
+    return args
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("text", nargs="?", default=str(DEFAULT_TEXT))
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = parse_args()
     text = Path(args.text).read_text(encoding="utf-8")
     mb = len(text.encode("utf-8")) / 1e6
     print(f"text: {args.text} ({mb:.2f} MB), median of {args.repeats} runs\n")
     time_jit_first_call()
 
     for name, pattern in (("GPT-4", GPT4_SPLIT_PATTERN), ("GPT-2", GPT2_SPLIT_PATTERN)):
-        train_s = median_seconds(lambda: BPETokenizer.train(text, 512, pattern=pattern), args.repeats)
         tok = BPETokenizer.train(text, 512, pattern=pattern, special_tokens=["<|endoftext|>"])
         ref = tiktoken.Encoding(f"bench_{name}", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
                                 special_tokens=tok.special_tokens)
         print(f"{name} pattern, vocab 512")
+        time_runs(text, pattern, min(args.repeats, 3))
+        if args.runs_only:
+            continue
+        train_s = median_seconds(lambda: BPETokenizer.train(text, 512, pattern=pattern), args.repeats)
         print(f"  train                          {train_s:7.3f} s   (target <= 1 s)")
 
         # the readable loop that recounts every pair at each merge, on a tenth of the text

@@ -10,7 +10,6 @@ warm-up steps: alternating every step would be unfair, as each library's idle th
 after its call and steal the cores from the other's next call. Blocks still spread machine noise over
 both. The medians of the timed steps are compared. Prints one markdown row for benchmarks/RESULTS.md.
 """
-import argparse
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import tinygrad_llm  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli_args import Parser, non_negative_int, positive_int  # noqa: E402
 from test_model import torch_mirror  # noqa: E402  (the PyTorch mirror of our GPT)
 
 from tinygrad_llm import backend  # noqa: E402
@@ -57,13 +57,18 @@ def torch_training_step(mirror):
     return step
 
 
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="(default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps each (default 20 small, 5 large)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
+                        help="untimed steps at the start of each block (default %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="blocks of steps for each library (default %(default)s)")
+    return parser.parse_args(argv)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps each (default 20 small, 5 large)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
-    parser.add_argument("--rounds", type=int, default=2, help="blocks of steps for each library")
-    args = parser.parse_args()
+    args = parse_args()
     spec = dict(CONFIGS[args.config])
     B = spec.pop("batch_size")
     steps = args.steps or (20 if args.config == "small" else 5)

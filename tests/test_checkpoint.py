@@ -221,7 +221,7 @@ def test_load_model_builds_the_saved_model_reading_the_file_once(tmp_path, monke
     save_checkpoint(tmp_path / "ckpt.safetensors", model, meta={"step": 3})
     reads = []
     real = checkpoint.load_safetensors
-    monkeypatch.setattr(checkpoint, "load_safetensors", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(checkpoint, "load_safetensors", lambda path, **kw: reads.append(path) or real(path, **kw))
     loaded, meta = checkpoint.load_model(tmp_path / "ckpt.safetensors")
     assert len(reads) == 1
     assert meta == {"step": 3, "config": model.config.to_dict()}
@@ -266,7 +266,7 @@ def test_missing_and_misshaped_weights_are_named(tmp_path):
         load_checkpoint(tmp_path / "broken.safetensors", other)
     message = str(error.value)
     assert "broken.safetensors" in message and "missing keys" in message and "transformer.h.1.mlp.c_fc.bias" in message
-    assert "transformer.ln_f.weight: checkpoint (3,), model (8,)" in message
+    assert "transformer.ln_f.weight: checkpoint (3,), config (8,)" in message
     assert_same_arrays(other.state_dict(), before)
 
 
@@ -315,3 +315,227 @@ def test_corrupt_metadata_is_named(tmp_path):
     save_safetensors(tmp_path / "bad.safetensors", arrays, {**metadata, "config": "{oops"})
     with pytest.raises(ValueError, match="metadata 'config' is not JSON"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+# ---- temporary files left by a process killed during a save ---------------------------------------
+
+def _dead_pid():
+    """The pid of a process that has exited (and been reaped), as a killed writer's would be."""
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _leftovers(folder, name, pid):
+    """Temporary files as atomic_write names them, and look-alikes that are not ours to remove."""
+    stale = [f".{name}.{pid}.abc_1234.tmp", f".{name}.k3jd9x0q.tmp"]   # the second: the earlier naming
+    alive = [f".{name}.{os.getppid()}.zzzzzzzz.tmp"]                     # a live writer's (the test's parent)
+    others = [f".{name}.notes.tmp", f"{name}.{pid}.abc_1234.tmp", f".{name}.{pid}.abc_1234.tmp.bak",
+              f".other.safetensors.{pid}.abc_1234.tmp", f".{name}.{pid}.ABC_1234.tmp", f".{name}.{pid}.abc1234.tmp",
+              "notes.txt"]
+    for entry in stale + alive + others:
+        (folder / entry).write_bytes(b"x" * 100)
+    return stale, alive + others
+
+
+def test_stale_temporaries_are_removed_at_the_next_save(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    stale, kept = _leftovers(tmp_path, path.name, _dead_pid())
+    model, optimizer = trained_pair()
+    save_checkpoint(path, model, optimizer, meta={"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [path.name])
+
+
+def test_stale_temporaries_are_removed_at_the_next_load(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, tiny_model())
+    stale, kept = _leftovers(tmp_path, path.name, _dead_pid())
+    load_checkpoint(path, tiny_model())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [path.name])
+
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    """A real kill: a child process is killed (SIGKILL) inside its write, after the temporary file exists."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    code = ("import os, signal, sys\nfrom tinygrad_llm.fileio import atomic_write\n"
+            "def write(f):\n    f.write(b'partial')\n    f.flush()\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "atomic_write(sys.argv[1], write)\n")
+    target = tmp_path / "loss.png"
+    result = subprocess.run([sys.executable, "-c", code, str(target)], cwd=root, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".loss.png.") and left[0].endswith(".tmp")
+    fileio.atomic_write(target, b"png")
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+
+
+def test_a_write_in_flight_in_this_process_is_not_removed(tmp_path):
+    """A temporary file of this process (same pid) that a write still has open is left alone."""
+    path = tmp_path / "a.bin"
+    seen = []
+
+    def write(f):
+        f.write(b"first")
+        seen.extend(p.name for p in tmp_path.iterdir())
+        fileio.atomic_write(path.with_name("b.bin"), b"other target")   # a nested write of another file
+        assert fileio.remove_stale_temporaries(path) == []                 # ours, in flight: kept
+        f.write(b" done")
+
+    fileio.atomic_write(path, write)
+    assert len(seen) == 1 and path.read_bytes() == b"first done"
+
+
+# ---- corrupt metadata: always a ValueError naming the field, and checked before anything is built ------
+
+def _rewrite(tmp_path, name="bad.safetensors", arrays_edit=None, **fields):
+    """A copy of a good checkpoint (tiny model + AdamW) with metadata fields replaced by raw strings."""
+    model, optimizer = trained_pair()
+    good = tmp_path / "good.safetensors"
+    rng = np.random.default_rng(3)
+    save_checkpoint(good, model, optimizer, meta={"step": 2, "best_val_loss": 2.5, "rng_state": rng.bit_generator.state})
+    arrays, metadata = load_safetensors(good)
+    if arrays_edit:
+        arrays_edit(arrays)
+    path = tmp_path / name
+    save_safetensors(path, arrays, {**metadata, **fields})
+    return path
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _config_json(**changes):
+    return json.dumps({**tiny_model().config.to_dict(), **changes})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("version", "one", "'version' must be a whole number"),
+    ("version", "1.5", "'version' must be a whole number"),
+    ("config", "[]", "'config' must be a JSON object"),
+    ("config", DEEP, "'config' is JSON nested too deeply"),
+    ("config", '"gpt"', "'config' must be a JSON object"),
+    ("config", _config_json(n_embd="8"), "config field 'n_embd' must be int"),
+    ("config", _config_json(n_embd=True), "config field 'n_embd' must be int"),
+    ("config", _config_json(n_embd=8.0), "config field 'n_embd' must be int"),
+    ("config", _config_json(dropout="high"), "config field 'dropout' must be number"),
+    ("config", _config_json(bias=1), "config field 'bias' must be bool"),
+    ("config", _config_json(norm=["layernorm"]), "config field 'norm' must be str"),
+    ("config", _config_json(dropout=2.0), "config is invalid: GPTConfig.dropout"),
+    ("config", _config_json(n_head=3), "config is invalid: GPTConfig: n_embd=8 is not divisible by n_head=3"),
+    ("config", _config_json(colour="red"), r"unknown field\(s\) \['colour'\]"),
+    ("config", json.dumps({"vocab_size": 11}), r"config lacks field\(s\) \['block_size'"),
+    ("step", "-1", "'step' must be a non-negative integer"),
+    ("step", '"3"', "'step' must be a non-negative integer"),
+    ("step", "2.5", "'step' must be a non-negative integer"),
+    ("step", "true", "'step' must be a non-negative integer"),
+    ("step", DEEP, "'step' is JSON nested too deeply"),
+    ("best_val_loss", '"low"', "'best_val_loss' must be a number"),
+    ("rng_state", "{}", "'rng_state' is not a NumPy bit generator state"),
+    ("rng_state", '"PCG64"', "'rng_state' is not a NumPy bit generator state"),
+    ("rng_state", '{"bit_generator": "Generator"}', "'rng_state' is not a NumPy bit generator state"),
+    ("rng_state", '{"bit_generator": "__class__"}', "'rng_state' is not a NumPy bit generator state"),
+    ("rng_state", '{"bit_generator": "PCG64", "state": {"state": "x", "inc": 1}, "has_uint32": 0, "uinteger": 0}',
+     "'rng_state' is not a valid PCG64 state"),
+    ("rng_state", '{"bit_generator": "PCG64", "state": {"state": 1}, "has_uint32": 0, "uinteger": 0}',
+     "'rng_state' is not a valid PCG64 state"),
+    ("optimizer", "{oops", "metadata 'optimizer' is not JSON"),
+    ("optimizer", DEEP, "'optimizer' is JSON nested too deeply"),
+    ("optimizer", '{"__array__": 5}', "optimizer state at optimizer is malformed"),
+    ("optimizer", '{"__items__": [[[1], 2]]}', "optimizer state at optimizer is malformed"),
+    ("optimizer", '{"__dict__": {"state": {"__weird__": 1}}}', r"optimizer state at optimizer.state is malformed"),
+    ("optimizer", "[" * 40 + "]" * 40, "nested deeper than 32"),
+])
+def test_corrupt_metadata_field_is_a_value_error_naming_it(tmp_path, field, value, message):
+    path = _rewrite(tmp_path, **{field: value})
+    model, optimizer = trained_pair(seed=1)
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(path, model, optimizer)
+    assert_same_arrays(model.state_dict(), before)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load_model(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["param_groups"][0].__setitem__("lr", "fast"), "group 0 field 'lr' is fast"),
+    (lambda s: s["param_groups"][0].__setitem__("betas", [0.9]), "group 0 field 'betas'"),
+    (lambda s: s["param_groups"][0].pop("eps"), "group 0 has keys"),
+    (lambda s: s["param_groups"].pop(), "1 parameter group"),
+    (lambda s: s["state"][0].__setitem__("step", -4), "state 0 'step' must be a non-negative integer"),
+    (lambda s: s["state"][0].__setitem__("step", "many"), "state 0 'step' must be a non-negative integer"),
+    (lambda s: s["state"].__setitem__("x", {}), "state entry 'x' is malformed"),
+    (lambda s: s.pop("param_groups"), "not a dict of 'state' and 'param_groups'"),
+])
+def test_corrupt_optimizer_state_is_a_value_error(tmp_path, edit, message):
+    model, optimizer = trained_pair()
+    state = optimizer.state_dict()
+    edit(state)
+    arrays = checkpoint._model_arrays(model)
+    metadata = {"format": checkpoint.FORMAT, "version": "1", "config": json.dumps(model.config.to_dict()),
+                "optimizer": json.dumps(checkpoint._flatten(state, "optimizer", arrays))}
+    save_safetensors(tmp_path / "bad.safetensors", arrays, metadata)
+    other_model, other_optimizer = trained_pair(seed=1)
+    before = other_optimizer.state_dict()
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "bad.safetensors", other_model, other_optimizer)
+    assert before["param_groups"] == other_optimizer.state_dict()["param_groups"]
+
+
+def test_corrupt_header_shape_types_are_value_errors(tmp_path):
+    for entry in ('{"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}',
+                  '{"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}',
+                  '{"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}'):
+        header = ('{"w": ' + entry + "}").encode()
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+        with pytest.raises(ValueError, match="needs dtype, shape and data_offsets"):
+            load_safetensors(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(n_embd=100_000, n_head=2, n_layer=10_000), "needs 120004 weights; the file holds 28$"),
+    (dict(n_embd=4096, n_head=32, n_layer=2), r"transformer.wte.weight: checkpoint \(11, 8\), config \(11, 4096\)"),
+    (dict(block_size=10**9), r"transformer.wpe.weight: checkpoint \(8, 8\), config \(1000000000, 8\)"),
+    (dict(n_layer=3), r"missing keys \['transformer.h.2.ln_1.weight'"),
+    (dict(vocab_size=10**9), r"transformer.wte.weight: checkpoint \(11, 8\), config \(1000000000, 8\)"),
+    (dict(mlp="swiglu", mlp_hidden=None), r"missing keys \['transformer.h.0.mlp.c_fc2.weight'"),
+])
+def test_config_claiming_a_huge_model_fails_fast_without_allocating(tmp_path, changes, message):
+    """A small file whose config claims a huge model is refused from the header: no model is built."""
+    import time
+    import tracemalloc
+    config = {**tiny_model().config.to_dict(), **changes}
+    if config["mlp_hidden"] is None or "n_embd" in changes:
+        config["mlp_hidden"] = None
+    path = _rewrite(tmp_path, config=json.dumps(config))
+    assert path.stat().st_size < 40_000
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ValueError, match=message):
+            checkpoint.load_model(path)
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 5 and peak < 20_000_000
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(bias=False), dict(norm="rmsnorm", mlp="swiglu", position="rope"),
+                                      dict(tie_embeddings=False, mlp_hidden=20), dict(norm="rmsnorm", bias=False)])
+def test_expected_shapes_are_those_of_the_model_saved(tmp_path, switches):
+    """The header check's shapes, worked out from the config alone, are the saved model's (every switch)."""
+    model = tiny_model(**switches)
+    save_checkpoint(tmp_path / "m.safetensors", model)
+    stored = {name: tuple(a.shape) for name, a in load_safetensors(tmp_path / "m.safetensors")[0].items()}
+    assert checkpoint._expected_shapes(model.config) == stored
+    loaded, _ = checkpoint.load_model(tmp_path / "m.safetensors")
+    assert_same_arrays(loaded.state_dict(), model.state_dict())

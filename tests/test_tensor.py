@@ -271,3 +271,66 @@ def test_to_on_a_tensor_inside_a_graph_raises_instead_of_cutting_it():
     assert y.to("cpu") is y  # already there: nothing to move
     with pytest.raises(RuntimeError, match="would cut its gradient"):
         y.to("cuda")
+
+
+# ---- writing your own op: Function is exported, and what its backward returns is checked ------
+
+def test_function_is_exported_and_a_user_op_matches_torch():
+    from tinygrad_llm import Function
+
+    class Cube(Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.x = x
+            return x ** 3
+
+        @staticmethod
+        def backward(ctx, dout):
+            return 3 * ctx.x ** 2 * dout   # d(x^3) = 3 x^2 dx
+
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    t = Tensor(x, requires_grad=True)
+    Cube.apply(t).sum().backward()
+    tx = torch.tensor(x, requires_grad=True)
+    (tx ** 3).sum().backward()
+    np.testing.assert_allclose(t.grad, tx.grad.numpy(), rtol=1e-12)
+
+
+def _op_with_backward(grads):
+    from tinygrad_llm import Function
+
+    class Scale(Function):
+        @staticmethod
+        def forward(ctx, x, y):
+            return x * y
+
+        @staticmethod
+        def backward(ctx, dout):
+            return grads(dout)
+
+    return Scale
+
+
+def test_backward_returning_too_few_gradients_names_the_op():
+    op = _op_with_backward(lambda dout: dout)          # one gradient for two inputs
+    x, y = Tensor(np.ones(3), requires_grad=True), Tensor(np.ones(3), requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"Scale backward returned 1 gradient\(s\) for its 2 input\(s\)"):
+        op.apply(x, y).sum().backward()
+    assert x.grad is None and y.grad is None            # nothing half-written
+    too_many = _op_with_backward(lambda dout: (dout, dout, dout))
+    with pytest.raises(RuntimeError, match=r"returned 3 gradient\(s\) for its 2 input\(s\)"):
+        too_many.apply(x, y).sum().backward()
+
+
+def test_backward_gradient_of_wrong_shape_names_op_input_and_both_shapes():
+    op = _op_with_backward(lambda dout: (dout, dout.sum(keepdims=True)))
+    x, y = Tensor(np.ones(3), requires_grad=True), Tensor(np.ones(3), requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"Scale backward gave a gradient of shape \(1,\) for input 1, which has shape \(3,\)"):
+        op.apply(x, y).sum().backward()
+    as_list = _op_with_backward(lambda dout: [dout, dout])                 # a list is taken as the tuple
+    as_list.apply(x, y).sum().backward()
+    np.testing.assert_array_equal(x.grad, np.ones(3))
+    x.grad = y.grad = None
+    not_array = _op_with_backward(lambda dout: (dout, 1.0))
+    with pytest.raises(RuntimeError, match=r"Scale backward returned a float as the gradient of input 1 \(shape \(3,\)\)"):
+        not_array.apply(x, y).sum().backward()

@@ -1,8 +1,11 @@
 """Tokenizer tests: each behaviour pinned by an invariant, an external oracle (tiktoken) or a
 worked example small enough to check by hand."""
 import json
+import os
 import re
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,11 +14,11 @@ from hypothesis import given, settings, strategies as st
 from tinygrad_llm import tokenizer as tokenizer_module
 from tinygrad_llm.tokenizer import (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer, CharTokenizer,
                                     _ascii_twin, _count_pieces, _encode_bytes, _gpt2_byte_alphabet,
-                                    _merge_batch_numba, _merge_by_rank, _pair_table, tokenizer_from_dict,
+                                    _merge_batch_numba, _merge_by_rank, _merge_by_rank_heap, _pair_table, tokenizer_from_dict,
                                     train_ranks_reference)
 import regex
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"  # shipped with the repository
 PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
 
 # texts where tokenizers usually disagree: whitespace runs, contractions, CJK, emoji, code, scripts
@@ -169,6 +172,7 @@ def merge_path(request, monkeypatch):
     if request.param == "no numba":
         monkeypatch.setattr(tokenizer_module, "_compiled_kernel", lambda: None)
     monkeypatch.setattr(tokenizer_module, "_NUMBA_MIN_PIECES", MERGE_PATHS[request.param])
+    monkeypatch.setattr(tokenizer_module, "_NUMBA_MIN_BYTES", MERGE_PATHS[request.param])
     calls = []
     monkeypatch.setattr(tokenizer_module, "_merge_batch_numba",
                         lambda *args: calls.append(1) or _merge_batch_numba(*args))
@@ -208,6 +212,71 @@ def test_numba_kernel_follows_tiktokens_rule():
     # a whole piece that is a token stays one token although merging by rank would split it
     stuck = {bytes([b]): b for b in range(256)} | {b"bc": 256, b"abcd": 257}  # a|bc|d: neither abc nor bcd is a token
     assert _merge_batch_numba([b"abcd", b"abcde"], stuck, _pair_table(stuck)) == [(257,), (97, 256, 100, 101)]
+
+
+# ----- long pieces: a run of one character is one piece, merged in n log n -----
+
+RUN_CHARS = ["e", " ", "!", "1", "\n", "\u00e9", "\u6211", "\U0001f600"]
+
+
+@pytest.fixture(scope="module")
+def run_tokenizers():
+    """Tokenizers whose vocabularies hold runs (ee, eee, eeee, ...) of each RUN_CHARS character, with
+    tiktoken built from the same ranks as the oracle."""
+    tiktoken = pytest.importorskip("tiktoken")
+    base = SHAKESPEARE.read_text(encoding="utf-8")[:20_000] if SHAKESPEARE.is_file() else "hello world " * 500
+    corpus = base + "".join(f"{c * k} x " * (40 // k + 1) for c in RUN_CHARS for k in range(1, 40))
+    out = {}
+    for name, pattern in PATTERNS.items():
+        tok = BPETokenizer.train(corpus, 700, pattern=pattern)
+        out[name] = tok, tiktoken.Encoding(f"runs_{name}", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
+                                           special_tokens={})
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_runs_of_one_character_equal_tiktoken(run_tokenizers, merge_path, name):
+    tok, ref = run_tokenizers[name]
+    for c in RUN_CHARS:
+        lengths = [1, 2, 3, 64, 65, 66, 1001] + ([50_000] if merge_path == "numba" and c in "e\u00e9" else [])
+        for n in lengths:
+            text = f"{c * n} again {c * n}"
+            cold = BPETokenizer(tok.mergeable_ranks, tok.pattern)
+            assert cold.encode_ordinary(text) == ref.encode_ordinary(text), (c, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(word=st.text(alphabet="eabé", min_size=60, max_size=400))
+def test_heap_merge_equals_scan_on_long_pieces(run_tokenizers, word):
+    """The heap merge (pieces over _HEAP_MIN_BYTES), in Python and in the kernel, joins what the scan joins."""
+    ranks = run_tokenizers["gpt4"][0].mergeable_ranks
+    data = word.encode("utf-8")
+    scan = _merge_by_rank(data, ranks)
+    assert _merge_by_rank_heap(data, ranks) == scan
+    if data not in ranks:
+        assert _merge_batch_numba([b"ab", data, b"e"], ranks, _pair_table(ranks))[1] == tuple(scan)
+
+
+@pytest.mark.slow
+def test_a_megabyte_of_one_character_encodes_in_under_a_second():
+    """It was quadratic: 16k characters took 8.6 s and a megabyte did not finish. In a child process (a
+    regression would otherwise hang the test run); CPU time of the encode alone, the kernel loaded first."""
+    code = textwrap.dedent("""
+        import time
+        from tinygrad_llm.tokenizer import BPETokenizer, GPT4_SPLIT_PATTERN
+        text = "the cheese " * 300 + "".join(f"{'e' * k} " * 10 for k in range(1, 30))
+        tok = BPETokenizer.train(text, 400, pattern=GPT4_SPLIT_PATTERN)
+        tok.encode("warm up the kernel " + "e" * 20_000)
+        start = time.process_time()
+        ids = tok.encode("e" * 1_000_000)
+        print(time.process_time() - start, len(ids))
+    """)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds, n_ids = result.stdout.split()
+    assert float(seconds) < 1.0 and int(n_ids) < 1_000_000
 
 
 def test_cold_encode_past_the_cache_limit(trained, reference, monkeypatch):
@@ -349,3 +418,86 @@ def test_gpt2_files_load_like_tiktoken(trained, tmp_path, monkeypatch):
     (tmp_path / "vocab.bpe").write_text("\n".join([lines[0], lines[2], lines[1], *lines[3:]]))
     with pytest.raises(ValueError, match="merge 0 .* does not match"):
         BPETokenizer.from_gpt2_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_tokenizer_save_and_load_remove_stale_temporaries(trained, tmp_path):
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()                                   # a writer that was killed: its pid no longer runs
+    path = tmp_path / "tok.json"
+    stale = [f".tok.json.{child.pid}.abcdefgh.tmp", f".tok.vocab.{child.pid}.abcdefgh.tmp"]
+    kept = [".tok.json.notes.tmp", "tok.json.bak"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    trained["gpt4"].save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["tok.json", "tok.vocab"])
+    (tmp_path / stale[0]).write_bytes(b"x")
+    BPETokenizer.load(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["tok.json", "tok.vocab"])
+
+
+# ----- malformed tokenizer files and dicts: a ValueError naming the field -----
+
+def _bpe_file(trained, tmp_path, **changes):
+    path = tmp_path / "tok.json"
+    trained["gpt4"].save(path)
+    payload = json.loads(path.read_text())
+    payload.update(changes)
+    path.write_text(json.dumps(payload))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(pattern="(unclosed"), "pattern is not a valid regular expression"),
+    (dict(pattern="[z-a]"), "pattern is not a valid regular expression"),
+    (dict(pattern=42), "pattern must be a regular expression string, got int"),
+    (dict(special_tokens={"<|endoftext|>": "600"}), r"special_tokens: the id of '<\|endoftext\|>' must be a non-negative integer, got '600'"),
+    (dict(special_tokens={"<|endoftext|>": 600.5}), "must be a non-negative integer, got '600.5'"),
+    (dict(special_tokens={"<|endoftext|>": True}), "must be a non-negative integer, got 'True'"),
+    (dict(special_tokens={"<|endoftext|>": -1}), "must be a non-negative integer"),
+    (dict(special_tokens={"<|endoftext|>": None}), "must be a non-negative integer, got 'None'"),
+    (dict(special_tokens={"": 700}), "a special token must be a non-empty string"),
+    (dict(special_tokens=["<|endoftext|>"]), "'special_tokens' must map strings to ids, got list"),
+    (dict(tokens="00ff"), "'tokens' must be a list of hex strings, got str"),
+    (dict(tokens=[0, 1]), "'tokens' holds '0', not a hex string"),
+    (dict(tokens=["zz"]), "'tokens' holds 'zz', not a hex string"),
+])
+def test_bpe_file_with_a_bad_field_is_a_value_error_naming_it(trained, tmp_path, changes, message):
+    path = _bpe_file(trained, tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        BPETokenizer.load(path)
+    with pytest.raises(ValueError, match=message):
+        tokenizer_from_dict(json.loads(path.read_text()))
+
+
+def test_bpe_dict_lacking_a_field_is_named(trained):
+    d = trained["gpt4"].to_dict()
+    del d["pattern"]
+    with pytest.raises(ValueError, match=r"it lacks \['pattern'\]"):
+        tokenizer_from_dict(d)
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"kind": "char"}, "'chars' must be a string of the vocabulary's characters, got NoneType"),
+    ({"kind": "char", "chars": ["a", "b"]}, "'chars' must be a string of the vocabulary's characters, got list"),
+    ({"kind": "char", "chars": 12}, "'chars' must be a string.*got int"),
+    ({"kind": "char", "chars": None}, "'chars' must be a string.*got NoneType"),
+    ({"kind": "char", "chars": "abca"}, "chars must be distinct"),
+    ({"kind": "bpe"}, r"it lacks \['tokens', 'pattern', 'special_tokens'\]"),
+    (["char", "abc"], "unknown tokenizer kind None"),
+    ({"kind": ["char"]}, "unknown tokenizer kind"),
+])
+def test_malformed_tokenizer_dicts_are_value_errors(d, message):
+    with pytest.raises(ValueError, match=message):
+        tokenizer_from_dict(d)
+
+
+def test_char_tokenizer_constructor_names_bad_characters():
+    with pytest.raises(ValueError, match="chars must be single characters, got 'ab'"):
+        CharTokenizer(["ab", "c"])
+    with pytest.raises(ValueError, match="chars must be single characters, got '7'"):
+        CharTokenizer([7])
+    with pytest.raises(ValueError, match="chars must be a string"):
+        CharTokenizer(None)
+    with pytest.raises(ValueError, match="not a CharTokenizer dict"):
+        CharTokenizer.from_dict("char")

@@ -34,7 +34,7 @@ def _keep_freed_memory_in_the_heap():
 
 _keep_freed_memory_in_the_heap()
 
-from .tensor import Tensor, cat, detect_anomaly, no_grad, where  # noqa: E402
+from .tensor import Function, Tensor, cat, detect_anomaly, no_grad, where  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "cat", "where", "no_grad", "detect_anomaly"]
+__all__ = ["Tensor", "Function", "cat", "where", "no_grad", "detect_anomaly"]

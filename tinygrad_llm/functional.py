@@ -42,6 +42,28 @@ def _require_int(op, name, x):
         raise TypeError(f"{op}: {name} must hold integers, got dtype {x.dtype}")
 
 
+def _as_index_array(op, name, x):
+    """An index argument handed to a Function's apply: it must be an integer array (not a list)."""
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        raise TypeError(f"{op}: {name} must be an integer array, got {type(x).__name__}")
+    _require_int(op, name, x)
+
+
+def _first_outside(x, high, ignore=None):
+    """The first value of the integer array x outside [0, high) (and not `ignore`), or None.
+
+    Cheap on the common path: a min and a max; the offending value is looked for only when they fail."""
+    if x.size == 0:
+        return None
+    if int(x.min()) >= 0 and int(x.max()) < high:
+        return None
+    bad = (x < 0) | (x >= high)
+    if ignore is not None:
+        bad &= x != ignore
+    values = x[bad]
+    return int(values.reshape(-1)[0]) if values.size else None
+
+
 def _sum_to_last(a):
     """(..., C) -> (C,): the sum over every leading axis (a parameter's gradient)."""
     return sum_rows(a.reshape(-1, a.shape[-1]))
@@ -94,6 +116,15 @@ class Embedding(Function):
     kernels = {"cpu": "embedding.EmbeddingNumba"}
 
     @staticmethod
+    def check_inputs(idx, w):
+        _as_index_array("embedding", "idx", idx)
+        if getattr(w, "ndim", None) != 2:
+            raise ValueError(f"embedding: w must be a (V, C) table, got shape {tuple(getattr(w, 'shape', ()))}")
+        bad = _first_outside(idx, w.shape[0])
+        if bad is not None:
+            raise IndexError(f"embedding: token id {bad} is outside the vocabulary [0, {w.shape[0]}) of w {tuple(w.shape)}")
+
+    @staticmethod
     def forward(ctx, idx, w):
         ctx.idx, ctx.w_shape, ctx.dtype = idx, w.shape, w.dtype
         return w[idx]
@@ -109,25 +140,29 @@ class Embedding(Function):
 
 
 def embedding(idx, w):
-    """(B,T) int, (V,C) -> (B,T,C). Ids outside [0, V) raise IndexError."""
+    """(B,T) int, (V,C) -> (B,T,C). Ids outside [0, V) raise IndexError (Embedding.check_inputs)."""
     idx = _data(idx, like=w)
-    _require_int("embedding", "idx", idx)
     _require_float("embedding", "w", w)
-    if w.ndim != 2:
-        raise ValueError(f"embedding: w must be a (V, C) table, got shape {tuple(w.shape)}")
-    V = w.shape[0]
-    if idx.size:
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= V:
-            raise IndexError(f"embedding: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {V}) of w {tuple(w.shape)}")
     return Embedding.apply(idx, w)
 
 
 # ---- normalisation -------------------------------------------------------------------------------
 
+def _check_norm_shapes(op, x, params):
+    if getattr(x, "ndim", 0) < 1:
+        raise ValueError(f"{op}: x must have at least one axis, got shape {tuple(getattr(x, 'shape', ()))}")
+    for name, p in params:
+        if p is not None and tuple(p.shape) != (x.shape[-1],):
+            raise ValueError(f"{op}: x has last axis {x.shape[-1]} but {name} has shape {tuple(p.shape)}; expected ({x.shape[-1]},)")
+
+
 class LayerNorm(Function):
     """(B,T,C), (C,), (C,) -> (B,T,C): normalise over the last axis, then scale by w and shift by b."""
     kernels = {"cpu": "layer_norm.LayerNormNumba", "cuda": "layer_norm.LayerNormCuda"}
+
+    @staticmethod
+    def check_inputs(x, w=None, b=None, eps=1e-5):
+        _check_norm_shapes("layer_norm", x, (("w", w), ("b", b)))
 
     @staticmethod
     def forward(ctx, x, w=None, b=None, eps=1e-5):
@@ -159,8 +194,6 @@ def _check_norm_params(op, x, params):
     _require_float(op, "x", x)
     for name, p in params:
         _require_float(op, name, p)
-        if p is not None and tuple(p.shape) != (x.shape[-1],):
-            raise ValueError(f"{op}: x has last axis {x.shape[-1]} but {name} has shape {tuple(p.shape)}; expected ({x.shape[-1]},)")
 
 
 def layer_norm(x, w=None, b=None, eps=1e-5):
@@ -172,6 +205,10 @@ def layer_norm(x, w=None, b=None, eps=1e-5):
 class RMSNorm(Function):
     """(B,T,C), (C,) -> (B,T,C): x / sqrt(mean(x^2) + eps) over the last axis, scaled by w."""
     kernels = {"cpu": "layer_norm.RMSNormNumba"}
+
+    @staticmethod
+    def check_inputs(x, w=None, eps=None):
+        _check_norm_shapes("rms_norm", x, (("w", w),))
 
     @staticmethod
     def forward(ctx, x, w=None, eps=None):
@@ -421,6 +458,21 @@ class CrossEntropy(Function):
     kernels = {"cpu": "cross_entropy.CrossEntropyNumba", "cuda": "cross_entropy.CrossEntropyCuda"}
 
     @staticmethod
+    def check_inputs(logits, targets, ignore_index=-100, reduction="mean"):
+        _as_index_array("cross_entropy", "targets", targets)
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        shape = tuple(getattr(logits, "shape", ()))
+        if len(shape) < 1 or tuple(targets.shape) != shape[:-1]:
+            raise ValueError(f"cross_entropy: logits have shape {shape} and targets have shape {tuple(targets.shape)}; "
+                             f"expected targets of shape {shape[:-1]} (class axis last)")
+        if shape[-1] == 0:
+            raise ValueError(f"cross_entropy: logits have shape {shape}: no classes")
+        bad = _first_outside(targets, shape[-1], ignore=ignore_index)
+        if bad is not None:
+            raise IndexError(f"cross_entropy: target {bad} is outside [0, {shape[-1]}) and is not ignore_index ({ignore_index})")
+
+    @staticmethod
     def forward(ctx, logits, targets, ignore_index=-100, reduction="mean"):
         xp = array_module(logits)
         V = logits.shape[-1]
@@ -460,16 +512,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """
     targets = _data(targets, like=logits)
     _require_float("cross_entropy", "logits", logits)
-    _require_int("cross_entropy", "targets", targets)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"cross_entropy: logits have shape {tuple(logits.shape)} and targets have shape {tuple(targets.shape)}; "
-                         f"expected targets of shape {tuple(logits.shape[:-1])} (class axis last)")
-    V = logits.shape[-1]
-    bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
-    if bad.size:
-        raise IndexError(f"cross_entropy: target {int(bad.reshape(-1)[0])} is outside [0, {V}) and is not ignore_index ({ignore_index})")
+    # targets' dtype, shape and range: CrossEntropy.check_inputs, which apply runs
     return CrossEntropy.apply(logits, targets, ignore_index=ignore_index, reduction=reduction)
 
 
@@ -510,10 +553,34 @@ def dropout(x, p=0.5, training=True, rng=None):
 
 # ---- attention -----------------------------------------------------------------------------------
 
+def _check_attention_shapes(q, k, v, mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if getattr(t, "ndim", 0) < 2:
+            raise ValueError(f"scaled_dot_product_attention: {name} has shape {tuple(getattr(t, 'shape', ()))}; "
+                             "expected (B, NH, T, HS)")
+    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    if qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1] or qs[-1] != ks[-1]:
+        raise ValueError(f"scaled_dot_product_attention: q has shape {qs}, k has shape {ks}, v has shape {vs}; "
+                         "expected (B, NH, TQ, HS), (B, NH, TK, HS), (B, NH, TK, HS)")
+    if mask is not None:
+        if getattr(mask, "dtype", None) != np.bool_:
+            raise TypeError(f"scaled_dot_product_attention: mask must be boolean (True = may attend), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        try:
+            np.broadcast_shapes(tuple(mask.shape), qs[:-1] + (ks[-2],))
+        except ValueError:
+            raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"{qs[:-1] + (ks[-2],)} (B, NH, TQ, TK)") from None
+
+
 class ScaledDotProductAttention(Function):
     """(B,NH,TQ,HS), (B,NH,TK,HS), (B,NH,TK,HS), mask (B,NH,TQ,TK) bool or None -> (B,NH,TQ,HS)."""
     kernels = {"cpu": "attention.ScaledDotProductAttentionNumba",
                "cuda": "attention.ScaledDotProductAttentionCuda"}
+
+    @staticmethod
+    def check_inputs(q, k, v, mask=None, **attrs):
+        _check_attention_shapes(q, k, v, mask)
 
     @staticmethod
     def forward(ctx, q, k, v, mask=None, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -572,22 +639,10 @@ def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dr
                          "(e.g. np.random.default_rng(seed))")
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require_float("scaled_dot_product_attention", name, t)
-        if t.ndim < 2:
-            raise ValueError(f"scaled_dot_product_attention: {name} has shape {tuple(t.shape)}; expected (B, NH, T, HS)")
-    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
-    if qs[:-2] != ks[:-2] or ks[:-1] != vs[:-1] or qs[-1] != ks[-1]:
-        raise ValueError(f"scaled_dot_product_attention: q has shape {qs}, k has shape {ks}, v has shape {vs}; "
-                         "expected (B, NH, TQ, HS), (B, NH, TK, HS), (B, NH, TK, HS)")
     if mask is not None:
         mask = _data(mask, like=q)
-        if mask.dtype != np.bool_:
-            raise TypeError(f"scaled_dot_product_attention: mask must be boolean (True = may attend), got dtype {mask.dtype}")
-        try:
-            np.broadcast_shapes(tuple(mask.shape), qs[:-1] + (ks[-2],))
-        except ValueError:
-            raise ValueError(f"scaled_dot_product_attention: mask of shape {tuple(mask.shape)} does not broadcast to "
-                             f"{qs[:-1] + (ks[-2],)} (B, NH, TQ, TK)") from None
-    scale = 1 / math.sqrt(qs[-1]) if scale is None else float(scale)
+    # shapes and mask: ScaledDotProductAttention.check_inputs, which apply runs
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return ScaledDotProductAttention.apply(q, k, v, mask, causal=bool(causal), scale=scale,
                                            dropout_p=float(dropout_p), rng=rng)
 
@@ -603,6 +658,14 @@ class SelfAttention(Function):
     pieces' GetItem backward would zero a (B, T, 3C) buffer and the autograd would add the three.
     """
     kernels = {"cuda": "attention.SelfAttentionCuda"}
+
+    @staticmethod
+    def check_inputs(qkv, n_head, **attrs):
+        if not isinstance(n_head, (int, np.integer)) or n_head <= 0:
+            raise ValueError(f"self_attention: n_head must be a positive integer, got {n_head!r}")
+        if getattr(qkv, "ndim", 0) != 3 or qkv.shape[-1] % (3 * n_head):
+            raise ValueError(f"self_attention: qkv has shape {tuple(getattr(qkv, 'shape', ()))}; expected (B, T, 3C) "
+                             f"with C divisible by n_head={n_head}")
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -640,11 +703,7 @@ def self_attention(qkv, n_head, causal=True, scale=None, dropout_p=0.0, rng=None
     defaults to 1/sqrt(HS); with dropout_p > 0 the mask is drawn as scaled_dot_product_attention's.
     """
     _require_float("self_attention", "qkv", qkv)
-    if not isinstance(n_head, (int, np.integer)) or n_head <= 0:
-        raise ValueError(f"self_attention: n_head must be a positive integer, got {n_head!r}")
-    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
-        raise ValueError(f"self_attention: qkv has shape {tuple(qkv.shape)}; expected (B, T, 3C) with C divisible "
-                         f"by n_head={n_head}")
+    SelfAttention.check_inputs(qkv, n_head)
     if qkv.shape[1] == 0:
         raise ValueError("self_attention: qkv has no positions (T = 0)")
     if not 0 <= dropout_p <= 1:

@@ -261,12 +261,12 @@ class GPT(Module):
     def _forward(self, idx, targets, kv_cache, rng, start):
         B, T = idx.shape
         tr = self.transformer
-        # the Functions themselves: _check_inputs has checked idx and targets, and the positions are in range
-        # (F.embedding / F.cross_entropy would check again, each check a wait for the GPU)
-        x = F.Embedding.apply(idx, tr.wte.weight)                        # (B, T, C)
+        # _check_inputs has checked idx and targets, and the positions are in range: the ops' own checks
+        # (Function.check_inputs, F.embedding, F.cross_entropy) are skipped, each would be a wait for the GPU
+        x = F.Embedding._apply_prechecked(idx, tr.wte.weight)            # (B, T, C)
         if self.config.position == "learned":
             xp = backend.array_module(idx)
-            x = x + F.Embedding.apply(xp.arange(start, start + T), tr.wpe.weight)   # + (T, C)
+            x = x + F.Embedding._apply_prechecked(xp.arange(start, start + T), tr.wpe.weight)  # + (T, C)
         x = tr.drop(x, rng)
         for layer, block in enumerate(tr.h):
             x = block(x, rng, kv_cache, layer)
@@ -274,7 +274,7 @@ class GPT(Module):
         logits = self.lm_head(x)                                         # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.CrossEntropy.apply(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean")
+            loss = F.CrossEntropy._apply_prechecked(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean")
         return logits, loss
 
     def load_state_dict(self, state, strict=True):

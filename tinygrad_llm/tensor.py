@@ -78,8 +78,17 @@ class Function:
     """An op: subclasses define `forward(ctx, *arrays, **attrs) -> array` and `backward(ctx, dout) -> grads`.
 
     backward returns one gradient per positional input of forward (None where there is none), already
-    reduced to that input's shape. It must not modify `dout` in place: the same array may be handed on.
+    reduced to that input's shape; backward() checks both and names the op and the input otherwise.
+    It must not modify `dout` in place: the same array may be handed on.
+
+    An op whose forward (or a kernel registered for it) indexes with values from its inputs defines
+    `check_inputs(*arrays, **attrs)`: apply calls it before any forward runs, whichever implementation
+    serves the op, so no input can make a forward read or write out of bounds.
     """
+
+    @staticmethod
+    def check_inputs(*arrays, **attrs):
+        """Raise (naming the op and the input) if forward would index out of bounds; default: nothing to check."""
 
     @staticmethod
     def forward(ctx, *args, **attrs):
@@ -91,6 +100,18 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **attrs):
+        """Run the op on `inputs` (Tensors, arrays or other values) and record it for backward."""
+        return cls._apply(inputs, attrs, check=True)
+
+    @classmethod
+    def _apply_prechecked(cls, *inputs, **attrs):
+        """apply without check_inputs, for a caller inside the library that has checked these very inputs
+        itself: GPT.forward checks ids and targets on the host, before they reach a GPU, so the ops need
+        not wait for the GPU to check them again."""
+        return cls._apply(inputs, attrs, check=False)
+
+    @classmethod
+    def _apply(cls, inputs, attrs, check):
         tensors = [x for x in inputs if isinstance(x, Tensor)]
         devices = {t.device for t in tensors}
         if len(devices) > 1:
@@ -99,6 +120,8 @@ class Function:
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
         record = _grad_enabled and any(needs)
+        if check:
+            cls.check_inputs(*arrays, **attrs)
         ctx = Context(needs)
         # the kernel the op names for this device (kernels/), another forward/backward pair; else cls itself
         impl = backend.accelerated(cls, *arrays)
@@ -218,15 +241,24 @@ class Tensor:
                 continue
             ctx = node._ctx
             input_grads = ctx.backward_fn(ctx, dout)
-            if not isinstance(input_grads, tuple):
+            if isinstance(input_grads, list):
+                input_grads = tuple(input_grads)
+            elif not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
-            for parent, dparent in zip(ctx.parents, input_grads):
+            if len(input_grads) != len(ctx.parents):
+                raise RuntimeError(f"{ctx.op_name} backward returned {len(input_grads)} gradient(s) for its "
+                                   f"{len(ctx.parents)} input(s); it must return one per input (None where there is none)")
+            for i, (parent, dparent) in enumerate(zip(ctx.parents, input_grads)):
                 if parent is None or dparent is None:
                     continue
+                if not hasattr(dparent, "shape"):
+                    raise RuntimeError(f"{ctx.op_name} backward returned a {type(dparent).__name__} as the gradient "
+                                       f"of input {i} (shape {parent.shape}); expected an array of that shape")
                 if _anomaly_mode:
                     _check_finite(xp, dparent, f"{ctx.op_name} backward")
-                if dparent.shape != parent.data.shape:
-                    raise RuntimeError(f"{ctx.op_name} backward gave a gradient of shape {tuple(dparent.shape)} for an input of shape {parent.shape}")
+                if tuple(dparent.shape) != parent.shape:
+                    raise RuntimeError(f"{ctx.op_name} backward gave a gradient of shape {tuple(dparent.shape)} for "
+                                       f"input {i}, which has shape {parent.shape}")
                 key = id(parent)
                 grads[key] = dparent if key not in grads else grads[key] + dparent
             if not retain_graph:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_stale_temporaries
 
 # The pre-split patterns of GPT-2 and GPT-4 (cl100k): text is cut into pieces (words with their
 # leading space, number runs, punctuation runs, whitespace runs) and BPE never merges across pieces.
@@ -45,9 +45,15 @@ class CharTokenizer:
     """
 
     def __init__(self, chars):
-        chars = list(chars)
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise ValueError("CharTokenizer needs distinct single characters")
+        if isinstance(chars, (str, list, tuple)):
+            chars = list(chars)
+        else:
+            raise ValueError(f"CharTokenizer: chars must be a string (or list) of characters, got {type(chars).__name__}")
+        bad = next((c for c in chars if not (isinstance(c, str) and len(c) == 1)), None)
+        if bad is not None:
+            raise ValueError(f"CharTokenizer: chars must be single characters, got {str(bad)[:20]!r}")
+        if len(set(chars)) != len(chars):
+            raise ValueError("CharTokenizer: chars must be distinct single characters")
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
 
@@ -80,8 +86,11 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d):
-        if d.get("kind") != "char":
-            raise ValueError(f"not a CharTokenizer dict (kind={d.get('kind')!r})")
+        if not isinstance(d, dict) or d.get("kind") != "char":
+            raise ValueError(f"not a CharTokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
+        if not isinstance(d.get("chars"), str):
+            raise ValueError(f"malformed CharTokenizer dict: 'chars' must be a string of the vocabulary's characters, "
+                             f"got {type(d.get('chars')).__name__}")
         return cls(d["chars"])
 
 
@@ -90,6 +99,9 @@ _ENCODE_CACHE_LIMIT = 1 << 18  # pieces remembered per tokenizer; beyond this, n
 # that is under 2 ms, and a short-lived process is spared importing Numba and loading the compiled kernel
 # (~0.5 s together, once per process; see docs/tokenizer.md).
 _NUMBA_MIN_PIECES = 256
+# ... unless the new pieces hold this many bytes: a long piece (a run of one character) merges at ~20 us a
+# byte in Python even with the heap (_merge_by_rank_heap), about 100x the kernel's time.
+_NUMBA_MIN_BYTES = 4096
 _FILE_FORMAT, _FILE_VERSION = "tinygrad_llm.bpe", 1
 
 
@@ -110,6 +122,7 @@ def _ascii_twin(pattern):
     if not pattern.isascii():
         return None
     out, i, in_class = [], 0, False
+    # (a pattern that `regex` compiles but whose translation `re` does not is left to `regex`: see the end)
     while i < len(pattern):
         if pattern.startswith(r"\p{", i):
             token = pattern[i:i + 5]
@@ -125,7 +138,10 @@ def _ascii_twin(pattern):
             in_class = (in_class or token == "[") and token != "]"
             out.append(token)
         i += len(token)
-    return re.compile("".join(out))
+    try:
+        return re.compile("".join(out))
+    except re.error:
+        return None
 
 
 def _replace_pair(ids, pair, new_id):
@@ -157,7 +173,8 @@ def _merge_by_rank(piece, ranks):
     [4, 3]
 
     (ab at rank 3 is joined twice, then ab+c at rank 4; ab+ab is not a token.) Quadratic in the
-    piece length, which the split pattern keeps short for text.
+    piece length, which the split pattern keeps short for text; a long piece (a run of one character
+    is a single piece) goes to _merge_by_rank_heap, which joins the same pairs in the same order.
     """
     parts = [piece[i:i + 1] for i in range(len(piece))]
     while len(parts) > 1:
@@ -172,10 +189,70 @@ def _merge_by_rank(piece, ranks):
     return [ranks[part] for part in parts]
 
 
+# Pieces longer than this are merged with a heap of pairs and a linked list of parts (n log n) instead
+# of a scan of every pair per join (n^2): one join then costs a few heap operations, not a pass over the
+# piece. Below it the scan is faster (no heap to build); a megabyte of one letter is one piece.
+_HEAP_MIN_BYTES = 64
+
+
+def _merge_by_rank_heap(piece, ranks):
+    """_merge_by_rank in O(n log n) for a long piece: the same joins in the same order.
+
+    A heap holds (rank, start) for every adjacent pair of parts, where start is the byte offset of the
+    pair's left part; its smallest entry is the pair _merge_by_rank would join (the lowest rank, the
+    leftmost on a tie). Parts are a linked list keyed by their start offset. A join changes the pairs
+    on either side of the joined part: their new ranks are pushed, and an old entry is recognised as
+    stale when popped because pair_rank[start] no longer holds its rank (the pair starting at a given
+    offset only ever grows, so a rank once replaced there never returns).
+
+    >>> ranks = {bytes([b]): b for b in range(256)} | {b"ee": 256, b"eeee": 257}
+    >>> _merge_by_rank_heap(b"e" * 7, ranks) == _merge_by_rank(b"e" * 7, ranks) == [257, 256, 101]
+    True
+    """
+    n = len(piece)
+    part = {i: piece[i:i + 1] for i in range(n)}  # start offset -> the bytes of the part there (a token)
+    end = {i: i + 1 for i in range(n)}            # start offset -> start of the next part (n: none)
+    before = {i: i - 1 for i in range(n)}         # start offset -> start of the previous part (-1: none)
+    pair_rank, heap = {}, []
+
+    def update(start):
+        """Recompute the pair whose left part starts at `start`; push it if it joins into a token."""
+        right = end[start]
+        rank = ranks.get(part[start] + part[right]) if right < n else None
+        if rank is None:
+            pair_rank.pop(start, None)
+        else:
+            pair_rank[start] = rank
+            heapq.heappush(heap, (rank, start))
+
+    for i in range(n - 1):
+        update(i)
+    while heap:
+        rank, start = heapq.heappop(heap)
+        if pair_rank.get(start) != rank:
+            continue  # stale: that pair has since changed
+        right = end[start]
+        part[start], end[start] = part[start] + part.pop(right), end[right]
+        pair_rank.pop(right, None)
+        if end[start] < n:
+            before[end[start]] = start
+        update(start)
+        if before[start] >= 0:
+            update(before[start])
+    ids, i = [], 0
+    while i < n:
+        ids.append(ranks[part[i]])
+        i = end[i]
+    return ids
+
+
 def _encode_bytes(data, ranks):
     """Ids of one piece's bytes, as a tuple: a whole piece that is a token stays one token (as in tiktoken),
-    even if merges by rank would split it; otherwise _merge_by_rank."""
-    return (ranks[data],) if data in ranks else tuple(_merge_by_rank(data, ranks))
+    even if merges by rank would split it; otherwise _merge_by_rank (_merge_by_rank_heap when long)."""
+    if data in ranks:
+        return (ranks[data],)
+    merge = _merge_by_rank_heap if len(data) > _HEAP_MIN_BYTES else _merge_by_rank
+    return tuple(merge(data, ranks))
 
 
 def _pair_table(ranks):
@@ -203,11 +280,17 @@ def _merge_batch_kernel(data, starts, whole, first, rights, joined, out, out_sta
 
     Piece i is data[starts[i]:starts[i + 1]] (its bytes); its ids go to out[out_starts[i]:out_starts[i + 1]].
     whole[i] is the rank of the whole piece if it is a token, else -1. Like tiktoken, the kernel keeps the
-    rank of each adjacent pair and after a join looks up only the two pairs that changed.
+    rank of each adjacent pair and after a join looks up only the two pairs that changed. A piece longer
+    than _HEAP_MIN_BYTES is merged as _merge_by_rank_heap does (a heap of (rank, start) keys and a linked
+    list of parts): a scan per join would make a run of one character quadratic.
     """
     longest = np.max(starts[1:] - starts[:-1])
     parts = np.empty(longest, np.int32)  # the ids of the piece being merged
     pair_rank = np.empty(longest, np.int32)  # pair_rank[j]: rank of parts[j] joined with parts[j + 1]
+    heap_size = 3 * longest if longest > _HEAP_MIN_BYTES else 1  # n - 1 pairs, then at most 2 pushes a join
+    heap = np.empty(heap_size, np.int64)  # keys rank << 32 | start: the smallest is the lowest rank, leftmost
+    after = np.empty(longest if longest > _HEAP_MIN_BYTES else 1, np.int64)   # start of the next part
+    before = np.empty_like(after)                                              # start of the previous part
 
     def rank_of(left, right):  # binary search among the pairs of `left`
         lo, hi = first[left], first[left + 1]
@@ -219,6 +302,52 @@ def _merge_batch_kernel(data, starts, whole, first, rights, joined, out, out_sta
                 hi = mid
         return joined[lo] if lo < first[left + 1] and rights[lo] == right else _NO_RANK
 
+    def push(size, key):  # heap[:size] is a binary min-heap; returns the new size
+        j = size
+        heap[j] = key
+        while j > 0 and heap[(j - 1) >> 1] > heap[j]:
+            parent = (j - 1) >> 1
+            heap[parent], heap[j] = heap[j], heap[parent]
+            j = parent
+        return size + 1
+
+    def sift_down(size):  # heap[0] replaced: move it down to its place
+        j = 0
+        while True:
+            child = 2 * j + 1
+            if child >= size:
+                break
+            if child + 1 < size and heap[child + 1] < heap[child]:
+                child += 1
+            if heap[j] <= heap[child]:
+                break
+            heap[j], heap[child] = heap[child], heap[j]
+            j = child
+
+    def update(start, n, size):  # recompute the pair whose left part starts at `start`; push it if it joins
+        right = after[start]
+        pair_rank[start] = rank_of(parts[start], parts[right]) if right < n else _NO_RANK
+        if pair_rank[start] != _NO_RANK:
+            size = push(size, (np.int64(pair_rank[start]) << 32) | start)
+        return size
+
+    def pop_and_update(start, n, size):  # heap[0] removed and update(start) in one sift: its key replaces heap[0]
+        right = after[start]
+        pair_rank[start] = rank_of(parts[start], parts[right]) if right < n else _NO_RANK
+        if pair_rank[start] != _NO_RANK:
+            heap[0] = (np.int64(pair_rank[start]) << 32) | start
+        else:
+            size -= 1
+            heap[0] = heap[size]
+        sift_down(size)
+        return size
+
+    def pop(size):
+        size -= 1
+        heap[0] = heap[size]
+        sift_down(size)
+        return size
+
     n_out = 0
     for i in range(len(starts) - 1):
         if whole[i] >= 0:  # a whole piece that is a token stays one token, as in tiktoken
@@ -228,6 +357,35 @@ def _merge_batch_kernel(data, starts, whole, first, rights, joined, out, out_sta
             continue
         n = starts[i + 1] - starts[i]
         parts[:n] = data[starts[i]:starts[i + 1]]
+        if n > _HEAP_MIN_BYTES:  # parts[start] is the part beginning at byte `start`; only live starts are read
+            size = 0
+            for j in range(n):
+                after[j], before[j] = j + 1, j - 1
+            for j in range(n - 1):
+                size = update(j, n, size)
+            pair_rank[n - 1] = _NO_RANK
+            while size > 0:
+                key = heap[0]
+                rank, start = np.int32(key >> 32), key & 0xFFFFFFFF
+                if pair_rank[start] != rank:
+                    size = pop(size)
+                    continue  # stale: that pair has since changed
+                right = after[start]
+                parts[start] = rank
+                after[start] = after[right]
+                pair_rank[right] = _NO_RANK
+                if after[start] < n:
+                    before[after[start]] = start
+                size = pop_and_update(start, n, size)
+                if before[start] >= 0:
+                    size = update(before[start], n, size)
+            j = 0
+            while j < n:
+                out[n_out] = parts[j]
+                n_out += 1
+                j = after[j]
+            out_starts[i + 1] = n_out
+            continue
         for j in range(n - 1):
             pair_rank[j] = rank_of(parts[j], parts[j + 1])
         while n > 1:
@@ -429,10 +587,25 @@ class BPETokenizer:
     """
 
     def __init__(self, mergeable_ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None):
+        if not isinstance(mergeable_ranks, dict) or not isinstance(special_tokens or {}, dict):
+            raise ValueError("mergeable_ranks must be a dict of bytes -> rank and special_tokens a dict of str -> id")
         ranks = dict(mergeable_ranks)
         special_tokens = dict(special_tokens or {})
-        if not all(isinstance(k, bytes) for k in ranks) or sorted(ranks.values()) != list(range(len(ranks))):
+        if not (all(isinstance(k, bytes) for k in ranks) and all(_is_id(v) for v in ranks.values())
+                and sorted(ranks.values()) == list(range(len(ranks)))):
             raise ValueError("mergeable_ranks must map bytes to the ranks 0..n-1, each used once")
+        for token, i in special_tokens.items():
+            if not (isinstance(token, str) and token):
+                raise ValueError(f"special_tokens: a special token must be a non-empty string, got {str(token)[:40]!r}")
+            if not (_is_id(i) and i >= 0):
+                raise ValueError(f"special_tokens: the id of {token!r} must be a non-negative integer, got {str(i)[:40]!r}")
+        special_tokens = {token: int(i) for token, i in special_tokens.items()}
+        if not isinstance(pattern, str):
+            raise ValueError(f"pattern must be a regular expression string, got {type(pattern).__name__}")
+        try:
+            split = regex.compile(pattern)
+        except regex.error as e:
+            raise ValueError(f"pattern is not a valid regular expression ({e}): {pattern[:80]!r}") from None
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise ValueError(f"mergeable_ranks lacks {len(missing)} single bytes (first: {bytes(missing[:1])!r}); "
@@ -444,7 +617,7 @@ class BPETokenizer:
         self.mergeable_ranks = ranks
         self.pattern = pattern
         self.special_tokens = special_tokens
-        self._split = regex.compile(pattern)
+        self._split = split
         self._split_ascii = _ascii_twin(pattern)
         self._decoder = {i: token for token, i in ranks.items()}
         self._decoder.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
@@ -512,7 +685,8 @@ class BPETokenizer:
     def _merge_pieces(self, pieces):
         """Ids of each of `pieces` (distinct str, not in the cache), as tuples."""
         datas = [piece.encode("utf-8") for piece in pieces]
-        if len(datas) >= _NUMBA_MIN_PIECES and _compiled_kernel() is not None:
+        if ((len(datas) >= _NUMBA_MIN_PIECES or sum(map(len, datas)) >= _NUMBA_MIN_BYTES)
+                and _compiled_kernel() is not None):
             if self._pair_table is None:
                 self._pair_table = _pair_table(self.mergeable_ranks)
             return _merge_batch_numba(datas, self.mergeable_ranks, self._pair_table)
@@ -602,14 +776,22 @@ class BPETokenizer:
     def from_dict(cls, d):
         if not isinstance(d, dict) or d.get("kind") != "bpe":
             raise ValueError(f"not a BPETokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
+        missing = [k for k in ("tokens", "pattern", "special_tokens") if k not in d]
+        if missing:
+            raise ValueError(f"malformed BPETokenizer dict: it lacks {missing}")
+        if not isinstance(d["tokens"], list):
+            raise ValueError(f"malformed BPETokenizer dict: 'tokens' must be a list of hex strings, got {type(d['tokens']).__name__}")
+        if not isinstance(d["special_tokens"], dict):
+            raise ValueError(f"malformed BPETokenizer dict: 'special_tokens' must map strings to ids, "
+                             f"got {type(d['special_tokens']).__name__}")
         try:
             ranks = {bytes.fromhex(t): i for i, t in enumerate(d["tokens"])}
-            pattern, special = d["pattern"], dict(d["special_tokens"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed BPETokenizer dict: {e!r}") from None
+        except (TypeError, ValueError):
+            bad = next(t for t in d["tokens"] if not _is_hex(t))
+            raise ValueError(f"malformed BPETokenizer dict: 'tokens' holds {str(bad)[:40]!r}, not a hex string") from None
         if len(ranks) != len(d["tokens"]):
-            raise ValueError("malformed BPETokenizer dict: a token is listed twice")
-        return cls(ranks, pattern, special)
+            raise ValueError("malformed BPETokenizer dict: a token is listed twice in 'tokens'")
+        return cls(ranks, d["pattern"], d["special_tokens"])
 
     def save(self, path):
         """Write `path` (JSON: format, version, the dict above) and, beside it with the suffix
@@ -625,6 +807,7 @@ class BPETokenizer:
     @classmethod
     def load(cls, path):
         path = Path(path)
+        remove_stale_temporaries(path)  # left by a process killed while it saved this file
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
@@ -640,6 +823,18 @@ class BPETokenizer:
             return cls.from_dict(payload)
         except ValueError as e:
             raise ValueError(f"{path} is corrupt: {e}") from None
+
+
+def _is_id(i):
+    return isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+
+
+def _is_hex(t):
+    try:
+        bytes.fromhex(t)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _gpt2_byte_alphabet():
@@ -658,6 +853,6 @@ def tokenizer_from_dict(d):
     """Rebuild a tokenizer from its `to_dict()`, whichever kind it is."""
     kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
     kind = d.get("kind") if isinstance(d, dict) else None
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind].from_dict(d)
