@@ -689,7 +689,8 @@ def tokenizer_files(tokenizer):
         pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     else:
         pre = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": _oniguruma(tokenizer.pattern)}, "behavior": "Isolated",
+             "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tokenizer_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
@@ -698,7 +699,10 @@ def tokenizer_files(tokenizer):
                                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                                 "ignore_merges": False, "vocab": vocab, "merges": merges}}
     eos = "<|endoftext|>" if "<|endoftext|>" in tokenizer.special_tokens else (special[-1][0] if special else None)
-    config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
+    # transformers' GPT2Tokenizer splits with GPT-2's pattern whatever tokenizer.json says; another pattern
+    # needs the generic class, which runs tokenizer.json as written
+    gpt2_split = tokenizer.pattern == GPT2_SPLIT_PATTERN
+    config = {"tokenizer_class": "GPT2Tokenizer" if gpt2_split else "PreTrainedTokenizerFast", "add_prefix_space": False, "add_bos_token": False,
               "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": 1 << 30,
               "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}}
     specials_map = {}
@@ -710,6 +714,14 @@ def tokenizer_files(tokenizer):
             "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
             "special_tokens_map.json": json.dumps(specials_map, indent=2, ensure_ascii=False)}
+
+
+def _oniguruma(pattern):
+    """The split pattern for the tokenizers library's regex engine (Oniguruma, Ruby syntax), where `{1,3}+`
+    is not a possessive {1,3} but {1,3} repeated: drop the `+` (the same matches where, as in the GPT-4
+    pattern, nothing follows the repeat inside its alternative)."""
+    import re
+    return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
 
 
 def _last_merge(token, ranks, rank):
