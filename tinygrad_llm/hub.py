@@ -14,10 +14,12 @@ Two Hugging Face layouts map onto GPT:
   is our default rope layout, so q and k need no permuting. num_key_value_heads < num_attention_heads
   becomes GPTConfig.n_kv_head (grouped-query attention).
 
-Weights are read from safetensors files through a memory map, a chunk at a time, straight into the
-model's arrays (which are allocated but never initialised); the pages of each chunk are given back to
-the OS once copied, so loading needs little beyond the model's own size. Pickled weights
-(pytorch_model.bin) are refused, never opened.
+Weights go from safetensors files straight into the model's arrays, which are allocated but never
+initialised: a tensor whose bytes need no change (float32 into a float32 model) is read at its offset
+into its array; one that needs converting (BF16/F16, a dtype change) or transposing (Llama) is copied
+through a memory map a chunk at a time, each chunk's pages given back to the OS once copied. The file is
+never read whole into Python bytes, and loading needs little memory beyond the model's own size
+(benchmarks/load_pretrained.py). Pickled weights (pytorch_model.bin) are refused, never opened.
 """
 import json
 import math
@@ -41,8 +43,9 @@ _CHECKPOINT_NAMES = ("ckpt.safetensors",)  # what a training run writes in its o
 # ---- safetensors by memory map ------------------------------------------------------------------
 
 class SafetensorsFile:
-    """A safetensors file opened for reading by memory map: `entries` {name: (begin, end, dtype, shape)}
-    and `metadata` from the header; `copy_into(name, out)` copies one tensor into an array."""
+    """A safetensors file opened for reading: `entries` {name: (begin, end, dtype, shape)} and `metadata`
+    from the header; `copy_into(name, out)` copies one tensor into an array: read at its offset straight
+    into the array when the bytes need no change, else through a memory map a chunk at a time."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -63,11 +66,15 @@ class SafetensorsFile:
             self.entries = {name: _check_entry(self.path, name, entry, size - 8 - n) for name, entry in header.items()}
             self.data_start = 8 + n
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def close(self):
         if self._map is not None:
             self._map.close()
             self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self
@@ -86,6 +93,15 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: tensor {name!r} has shape {list(shape)}, expected {list(want)}")
         if not shape or math.prod(shape) == 0:
             out[...] = self._read(begin, dtype, shape)
+            return
+        if not transpose and out.flags.c_contiguous and out.dtype == np.dtype(_FLOAT_DTYPES[dtype]) and dtype != "BF16":
+            # same bytes on disk as in memory: read them straight into the array, no mapping needed
+            view, done = memoryview(out).cast("B"), 0
+            while done < end - begin:
+                n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
+                if n <= 0:
+                    raise ValueError(f"{self.path} is truncated: tensor {name!r} ends early")
+                done += n
             return
         rows = shape[0]
         row_bytes = (end - begin) // rows
