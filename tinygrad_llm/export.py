@@ -28,8 +28,8 @@ def main(argv=None):
         if not args.no_tokenizer:
             try:
                 tokenizer = load_tokenizer(args.checkpoint)
-            except ValueError:   # a checkpoint saved without a tokenizer: weights only
-                print("note: the checkpoint holds no tokenizer; exporting the weights only", file=sys.stderr)
+            except ValueError as e:   # e.g. a checkpoint saved without a tokenizer: weights only
+                print(f"note: {e}; exporting the weights only", file=sys.stderr)
         if isinstance(tokenizer, CharTokenizer):
             print("note: the checkpoint's character tokenizer cannot be written as Hugging Face tokenizer files "
                   "(they describe byte-level BPE); exporting the weights only", file=sys.stderr)

@@ -395,7 +395,9 @@ def _build_and_fill(config, shards, layout, ignore, source):
 
 def load_pretrained(path, dtype="float32", device="cpu"):
     """GPT from a Hugging Face folder (GPT-2 or Llama, safetensors), this project's checkpoint file, or a
-    training out_dir holding one. dtype "float32" or "float64"; device "cpu" or "cuda"."""
+    training out_dir holding one. dtype "float32" or "float64"; device "cpu" or "cuda". The model comes in
+    eval mode. A checkpoint keeps its saved dropout; a Hugging Face model gets dropout 0 (its several
+    dropout rates have no single equivalent here)."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     if device not in ("cpu", "cuda"):
@@ -407,10 +409,8 @@ def load_pretrained(path, dtype="float32", device="cpu"):
         found = [path / n for n in _CHECKPOINT_NAMES if (path / n).is_file()]
         if found:
             path = found[0]
-    if path.is_file():
-        model = _load_checkpoint(path, dtype)
-    else:
-        model = _load_folder(path, dtype)
+    model = _load_checkpoint(path, dtype) if path.is_file() else _load_folder(path, dtype)
+    model.eval()   # as transformers returns it; model.train() before fine-tuning
     return model.to(device) if device != "cpu" else model
 
 
@@ -473,7 +473,7 @@ def _load_checkpoint(path, dtype):
             raise ValueError(f"{path} is a file but not a tinygrad_llm checkpoint (no 'format': "
                              f"'{CHECKPOINT_FORMAT}' in its metadata); a Hugging Face model is a folder")
         try:
-            config = GPTConfig.from_dict({**json.loads(f.metadata["config"]), "dtype": dtype, "dropout": 0.0})
+            config = GPTConfig.from_dict({**json.loads(f.metadata["config"]), "dtype": dtype})
         except (KeyError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path} is corrupt: its metadata holds no readable model config ({e!r})") from None
         tied, stored = TIED
