@@ -117,6 +117,8 @@ class SafetensorsFile:
                 out[r0:r1] = chunk
             del chunk
             self._release(begin + r0 * row_bytes, (r1 - r0) * row_bytes)
+        # the kernel maps pages around each one read (fault-around), some beyond the chunk: release them all
+        self._release(begin, end - begin + mmap.PAGESIZE)
 
     def read(self, name):
         """Tensor `name` as a new NumPy array (float32 for BF16)."""
@@ -140,7 +142,7 @@ class SafetensorsFile:
         start = self.data_start + begin
         aligned = start - start % mmap.PAGESIZE
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, aligned, start + length - aligned)
+            self._map.madvise(mmap.MADV_DONTNEED, aligned, min(start + length, len(self._map)) - aligned)
         except (AttributeError, OSError, ValueError):  # not every platform has madvise; memory use only
             pass
 
@@ -304,7 +306,7 @@ def _weight_map(config, layout):
     "llama"."""
     c = config
     if layout == "gpt2":
-        model = GPT(c, rng=_Uninitialised())
+        model = GPT(c, rng=_Uninitialised(populate=False))   # for the names only: no memory is touched
         names = [n for n, _ in model.named_parameters()]
         return {n: [(n, None, False)] for n in names}
     C, HS = c.n_embd, c.n_embd // c.n_head
@@ -337,37 +339,40 @@ def _target(array, cols):
     return array[cols] if array.ndim == 1 else array[:, cols]
 
 
-def _allocate(shape, dtype):
+def _allocate(shape, dtype, populate=True):
     """An uninitialised array for the loader to fill. A large one is an anonymous memory map made with
     MAP_POPULATE (Linux), so the OS hands out all its pages in one call: filling an np.empty array instead
     takes a page fault per 4 KB page, measured 4-5x slower for a 500 MB model on this project's machines."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if nbytes < (1 << 20) or populate is None:
+    flag = getattr(mmap, "MAP_POPULATE", None)
+    if nbytes < (1 << 20) or flag is None or not populate:
         return np.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flag)
     return np.frombuffer(region, dtype=dtype).reshape(shape)   # the array keeps the map alive
 
 
 class _Empty:
     """What _Uninitialised.standard_normal returns: `(x * std).astype(dtype)` gives an uninitialised array."""
 
-    def __init__(self, shape):
-        self.shape = shape
+    def __init__(self, shape, populate):
+        self.shape, self.populate = shape, populate
 
     def __mul__(self, other):
         return self
 
     def astype(self, dtype):
-        return _allocate(self.shape, dtype)
+        return _allocate(self.shape, dtype, self.populate)
 
 
 class _Uninitialised:
     """An rng for GPT(config, rng=...) that makes its weights without drawing them (_allocate), so building
     costs no random draws and no memory beyond the weights themselves."""
 
+    def __init__(self, populate=True):
+        self.populate = populate
+
     def standard_normal(self, shape):
-        return _Empty(shape)
+        return _Empty(shape, self.populate)
 
 
 def _build_and_fill(config, shards, layout, ignore, source):
