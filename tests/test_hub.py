@@ -3,6 +3,8 @@ GPT-2 and Llama models made by transformers load here with the same logits and g
 models made here open in transformers with no missing or unexpected keys and the same logits."""
 import json
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,7 +274,7 @@ def test_export_cli(tmp_path, capsys):
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
     model = GPT(cfg, rng=np.random.default_rng(1))
     save_checkpoint(tmp_path / "ckpt.safetensors", model, meta={"tokenizer": tok.to_dict()})
-    assert export_main([str(tmp_path / "ckpt.safetensors"), str(tmp_path / "hf")]) == 0
+    export_main([str(tmp_path / "ckpt.safetensors"), str(tmp_path / "hf")])
     hf = _open_in_transformers(tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "hello there, world<|endoftext|>"
@@ -284,10 +286,14 @@ def test_export_cli(tmp_path, capsys):
     save_checkpoint(tmp_path / "char.safetensors", GPT(GPTConfig(vocab_size=3, block_size=8, n_layer=1, n_head=2,
                                                                  n_embd=8)), meta={"tokenizer": char.to_dict()})
     capsys.readouterr()
-    assert export_main([str(tmp_path / "char.safetensors"), str(tmp_path / "hf_char")]) == 0
+    export_main([str(tmp_path / "char.safetensors"), str(tmp_path / "hf_char")])
     assert "character tokenizer cannot be written" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "hf_char").iterdir()) == ["config.json", "model.safetensors"]
-    # a user's mistake: one line on stderr, exit status 1, nothing written
-    assert export_main([str(tmp_path / "missing.safetensors"), str(tmp_path / "x")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: no model at") and err.count("\n") == 1 and not (tmp_path / "x").exists()
+    # a user's mistake: one line on stderr, a non-zero exit, nothing written
+    for argv, code, start in (([str(tmp_path / "missing.safetensors"), str(tmp_path / "x")], 1, "error: no model at"),
+                              ([str(tmp_path / "ckpt.safetensors")], 2, "error: the following arguments are required"),
+                              ([str(tmp_path / "ckpt.safetensors"), str(tmp_path / "x"), "--dtype=float16"], 2,
+                               "error: argument --dtype: invalid choice")):
+        run = subprocess.run([sys.executable, "-m", "tinygrad_llm.export", *argv], capture_output=True, text=True)
+        assert run.returncode == code and run.stderr.startswith(start) and run.stderr.count("\n") == 1, run.stderr
+        assert run.stdout == "" and not (tmp_path / "x").exists()

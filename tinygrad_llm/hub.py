@@ -37,7 +37,8 @@ from .model import GPT, GPTConfig
 _FLOAT_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}  # BF16 is widened by hand
 _CHUNK_BYTES = 8 << 20  # bytes of the file mapped in and released per step of a copy
 _GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-_CHECKPOINT_NAMES = ("ckpt.safetensors",)  # what a training run writes in its out_dir
+# what a training run writes in its out_dir: the best checkpoint, then the latest state
+_CHECKPOINT_NAMES = ("ckpt.safetensors", "last.safetensors")
 
 
 # ---- safetensors by memory map ------------------------------------------------------------------
