@@ -7,6 +7,7 @@ import sys
 import tarfile
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tinygrad_llm.tokenizer import (GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, IdMappedBPETokenizer,
                                     tokenizer_from_dict)
@@ -154,3 +155,23 @@ def test_gpt2_vocabulary_matches_tiktoken_and_transformers(gpt2_tiktoken_file, t
         assert back.encode(text, allowed_special="all") == want
         assert _hf_ids(auto, text) == want
     assert tok.encode("Hello world") == [15496, 995]
+
+
+@settings(deadline=None)
+@given(st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+                          st.sampled_from(["<|endoftext|>", "<pad>", " ", "  ", "\n\n", "'s", "fox", "日本", "🤖"])),
+                max_size=8))
+def test_ids_equal_the_tokenizers_library_on_any_text(hf_trained, parts):
+    folder, trained = hf_trained
+    tok = _hf_trained_tokenizer(folder)
+    text = "".join(parts)
+    assert tok.encode(text, allowed_special="all") == trained.encode(text).ids
+
+
+_LOADED = {}
+
+
+def _hf_trained_tokenizer(folder):
+    if folder not in _LOADED:
+        _LOADED[folder] = BPETokenizer.from_pretrained(folder)
+    return _LOADED[folder]
