@@ -120,20 +120,25 @@ R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 
 @pytest.fixture(scope="module")
-def gpt2_tiktoken_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("whisper")
+def gpt2_tiktoken_file(request):
+    """whisper/assets/gpt2.tiktoken from the openai-whisper source package, fetched once with pip and kept in
+    pytest's cache folder (checked against the hash each time)."""
+    folder = request.config.cache.mkdir("openai-whisper-sdist")
+    path = folder / "gpt2.tiktoken"
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == R50K_SHA256:
+        return path
     try:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                         "openai-whisper", "-d", str(folder)], check=True, timeout=180, capture_output=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"could not fetch the openai-whisper source package from the package index: {e}")
-    archive = next(folder.glob("openai_whisper-*.tar.gz"))
+    archive = max(folder.glob("openai_whisper-*.tar.gz"))
     with tarfile.open(archive) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
         data = tar.extractfile(member).read()
     assert hashlib.sha256(data).hexdigest() == R50K_SHA256
-    path = folder / "gpt2.tiktoken"
     path.write_bytes(data)
+    archive.unlink()
     return path
 
 
