@@ -54,10 +54,13 @@ def test_reads_tokenizers_library_ids(hf_trained, tmp_path):
     (tmp_path / "tokenizer.json").write_text((folder / "tokenizer.json").read_text())
     alone = BPETokenizer.from_pretrained(tmp_path)
     again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    tok.save(tmp_path / "tok.json")
+    assert type(BPETokenizer.load(tmp_path / "tok.json")) is IdMappedBPETokenizer
     for text in TEXTS:
         want = trained.encode(text).ids
         assert alone.encode(text, allowed_special="all") == want
         assert again.encode(text, allowed_special="all") == want
+        assert BPETokenizer.load(tmp_path / "tok.json").encode(text, allowed_special="all") == want
 
 
 def test_save_pretrained_round_trips_through_autotokenizer(hf_trained, tmp_path):

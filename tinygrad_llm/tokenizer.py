@@ -646,6 +646,8 @@ class BPETokenizer:
 
     @classmethod
     def from_dict(cls, d):
+        if cls is BPETokenizer and isinstance(d, dict) and d.get("kind") == "bpe_ids":   # ids not its ranks
+            return IdMappedBPETokenizer.from_dict(d)
         if not isinstance(d, dict) or d.get("kind") != "bpe":
             raise ValueError(f"not a BPETokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
         try:
