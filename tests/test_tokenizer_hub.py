@@ -84,13 +84,12 @@ def test_trained_here_opens_in_autotokenizer(tmp_path, pattern):
     tok = BPETokenizer.train("".join(CORPUS), 330, special_tokens=["<|endoftext|>"], **kw)
     tok.save_pretrained(tmp_path)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    back = BPETokenizer.from_pretrained(tmp_path) if pattern else None
+    back = BPETokenizer.from_pretrained(tmp_path)   # the pattern read back from tokenizer.json
     for text in TEXTS:
         ids = tok.encode(text, allowed_special="all")
         assert _hf_ids(auto, text) == ids, text
         assert auto.decode(ids) == text
-        if back is not None:
-            assert back.encode(text, allowed_special="all") == ids
+        assert back.encode(text, allowed_special="all") == ids
 
 
 def test_openai_file_names(hf_trained, tmp_path):
@@ -110,7 +109,7 @@ def test_bad_files_and_char_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="lacks 254 of the 256 single bytes"):
         BPETokenizer.from_pretrained(tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="has no vocab.json"):
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json, vocab.json"):
         BPETokenizer.from_pretrained(tmp_path / "empty")
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(ValueError, match="merges.txt line 2: expected two tokens"):
@@ -183,3 +182,22 @@ def _hf_trained_tokenizer(folder):
     if folder not in _LOADED:
         _LOADED[folder] = BPETokenizer.from_pretrained(folder)
     return _LOADED[folder]
+
+
+@pytest.fixture(scope="module")
+def gpt4_pattern_pair(tmp_path_factory):
+    """A tokenizer trained here with the GPT-4 split pattern, and transformers' tokenizer of its files."""
+    folder = tmp_path_factory.mktemp("gpt4_pattern")
+    tok = BPETokenizer.train("".join(CORPUS), 330, special_tokens=["<|endoftext|>"])
+    tok.save_pretrained(folder)
+    return tok, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@settings(deadline=None)
+@given(st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+                          st.sampled_from(["<|endoftext|>", " ", "  ", "\n\n", "\r\n", "'S", "1234567", "fox", "🤖"])),
+                max_size=8))
+def test_gpt4_pattern_export_equals_transformers_on_any_text(gpt4_pattern_pair, parts):
+    tok, auto = gpt4_pattern_pair
+    text = "".join(parts)
+    assert _hf_ids(auto, text) == tok.encode(text, allowed_special="all")

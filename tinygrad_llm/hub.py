@@ -594,9 +594,9 @@ def _read_vocab_merges(vocab_path, merges_path):
     return vocab, merges
 
 
-def tokenizer_from_vocab(vocab, merges, source, extra_special=None):
-    """A BPETokenizer (GPT-2's split pattern) giving Hugging Face's ids for a byte-level BPE vocabulary
-    {token string: id} and its merges [(left string, right string)] in priority order.
+def tokenizer_from_vocab(vocab, merges, source, extra_special=None, pattern=None):
+    """A BPETokenizer (GPT-2's split pattern unless `pattern` is given) giving Hugging Face's ids for a
+    byte-level BPE vocabulary {token string: id} and its merges [(left string, right string)] in priority order.
 
     Each merge joins two tokens into one; a token made by the i-th merge that makes a new token gets the
     rank 256 + i (single bytes are ranks 0..255), which is how tiktoken-style ranks order merges. Tokens
@@ -646,8 +646,8 @@ def tokenizer_from_vocab(vocab, merges, source, extra_special=None):
     if np.array_equal(id_of_rank[256:], np.arange(256, len(rank))) and set(id_of_rank[:256]) == set(range(256)) \
             and all(i >= len(rank) for i in special.values()):
         # GPT-2's layout: the ids are ranks already (single bytes in any order among 0..255)
-        return BPETokenizer({b: int(id_of_rank[r]) for b, r in rank.items()}, GPT2_SPLIT_PATTERN, special)
-    return IdMappedBPETokenizer(rank, GPT2_SPLIT_PATTERN, special, id_of_rank)
+        return BPETokenizer({b: int(id_of_rank[r]) for b, r in rank.items()}, pattern or GPT2_SPLIT_PATTERN, special)
+    return IdMappedBPETokenizer(rank, pattern or GPT2_SPLIT_PATTERN, special, id_of_rank)
 
 
 def load_tokenizer(path):
@@ -655,7 +655,7 @@ def load_tokenizer(path):
     vocab.bpe) or of a training checkpoint (the tokenizer saved in its metadata)."""
     from .tokenizer import BPETokenizer, tokenizer_from_dict
     path = Path(path)
-    if path.is_dir() and not any((path / n).is_file() for n in ("vocab.json", "encoder.json")):
+    if path.is_dir() and not any((path / n).is_file() for n in ("tokenizer.json", "vocab.json", "encoder.json")):
         found = [path / n for n in _CHECKPOINT_NAMES if (path / n).is_file()]
         if found:
             path = found[0]
@@ -666,15 +666,15 @@ def load_tokenizer(path):
             return tokenizer_from_dict(json.loads(f.metadata["tokenizer"]))
     if not path.is_dir():
         raise FileNotFoundError(f"no tokenizer at {path}")
+    if (path / "tokenizer.json").is_file():   # the split pattern is only here when it is not GPT-2's
+        return _tokenizer_from_tokenizer_json(path / "tokenizer.json")
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         vocab, merges = _read_vocab_merges(path / "vocab.json", path / "merges.txt")
         return tokenizer_from_vocab(vocab, merges, path, _special_tokens_in_config(path))
     if (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
         vocab, merges = _read_vocab_merges(path / "encoder.json", path / "vocab.bpe")
         return tokenizer_from_vocab(vocab, merges, path)
-    if (path / "tokenizer.json").is_file():
-        return _tokenizer_from_tokenizer_json(path / "tokenizer.json")
-    raise FileNotFoundError(f"{path} has no vocab.json + merges.txt, encoder.json + vocab.bpe or tokenizer.json")
+    raise FileNotFoundError(f"{path} has no tokenizer.json, vocab.json + merges.txt or encoder.json + vocab.bpe")
 
 
 def _tokenizer_from_tokenizer_json(path):
@@ -685,15 +685,28 @@ def _tokenizer_from_tokenizer_json(path):
         raise ValueError(f"{path} is not a tokenizers-library file: {e!r}") from None
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: model.type={model.get('type')!r} is not supported (only byte-level 'BPE')")
-    pre = doc.get("pre_tokenizer") or {}
-    if not (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")):
-        raise ValueError(f"{path}: pre_tokenizer={json.dumps(pre)[:200]} is not supported (only GPT-2's: ByteLevel "
-                         "with use_regex and no add_prefix_space)")
+    pattern = _split_pattern(doc.get("pre_tokenizer") or {}, path)
     if doc.get("normalizer"):
         raise ValueError(f"{path}: normalizer={json.dumps(doc['normalizer'])[:200]} is not supported (only null)")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     added = {t["content"]: t["id"] for t in doc.get("added_tokens") or []}
-    return tokenizer_from_vocab(model["vocab"], merges, path, added)
+    return tokenizer_from_vocab(model["vocab"], merges, path, added, pattern)
+
+
+def _split_pattern(pre, path):
+    """The split pattern of a tokenizer.json pre_tokenizer: GPT-2's for ByteLevel with its regex, or the regex
+    of a Split followed by a ByteLevel without one (what save_pretrained writes for other patterns)."""
+    from .tokenizer import GPT2_SPLIT_PATTERN
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return GPT2_SPLIT_PATTERN
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if steps and len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel" \
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") \
+            and isinstance((steps[0].get("pattern") or {}).get("Regex"), str) \
+            and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
+        return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"{path}: pre_tokenizer={json.dumps(pre)[:200]} is not supported (only GPT-2's ByteLevel, or a "
+                     "Split regex, Isolated, then ByteLevel without its regex; no add_prefix_space)")
 
 
 def tokenizer_files(tokenizer):
