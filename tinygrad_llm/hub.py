@@ -653,7 +653,7 @@ def tokenizer_from_vocab(vocab, merges, source, extra_special=None, pattern=None
 def load_tokenizer(path):
     """The tokenizer of a Hugging Face folder (vocab.json + merges.txt, or OpenAI's encoder.json +
     vocab.bpe) or of a training checkpoint (the tokenizer saved in its metadata)."""
-    from .tokenizer import BPETokenizer, tokenizer_from_dict
+    from .tokenizer import tokenizer_from_dict
     path = Path(path)
     if path.is_dir() and not any((path / n).is_file() for n in ("tokenizer.json", "vocab.json", "encoder.json")):
         found = [path / n for n in _CHECKPOINT_NAMES if (path / n).is_file()]
@@ -712,7 +712,7 @@ def _split_pattern(pre, path):
 def tokenizer_files(tokenizer):
     """{file name: text} of vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and
     special_tokens_map.json for a BPETokenizer."""
-    from .tokenizer import GPT2_SPLIT_PATTERN, _merge_by_rank
+    from .tokenizer import GPT2_SPLIT_PATTERN
     check_tokenizer_writable(tokenizer)
     _, spell = _byte_alphabet()
     table = {b: spell[b] for b in range(256)}   # latin-1 decoding makes byte b the character b; then respell
