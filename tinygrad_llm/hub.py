@@ -85,7 +85,7 @@ class SafetensorsFile:
 
     def copy_into(self, name, out, transpose=False):
         """Copy tensor `name` into `out` (a float array of its shape, or of its transpose if `transpose`),
-        converting the dtype; the file is mapped a chunk of rows at a time and each chunk's pages released."""
+        converting the dtype; the shape and dtype are checked first, naming the tensor."""
         begin, end, dtype, shape = self.entries[name]
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{self.path}: tensor {name!r} has dtype {dtype}; weights must be one of {sorted(_FLOAT_DTYPES)}")
@@ -95,7 +95,8 @@ class SafetensorsFile:
         if not shape or math.prod(shape) == 0:
             out[...] = self._read(begin, dtype, shape)
             return
-        if not transpose and out.flags.c_contiguous and out.dtype == np.dtype(_FLOAT_DTYPES[dtype]) and dtype != "BF16":
+        if (not transpose and out.flags.c_contiguous and out.dtype == np.dtype(_FLOAT_DTYPES[dtype]) and dtype != "BF16"
+                and hasattr(os, "preadv")):
             # same bytes on disk as in memory: read them straight into the array, no mapping needed
             view, done = memoryview(out).cast("B"), 0
             while done < end - begin:
@@ -120,12 +121,6 @@ class SafetensorsFile:
             self._release(begin + r0 * row_bytes, (r1 - r0) * row_bytes)
         # the kernel maps pages around each one read (fault-around), some beyond the chunk: release them all
         self._release(begin, end - begin + mmap.PAGESIZE)
-
-    def read(self, name):
-        """Tensor `name` as a new NumPy array (float32 for BF16)."""
-        begin, end, dtype, shape = self.entries[name]
-        array = self._read(begin, dtype, shape)
-        return np.array(array, dtype=array.dtype.newbyteorder("="))
 
     def _read(self, begin, dtype, shape):
         from .checkpoint import DTYPES
