@@ -8,7 +8,9 @@
 With the default switches the parameters are named and shaped as in GPT-2 checkpoints
 (transformer.wte.weight (V, C), transformer.h.0.attn.c_attn.weight (C, 3C), ..., lm_head.weight (V, C)
 tied to transformer.wte.weight), so a GPT-2 state dict loads with no renaming or transposing.
-Modern switches: norm="rmsnorm", mlp="swiglu", position="rope" (then there is no wpe), bias=False.
+Modern switches: norm="rmsnorm", mlp="swiglu", position="rope" (then there is no wpe), bias=False, and
+n_kv_head < n_head for grouped-query attention (c_attn then makes C query columns and n_kv_head heads of keys
+and of values). GPT.from_pretrained / save_pretrained read and write Hugging Face GPT-2 and Llama folders (hub.py).
 
 Generation uses a KVCache: `model(idx_new, kv_cache=cache)` runs only the new tokens, attending to the
 keys and values cached from earlier calls; positions start at the cache's length.
