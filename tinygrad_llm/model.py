@@ -141,7 +141,7 @@ class CausalSelfAttention(Module):
             k = Tensor(kv_cache.k[layer][:, :, :start + T])
             v = Tensor(kv_cache.v[layer][:, :, :start + T])
         if KVH != NH:  # grouped-query attention: query head h reads key/value head h // (NH / KVH)
-            group = np.arange(NH) // (NH // KVH)
+            group = backend.array_module(k.data).arange(NH) // (NH // KVH)   # on k's device
             k, v = k[:, group], v[:, group]                               # (B, NH, T', HS)
         y = F.scaled_dot_product_attention(q, k, v, causal=True, rng=rng, dropout_p=dropout_p)  # (B, NH, T, HS)
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)
