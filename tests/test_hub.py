@@ -297,3 +297,25 @@ def test_export_cli(tmp_path, capsys):
         run = subprocess.run([sys.executable, "-m", "tinygrad_llm.export", *argv], capture_output=True, text=True)
         assert run.returncode == code and run.stderr.startswith(start) and run.stderr.count("\n") == 1, run.stderr
         assert run.stdout == "" and not (tmp_path / "x").exists()
+
+
+def test_llama_gqa_gradients_match_transformers(tmp_path):
+    """Training a loaded model: the loss and the gradients (grouped-query keys, gate, embedding) are torch's."""
+    hf = _llama()
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(tmp_path, dtype="float64").train()
+    ids = _ids(T=9)
+    logits, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    hf_loss = hf(torch.tensor(ids), labels=torch.tensor(ids)).loss
+    hf_loss.backward()
+    assert abs(loss.item() - hf_loss.item()) < 1e-6 * hf_loss.item()   # transformers' loss is float32
+    layer, ours = hf.model.layers[1], model.transformer.h[1]
+    # transformers takes the loss in float32, so its gradients carry float32 rounding: compare to 1e-5 of their scale
+    pairs = [(ours.attn.c_attn.weight.grad[:, 32:48].T, layer.self_attn.k_proj.weight.grad),   # k_proj's columns
+             (ours.attn.c_attn.weight.grad[:, 48:64].T, layer.self_attn.v_proj.weight.grad),
+             (ours.mlp.c_fc.weight.grad.T, layer.mlp.gate_proj.weight.grad),
+             (model.transformer.wte.weight.grad, hf.model.embed_tokens.weight.grad)]
+    for ours_grad, hf_grad in pairs:
+        want = hf_grad.numpy()
+        np.testing.assert_allclose(ours_grad, want, rtol=0, atol=1e-5 * np.abs(want).max())
