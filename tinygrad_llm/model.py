@@ -8,7 +8,9 @@
 With the default switches the parameters are named and shaped as in GPT-2 checkpoints
 (transformer.wte.weight (V, C), transformer.h.0.attn.c_attn.weight (C, 3C), ..., lm_head.weight (V, C)
 tied to transformer.wte.weight), so a GPT-2 state dict loads with no renaming or transposing.
-Modern switches: norm="rmsnorm", mlp="swiglu", position="rope" (then there is no wpe), bias=False.
+Modern switches: norm="rmsnorm", mlp="swiglu", position="rope" (then there is no wpe), bias=False, and
+n_kv_head < n_head for grouped-query attention (c_attn then makes C query columns and n_kv_head heads of keys
+and of values). GPT.from_pretrained / save_pretrained read and write Hugging Face GPT-2 and Llama folders (hub.py).
 
 Generation uses a KVCache: `model(idx_new, kv_cache=cache)` runs only the new tokens, attending to the
 keys and values cached from earlier calls; positions start at the cache's length.
@@ -44,6 +46,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     gelu_approximate: str = "tanh"    # GPT-2's checkpoints were trained with the tanh form
     mlp_hidden: int = None            # None: 4C for gelu, 8C/3 rounded up to a multiple of 8 for swiglu
+    n_kv_head: int = None             # key/value heads (grouped-query attention, Llama); None: n_head
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -61,6 +64,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: rope needs an even head size, got {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_kv_head is not None and (not isinstance(self.n_kv_head, (int, np.integer)) or self.n_kv_head <= 0
+                                           or self.n_head % self.n_kv_head):
+            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head!r} must be a positive divisor of n_head={self.n_head}")
         if self.mlp_hidden is None:
             C = self.n_embd
             self.mlp_hidden = 4 * C if self.mlp == "gelu" else -(-8 * C // 3 // 8) * 8
@@ -82,14 +88,14 @@ class GPTConfig:
 class KVCache:
     """Per-layer keys and values of the tokens seen so far, for generation.
 
-    k[i], v[i]: arrays (B, NH, block_size, HS), filled up to `length`. A forward with the cache
+    k[i], v[i]: arrays (B, KVH, block_size, HS) (KVH = n_kv_head, or n_head), filled up to `length`. A forward with the cache
     runs only the new tokens, at positions length .. length+T-1, then advances `length`.
     """
 
     def __init__(self, config, batch_size, device="cpu"):
         xp = backend.cupy_module() if device == "cuda" else np
         HS = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, HS)
+        shape = (batch_size, config.n_kv_head or config.n_head, config.block_size, HS)
         self.k = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
         self.v = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
         self.batch_size = batch_size
@@ -100,8 +106,11 @@ class CausalSelfAttention(Module):
     def __init__(self, config, rng):
         C, L, dtype = config.n_embd, config.n_layer, config.dtype
         self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
         self.rope_theta = config.rope_theta if config.position == "rope" else None
-        self.c_attn = Linear(C, 3 * C, bias=config.bias, rng=rng, dtype=dtype)
+        # q (C) then k and v (KVH * HS each): 3C columns unless keys and values are shared by groups of heads
+        kv_width = self.n_kv_head * (C // config.n_head)
+        self.c_attn = Linear(C, C + 2 * kv_width, bias=config.bias, rng=rng, dtype=dtype)
         # residual projections start smaller: the residual stream sums 2 L of them (GPT-2 paper)
         self.c_proj = Linear(C, C, bias=config.bias, rng=rng, std=0.02 / math.sqrt(2 * L), dtype=dtype)
         self.attn_dropout = config.dropout   # on the attention probabilities (nanoGPT's attn_dropout)
@@ -110,14 +119,16 @@ class CausalSelfAttention(Module):
     def forward(self, x, rng=None, kv_cache=None, layer=0):
         """(B, T, C) -> (B, T, C)."""
         B, T, C = x.shape
-        NH, HS = self.n_head, C // self.n_head
-        qkv = self.c_attn(x)                                           # (B, T, 3C)
+        NH, KVH, HS = self.n_head, self.n_kv_head, C // self.n_head
+        qkv = self.c_attn(x)                                           # (B, T, C + 2 KVH HS)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if self.rope_theta is None and kv_cache is None:
+        if self.rope_theta is None and kv_cache is None and KVH == NH:
             # one node for split heads -> attention -> merge heads (F.self_attention says why)
             y = F.self_attention(qkv, NH, causal=True, dropout_p=dropout_p, rng=rng)  # (B, T, C)
             return self.resid_dropout(self.c_proj(y), rng)
-        q, k, v = [t.reshape(B, T, NH, HS).permute(0, 2, 1, 3) for t in qkv.split(C, axis=2)]  # (B, NH, T, HS)
+        q, k, v = qkv.split([C, KVH * HS, KVH * HS], axis=2)
+        q = q.reshape(B, T, NH, HS).permute(0, 2, 1, 3)                 # (B, NH, T, HS)
+        k, v = [t.reshape(B, T, KVH, HS).permute(0, 2, 1, 3) for t in (k, v)]  # (B, KVH, T, HS)
         start = kv_cache.length if kv_cache is not None else 0
         if self.rope_theta is not None:
             pos = np.arange(start, start + T)
@@ -129,6 +140,9 @@ class CausalSelfAttention(Module):
             kv_cache.v[layer][:, :, start:start + T] = v.data
             k = Tensor(kv_cache.k[layer][:, :, :start + T])
             v = Tensor(kv_cache.v[layer][:, :, :start + T])
+        if KVH != NH:  # grouped-query attention: query head h reads key/value head h // (NH / KVH)
+            group = backend.array_module(k.data).arange(NH) // (NH // KVH)   # on k's device
+            k, v = k[:, group], v[:, group]                               # (B, NH, T', HS)
         y = F.scaled_dot_product_attention(q, k, v, causal=True, rng=rng, dropout_p=dropout_p)  # (B, NH, T, HS)
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y), rng)
@@ -285,3 +299,17 @@ class GPT(Module):
             state = {(n if n.startswith("lm_head.") else "transformer." + n): a for n, a in state.items()}
         state = {n: a for n, a in state.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}
         return super().load_state_dict(state, strict=strict)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", device="cpu"):
+        """A GPT from a Hugging Face folder (GPT-2 or Llama: config.json + safetensors), this project's
+        training checkpoint file, or a training out_dir holding one (tinygrad_llm.hub)."""
+        from .hub import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, tokenizer=None):
+        """Write a folder that transformers.AutoModelForCausalLM.from_pretrained opens (GPT-2 layout for
+        LayerNorm/GELU/learned positions, Llama layout for RMSNorm/SwiGLU/RoPE), with the tokenizer's files
+        if given (tinygrad_llm.hub)."""
+        from .hub import save_pretrained
+        return save_pretrained(self, path, tokenizer=tokenizer)

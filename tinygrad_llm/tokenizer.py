@@ -84,6 +84,11 @@ class CharTokenizer:
     def to_dict(self):
         return {"kind": "char", "chars": "".join(self.chars)}
 
+    def save_pretrained(self, path):
+        """Always raises: Hugging Face's tokenizer files describe byte-level BPE, not characters."""
+        from .hub import CHAR_TOKENIZER_ERROR
+        raise ValueError(CHAR_TOKENIZER_ERROR)
+
     @classmethod
     def from_dict(cls, d):
         if not isinstance(d, dict) or d.get("kind") != "char":
@@ -674,6 +679,47 @@ class BPETokenizer:
                                  f"{encoder_json_path}, which gives it id {ranks.get(to_bytes(left) + to_bytes(right))}")
         return cls(ranks, GPT2_SPLIT_PATTERN, special)
 
+    @classmethod
+    def from_pretrained(cls, path):
+        """From a Hugging Face tokenizer folder: vocab.json + merges.txt (or OpenAI's encoder.json +
+        vocab.bpe, or a byte-level BPE tokenizer.json), giving the same ids as transformers' tokenizer,
+        whatever order the ids are in; or from a training checkpoint. See tinygrad_llm.hub."""
+        from .hub import load_tokenizer
+        return load_tokenizer(path)
+
+    @classmethod
+    def gpt2(cls, path):
+        """GPT-2's tokenizer (tiktoken's r50k_base) from its files: a `.tiktoken` file (one base64 token
+        and its rank per line, e.g. openai-whisper's whisper/assets/gpt2.tiktoken), or a folder holding
+        gpt2.tiktoken, vocab.json + merges.txt or encoder.json + vocab.bpe."""
+        import base64
+        path = Path(path)
+        if path.is_dir() and (path / "gpt2.tiktoken").is_file():
+            path = path / "gpt2.tiktoken"
+        if path.is_dir():
+            return cls.from_pretrained(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GPT-2 vocabulary at {path}")
+        ranks = {}
+        for n, line in enumerate(path.read_text(encoding="ascii").splitlines(), 1):
+            if line:
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"{path} line {n}: expected a base64 token and a rank, got {line[:60]!r}") from None
+        return cls(ranks, GPT2_SPLIT_PATTERN, {"<|endoftext|>": len(ranks)})
+
+    def save_pretrained(self, path):
+        """Write vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json to
+        folder `path`, so that transformers.AutoTokenizer.from_pretrained(path) gives the same ids."""
+        from .hub import save_tokenizer
+        return save_tokenizer(self, path)
+
+    def public_id(self, rank):
+        """The id a user sees for the token of this rank (the rank itself; not so in IdMappedBPETokenizer)."""
+        return rank
+
     # ----- encoding -----
 
     @property
@@ -774,6 +820,8 @@ class BPETokenizer:
 
     @classmethod
     def from_dict(cls, d):
+        if cls is BPETokenizer and isinstance(d, dict) and d.get("kind") == "bpe_ids":   # ids not its ranks
+            return IdMappedBPETokenizer.from_dict(d)
         if not isinstance(d, dict) or d.get("kind") != "bpe":
             raise ValueError(f"not a BPETokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
         missing = [k for k in ("tokens", "pattern", "special_tokens") if k not in d]
@@ -849,9 +897,44 @@ def _gpt2_byte_alphabet():
     return alphabet
 
 
+class IdMappedBPETokenizer(BPETokenizer):
+    """A BPETokenizer whose ids are not its ranks, as in tokenizers trained with the Hugging Face tokenizers
+    library (special tokens first, bytes wherever the alphabet put them): it merges by `mergeable_ranks`
+    like any BPETokenizer, then gives the token of rank r the id `ids[r]`. special_tokens hold their ids."""
+
+    def __init__(self, mergeable_ranks, pattern, special_tokens, ids):
+        super().__init__(mergeable_ranks, pattern)
+        ids = np.asarray(ids, dtype=np.int64)
+        special_tokens = dict(special_tokens or {})
+        if ids.shape != (len(self.mergeable_ranks),) or len(set(ids.tolist()) | set(special_tokens.values())) \
+                != len(ids) + len(special_tokens) or ids.min(initial=0) < 0:
+            raise ValueError("ids must give each rank a distinct non-negative id, none a special token's")
+        self.ids = ids
+        self.special_tokens = special_tokens
+        self._rank_of = {int(i): r for r, i in enumerate(ids)}
+        self._decoder = {int(ids[r]): token for token, r in self.mergeable_ranks.items()}
+        self._decoder.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
+
+    def public_id(self, rank):
+        return int(self.ids[rank])
+
+    def encode_ordinary(self, text):
+        return self.ids[super().encode_ordinary(text)].tolist() if text else []
+
+    def to_dict(self):
+        return {**super().to_dict(), "kind": "bpe_ids", "ids": self.ids.tolist()}
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict) or d.get("kind") != "bpe_ids":
+            raise ValueError(f"not an IdMappedBPETokenizer dict (kind={d.get('kind') if isinstance(d, dict) else None!r})")
+        plain = BPETokenizer.from_dict({**d, "kind": "bpe", "special_tokens": {}})
+        return cls(plain.mergeable_ranks, plain.pattern, d["special_tokens"], d["ids"])
+
+
 def tokenizer_from_dict(d):
     """Rebuild a tokenizer from its `to_dict()`, whichever kind it is."""
-    kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
+    kinds = {"char": CharTokenizer, "bpe": BPETokenizer, "bpe_ids": IdMappedBPETokenizer}
     kind = d.get("kind") if isinstance(d, dict) else None
     if not isinstance(kind, str) or kind not in kinds:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
