@@ -7,7 +7,7 @@ the optimizer and a whole float64 GPT. The file skips when Numba is not installe
 """
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 pytest.importorskip("numba")
 
@@ -93,20 +93,26 @@ def _forward_backward_results(impl, arrays, attrs, seed):
 
 
 def assert_attention_kernel_matches(q, k, v, attrs, seed):
-    """float64: kernel == reference to 1e-10 relative. float32: kernel within float32 rounding of the float64
+    """float64: kernel == reference to 1e-10 relative, or where a gradient is such a cancellation (below), within
+    float64 rounding of the terms that make it up. float32: kernel within float32 rounding of the float64
     answer, measured on the scale of the terms that make it up (max|q,k,v|^2 max|dout|): when a softmax row
     saturates, dS = P (dP - rowsum(dP P)) cancels O(1) terms into a ~1e-7 gradient, and any float32 evaluation
     order is then off by ~1e-8 absolute, which is a large relative error (hypothesis found TQ=1, HS=1 cases)."""
     if q.dtype == np.float64:
         err = compare_with_reference(F.ScaledDotProductAttention, ScaledDotProductAttentionNumba, (q, k, v, None), attrs,
                                      needs=(True, True, True, False), seed=seed)
-        assert err <= TOLERANCE[np.dtype(np.float64)]
-        return
+        if err <= TOLERANCE[np.dtype(np.float64)]:
+            return
+        # The same cancellation in float64: hypothesis found TQ=HS=1 with 2 keys where a ~5e-7 dq is 8e-9 relative
+        # off (4e-15 absolute); so bound the absolute error on the terms' scale at float64 rounding instead.
+        bound = 1e-13
+    else:
+        bound = 1e-5
     truth, dout = _forward_backward_results(F.ScaledDotProductAttention, [a.astype(np.float64) for a in (q, k, v)], attrs, seed)
     kernel, _ = _forward_backward_results(ScaledDotProductAttentionNumba, [q, k, v], attrs, seed)
     terms = max(float(np.abs(a).max()) for a in (q, k, v)) ** 2 * float(np.abs(dout).max())
     for i, (t, g) in enumerate(zip(truth, kernel)):
-        assert float(np.abs(g - t).max()) <= 1e-5 * terms, f"result {i}"
+        assert float(np.abs(g - t).max()) <= bound * terms, f"result {i}"
 
 
 @given(B=st.integers(1, 3), NH=st.integers(1, 3), T=st.integers(1, 40), HS=st.integers(1, 17),
@@ -119,6 +125,7 @@ def test_attention_equals_reference_on_random_shapes(B, NH, T, HS, causal, dtype
 
 @given(B=st.integers(1, 2), NH=st.integers(1, 2), TQ=st.integers(1, 40), extra_keys=st.integers(0, 5),
        HS=st.integers(1, 9), rows=st.integers(1, 12), dtype=dtypes, seed=st.integers(0, 2**16))
+@example(B=1, NH=1, TQ=1, extra_keys=1, HS=1, rows=1, dtype=np.float64, seed=1536)
 def test_causal_attention_row_blocks_equal_reference(B, NH, TQ, extra_keys, HS, rows, dtype, seed):
     """Causal row blocks of any size, dividing TQ or not, with TK >= TQ (query block aligned to the keys' end)."""
     rng = np.random.default_rng(seed)
