@@ -539,3 +539,17 @@ def test_expected_shapes_are_those_of_the_model_saved(tmp_path, switches):
     assert checkpoint._expected_shapes(model.config) == stored
     loaded, _ = checkpoint.load_model(tmp_path / "m.safetensors")
     assert_same_arrays(loaded.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("settings", [{}, {"n_kv_head": 1}, {"mlp_hidden": 12},
+                                      {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope", "bias": False,
+                                       "tie_embeddings": False}])
+def test_header_check_knows_every_config_field_and_the_shapes_the_model_saves(settings):
+    """The metadata check lists GPTConfig's fields and predicts the saved shapes without building a model: both
+    must follow the model when it gains a setting (grouped-query attention once made its checks refuse good files)."""
+    from dataclasses import fields
+    from tinygrad_llm.checkpoint import _CONFIG_TYPES, _expected_shapes, _model_arrays
+    assert set(_CONFIG_TYPES) == {f.name for f in fields(GPTConfig)}
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, **settings)
+    saved = {name: tuple(a.shape) for name, a in _model_arrays(GPT(config, rng=np.random.default_rng(0))).items()}
+    assert saved == _expected_shapes(config)

@@ -258,7 +258,7 @@ def _parse_metadata(path, metadata):
 _CONFIG_TYPES = {"vocab_size": "int", "block_size": "int", "n_layer": "int", "n_head": "int", "n_embd": "int",
                  "dropout": "number", "bias": "bool", "dtype": "str", "norm": "str", "mlp": "str", "position": "str",
                  "tie_embeddings": "bool", "rope_theta": "number", "norm_eps": "number", "gelu_approximate": "str",
-                 "mlp_hidden": "int or null"}
+                 "mlp_hidden": "int or null", "n_kv_head": "int or null"}
 _REQUIRED_CONFIG = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 
 
@@ -339,7 +339,7 @@ def _expected_shapes(config):
     for i in range(config.n_layer):
         block = f"transformer.h.{i}"
         norm(block + ".ln_1")
-        linear(block + ".attn.c_attn", C, 3 * C)
+        linear(block + ".attn.c_attn", C, C + 2 * (config.n_kv_head or config.n_head) * (C // config.n_head))
         linear(block + ".attn.c_proj", C, C)
         norm(block + ".ln_2")
         linear(block + ".mlp.c_fc", C, H)
