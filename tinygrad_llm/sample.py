@@ -89,12 +89,27 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     every row has stopped (so each row's text ends at its first stop token). The model runs in eval
     mode (no dropout) and is put back in its previous mode afterwards.
     """
+    out = _as_batch(idx)
+    steps = [nxt[:, None] for nxt in generate_stream(model, out, max_new_tokens, temperature, top_k, top_p,
+                                                     stop_tokens, rng)]
+    out = np.concatenate([out, *steps], axis=1)
+    return out[0] if np.ndim(idx.data if hasattr(idx, "data") else idx) == 1 else out
+
+
+def _as_batch(idx):
+    """int (T,) or (B, T), on any device -> int64 (B, T) NumPy array."""
     idx = np.asarray(backend.to_device(idx.data if hasattr(idx, "data") else idx, "cpu"))
-    squeeze = idx.ndim == 1
-    out = idx[None, :] if squeeze else idx
-    out = out.astype(np.int64)
+    out = idx[None, :] if idx.ndim == 1 else idx
     if out.ndim != 2 or out.shape[1] == 0:
         raise ValueError(f"idx must be a non-empty int array of shape (T,) or (B, T), got shape {idx.shape}")
+    return out.astype(np.int64)
+
+
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
+                    rng=None):
+    """As generate(), one step at a time: yields each new (B,) int64 array of tokens as soon as it is chosen
+    (for streaming). The model is back in its previous mode when the generator ends or is closed."""
+    out = _as_batch(idx)
     block_size = model.config.block_size
     stops = np.array(sorted(set(stop_tokens or ())), dtype=np.int64)
     B = out.shape[0]
@@ -110,13 +125,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 logits, _ = model(out, kv_cache=cache)
             else:
                 logits, _ = model(out[:, -block_size:])
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 nxt = sample_next(logits.data[:, -1, :], temperature, top_k, top_p, rng)   # (B,)
                 nxt = np.where(stopped, last_stop, nxt)
                 out = np.concatenate([out, nxt[:, None]], axis=1)
                 hit = np.isin(nxt, stops) & ~stopped
                 last_stop[hit], stopped[hit] = nxt[hit], True
-                if stopped.all():
+                yield nxt
+                if stopped.all() or step == max_new_tokens - 1:
                     break
                 if cache is not None and cache.length < block_size:
                     logits, _ = model(nxt[:, None], kv_cache=cache)
@@ -125,7 +141,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                     logits, _ = model(out[:, -block_size:])
     finally:
         model.train(was_training)
-    return out[0] if squeeze else out
 
 
 def argument_parser():
