@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_models import hf_greedy, make_checkpoint, make_hf_gpt2
+from tiny_models import hf_greedy, make_checkpoint
 from tinygrad_llm import generate as generate_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +24,6 @@ def run_cli(*args, kernels=False, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf_gpt2")
-    model, tokenizer = make_hf_gpt2(folder)
-    return folder, model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.safetensors"
     model, tokenizer = make_checkpoint(path, "bpe")
@@ -38,8 +31,8 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_greedy_equals_transformers_and_stdout_is_prompt_plus_continuation(hf_folder):
-    folder, hf_model, hf_tokenizer = hf_folder
+def test_greedy_equals_transformers_and_stdout_is_prompt_plus_continuation(hf_gpt2):
+    folder, hf_model, hf_tokenizer = hf_gpt2
     prompts = ["The quick brown", "日本語の"]
     for prompt in prompts:
         result = run_cli("--model", folder, "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "24",
