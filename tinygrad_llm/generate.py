@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_model as load_checkpoint_model
 from .model import GPT
 from .sample import generate_stream
-from .tokenizer import BPETokenizer, tokenizer_from_dict
+from .tokenizer import BPETokenizer
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -43,22 +42,19 @@ class TextModel:
 
     @classmethod
     def load(cls, path, device="cpu"):
-        """From a Hugging Face folder or a training checkpoint file; raises OSError / ValueError naming
-        what is missing or wrong."""
+        """From a Hugging Face folder or a training checkpoint (GPT.from_pretrained, BPETokenizer.from_pretrained);
+        raises OSError / ValueError naming what is missing or wrong."""
         path = Path(path)
-        if path.is_dir():
-            model = GPT.from_pretrained(path, device=device)
-            tokenizer = BPETokenizer.from_pretrained(path)
-            return cls(model, tokenizer, _folder_end_ids(path), path.name)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"--model {path}: no such folder or checkpoint file")
-        model, meta = load_checkpoint_model(path)
-        if "tokenizer" not in meta:
-            raise ValueError(f"{path} holds no tokenizer in its metadata, so its text cannot be encoded")
-        tokenizer = tokenizer_from_dict(meta["tokenizer"])
-        model.to(device)
-        special = getattr(tokenizer, "special_tokens", {})
-        return cls(model, tokenizer, [special[END_OF_TEXT]] if END_OF_TEXT in special else [], path.stem)
+        model = GPT.from_pretrained(path, device=device)
+        tokenizer = BPETokenizer.from_pretrained(path)      # a checkpoint's own tokenizer, whichever kind
+        if (path / "config.json").is_file():
+            end_ids = _folder_end_ids(path)
+        else:
+            special = getattr(tokenizer, "special_tokens", {})
+            end_ids = [special[END_OF_TEXT]] if END_OF_TEXT in special else []
+        return cls(model, tokenizer, end_ids, path.name if path.is_dir() else path.stem)
 
     def encode(self, text):
         """Token ids of `text` (special tokens such as <|endoftext|> in it become their ids, as in Hugging
