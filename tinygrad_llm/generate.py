@@ -8,7 +8,6 @@ merges.txt) or a training checkpoint (the tokenizer is in it). stdout gets the p
 continuation, each token's text written as soon as it is made; everything else goes to stderr.
 Generation ends after --max_new_tokens tokens or at the model's end-of-text token (not printed).
 """
-import argparse
 import json
 import os
 import sys
@@ -17,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import new_parser, parse_config_args, parse_float, parse_int, run_cli
 from .model import GPT
 from .sample import generate_stream
 from .tokenizer import BPETokenizer
+from .train import check_device
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -139,51 +140,53 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, length_name="max_n
         raise SettingError("top_p", f"must be in (0, 1], got {top_p}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tinygrad_llm.generate", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="a Hugging Face folder or a training checkpoint (.safetensors)")
-    parser.add_argument("--prompt", required=True, help="the text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (argmax)")
-    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens only")
-    parser.add_argument("--top_p", type=float, default=None, help="sample from the smallest set of tokens of "
-                        "probability >= p only")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (none: a fresh one each run)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (cuda needs CuPy)")
-    args = parser.parse_args(argv)
+def argument_parser():
+    p = new_parser(__doc__.splitlines()[0], prog="python -m tinygrad_llm.generate")
+    p.add_argument("--model", required=True, help="a Hugging Face folder, a training checkpoint (.safetensors) or its "
+                   "out_dir (required)")
+    p.add_argument("--prompt", required=True, help="the text to continue, not empty (required)")
+    p.add_argument("--max_new_tokens", type=parse_int, default=100, help="tokens to generate at most (default: 100)")
+    p.add_argument("--temperature", type=parse_float, default=1.0, help="divides the logits; 0 is greedy (default: 1.0)")
+    p.add_argument("--top_k", type=parse_int, default=None, help="keep only the k most likely tokens (default: all)")
+    p.add_argument("--top_p", type=parse_float, default=None,
+                   help="keep the most likely tokens up to this total probability (default: 1, all)")
+    p.add_argument("--seed", type=parse_int, default=None, help="seed of the sampling (default: a fresh one each run)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model runs; cuda needs CuPy (default: cpu)")
+    return p
 
-    try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        t0 = time.perf_counter()
-        text_model = TextModel.load(args.model, device=args.device)
-        ids = text_model.encode(args.prompt)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens", file=sys.stderr)
+
+def main(argv=None):
+    """`python -m tinygrad_llm.generate --model PATH --prompt TEXT ...`; --help lists the options."""
+    run_cli(_main, argv)
+
+
+def _main(argv):
+    args = parse_config_args(argument_parser(), argv)
+    check_sampling(args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"])
+    check_device(args["device"])
+    t0 = time.perf_counter()
+    text_model = TextModel.load(args["model"], device=args["device"])
+    ids = text_model.encode(args["prompt"])
+    print(f"loaded {args['model']} in {time.perf_counter() - t0:.1f} s; prompt {len(ids)} tokens", file=sys.stderr)
     out = sys.stdout.buffer
     n, t0 = 0, time.perf_counter()
     try:
-        out.write(args.prompt.encode("utf-8"))
+        out.write(args["prompt"].encode("utf-8"))
         out.flush()
-        for text, token in text_model.stream(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                             args.seed):
+        for text, token in text_model.stream(ids, args["max_new_tokens"], args["temperature"], args["top_k"],
+                                             args["top_p"], args["seed"]):
             n += token is not None
             if text:
                 out.write(text.encode("utf-8"))
                 out.flush()
     except BrokenPipeError:                # the reader went away (e.g. `| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the flush at exit cannot fail
-        return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        return
     seconds = time.perf_counter() - t0
     print(f"{chr(10) if sys.stdout.isatty() else ''}{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s)",
           file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

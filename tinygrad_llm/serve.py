@@ -11,7 +11,6 @@ requests wait their turn for it (a lock), so each is answered exactly as if it w
 seed gives the same text whatever else is running. A bad request gets HTTP 400 and an OpenAI-style
 {"error": {...}} body; the server goes on serving. SIGTERM or Ctrl-C stops it.
 """
-import argparse
 import json
 import math
 import signal
@@ -23,7 +22,9 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .cli import bounded, new_parser, parse_config_args, parse_int, run_cli
 from .generate import SettingError, TextModel, check_sampling
+from .train import check_device
 
 MAX_BODY_BYTES = 1 << 20
 MAX_STOPS = 4
@@ -239,24 +240,30 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def argument_parser():
+    p = new_parser(__doc__.splitlines()[0], prog="python -m tinygrad_llm.serve")
+    p.add_argument("--model", required=True, help="a Hugging Face folder, a training checkpoint (.safetensors) or its "
+                   "out_dir (required)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 is every interface (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=bounded(parse_int, lambda n: 0 <= n <= 65535, "in 0..65535"), default=8000,
+                   help="port to listen on; 0 takes a free one (default: 8000)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model runs; cuda needs CuPy (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="do not log each request on stderr (default: log)")
+    return p
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tinygrad_llm.serve", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="a Hugging Face folder or a training checkpoint (.safetensors)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (cuda needs CuPy)")
-    parser.add_argument("--quiet", action="store_true", help="do not log each request on stderr")
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        print(f"error: --port must be in 0..65535, got {args.port}", file=sys.stderr)
-        return 2
-    try:
-        text_model = TextModel.load(args.model, device=args.device)
-        server = CompletionServer((args.host, args.port), text_model, verbose=not args.quiet)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m tinygrad_llm.serve --model PATH ...`; --help lists the options."""
+    run_cli(_main, argv)
+
+
+def _main(argv):
+    args = parse_config_args(argument_parser(), argv)
+    check_device(args["device"])
+    text_model = TextModel.load(args["model"], device=args["device"])
+    server = CompletionServer((args["host"], args["port"]), text_model, verbose=not args["quiet"])
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -270,8 +277,7 @@ def main(argv=None):
         print("stopping", file=sys.stderr)
     finally:
         server.server_close()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
