@@ -11,6 +11,7 @@ requests wait their turn for it (a lock), so each is answered exactly as if it w
 seed gives the same text whatever else is running. A bad request gets HTTP 400 and an OpenAI-style
 {"error": {...}} body; the server goes on serving. SIGTERM or Ctrl-C stops it.
 """
+import contextlib
 import json
 import math
 import signal
@@ -231,11 +232,13 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
         if request["echo"]:
             event(request["prompt"])
-        for piece in completion_pieces(self.server.text_model, request):
-            if isinstance(piece, tuple):
-                event("", piece[1])
-            elif piece:
-                event(piece)
+        # closing(): a client that leaves mid-stream ends the generation here, before the lock is released
+        with contextlib.closing(completion_pieces(self.server.text_model, request)) as pieces:
+            for piece in pieces:
+                if isinstance(piece, tuple):
+                    event("", piece[1])
+                elif piece:
+                    event(piece)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
