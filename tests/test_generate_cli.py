@@ -108,15 +108,24 @@ def test_stream_writes_whole_characters_and_flushes_each_token(checkpoint, monke
     pytest.param(["--prompt", "x", "--device", "cuda"], "--device cuda needs CuPy",
                  marks=pytest.mark.skipif(backend.cuda_available(), reason="a GPU is here: cuda works")),
 ])
-def test_bad_input_is_one_line_on_stderr_and_a_nonzero_exit(checkpoint, args, message):
+def test_bad_input_is_one_line_on_stderr_and_a_nonzero_exit(checkpoint, args, message, capfd):
+    """In this process (a subprocess per case cost ~1 s each); the last case runs as a real command."""
     if "--model" not in args:
         args = ["--model", str(checkpoint[0])] + args
-    result = run_cli(*args)
-    assert result.returncode != 0
+    with pytest.raises(SystemExit) as exit_info:
+        generate_module.main(args)
+    assert exit_info.value.code != 0
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_command_prints_no_traceback(checkpoint):
+    result = run_cli("--model", checkpoint[0], "--prompt", "x", "--top_p", "1.5")
+    assert result.returncode == 1
     assert result.stdout == b""
-    assert message in result.stderr.decode()
-    assert "Traceback" not in result.stderr.decode()
-    assert len(result.stderr.decode().strip().splitlines()) == 1
+    assert result.stderr.decode() == "error: top_p must be in (0, 1], got 1.5\n"
 
 
 def test_help_lists_every_option_with_its_default():
