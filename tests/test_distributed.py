@@ -71,6 +71,8 @@ t.main(sys.argv[4:])
 def mpirun(k, args, driver=None, timeout=120):
     """`mpiexec -n k python -m tinygrad_llm.train args` (or the failure-injecting driver); CompletedProcess + seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Open MPI's mpiexec (the GPU machines') refuses root unless told; MPICH's ignores these
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     program = ["-c", DRIVER, *driver] if driver else ["-m", "tinygrad_llm.train"]
     start = time.monotonic()
     done = subprocess.run([MPIEXEC, "-n", str(k), sys.executable, *program, *args], env=env, cwd=ROOT,
