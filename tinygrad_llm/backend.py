@@ -44,6 +44,13 @@ def cuda_available():
         return False
 
 
+def check_device(device):
+    """ValueError (a user's mistake, worded for the command line) when `device` is "cuda" and none is usable."""
+    if device == "cuda" and not cuda_available():
+        raise ValueError("--device cuda needs CuPy and an NVIDIA GPU, and none was found "
+                         "(pip install -e '.[cuda]' on a machine with one); use --device cpu")
+
+
 def is_cupy_array(x):
     # Compare by the defining module so that numpy-only machines never import cupy here.
     return type(x).__module__.startswith("cupy")

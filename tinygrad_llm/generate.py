@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import check_device
 from .cli import new_parser, parse_config_args, parse_float, parse_int, run_cli
 from .model import GPT
 from .sample import generate_stream
 from .tokenizer import BPETokenizer
-from .train import check_device
 
 END_OF_TEXT = "<|endoftext|>"
 

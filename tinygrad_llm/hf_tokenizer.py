@@ -17,11 +17,8 @@ import numpy as np
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .fileio import atomic_write
 from .safetensors_file import _CHECKPOINT_NAMES, SafetensorsFile
-from .tokenizer import (GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, IdMappedBPETokenizer, _gpt2_byte_alphabet,
-                        tokenizer_from_dict)
-
-CHAR_TOKENIZER_ERROR = ("a character tokenizer cannot be written as Hugging Face tokenizer files (vocab.json and "
-                        "merges.txt describe byte-level BPE); export the weights alone (tokenizer=None)")
+from .tokenizer import (CHAR_TOKENIZER_ERROR, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, IdMappedBPETokenizer,
+                        _gpt2_byte_alphabet, tokenizer_from_dict)
 
 
 def check_tokenizer_writable(tokenizer):

@@ -171,7 +171,7 @@ def main(argv=None):
 def _main(argv):
     from .checkpoint import load_model
     from .tokenizer import tokenizer_from_dict
-    from .train import check_device
+    from .backend import check_device
 
     args = parse_config_args(argument_parser(), argv)
     if not args["prompt"]:

@@ -23,9 +23,9 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .backend import check_device
 from .cli import bounded, new_parser, parse_config_args, parse_int, run_cli
 from .generate import SettingError, TextModel, check_sampling
-from .train import check_device
 
 MAX_BODY_BYTES = 1 << 20
 MAX_STOPS = 4

@@ -6,65 +6,17 @@ the result in a Tensor that remembers `ctx`. `loss.backward()` sorts the graph b
 (iteratively, so deep graphs cannot overflow Python's stack), then visits it in reverse, calling each
 `backward(ctx, dout)` and adding the gradients it returns into the op's inputs. Leaves accumulate into
 `.grad` across calls, as in PyTorch; set `.grad = None` (or call the optimizer's `zero_grad`) between steps.
+no_grad, detect_anomaly and leaf_grad_hook live in grad_mode.py (importable from here too).
 
 The primitive ops below each carry a one-line derivative in the code's own symbols. Fused ops for the
 model live in functional.py; their derivations in docs/backward/.
 """
-import contextlib
 import math
 
 import numpy as np
 
-from . import backend
-
-_grad_enabled = True
-_anomaly_mode = False
-_leaf_grad_hook = None
-
-
-@contextlib.contextmanager
-def no_grad():
-    """Run ops without recording a graph (evaluation, sampling, optimizer updates)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
-    try:
-        yield
-    finally:
-        _grad_enabled = previous
-
-
-def is_grad_enabled():
-    return _grad_enabled
-
-
-@contextlib.contextmanager
-def detect_anomaly():
-    """Check every op's forward output and backward gradients; raise naming the first non-finite one."""
-    global _anomaly_mode
-    previous, _anomaly_mode = _anomaly_mode, True
-    try:
-        yield
-    finally:
-        _anomaly_mode = previous
-
-
-@contextlib.contextmanager
-def leaf_grad_hook(fn):
-    """While the block runs, backward() calls fn(leaf, dout) as soon as a leaf's gradient from this
-    backward is complete (all its uses are done), before the rest of the graph is visited. The leaf's
-    .grad is still written only at the end (dout added to it). Data-parallel training starts its
-    gradient all-reduce from here, so that communication overlaps the rest of backward."""
-    global _leaf_grad_hook
-    previous, _leaf_grad_hook = _leaf_grad_hook, fn
-    try:
-        yield
-    finally:
-        _leaf_grad_hook = previous
-
-
-def _check_finite(xp, array, where):
-    if array is not None and array.dtype.kind in "fc" and not bool(xp.isfinite(array).all()):
-        raise FloatingPointError(f"{where} produced a non-finite value (NaN or Inf)")
+from . import backend, grad_mode
+from .grad_mode import _check_finite, detect_anomaly, is_grad_enabled, leaf_grad_hook, no_grad  # noqa: F401
 
 
 class Context:
@@ -119,14 +71,14 @@ class Function:
             raise RuntimeError(f"{cls.__name__}: inputs are on different devices ({shapes}); move them with .to()")
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         needs = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-        record = _grad_enabled and any(needs)
+        record = grad_mode._grad_enabled and any(needs)
         if check:
             cls.check_inputs(*arrays, **attrs)
         ctx = Context(needs)
         # the kernel the op names for this device (kernels/), another forward/backward pair; else cls itself
         impl = backend.accelerated(cls, *arrays)
         out = impl.forward(ctx, *arrays, **attrs)
-        if _anomaly_mode:
+        if grad_mode._anomaly_mode:
             _check_finite(backend.array_module(out), out, f"{cls.__name__} forward")
         result = Tensor(out, requires_grad=record)
         if record:
@@ -236,8 +188,8 @@ class Tensor:
                 continue
             if node._ctx is None:
                 leaves.append((node, dout))
-                if _leaf_grad_hook is not None:
-                    _leaf_grad_hook(node, dout)
+                if grad_mode._leaf_grad_hook is not None:
+                    grad_mode._leaf_grad_hook(node, dout)
                 continue
             ctx = node._ctx
             input_grads = ctx.backward_fn(ctx, dout)
@@ -254,7 +206,7 @@ class Tensor:
                 if not hasattr(dparent, "shape"):
                     raise RuntimeError(f"{ctx.op_name} backward returned a {type(dparent).__name__} as the gradient "
                                        f"of input {i} (shape {parent.shape}); expected an array of that shape")
-                if _anomaly_mode:
+                if grad_mode._anomaly_mode:
                     _check_finite(xp, dparent, f"{ctx.op_name} backward")
                 if tuple(dparent.shape) != parent.shape:
                     raise RuntimeError(f"{ctx.op_name} backward gave a gradient of shape {tuple(dparent.shape)} for "

@@ -33,6 +33,9 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                       r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 
+CHAR_TOKENIZER_ERROR = ("a character tokenizer cannot be written as Hugging Face tokenizer files (vocab.json and "
+                        "merges.txt describe byte-level BPE); export the weights alone (tokenizer=None)")
+
 
 class CharTokenizer:
     """One token per character, ids in sorted character order.
@@ -88,7 +91,6 @@ class CharTokenizer:
 
     def save_pretrained(self, path):
         """Always raises: Hugging Face's tokenizer files describe byte-level BPE, not characters."""
-        from .hf_tokenizer import CHAR_TOKENIZER_ERROR
         raise ValueError(CHAR_TOKENIZER_ERROR)
 
     @classmethod
