@@ -64,7 +64,7 @@ from .model import GPT
 from .optim import clip_grad_norm, param_groups
 from .tensor import detect_anomaly, no_grad
 from .tokenizer import tokenizer_from_dict
-from .train_config import RESUMABLE, TrainConfig, config_argument_parser, parse_overrides  # noqa: F401
+from .train_config import CHOICES, RESUMABLE, TrainConfig, config_argument_parser, parse_overrides  # noqa: F401
 
 CHECKPOINT_NAME = "ckpt.safetensors"      # the best val loss so far
 LAST_NAME = "last.safetensors"            # the latest state: at the end of a run, or where it was interrupted
