@@ -17,6 +17,7 @@ _CHUNK_BYTES = 8 << 20  # bytes of the file mapped in and released per step of a
 # what a training run writes in its out_dir: the best checkpoint, then the latest state
 _CHECKPOINT_NAMES = ("ckpt.safetensors", "last.safetensors")
 
+
 # ---- safetensors by memory map ------------------------------------------------------------------
 
 class SafetensorsFile:
