@@ -157,3 +157,8 @@ def rope(x, pos, theta=10000.0, interleaved=False):
         return out.reshape(x.shape)
     x1, x2 = x[..., : HS // 2], x[..., HS // 2:]
     return cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def lora_linear(x, w, b, A, B, scale=1.0):
+    out = x @ w + ((x @ A) @ B) * scale
+    return out + b if b is not None else out

@@ -766,7 +766,57 @@ def rope(x, pos, theta=10000.0, interleaved=False):
     return RoPE.apply(x, pos, theta=float(theta), interleaved=bool(interleaved))
 
 
+# ---- LoRA linear ---------------------------------------------------------------------------------
+
+class LoRALinear(Function):
+    """(..., IN), (IN, OUT), (OUT,), (IN, R), (R, OUT) -> (..., OUT): out = x w + b + scale (x A) B.
+
+    A linear with a low-rank adapter (LoRA): w and b are usually frozen, A and B trained; scale = alpha / R.
+    Every gradient is computed only when its input needs one, so a frozen w costs no (IN, OUT) product.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, A, B, scale=1.0):
+        x2 = x.reshape(-1, x.shape[-1])                   # (N, IN)
+        xa = x2 @ A                                       # (N, R): the low-rank code, saved for dB
+        out = x2 @ w
+        out += (scale * xa) @ B                           # (N, R) @ (R, OUT): an R-inner product
+        if b is not None:
+            out += b
+        ctx.x2, ctx.w, ctx.A, ctx.B, ctx.xa, ctx.scale, ctx.x_shape = x2, w, A, B, xa, scale, x.shape
+        return out.reshape(x.shape[:-1] + (w.shape[1],))
+
+    # derivation: docs/backward/lora.md
+    @staticmethod
+    def backward(ctx, dout):
+        need, s = ctx.needs_input_grad, ctx.scale
+        d2 = dout.reshape(-1, dout.shape[-1])             # (N, OUT)
+        # dx = dout w^T + s (dout B^T) A^T,  dw = x^T dout,  db = sum(dout),  dA = s x^T (dout B^T),  dB = s (x A)^T dout
+        dxa = s * (d2 @ ctx.B.T) if need[0] or need[3] else None   # (N, R) = dL/d(x A)
+        dx = (d2 @ ctx.w.T + dxa @ ctx.A.T).reshape(ctx.x_shape) if need[0] else None
+        dw = ctx.x2.T @ d2 if need[1] else None
+        db = sum_rows(d2) if need[2] else None
+        dA = ctx.x2.T @ dxa if need[3] else None
+        dB = s * (ctx.xa.T @ d2) if need[4] else None
+        return dx, dw, db, dA, dB
+
+
+def lora_linear(x, w, b, A, B, scale=1.0):
+    """(..., IN), (IN, OUT), (OUT,) or None, (IN, R), (R, OUT) -> (..., OUT): x w + b + scale x A B (w is (in, out))."""
+    for name, t in (("x", x), ("w", w), ("b", b), ("A", A), ("B", B)):
+        _require_float("lora_linear", name, t)
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"lora_linear: x has shape {tuple(x.shape)} but w has shape {tuple(w.shape)}; expected x (..., IN) and w (IN, OUT)")
+    IN, OUT = w.shape
+    if b is not None and tuple(b.shape) != (OUT,):
+        raise ValueError(f"lora_linear: b has shape {tuple(b.shape)}; expected ({OUT},)")
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != IN or B.shape[1] != OUT or A.shape[1] != B.shape[0]:
+        raise ValueError(f"lora_linear: A {tuple(A.shape)} and B {tuple(B.shape)} do not fit w {tuple(w.shape)}; "
+                         f"expected A ({IN}, R) and B (R, {OUT})")
+    return LoRALinear.apply(x, w, b, A, B, scale=float(scale))
+
+
 __all__ = ["linear", "embedding", "layer_norm", "rms_norm", "gelu", "silu", "swiglu", "softmax", "log_softmax",
-           "cross_entropy", "dropout", "scaled_dot_product_attention", "rope",
+           "cross_entropy", "dropout", "scaled_dot_product_attention", "rope", "lora_linear",
            "Linear", "Embedding", "LayerNorm", "RMSNorm", "GELU", "SiLU", "SwiGLU", "Softmax", "LogSoftmax",
-           "CrossEntropy", "Dropout", "ScaledDotProductAttention", "RoPE"]
+           "CrossEntropy", "Dropout", "ScaledDotProductAttention", "RoPE", "LoRALinear"]

@@ -279,7 +279,21 @@ class GPT(Module):
             return out
         return self._forward(idx, targets, None, rng, 0)
 
+    def hidden_states(self, idx, rng=None):
+        """idx int (B, T) -> (B, T, C): the final norm's output, what the LM head reads (a classifier's features)."""
+        xp = backend.array_module(self.transformer.wte.weight.data)
+        idx = idx.data if isinstance(idx, Tensor) else idx if backend.is_cupy_array(idx) else np.asarray(idx)
+        self._check_inputs(idx, None, 0)
+        return self._hidden(xp.asarray(idx), None, rng, 0)
+
     def _forward(self, idx, targets, kv_cache, rng, start):
+        logits = self.lm_head(self._hidden(idx, kv_cache, rng, start))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.CrossEntropy._apply_prechecked(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean")
+        return logits, loss
+
+    def _hidden(self, idx, kv_cache, rng, start):
         B, T = idx.shape
         tr = self.transformer
         # _check_inputs has checked idx and targets, and the positions are in range: the ops' own checks
@@ -291,12 +305,7 @@ class GPT(Module):
         x = tr.drop(x, rng)
         for layer, block in enumerate(tr.h):
             x = block(x, rng, kv_cache, layer)
-        x = tr.ln_f(x)
-        logits = self.lm_head(x)                                         # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.CrossEntropy._apply_prechecked(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean")
-        return logits, loss
+        return tr.ln_f(x)                                                # (B, T, C)
 
     def load_state_dict(self, state, strict=True):
         """As Module.load_state_dict, also taking a Hugging Face GPT2Model dict (no "transformer."

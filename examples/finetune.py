@@ -1,0 +1,144 @@
+"""Pretrain a small BPE GPT on tiny Shakespeare, then fine-tune it: spam classification and instruction following,
+each fully and with LoRA, from the pretrained weights and from random ones (the value of pretraining, measured).
+
+    python examples/finetune.py                         # every step below, in order (CPU; see the README for times)
+    python examples/finetune.py --steps=data,pretrain   # only some steps
+    python examples/finetune.py --steps=spam --inits=pretrained --modes=lora
+
+Steps (everything under --root, default out/finetune):
+  data      the SMS Spam Collection balanced to 747 + 747 and split 70/10/20 into spam/{train,val,test}.tsv;
+            the 1,100 instructions split 85/5/10 into instruct/{train,val,test}.json (seeded shuffles)
+  pretrain  a 3-layer, 96-wide GPT with a 512-merge byte-level BPE, context 256, on tiny Shakespeare
+  spam      python -m tinygrad_llm.finetune classify ... for each init and mode, then evaluate on the test split
+  instruct  python -m tinygrad_llm.finetune instruct ... likewise; test: response loss and greedy exact match
+  table     the results of every run found, as a Markdown table
+
+The data ships in examples/data/ (see its README.md for where each file comes from).
+"""
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import tinygrad_llm  # noqa: E402,F401  (before NumPy's threads start: see the README's Threads section)
+from tinygrad_llm import evaluate, finetune  # noqa: E402
+from tinygrad_llm.data import prepare  # noqa: E402
+from tinygrad_llm.fileio import atomic_write  # noqa: E402
+from tinygrad_llm.train import TrainConfig, train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+SHAKESPEARE = DATA / "tinyshakespeare.txt"
+SPAM = DATA / "sms_spam" / "SMSSpamCollection"
+INSTRUCTIONS = DATA / "instructions" / "instruction-data.json"
+
+PRETRAIN = dict(n_layer=3, n_head=4, n_embd=96, block_size=256, batch_size=4, max_iters=600, warmup_iters=30,
+                eval_interval=100, eval_iters=5, lr=1e-3, min_lr=1e-4, sample_chars=200)
+# fine-tuning settings per (task, mode): passed to the CLIs as --key=value
+SETTINGS = {
+    ("spam", "full"): ["--trainable=all", "--lr=5e-4", "--epochs=3", "--batch_size=8", "--max_length=96"],
+    ("spam", "lora"): ["--lora_rank=8", "--lora_alpha=16", "--lr=2e-3", "--epochs=3", "--batch_size=8", "--max_length=96"],
+    ("instruct", "full"): ["--lr=5e-4", "--epochs=2", "--batch_size=8", "--max_new_tokens=64"],
+    ("instruct", "lora"): ["--lora_rank=8", "--lora_alpha=16", "--lr=2e-3", "--epochs=2", "--batch_size=8", "--max_new_tokens=64"],
+}
+
+
+def make_data(root, seed=123):
+    rng = np.random.default_rng(seed)
+    rows = [line.split("\t", 1) for line in SPAM.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = finetune.balance([(label, text) for label, text in rows], rng)
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    n_train, n_val = int(0.7 * len(rows)), int(0.1 * len(rows))
+    splits = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
+    for name, part in splits.items():
+        atomic_write(root / "spam" / f"{name}.tsv", "".join(f"{label}\t{text}\n" for label, text in part))
+    examples = json.loads(INSTRUCTIONS.read_text(encoding="utf-8"))
+    examples = [examples[i] for i in rng.permutation(len(examples))]
+    n_train, n_val = int(0.85 * len(examples)), int(0.05 * len(examples))
+    parts = {"train": examples[:n_train], "val": examples[n_train:n_train + n_val], "test": examples[n_train + n_val:]}
+    for name, part in parts.items():
+        atomic_write(root / "instruct" / f"{name}.json", json.dumps(part, indent=1))
+    print("spam: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
+          "; instruct: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
+
+
+def pretrain(root):
+    data_dir = root / "shakespeare_bpe512"
+    if not (data_dir / "meta.json").is_file():
+        prepare(SHAKESPEARE, data_dir, tokenizer="bpe:512")
+    config = TrainConfig(data_dir=str(data_dir), out_dir=str(root / "pretrain"), **PRETRAIN)
+    summary = train(config)
+    print(f"pretrained: best val loss {summary['best_val_loss']:.4f}, {summary['elapsed_s']:.0f} s")
+
+
+def finetune_run(root, task, init, mode):
+    base = root / "pretrain" / "ckpt.safetensors"
+    out = root / "runs" / f"{task}_{init}_{mode}"
+    args = ["classify" if task == "spam" else "instruct", f"--init={base}", f"--out={out}",
+            f"--reinit={'true' if init == 'random' else 'false'}"] + SETTINGS[(task, mode)]
+    if task == "spam":
+        args += [f"--train={root / 'spam/train.tsv'}", f"--val={root / 'spam/val.tsv'}", f"--test={root / 'spam/test.tsv'}"]
+    else:
+        args += [f"--data={root / 'instruct/train.json'}", f"--val={root / 'instruct/val.json'}"]
+    print(f"\n=== {task}, {init} initial weights, {mode} ===\n$ python -m tinygrad_llm.finetune " + " ".join(args), flush=True)
+    if finetune.main(args):
+        sys.exit(f"error: the {task} {init} {mode} run failed")
+    test = root / ("spam/test.tsv" if task == "spam" else "instruct/test.json")
+    args = [f"--model={out}", f"--data={test}", "--json"]
+    args += ["--task=classify"] if task == "spam" else ["--task=instruct", "--max_new_tokens=64"]
+    parser = evaluate.build_parser()
+    result = evaluate.run(parser.parse_args(args))
+    trained = json.loads((out / finetune.RESULTS_NAME).read_text())
+    result.update(elapsed_s=trained["elapsed_s"], trainable=trained["trainable_params"])
+    atomic_write(out / "test.json", json.dumps(result, indent=1))
+
+
+def table(root):
+    lines = ["| task | initial weights | mode | trainable params | test accuracy | test response loss | exact match | fine-tuning time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in sorted((root / "runs").glob("*/test.json")):
+        task, init, mode = path.parent.name.split("_")
+        r = json.loads(path.read_text())
+        acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else ""
+        loss = f"{r['loss']:.3f}" if task == "instruct" else ""
+        em = f"{100 * r['exact_match']:.1f}%" if "exact_match" in r else ""
+        lines.append(f"| {task} | {init} | {mode} | {r['trainable']:,} | {acc} | {loss} | {em} | {r['elapsed_s']:.0f} s |")
+    print("\n".join(lines))
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("out/finetune"))
+    parser.add_argument("--steps", default="data,pretrain,spam,instruct,table")
+    parser.add_argument("--inits", default="pretrained,random")
+    parser.add_argument("--modes", default="full,lora")
+    args = parser.parse_args(argv)
+    steps, inits, modes = (args.steps.split(","), args.inits.split(","), args.modes.split(","))
+    bad = ([s for s in steps if s not in ("data", "pretrain", "spam", "instruct", "table")] +
+           [i for i in inits if i not in ("pretrained", "random")] + [m for m in modes if m not in ("full", "lora")])
+    if bad:
+        parser.error(f"unknown step, init or mode {bad}")
+    for path in (SHAKESPEARE, SPAM, INSTRUCTIONS):
+        if not path.is_file():
+            sys.exit(f"error: {path} is missing (it ships with the repository)")
+    if "data" in steps:
+        make_data(args.root)
+    if "pretrain" in steps:
+        pretrain(args.root)
+    for task in ("spam", "instruct"):
+        if task in steps:
+            for init in inits:
+                for mode in modes:
+                    finetune_run(args.root, task, init, mode)
+    if "table" in steps:
+        table(args.root)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
