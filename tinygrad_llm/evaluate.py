@@ -167,7 +167,10 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # argparse's error (one line, printed) or --help: its exit code
+        return e.code
     try:
         result = run(args)
     except (InputError, OSError) as e:

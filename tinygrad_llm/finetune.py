@@ -778,7 +778,10 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # argparse's error (one line, printed) or --help: its exit code
+        return e.code
     try:
         if args.command == "classify":
             run_classify(args)
