@@ -123,7 +123,7 @@ def evaluate_instruct(model, tokenizer, path, max_new_tokens=None, show=3):
     T = model.config.block_size
     loss = instruct_eval(model, examples, tokenizer, True, T)
     answers = [greedy_answer(model, tokenizer, e, max_new_tokens) for e in examples]
-    exact = [a == e["output"].strip() for a, e in zip(answers, examples)]
+    exact = [a.strip() == e["output"].strip() for a, e in zip(answers, examples)]
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "exact_match": float(np.mean(exact)),
             "examples": len(examples),
             "samples": [{"instruction": e["instruction"], "input": e.get("input", ""), "expected": e["output"],
