@@ -98,7 +98,7 @@ def test_instruct_response_loss_and_exact_match(tmp_path, tokenizer, capsys, mon
     result = _json_line(capsys)
     assert result["exact_match"] == 0.5
     model, _ = load_model(ckpt)
-    x, y = finetune.instruction_batch(EXAMPLES[:2], tokenizer)
+    x, y = finetune.instruction_batch(EXAMPLES[:2], tokenizer, max_length=96)
     _, loss = model(x, y)
     assert abs(result["loss"] - loss.item()) < 1e-5       # the mean over the response targets only
 
