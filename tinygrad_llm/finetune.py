@@ -326,9 +326,14 @@ def load_base(path):
         if not hasattr(GPT, "from_pretrained"):
             raise InputError(f"{path} is a folder, and this version has no GPT.from_pretrained to read it; "
                              "give a .safetensors checkpoint of this project")
-        model = GPT.from_pretrained(str(path))
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return model, BPETokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+        try:
+            model = GPT.from_pretrained(str(path))
+            if hasattr(BPETokenizer, "from_pretrained"):
+                return model, BPETokenizer.from_pretrained(str(path))
+            if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                return model, BPETokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: {e}") from None
         raise InputError(f"{path}: no vocab.json and merges.txt beside the weights, so no tokenizer")
     if not path.is_file():
         raise InputError(f"--init {path}: no such file or folder")
@@ -738,17 +743,17 @@ class _Parser(argparse.ArgumentParser):
 def _common(p, lr):
     p.add_argument("--init", required=True, help="a checkpoint of this project (or a folder GPT.from_pretrained reads)")
     p.add_argument("--out", required=True, help="output folder: model.safetensors, metrics.jsonl, results.json")
-    p.add_argument("--lora_rank", type=_positive_int, default=None, help="train LoRA adapters of this rank (default: none)")
-    p.add_argument("--lora_alpha", type=_nonneg_float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lora_rank", type=_positive_int, default=None, help="train LoRA adapters of this rank (None: no LoRA)")
+    p.add_argument("--lora_alpha", type=_nonneg_float, default=None, help="LoRA alpha (None: the rank)")
     p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS), help="linears that get adapters")
     p.add_argument("--reinit", type=_bool, default=False, help="true: the base's architecture and tokenizer with fresh random weights")
-    p.add_argument("--epochs", type=_positive_int, default=5)
-    p.add_argument("--batch_size", type=_positive_int, default=8)
-    p.add_argument("--lr", type=_nonneg_float, default=lr)
-    p.add_argument("--weight_decay", type=_nonneg_float, default=0.1)
+    p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the training data")
+    p.add_argument("--batch_size", type=_positive_int, default=8, help="examples per step")
+    p.add_argument("--lr", type=_nonneg_float, default=lr, help="AdamW learning rate (constant)")
+    p.add_argument("--weight_decay", type=_nonneg_float, default=0.1, help="AdamW weight decay on matrices")
     p.add_argument("--grad_clip", type=_nonneg_float, default=1.0, help="0: no clipping")
-    p.add_argument("--max_length", type=_positive_int, default=None, help="tokens per text (default: the context)")
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--max_length", type=_positive_int, default=None, help="tokens per text (None: the model's context)")
+    p.add_argument("--seed", type=int, default=123, help="seeds the head, adapters, shuffling and --reinit")
 
 
 def build_parser():
@@ -759,15 +764,15 @@ def build_parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(c, 5e-4)
     c.add_argument("--train", required=True, help=".csv/.tsv with label and text columns, or label<TAB>text lines")
-    c.add_argument("--val", required=True)
-    c.add_argument("--test", default=None)
+    c.add_argument("--val", required=True, help="validation texts (same formats); picks the best epoch")
+    c.add_argument("--test", default=None, help="test texts, evaluated once at the end")
     c.add_argument("--trainable", default="last:1", help="head, last:N (N last blocks, final norm, head) or all")
     c.add_argument("--balance", type=_bool, default=False, help="true: downsample the training classes to the rarest")
     i = sub.add_parser("instruct", help="instruction tuning on Alpaca-style JSON", allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(i, 5e-4)
     i.add_argument("--data", required=True, help="JSON list of {instruction, input, output}")
-    i.add_argument("--val", default=None)
+    i.add_argument("--val", default=None, help="validation examples; picks the best epoch")
     i.add_argument("--mask_prompt", type=_bool, default=True, help="true: the loss covers the response only")
     i.add_argument("--trainable", default="all", help="all or last:N")
     i.add_argument("--max_new_tokens", type=_positive_int, default=64, help="for the greedy sample answers")
