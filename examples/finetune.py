@@ -68,6 +68,9 @@ def make_data(root, seed=123):
 
 
 def pretrain(root):
+    if (root / "pretrain" / "ckpt.safetensors").is_file():
+        print(f"using the pretrained model in {root / 'pretrain'} (delete that folder to pretrain again)")
+        return
     data_dir = root / "shakespeare_bpe512"
     if not (data_dir / "meta.json").is_file():
         prepare(SHAKESPEARE, data_dir, tokenizer="bpe:512")
