@@ -16,7 +16,6 @@ Steps (everything under --root, default out/finetune):
 The data ships in examples/data/ (see its README.md for where each file comes from).
 """
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path

@@ -35,7 +35,7 @@ import numpy as np
 from . import functional as F
 from .checkpoint import load_model, load_safetensors, save_checkpoint, save_safetensors
 from .fileio import atomic_write
-from .lora import DEFAULT_TARGETS, apply_lora, freeze, lora_linears, merge_lora
+from .lora import DEFAULT_TARGETS, apply_lora, lora_linears, merge_lora
 from .model import GPT, GPTConfig, IGNORE_INDEX
 from .nn import Linear
 from .optim import AdamW, clip_grad_norm, param_groups
@@ -103,8 +103,7 @@ def set_trainable(model, spec):
         for t in tensors.values():
             t.requires_grad = True
         return
-    freeze_all = [t for t in tensors.values()]
-    for t in freeze_all:
+    for t in tensors.values():
         t.requires_grad = False
     names = ["score."]
     if spec.startswith("last:"):

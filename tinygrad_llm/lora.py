@@ -96,8 +96,3 @@ def merge_lora(model):
                 value.requires_grad = True
     return model
 
-
-def freeze(model):
-    """requires_grad False on every parameter of `model`."""
-    for p in model.parameters():
-        p.requires_grad = False
