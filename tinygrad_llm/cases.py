@@ -205,6 +205,9 @@ _FUNCTIONAL = [
          lambda t, x: _torch_rope(t, x, np.arange(4, 9)), op="RoPE", composite=True),
     Case("rope (interleaved, theta)", lambda M, x: M.rope(x, np.arange(4), theta=500.0, interleaved=True),
          [(1, 2, 4, 6)], lambda t, x: _torch_rope(t, x, np.arange(4), 500.0, True), op="RoPE", composite=True),
+    Case("lora_linear", lambda M, x, w, b, A, B: M.lora_linear(x, w, b, A, B, scale=2.0),
+         [(2, 3, 4), (4, 5), (5,), (4, 2), (2, 5)], lambda t, x, w, b, A, B: x @ w + b + 2.0 * (x @ A @ B),
+         op="LoRALinear", composite=True),
 ]
 
 CASES = _PRIMITIVES + _FUNCTIONAL

@@ -808,7 +808,7 @@ def _one_blas_thread():
     """The rank-R products run on one OpenBLAS thread: threads cost more than they give on such thin shapes
     (measured on the shared 2-core machine: 1.0 vs 36.6 ms of CPU time for one step's four of them at N=1024,
     IN=128, OUT=384, R=8). A no-op without OpenBLAS; imported late, as the kernels package loads on first use."""
-    from .kernels.common import blas_threads
+    from .kernels.cpu.threads import blas_threads
     return blas_threads(1)
 
 
