@@ -41,7 +41,7 @@ PRETRAIN = dict(n_layer=3, n_head=4, n_embd=96, block_size=256, batch_size=4, ma
 # fine-tuning settings per (task, mode): passed to the CLIs as --key=value
 SETTINGS = {
     ("spam", "full"): ["--trainable=all", "--lr=5e-4", "--epochs=3", "--batch_size=8", "--max_length=96"],
-    ("spam", "lora"): ["--lora_rank=16", "--lora_alpha=32", "--lr=3e-3", "--epochs=4", "--batch_size=8", "--max_length=96"],
+    ("spam", "lora"): ["--lora_rank=16", "--lora_alpha=16", "--lr=1e-3", "--epochs=8", "--batch_size=8", "--max_length=96"],
     ("instruct", "full"): ["--lr=5e-4", "--epochs=2", "--batch_size=8", "--max_new_tokens=64"],
     ("instruct", "lora"): ["--lora_rank=8", "--lora_alpha=16", "--lr=2e-3", "--epochs=2", "--batch_size=8", "--max_new_tokens=64"],
 }
