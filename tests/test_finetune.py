@@ -276,3 +276,18 @@ def test_instruct_bad_input(tmp_path, tokenizer, capsys):
             f"--out={out}"], capsys, "missing field", out)
     _fails(["instruct", f"--init={base}", f"--data={tmp_path / 'ok.json'}", f"--out={out}", "--mask_prompt=maybe"],
            capsys, "true or false", out)
+
+
+def test_a_hugging_face_folder_as_the_base_through_from_pretrained(tmp_path, tokenizer):
+    from tinygrad_llm import evaluate
+    model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    model.save_pretrained(tmp_path / "hf", tokenizer=tokenizer)        # holds a model.safetensors of its own
+    train, val = _spam_files(tmp_path)
+    out = tmp_path / "run"
+    assert finetune.main(["classify", f"--init={tmp_path / 'hf'}", f"--train={train}", f"--val={val}", f"--out={out}",
+                          "--epochs=1", "--lora_rank=2"]) == 0
+    assert json.loads(load_safetensors(out / "model.safetensors")[1]["base"])["path"] == str((tmp_path / "hf").resolve())
+    assert evaluate.main([f"--model={out}", f"--data={val}", "--task=classify"]) == 0
+    (tmp_path / "hf" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text() + " ")
+    with pytest.raises(finetune.InputError, match="has changed"):
+        finetune.load_run(out)

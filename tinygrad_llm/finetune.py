@@ -122,18 +122,34 @@ def _parse_trainable(text):
 # ---- loading models -----------------------------------------------------------------------------
 
 def _sha256(path):
+    """Of a file, or of a folder's files (names and contents, sorted by name)."""
+    path = Path(path)
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for file in files:
+        if path.is_dir():
+            h.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
+
+
+def _is_run(file):
+    """Whether `file` is a fine-tuning output's model file (a Hugging Face folder's model.safetensors is not)."""
+    if not file.is_file():
+        return False
+    try:
+        return load_safetensors(file)[1].get("format") == FORMAT
+    except ValueError:
+        return False
 
 
 def load_base(path):
     """(GPT, tokenizer) from a checkpoint of this project, or a folder GPT.from_pretrained reads."""
     path = Path(path)
     if path.is_dir():
-        if (path / MODEL_NAME).is_file():
+        if _is_run(path / MODEL_NAME):
             raise InputError(f"{path} is a fine-tuning output; export it first (python -m tinygrad_llm.finetune export)")
         if not hasattr(GPT, "from_pretrained"):
             raise InputError(f"{path} is a folder, and this version has no GPT.from_pretrained to read it; "
@@ -187,7 +203,7 @@ def load_run(out_dir):
     if lora is not None and base.get("reinit_seed") is not None:
         gpt = GPT(config, rng=np.random.default_rng(base["reinit_seed"]))
     elif lora is not None:
-        if not Path(base["path"]).is_file():
+        if not Path(base["path"]).exists():
             raise InputError(f"{path} is a LoRA run on {base['path']}, which is not there any more")
         if _sha256(base["path"]) != base["sha256"]:
             raise InputError(f"{base['path']} has changed since the LoRA run in {out_dir} was trained on it")
@@ -333,8 +349,6 @@ def _base_record(args):
         return {"path": str(Path(args.init).resolve()), "reinit_seed": args.seed}
     if not args.lora_rank:
         return {"path": str(Path(args.init).resolve())}
-    if not Path(args.init).is_file():
-        raise InputError("a LoRA run needs --init to be a checkpoint file (its sha256 is saved with the adapters)")
     return {"path": str(Path(args.init).resolve()), "sha256": _sha256(args.init)}
 
 
