@@ -19,6 +19,7 @@ than absolute times. The steps of the two run one after the other (OpenBLAS and 
 """
 import collections
 import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")  # before NumPy loads: idle BLAS threads sleep after ~1.5 ms (README, Threads)
 import statistics
 import sys
 import time

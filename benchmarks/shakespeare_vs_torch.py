@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")  # before NumPy loads: idle BLAS threads sleep after ~1.5 ms (README, Threads)
 import platform
 import statistics
 import sys

@@ -11,6 +11,7 @@ after its call and steal the cores from the other's next call. Blocks still spre
 both. The medians of the timed steps are compared. Prints one markdown row for benchmarks/RESULTS.md.
 """
 import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")  # before NumPy loads: idle BLAS threads sleep after ~1.5 ms (README, Threads)
 import platform
 import statistics
 import sys

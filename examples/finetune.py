@@ -15,6 +15,8 @@ Steps (everything under --root, default out/finetune):
 
 The data ships in examples/data/ (see its README.md for where each file comes from).
 """
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")  # before NumPy loads: idle BLAS threads sleep after ~1.5 ms (README, Threads)
 import argparse
 import json
 import sys

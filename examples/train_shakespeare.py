@@ -13,6 +13,8 @@ The text (examples/data/tinyshakespeare.txt unless --data says otherwise) is tok
 metrics.jsonl and loss.png into ./out/shakespeare_<tokenizer>/ unless --out_dir says otherwise. A resumed
 run takes its data and settings from its checkpoint. Sample afterwards with examples/sample.py.
 """
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")  # before NumPy loads: idle BLAS threads sleep after ~1.5 ms (README, Threads)
 import json
 import sys
 from pathlib import Path
