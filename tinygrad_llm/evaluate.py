@@ -25,7 +25,7 @@ from . import functional as F
 from .checkpoint import load_safetensors
 from .finetune import (FORMAT, MODEL_NAME, InputError, _Parser, _positive_int, class_report, classify_eval,
                        confusion_matrix, encode, encode_texts, format_confusion, greedy_answer, instruct_eval,
-                       load_base, load_run, pad_id, read_instructions, read_labeled)
+                       exit_code, load_base, load_run, pad_id, read_instructions, read_labeled)
 from .tensor import no_grad
 
 
@@ -167,18 +167,11 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as e:  # argparse's error (one line, printed) or --help: its exit code
-        return e.code
-    try:
+    def run_and_print(args):
         result = run(args)
-    except (InputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result))
-    return 0
+        if args.json:
+            print(json.dumps(result))
+    return exit_code(build_parser(), run_and_print, argv)
 
 
 if __name__ == "__main__":

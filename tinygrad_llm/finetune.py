@@ -608,22 +608,24 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def exit_code(parser, run, argv=None):
+    """Parse argv, then run(args): 0 when it returns; argparse's code on a usage error or --help; 1 with one
+    stderr line on a user's mistake (InputError, OSError). The finetune and evaluate CLIs' main."""
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # argparse's error (one line, printed) or --help: its exit code
         return e.code
     try:
-        if args.command == "classify":
-            run_classify(args)
-        elif args.command == "instruct":
-            run_instruct(args)
-        else:
-            run_export(args)
+        run(args)
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None):
+    commands = {"classify": run_classify, "instruct": run_instruct, "export": run_export}
+    return exit_code(build_parser(), lambda args: commands[args.command](args), argv)
 
 
 if __name__ == "__main__":
