@@ -125,8 +125,8 @@ class World:
             sys.stderr.write(f"rank {self.rank} of {self.size}: exiting on an error; aborting every rank\n")
             sys.stderr.flush()
             # the launcher forwards this rank's stderr through a pipe and stops reading it once Abort kills
-            # the job: a moment first, so that the traceback above reaches the user (without it the error line was missing from mpiexec's
-            # stderr in 2 of about 70 runs of the failing-rank test on the 2-core machine)
+            # the job: a moment first, so that the traceback above reaches the user (without it the error
+            # line was missing from mpiexec's stderr in 2 of about 70 runs of the failing-rank test here)
             time.sleep(0.5)
             self.comm.Abort(1)
 
