@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from . import precision
+
 _cupy = None
 
 
@@ -181,9 +183,29 @@ def implementation(op, device):
     return impl
 
 
+def mixed_implementation(op, device, mode):
+    """The kernel `op` names for `device` in its `bf16_kernels` (precision.py's policy), or None. Taken
+    under autocast even with TINYGRAD_LLM_KERNELS=0: it is the only implementation of the bf16 products."""
+    key = (op, device, mode)
+    if key not in _implementations:
+        name = getattr(op, "__dict__", {}).get("bf16_kernels", {}).get(device)
+        impl = None
+        if name is not None:
+            module, attribute = name.rsplit(".", 1)
+            impl = getattr(importlib.import_module(f"tinygrad_llm.kernels.{device}.{module}"), attribute)
+        _implementations[key] = impl
+    return _implementations[key]
+
+
 def accelerated(op, *arrays):
     """implementation(op, device of the first array among `arrays`): what Function.apply and the
-    optimizer call."""
+    optimizer call. Under precision.autocast, an op of the bf16 policy runs its bf16 kernel."""
+    mode = precision.current()
+    if mode is not None:
+        device = next((device_of(a) for a in arrays if hasattr(a, "dtype")), "cpu")
+        impl = mixed_implementation(op, device, mode)
+        if impl is not None:
+            return impl
     if not kernels_enabled():
         return op
     device = next((device_of(a) for a in arrays if hasattr(a, "dtype")), "cpu")

@@ -72,7 +72,7 @@ class GPTClassifier(GPT):
         rng = np.random.default_rng(0) if rng is None else rng
         self.lm_head = None
         self.n_classes = int(n_classes)
-        self.score = Linear(self.config.n_embd, self.n_classes, rng=rng, dtype=self.config.dtype)
+        self.score = Linear(self.config.n_embd, self.n_classes, rng=rng, dtype=self.config.param_dtype)
 
     def forward(self, idx, last, rng=None):
         h = self.hidden_states(idx, rng)                              # (B, T, C)

@@ -115,7 +115,7 @@ def config_to_hf(config):
         if getattr(c, name) != value:
             raise ValueError(f"GPTConfig.{name}={getattr(c, name)!r} with position={c.position!r} has no Hugging Face "
                              f"equivalent: the {'GPT-2' if layout == 'gpt2' else 'Llama'} layout needs {name}={value!r}")
-    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": c.dtype,
+    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": c.param_dtype,
               "use_cache": True}
     if layout == "gpt2":
         if (c.n_kv_head or c.n_head) != c.n_head:

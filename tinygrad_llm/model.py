@@ -15,12 +15,13 @@ and of values). GPT.from_pretrained / save_pretrained read and write Hugging Fac
 Generation uses a KVCache: `model(idx_new, kv_cache=cache)` runs only the new tokens, attending to the
 keys and values cached from earlier calls; positions start at the cache's length.
 """
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from . import backend
+from . import backend, precision
 from . import functional as F
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleDict, ModuleList, RMSNorm
 from .tensor import Context, Tensor, no_grad
@@ -37,7 +38,8 @@ class GPTConfig:
     n_embd: int
     dropout: float = 0.0
     bias: bool = True                 # biases in every Linear and LayerNorm (GPT-2: True)
-    dtype: str = "float32"            # "float64" builds every parameter and activation in float64
+    dtype: str = "float32"            # "float64" builds every parameter and activation in float64; "bfloat16":
+                                      # float32 parameters, bf16 matrix products (precision.py's policy)
     norm: str = "layernorm"           # "layernorm" | "rmsnorm"
     mlp: str = "gelu"                 # "gelu" (GPT-2) | "swiglu" (Llama)
     position: str = "learned"         # "learned" (wpe, GPT-2) | "rope" (rotary, half-split layout)
@@ -55,7 +57,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        choices = {"dtype": ("float32", "float64"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+        choices = {"dtype": precision.DTYPES, "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
                    "position": ("learned", "rope"), "gelu_approximate": ("tanh", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -72,6 +74,11 @@ class GPTConfig:
             self.mlp_hidden = 4 * C if self.mlp == "gelu" else -(-8 * C // 3 // 8) * 8
         elif self.mlp_hidden <= 0:
             raise ValueError(f"GPTConfig.mlp_hidden must be positive, got {self.mlp_hidden}")
+
+    @property
+    def param_dtype(self):
+        """The dtype of the parameters (and activations): float32 for "bfloat16", else dtype."""
+        return precision.param_dtype(self.dtype)
 
     def to_dict(self):
         return asdict(self)
@@ -96,15 +103,15 @@ class KVCache:
         xp = backend.cupy_module() if device == "cuda" else np
         HS = config.n_embd // config.n_head
         shape = (batch_size, config.n_kv_head or config.n_head, config.block_size, HS)
-        self.k = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
-        self.v = [xp.zeros(shape, dtype=config.dtype) for _ in range(config.n_layer)]
+        self.k = [xp.zeros(shape, dtype=config.param_dtype) for _ in range(config.n_layer)]
+        self.v = [xp.zeros(shape, dtype=config.param_dtype) for _ in range(config.n_layer)]
         self.batch_size = batch_size
         self.length = 0
 
 
 class CausalSelfAttention(Module):
     def __init__(self, config, rng):
-        C, L, dtype = config.n_embd, config.n_layer, config.dtype
+        C, L, dtype = config.n_embd, config.n_layer, config.param_dtype
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.rope_theta = config.rope_theta if config.position == "rope" else None
@@ -157,7 +164,7 @@ class CausalSelfAttention(Module):
 
 class MLP(Module):
     def __init__(self, config, rng):
-        C, H, L, dtype = config.n_embd, config.mlp_hidden, config.n_layer, config.dtype
+        C, H, L, dtype = config.n_embd, config.mlp_hidden, config.n_layer, config.param_dtype
         self.kind, self.gelu_approximate = config.mlp, config.gelu_approximate
         self.c_fc = Linear(C, H, bias=config.bias, rng=rng, dtype=dtype)
         if self.kind == "swiglu":
@@ -176,8 +183,8 @@ class MLP(Module):
 
 def _norm(config):
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, eps=config.norm_eps, dtype=config.dtype)
-    return LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias, dtype=config.dtype)
+        return RMSNorm(config.n_embd, eps=config.norm_eps, dtype=config.param_dtype)
+    return LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias, dtype=config.param_dtype)
 
 
 class Block(Module):
@@ -210,7 +217,7 @@ class GPT(Module):
         biases 0, norm weights 1. rng: an np.random.Generator; None means np.random.default_rng(0)."""
         rng = np.random.default_rng(0) if rng is None else rng
         self.config = config
-        C, V, dtype = config.n_embd, config.vocab_size, config.dtype
+        C, V, dtype = config.n_embd, config.vocab_size, config.param_dtype
         parts = dict(wte=Embedding(V, C, rng=rng, dtype=dtype))
         if config.position == "learned":
             parts["wpe"] = Embedding(config.block_size, C, rng=rng, dtype=dtype)
@@ -284,10 +291,20 @@ class GPT(Module):
         xp = backend.array_module(self.transformer.wte.weight.data)
         idx = idx.data if isinstance(idx, Tensor) else idx if backend.is_cupy_array(idx) else np.asarray(idx)
         self._check_inputs(idx, None, 0)
-        return self._hidden(xp.asarray(idx), None, rng, 0)
+        with self._autocast():
+            return self._hidden(xp.asarray(idx), None, rng, 0)
+
+    def _autocast(self):
+        """precision.autocast for a bfloat16 model (a ValueError where its device cannot run bf16: never a
+        silent slow path), else nothing. The loss stays outside: cross-entropy is float32 either way."""
+        if not precision.is_mixed(self.config.dtype):
+            return contextlib.nullcontext()
+        precision.check_supported(self.config.dtype, backend.device_of(self.transformer.wte.weight.data))
+        return precision.autocast(self.config.dtype)
 
     def _forward(self, idx, targets, kv_cache, rng, start):
-        logits = self.lm_head(self._hidden(idx, kv_cache, rng, start))  # (B, T, V)
+        with self._autocast():
+            logits = self.lm_head(self._hidden(idx, kv_cache, rng, start))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.CrossEntropy._apply_prechecked(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean")

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, distributed
+from . import backend, distributed, precision
 from .backend import check_device
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import parse_config_args, run_cli
@@ -185,7 +185,7 @@ def estimate_memory(config, vocab_size):
     peak that tracemalloc measures over two steps (1.07-1.53x of it for the configurations there).
     """
     model_config = config.model_config(vocab_size)
-    itemsize = np.dtype(config.dtype).itemsize
+    itemsize = np.dtype(precision.param_dtype(config.dtype)).itemsize   # bf16: float32 weights and activations
     B, T, C, H, NH = config.batch_size, config.block_size, config.n_embd, model_config.mlp_hidden, config.n_head
     params = count_params(model_config) * itemsize
     per_block = B * T * (14 * C + 4 * H) + (3 if config.dropout else 2) * B * NH * T * T
@@ -479,15 +479,16 @@ def train_step(model, optimizer, config, rng, it, lr, ckpt_path, dp=None):
     model.train()
     optimizer.lr = lr
     total = 0.0
-    for micro in range(config.grad_accum):
-        x, y = world.batch(config.data_dir, "train", config.batch_size, config.block_size, rng)
-        _, loss = model(x, y, rng=world.dropout_rng(rng, config, it, micro))  # NumPy ids: checked on the host, then copied
-        value = loss.item()
-        if not math.isfinite(value):
-            _diverged(model, x, y, f"loss is {value} at iteration {it} (micro-batch {micro})", ckpt_path)
-        # scaled by 1/k, the k backward passes sum to the gradient of the mean over all k micro-batches
-        dp.backward(loss * (1.0 / config.grad_accum), last=micro == config.grad_accum - 1)
-        total += value
+    with precision.weight_copies():   # bf16: each weight rounded once for all the step's micro-batches
+        for micro in range(config.grad_accum):
+            x, y = world.batch(config.data_dir, "train", config.batch_size, config.block_size, rng)
+            _, loss = model(x, y, rng=world.dropout_rng(rng, config, it, micro))  # NumPy ids: checked on the host
+            value = loss.item()
+            if not math.isfinite(value):
+                _diverged(model, x, y, f"loss is {value} at iteration {it} (micro-batch {micro})", ckpt_path)
+            # scaled by 1/k, the k backward passes sum to the gradient of the mean over all k micro-batches
+            dp.backward(loss * (1.0 / config.grad_accum), last=micro == config.grad_accum - 1)
+            total += value
     dp.average_gradients()   # over the ranks (with ZeRO, into this rank's shard)
     if config.zero:
         norm = dp.clip_grad_norm(config.grad_clip)

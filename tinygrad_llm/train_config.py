@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import precision
 from .cli import config_parser, option, parse_config_args
 from .model import GPTConfig
 from .optim import cosine_lr
 
-CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("float32", "float64"), "device": ("cpu", "cuda"),
+CHOICES = {"init_from": ("scratch", "resume"), "dtype": precision.DTYPES, "device": ("cpu", "cuda"),
            "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "position": ("learned", "rope")}
 # what a resumed run may set differently from the run it continues (everything else comes from the checkpoint)
 RESUMABLE = ("out_dir", "init_from", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
@@ -51,7 +52,8 @@ class TrainConfig:
     log_interval: int = option(50, "a progress line every this many steps (0: none)")
     # run
     seed: int = option(1337, "seed of the init, dropout and batches")
-    dtype: str = option("float32", "parameter and activation dtype")
+    dtype: str = option("float32", "parameter and activation dtype (bfloat16: float32 weights and optimizer "
+                        "state, bf16 matrix products with float32 sums; GPU only)")
     device: str = option("cpu", "where to train (cuda needs CuPy and an NVIDIA GPU)")
     init_from: str = option("scratch", "scratch: a new run; resume: continue the run saved in out_dir")
     overwrite: bool = option(False, "let a new run replace the run saved in out_dir")
@@ -87,6 +89,9 @@ class TrainConfig:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if problems:
             raise ValueError("TrainConfig: " + "; ".join(problems))
+        reason = precision.unsupported_reason(self.dtype, self.device)
+        if reason is not None:   # a CPU without bf16 units (or bf16 CPU kernels) is refused, never run slowly
+            raise ValueError(f"TrainConfig: {reason}")
 
     def model_config(self, vocab_size):
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,

@@ -1,0 +1,213 @@
+"""bf16 products with float32 sums on CUDA arrays (precision.py's policy): Linear and SelfAttention under
+precision.autocast("bfloat16").
+
+How bf16 is held: as CuPy uint16 arrays of the bits, made by one conversion pass (round to nearest even)
+and read by cuBLAS as CUDA_R_16BF. CuPy's own bfloat16 dtype needs ml_dtypes and is marked experimental
+in CuPy 14, and nothing here needs more than storage: every arithmetic step on bf16 values is inside cuBLAS.
+
+Where bf16 lives: only as the products' operands. The autograd's tensors (activations, gradients) stay
+float32, so LayerNorm, softmax, GELU, dropout and the loss run their float32 kernels unchanged, and no
+gradient is rounded before it is summed. The price is one conversion pass over each product's float32
+input (x forward, dout backward, attention's P and dS). What a bf16 product saves for backward is its bf16
+operand (x, q k v, P), half the bytes of the float32 input it replaces. Weights are converted once per
+precision.weight_copies region (precision.weight_copy), not once per use.
+"""
+import cupy as cp
+import numpy as np
+
+from ... import precision
+from ...backend import sum_rows
+from .attention import SelfAttentionCuda, _blocks, _softmax_backward, _softmax_forward
+from .gemm_bf16 import bf16_matmul, gemm_heads_bf16
+from .linear import LinearCuda
+
+_SOURCE = r"""
+// float32 -> bf16 bits, rounded to nearest even; NaN stays a (quiet) NaN
+__device__ __forceinline__ unsigned short f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+"""
+
+_VECTOR_SOURCE = _SOURCE + r"""
+// y[i] = bf16(x[i]) for i < n: 4 floats (16 bytes) in, 8 bytes out a thread, then the tail one at a time
+extern "C" __global__ void to_bf16_v(const float* __restrict__ x, unsigned short* __restrict__ y, long long n) {
+    long long stride = (long long)gridDim.x * blockDim.x, nv = n / 4;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nv; v += stride) {
+        float4 a = reinterpret_cast<const float4*>(x)[v];
+        uint2 o;
+        o.x = (unsigned int)f32_to_bf16(a.x) | ((unsigned int)f32_to_bf16(a.y) << 16);
+        o.y = (unsigned int)f32_to_bf16(a.z) | ((unsigned int)f32_to_bf16(a.w) << 16);
+        reinterpret_cast<uint2*>(y)[v] = o;
+    }
+    for (long long i = nv * 4 + blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = f32_to_bf16(x[i]);
+}
+"""
+
+_module = None
+_to_bf16_any = cp.ElementwiseKernel("float32 x", "uint16 y", "y = f32_to_bf16(x);", "tinygrad_llm_to_bf16",
+                                    preamble=_SOURCE)
+_from_bf16 = cp.ElementwiseKernel("uint16 x", "float32 y", "y = __uint_as_float(((unsigned int)x) << 16);",
+                                  "tinygrad_llm_from_bf16")
+_BLOCK = 256
+
+
+def to_bf16(x):
+    """float32 CuPy array -> a uint16 array of the same shape (C-contiguous) holding bf16(x)'s bits."""
+    global _module
+    y = cp.empty(x.shape, dtype=np.uint16)
+    if not (x.flags.c_contiguous and x.data.ptr % 16 == 0):
+        return _to_bf16_any(x, y)
+    if _module is None:
+        _module = cp.RawModule(code=_VECTOR_SOURCE, options=("-std=c++17",))
+    n = x.size
+    work = n // 4 + n % 4
+    blocks = max(1, min(-(-work // _BLOCK), 132 * 16))
+    _module.get_function("to_bf16_v")((blocks,), (_BLOCK,), (x, y, np.int64(n)))
+    return y
+
+
+def from_bf16(y):
+    """uint16 bf16 bits -> float32 (exact)."""
+    return _from_bf16(y)
+
+
+def _f32(*arrays):
+    return all(a is None or a.dtype == np.float32 for a in arrays)
+
+
+def _matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a=False, trans_b=False, bias=None):
+    """C (M, N) float32 = op(A) op(B) (+ bias) for the bf16 CuPy arrays a, b (2-D, row strides lda, ldb):
+    cuBLASLt, or where it offers nothing, CuPy on the operands widened back to float32 (the same values,
+    float32 sums: slower, same answer to rounding)."""
+    if all(arr.data.ptr % 256 == 0 for arr in (a, b, c)) and bf16_matmul(
+            M, N, K, a.data.ptr, lda, b.data.ptr, ldb, c.data.ptr, ldc, trans_a, trans_b, bias):
+        return
+    wa, wb = from_bf16(a), from_bf16(b)
+    out = cp.matmul(wa.T if trans_a else wa, wb.T if trans_b else wb)
+    c[...] = out if bias is None else out + bias
+
+
+class LinearBF16Cuda:
+    """functional.Linear with bf16 operands: out = x w + b in one cuBLASLt matmul (bias in the epilogue),
+    dx = dout w^T and dw = x^T dout likewise, every sum in float32, every result float32; db = sum(dout)
+    in float32. Saves the bf16 x and w for backward. Anything but float32 takes LinearCuda."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        ctx.reference = not (_f32(x, w, b) and w.ndim == 2 and x.ndim >= 1 and x.shape[-1] == w.shape[0]
+                             and x.size > 0)
+        if ctx.reference:
+            return LinearCuda.forward(ctx, x, w, b)
+        K, M = w.shape
+        x2 = cp.ascontiguousarray(x).reshape(-1, K)
+        N = x2.shape[0]
+        xb = to_bf16(x2)
+        wb = precision.weight_copy(w, to_bf16)
+        bias = None if b is None else cp.ascontiguousarray(b)
+        out = cp.empty((N, M), dtype=np.float32)
+        _matmul(N, M, K, xb, K, wb, M, out, M, bias=bias)
+        ctx.xb, ctx.wb, ctx.x_shape, ctx.has_b = xb, wb, x.shape, b is not None
+        return out.reshape(x.shape[:-1] + (M,))
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return LinearCuda.backward(ctx, dout)
+        xb, wb = ctx.xb, ctx.wb
+        (N, K), M = xb.shape, wb.shape[1]
+        dout2 = cp.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
+        need = ctx.needs_input_grad
+        dob = to_bf16(dout2)
+        # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
+        dx = dw = None
+        if need[0]:
+            dx = cp.empty((N, K), dtype=np.float32)
+            _matmul(N, K, M, dob, M, wb, M, dx, K, trans_b=True)
+            dx = dx.reshape(ctx.x_shape)
+        if need[1]:
+            dw = cp.empty((K, M), dtype=np.float32)
+            _matmul(K, M, N, xb, K, dob, M, dw, M, trans_a=True)
+        db = sum_rows(dout2) if ctx.has_b and need[2] else None
+        return dx, dw, db
+
+
+def _heads(B, NH, M, N, K, a, lda, a_s, b, ldb, b_s, c, ldc, c_s, trans_a=False, trans_b=False):
+    """gemm_heads_bf16 on byte addresses a, b (bf16) and c (float32) with (batch, head) strides a_s, b_s, c_s in
+    elements; without libcublas, one CuPy product per (batch, head) on widened operands (slow, same values)."""
+    if gemm_heads_bf16(B, NH, M, N, K, a, lda, *a_s, b, ldb, *b_s, c, ldc, *c_s, trans_a=trans_a, trans_b=trans_b):
+        return
+    raise RuntimeError("bf16 attention needs libcublas (cublasGemmBatchedEx), which could not be loaded")
+
+
+class SelfAttentionBF16Cuda:
+    """functional.SelfAttention on the packed (B, T, 3C) qkv with bf16 products and float32 softmax: as
+    SelfAttentionCuda (the same blocks, the same softmax passes and dropout mask), with q k v, P and dS
+    rounded to bf16 for the four products (each one batched GEMM over every (batch, head) pair, float32
+    sums, float32 results). Saves the bf16 qkv and P (and the float32 P the softmax backward reads)."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
+        ctx.reference = not _f32(qkv) or dropout_p == 1
+        if ctx.reference:
+            return SelfAttentionCuda.forward(ctx, qkv, n_head, causal=causal, scale=scale, dropout_p=dropout_p, rng=rng)
+        qkv = cp.ascontiguousarray(qkv)
+        B, T, C3 = qkv.shape
+        C, NH = C3 // 3, n_head
+        HS = C // NH
+        qb = to_bf16(qkv)
+        s = cp.empty((B, NH, T, T), dtype=np.float32)
+        y = cp.empty((B, T, C), dtype=np.float32)
+        q0, s0, blocks = qb.data.ptr, s.data.ptr, _blocks(T, causal)
+        qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
+        for r0, r1 in blocks:   # S[b, h, r0:r1, :kend] = Q[b, h, r0:r1] K[b, h, :kend]^T
+            kend = r1 if causal else T
+            _heads(B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * 2, C3, qs, q0 + C * 2, C3, qs, s0 + r0 * T * 4, T, ss,
+                   trans_b=True)
+        pd = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng)
+        pdb = to_bf16(pd)
+        for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
+            kend = r1 if causal else T
+            _heads(B, NH, r1 - r0, HS, kend, pdb.data.ptr + r0 * T * 2, T, ss, q0 + 2 * C * 2, C3, qs,
+                   y.data.ptr + r0 * C * 4, C, ys)
+        ctx.qb, ctx.p, ctx.pdb, ctx.n_head = qb, s, pdb, NH
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return SelfAttentionCuda.backward(ctx, dout)
+        qb, p, pdb, NH, causal = ctx.qb, ctx.p, ctx.pdb, ctx.n_head, ctx.causal
+        B, T, C3 = qb.shape
+        C = C3 // 3
+        HS = C // NH
+        dob = to_bf16(cp.ascontiguousarray(dout, dtype=np.float32))
+        q0, d0, pd0 = qb.data.ptr, dob.data.ptr, pdb.data.ptr
+        dqkv = cp.empty((B, T, C3), dtype=np.float32)
+        ds = cp.empty_like(p)
+        g0, ds0, blocks = dqkv.data.ptr, ds.data.ptr, _blocks(T, causal)
+        qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
+        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q;
+        # causal: keys [k0, k1) are seen only by rows [k0, T), so dV and dK of that key block sum over those rows
+        for k0, k1 in blocks:
+            first = k0 if causal else 0
+            _heads(B, NH, k1 - k0, HS, T - first, pd0 + (first * T + k0) * 2, T, ss, d0 + first * C * 2, C, ys,
+                   g0 + (k0 * C3 + 2 * C) * 4, C3, qs, trans_a=True)                                       # dV
+        for r0, r1 in blocks:
+            kend = r1 if causal else T
+            _heads(B, NH, r1 - r0, kend, HS, d0 + r0 * C * 2, C, ys, q0 + 2 * C * 2, C3, qs, ds0 + r0 * T * 4, T, ss,
+                   trans_b=True)                                                                           # dPd
+        _softmax_backward(ctx, p, ds, T, T)
+        dsb = to_bf16(ds)
+        s0 = dsb.data.ptr
+        for r0, r1 in blocks:
+            kend = r1 if causal else T
+            _heads(B, NH, r1 - r0, HS, kend, s0 + r0 * T * 2, T, ss, q0 + C * 2, C3, qs, g0 + r0 * C3 * 4, C3, qs)  # dQ
+        for k0, k1 in blocks:
+            first = k0 if causal else 0
+            _heads(B, NH, k1 - k0, HS, T - first, s0 + (first * T + k0) * 2, T, ss, q0 + first * C3 * 2, C3, qs,
+                   g0 + (k0 * C3 + C) * 4, C3, qs, trans_a=True)                                           # dK
+        return dqkv

@@ -1,0 +1,156 @@
+"""Mixed precision: the one bf16 policy every backend follows, the autocast switch, the per-step weight
+copies, and the check that a device can run it.
+
+Under `dtype="bfloat16"` (GPTConfig, TrainConfig, the CLIs) the model keeps float32 parameters (the master
+weights), float32 gradients and float32 AdamW moments; only the matrix products take bf16 operands, and
+they accumulate in float32 and write float32 results:
+
+    bf16 operands, float32 sums    every linear layer (x w + b: forward, dx = dout w^T, dw = x^T dout), the
+                                   LM head, and attention's four products (q k^T, P v; dP = dO v^T,
+                                   dq = dS k, dk = dS^T q, dv = P^T dO)
+    float32                        LayerNorm / RMSNorm (statistics and output), softmax (attention's and
+                                   the loss's), cross-entropy, GELU, dropout, residual adds, embeddings,
+                                   master weights, gradients, clipping and AdamW
+
+bf16 keeps float32's 8-bit exponent, so gradients do not underflow as float16's would: no loss scaling.
+
+The policy is data (BF16_OPS below): an op in it names its bf16 kernels in its `bf16_kernels` attribute
+(as `kernels` names the float ones), and `backend.accelerated` picks them while `autocast("bfloat16")` is
+on. GPT.forward turns it on for a bfloat16 model. A weight is rounded to bf16 once per autocast region
+(one forward and the backward that follows it reuse the copy), or once per `weight_copies()` region,
+which a training step opens around its micro-batches: once per optimizer step, not once per use.
+
+Nothing here imports a kernel or an array library beyond NumPy: the CPU and GPU backends share it.
+"""
+import contextlib
+
+import numpy as np
+
+BFLOAT16 = "bfloat16"
+DTYPES = ("float32", "float64", BFLOAT16)   # what GPTConfig.dtype / --dtype accept
+
+# The Functions (by class name, functional.py) whose products take bf16 operands under autocast. Everything
+# else keeps its input dtype (float32): the norms, softmax, the loss, the elementwise ops, the optimizer.
+BF16_OPS = ("Linear", "SelfAttention")
+
+# The CPU features that make bf16 products fast (/proc/cpuinfo flags): AVX-512 BF16 dot products, AMX tiles.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def param_dtype(dtype):
+    """The dtype parameters, gradients and optimizer state are held in under `dtype`: float32 for bfloat16."""
+    return "float32" if dtype == BFLOAT16 else dtype
+
+
+def is_mixed(dtype):
+    return dtype == BFLOAT16
+
+
+# ---- the autocast switch ---------------------------------------------------------------------------
+
+_mode = None            # None (every op in its input dtype) or "bfloat16"
+_copies = None          # the current region's bf16 weight copies: key -> copy
+_copies_depth = 0
+
+
+def current():
+    """The compute dtype autocast has switched on ("bfloat16"), or None."""
+    return _mode
+
+
+@contextlib.contextmanager
+def weight_copies():
+    """One set of bf16 weight copies for everything inside (a training step's micro-batches): the weights
+    must not change inside. Regions nest; the copies are dropped when the outermost one ends."""
+    global _copies, _copies_depth
+    if _copies_depth == 0:
+        _copies = {}
+    _copies_depth += 1
+    try:
+        yield
+    finally:
+        _copies_depth -= 1
+        if _copies_depth == 0:
+            _copies = None
+
+
+@contextlib.contextmanager
+def autocast(dtype=BFLOAT16):
+    """Run the BF16_OPS with bf16 operands (float32 accumulation) inside; dtype None or a float dtype: off.
+    Opens a weight_copies region of its own unless one is open already."""
+    global _mode
+    previous, _mode = _mode, (BFLOAT16 if is_mixed(dtype) else None)
+    try:
+        with weight_copies():
+            yield
+    finally:
+        _mode = previous
+
+
+def weight_copy(w, convert):
+    """convert(w) (w's bf16 copy), made once per weight_copies region: the same weight, asked for again
+    inside the region (its next use, or the next micro-batch), gets the copy made the first time.
+    Outside a region every call converts. The key is the array's memory and layout, so a transposed view
+    (the tied LM head's wte^T) has a copy of its own."""
+    if _copies is None:
+        return convert(w)
+    ptr = w.data.ptr if hasattr(w.data, "ptr") else w.__array_interface__["data"][0]
+    key = (ptr, w.shape, w.strides, str(w.dtype))
+    copy = _copies.get(key)
+    if copy is None:
+        copy = _copies[key] = convert(w)
+    return copy
+
+
+# ---- bf16 rounding on the host (tests, references) -------------------------------------------------
+
+def round_to_bfloat16(x):
+    """float32 values rounded to the nearest bf16 (ties to even), returned as float32: what a bf16 product's
+    operands hold. NaN stays NaN, infinities stay, values past bf16's largest finite round to infinity."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    out = np.where(nan, bits | np.uint32(0x00400000), rounded).astype(np.uint32)
+    return out.view(np.float32).reshape(np.shape(x))
+
+
+# ---- can this device run it ------------------------------------------------------------------------
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The CPU's feature flags (the first processor's "flags" line), or None where they cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def unsupported_reason(dtype, device, flags=None):
+    """None when `device` can train in `dtype`, else one line saying what is missing.
+
+    bfloat16 on the CPU is refused, never run on a slow path: a CPU without bf16 matrix units
+    (CPU_BF16_FLAGS) would emulate every product, and the CPU's bf16 kernels are not built yet in any case.
+    flags: the CPU's flags (default: read from /proc/cpuinfo)."""
+    if not is_mixed(dtype) or device != "cpu":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    names = " or ".join(CPU_BF16_FLAGS)
+    if flags is None:
+        return (f"dtype bfloat16 on the CPU needs bf16 matrix units ({names}) and this CPU's flags could not be "
+                "read; use --dtype float32, or --device cuda")
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if not found:
+        return (f"dtype bfloat16 on the CPU needs bf16 matrix units ({names}), which this CPU lacks; "
+                "use --dtype float32, or --device cuda")
+    return (f"dtype bfloat16 on the CPU is not built yet (this CPU has {', '.join(found)}); "
+            "use --dtype float32, or --device cuda")
+
+
+def check_supported(dtype, device):
+    """ValueError (one line) when `device` cannot train in `dtype`."""
+    reason = unsupported_reason(dtype, device)
+    if reason is not None:
+        raise ValueError(reason)
