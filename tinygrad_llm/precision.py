@@ -96,10 +96,10 @@ def weight_copy(w, convert):
         return convert(w)
     ptr = w.data.ptr if hasattr(w.data, "ptr") else w.__array_interface__["data"][0]
     key = (ptr, w.shape, w.strides, str(w.dtype))
-    copy = _copies.get(key)
-    if copy is None:
-        copy = _copies[key] = convert(w)
-    return copy
+    entry = _copies.get(key)
+    if entry is None:   # w is kept with its copy: its memory cannot be handed to another array in the region
+        entry = _copies[key] = (w, convert(w))
+    return entry[1]
 
 
 # ---- bf16 rounding on the host (tests, references) -------------------------------------------------

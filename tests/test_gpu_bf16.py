@@ -1,0 +1,214 @@
+"""bf16 mixed precision on the GPU (precision.py's policy, kernels/cuda/mixed.py): the conversion kernel, the
+bf16 GEMMs against float32 products of the same bf16-rounded inputs, attention, the whole model's loss and
+gradients against the float32 model's, and a short training run's loss curve against the float32 run's.
+
+Skipped (cleanly, at collection) where CuPy or a GPU is missing. Tolerances, stated once:
+- a bf16 product against the float64 product of the same rounded operands: 1e-5 relative (float32 sums);
+- an op or the model against float32: 2e-2 relative for outputs and the loss, 5e-2 for each parameter's
+  gradient (norm of the difference over the norm): bf16 keeps 8 significant bits (2^-9 relative rounding),
+  and each product's error reaches the gradients through every layer behind it;
+- a training run: the mean loss of the last 20 of 150 steps within 0.03 of the float32 run's, and every
+  10-step mean within 0.08.
+Every comparison with float32 also asserts a difference above float32's rounding, so a bf16 path that
+silently ran in float32 fails.
+"""
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend, precision
+from tinygrad_llm import functional as F
+from tinygrad_llm.model import GPT, GPTConfig
+from tinygrad_llm.optim import AdamW, clip_grad_norm, param_groups
+from tinygrad_llm.tensor import Tensor
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(backend.to_device(a, "cpu"), np.float64), np.asarray(backend.to_device(b, "cpu"), np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def norm_err(a, b):
+    a, b = np.asarray(backend.to_device(a, "cpu"), np.float64), np.asarray(backend.to_device(b, "cpu"), np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def bits(x):
+    """The bf16 bits of round_to_bfloat16(x) (the host reference)."""
+    return (precision.round_to_bfloat16(x).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 1027, 3 * 4096 + 2])
+def test_conversion_kernel_equals_host_rounding(n):
+    import cupy as cp
+
+    from tinygrad_llm.kernels.cuda import mixed
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n + 1) * 10.0 ** rng.integers(-20, 20, n + 1)).astype(np.float32)
+    x[: min(n, 4)] = np.array([np.inf, -np.inf, 3.4e38, 1.0 + 2 ** -8], np.float32)[: min(n, 4)]
+    d = cp.asarray(x)
+    np.testing.assert_array_equal(mixed.to_bf16(d[:n]).get(), bits(x[:n]))      # 16-byte aligned: vector kernel
+    np.testing.assert_array_equal(mixed.to_bf16(d[1:]).get(), bits(x[1:]))      # misaligned: elementwise kernel
+    np.testing.assert_array_equal(mixed.from_bf16(mixed.to_bf16(d)).get(), precision.round_to_bfloat16(x))
+    m = cp.asarray(rng.standard_normal((7, 5)).astype(np.float32))
+    np.testing.assert_array_equal(mixed.to_bf16(m.T).get(), bits(m.T.get()))   # a transposed view
+
+
+@pytest.mark.parametrize("trans_a,trans_b,bias", [(False, False, True), (False, False, False), (False, True, False),
+                                                  (True, False, False), (True, True, True)])
+@pytest.mark.parametrize("M,N,K", [(256, 384, 1152), (33, 65, 70)])
+def test_bf16_gemm_equals_float32_product_of_rounded_inputs(M, N, K, trans_a, trans_b, bias):
+    import cupy as cp
+
+    from tinygrad_llm.kernels.cuda import gemm_bf16, mixed
+    rng = np.random.default_rng(M + N + K)
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+    bvec = rng.standard_normal(N).astype(np.float32) if bias else None
+    ab, bb = mixed.to_bf16(cp.asarray(a)), mixed.to_bf16(cp.asarray(b))
+    c = cp.full((M, N), np.nan, dtype=np.float32)
+    served = gemm_bf16.bf16_matmul(M, N, K, ab.data.ptr, a.shape[1], bb.data.ptr, b.shape[1], c.data.ptr, N,
+                                   trans_a, trans_b, None if bias is False else cp.asarray(bvec))
+    assert served   # cuBLASLt took it (not the fallback)
+    ra, rb = precision.round_to_bfloat16(a).astype(np.float64), precision.round_to_bfloat16(b).astype(np.float64)
+    ref = (ra.T if trans_a else ra) @ (rb.T if trans_b else rb) + (0 if bvec is None else bvec)
+    assert rel_err(c, ref) < 1e-5
+    plain = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b) + (0 if bvec is None else bvec)
+    assert rel_err(c, plain) > 1e-4   # the operands were rounded
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (3, 64, 384, 6)])
+def test_linear_under_autocast_against_rounded_and_float32(shape):
+    B, T, IN, OUT = shape
+    rng = np.random.default_rng(IN)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, T, IN), (IN, OUT), (OUT,)))
+    dout = rng.standard_normal((B, T, OUT)).astype(np.float32)
+    tensors = [Tensor(backend.to_device(a, "cuda"), requires_grad=True) for a in (x, w, b)]
+    with precision.autocast("bfloat16"):
+        out = F.linear(*tensors)
+    out.backward(Tensor(backend.to_device(dout, "cuda")))
+    rx, rw, rd = (precision.round_to_bfloat16(a).astype(np.float64) for a in (x, w, dout))
+    assert rel_err(out.data, rx @ rw + b) < 1e-5
+    assert rel_err(tensors[0].grad, rd @ rw.T) < 1e-5
+    assert rel_err(tensors[1].grad, rx.reshape(-1, IN).T @ rd.reshape(-1, OUT)) < 1e-5
+    assert rel_err(tensors[2].grad, dout.astype(np.float64).reshape(-1, OUT).sum(0)) < 1e-5   # db: float32 sum
+    assert 1e-4 < rel_err(out.data, x.astype(np.float64) @ w + b) < 2e-2
+    assert all(t.grad.dtype == np.float32 for t in tensors)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("B,T,NH,HS", [(2, 7, 2, 4), (4, 128, 6, 64)])
+def test_self_attention_under_autocast_against_float32(B, T, NH, HS, dropout_p):
+    rng = np.random.default_rng(T)
+    qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)
+    dout = rng.standard_normal((B, T, NH * HS)).astype(np.float32)
+    results = []
+    for dtype in ("bfloat16", "float32"):
+        t = Tensor(backend.to_device(qkv, "cuda"), requires_grad=True)
+        with precision.autocast(dtype):
+            y = F.self_attention(t, NH, dropout_p=dropout_p, rng=np.random.default_rng(5))  # the same mask
+        y.backward(Tensor(backend.to_device(dout, "cuda")))
+        results.append((y.data, t.grad))
+    (y16, g16), (y32, g32) = results
+    assert 1e-5 < rel_err(y16, y32) < 2e-2
+    assert 1e-5 < norm_err(g16, g32) < 5e-2
+    assert g16.dtype == np.float32
+
+
+def small_model(dtype, state=None):
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64, dtype=dtype)
+    model = GPT(config, rng=np.random.default_rng(3))
+    if state is not None:
+        model.load_state_dict(state)
+    return model.to("cuda")
+
+
+def test_model_loss_and_gradients_against_float32():
+    m32 = small_model("float32")
+    m16 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m32.state_dict().items()})
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
+    losses, grads = [], []
+    for model in (m16, m32):
+        _, loss = model(x, y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert 1e-6 < abs(losses[0] - losses[1]) / losses[1] < 2e-2
+    errors = {name: norm_err(grads[0][name], grads[1][name]) for name in grads[1]}
+    assert max(errors.values()) < 5e-2, errors
+    assert max(errors.values()) > 1e-4
+    assert all(g.dtype == np.float32 for g in grads[0].values())
+
+
+def _curve(model, data, steps, B=16, T=64):
+    opt = AdamW(param_groups(model, 0.1), lr=2e-3, betas=(0.9, 0.99))
+    rng, losses = np.random.default_rng(0), []
+    model.train()
+    for _ in range(steps):
+        starts = rng.integers(0, len(data) - T - 1, B)
+        x = np.stack([data[s:s + T] for s in starts]).astype(np.int64)
+        y = np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64)
+        with precision.weight_copies():
+            _, loss = model(x, y)
+            loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return np.array(losses)
+
+
+def test_short_training_run_follows_the_float32_curve():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt").read_text()[:200000]
+    chars = sorted(set(text))
+    data = np.array([chars.index(c) for c in text], dtype=np.int64) % 65
+    m32 = small_model("float32")
+    m16 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m32.state_dict().items()})
+    c16, c32 = _curve(m16, data, 150), _curve(m32, data, 150)
+    print(f"\nbf16 vs float32 loss: first {c16[0]:.4f} / {c32[0]:.4f}, last-20 mean {c16[-20:].mean():.4f} / "
+          f"{c32[-20:].mean():.4f}, max 10-step-mean gap {np.abs(c16 - c32).reshape(-1, 10).mean(1).max():.4f}")
+    assert c32[-20:].mean() < c32[0] - 1.0             # the run learned
+    assert abs(c16[-20:].mean() - c32[-20:].mean()) < 0.03
+    assert np.abs((c16 - c32).reshape(-1, 10).mean(1)).max() < 0.08
+    assert np.abs(c16 - c32).max() > 1e-6              # the bf16 path ran
+
+
+def test_weights_converted_once_per_step_with_accumulation(monkeypatch):
+    conversions = []
+    original = precision.weight_copy
+
+    def counting(w, convert):
+        return original(w, lambda a: conversions.append(a.shape) or convert(a))
+
+    monkeypatch.setattr(precision, "weight_copy", counting)
+    model = small_model("bfloat16")
+    rng = np.random.default_rng(0)
+    linears = 2 * 4 + 1    # per block c_attn, attn.c_proj, c_fc, mlp.c_proj; and the LM head (wte^T)
+    for step in range(3):
+        with precision.weight_copies():            # what train_step opens around its micro-batches
+            for micro in range(2):
+                _, loss = model(rng.integers(0, 65, (2, 16)), rng.integers(0, 65, (2, 16)))
+                loss.backward()
+        assert len(conversions) == linears * (step + 1)
+    _, loss = model(rng.integers(0, 65, (2, 16)), rng.integers(0, 65, (2, 16)))   # no region: one per forward
+    assert len(conversions) == linears * 4
+
+
+def test_train_function_in_bfloat16_on_cuda_resumes(tmp_path):
+    from tinygrad_llm.data import prepare
+    from tinygrad_llm.train import TrainConfig, train
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200)
+    prepare(text, tmp_path / "data")
+    common = dict(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2, n_embd=16,
+                  block_size=16, batch_size=4, grad_accum=2, eval_interval=5, eval_iters=2, log_interval=0,
+                  sample_chars=20, device="cuda", dtype="bfloat16", dropout=0.1, lr_decay_iters=10)
+    first = train(TrainConfig(max_iters=5, **common))
+    assert np.isfinite(first["best_val_loss"]) and first["model"].transformer.wte.weight.dtype == np.float32
+    resumed = train(TrainConfig(max_iters=10, init_from="resume", **common))
+    assert resumed["iters"] == 10 and np.isfinite(resumed["final_val_loss"])
