@@ -1,8 +1,20 @@
-"""Train the 6x384 character GPT on tiny Shakespeare on one GPU: ours (CuPy) beside PyTorch eager, one process.
+"""Train the 6x384 character GPT on tiny Shakespeare on one GPU: ours (CuPy) beside PyTorch, one process.
 
-    python benchmarks/gpu_train.py --steps 200                # step times only
+    python benchmarks/gpu_train.py --steps 100                # every mode's step time (--modes picks some)
     python benchmarks/gpu_train.py --train ours               # the 5000-iteration run
+    python benchmarks/gpu_train.py --train ours --dtype bfloat16
     python benchmarks/gpu_train.py --train torch --tf32
+
+--steps runs every mode of MODES in one process: ours in float32, TF32 and bf16 (eager), PyTorch eager in
+float32 and TF32, and PyTorch's torch.compile (default mode) with bf16 autocast. Each mode's model starts
+from the same weights. Each is built and warmed up in turn (torch.compile compiles in its first steps),
+which is when its peak memory is read: the growth of its allocator over its build and warm-up (CuPy's pool
+for ours, PyTorch's reserved memory for PyTorch), so the modes sharing the process do not count each
+other. Then the modes' steps alternate in blocks of 10, each block under its mode's TF32 setting. A step's
+times: host issue (the step's Python until it returns, before the sync), wall (to the device sync), GPU
+span (CUDA events recorded before and after the step on the stream: the GPU's time from the step's first
+queued work to its last, gaps included) and, with --kernel_steps, GPU kernel time (the sum of the step's
+kernel durations, torch.profiler over that many steps). Medians after warm-up.
 
 The text is the tiny Shakespeare shipped in examples/data/ unless --data names another. The recipe (nanoGPT's
 shakespeare_char configuration): 6 layers, 6 heads, 384 wide, T=256, B=64, dropout 0.2, vocabulary 65
@@ -33,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cli_args import DEFAULT_TEXT, Parser, positive_int, require_file  # noqa: E402
-from tinygrad_llm import backend  # noqa: E402
+from tinygrad_llm import backend, precision  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW, clip_grad_norm, cosine_lr, param_groups  # noqa: E402
 from tinygrad_llm.tensor import no_grad  # noqa: E402
@@ -71,6 +83,8 @@ class Ours:
     def __init__(self, model, max_iters):
         import cupy as cp
         self.cp, self.model, self.max_iters = cp, model.to("cuda"), max_iters
+        if model.config.dtype == "bfloat16":
+            self.name += ", bf16 mixed precision"
         self.opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
         self.params = model.parameters()
         self.rng = np.random.default_rng(1)     # dropout seeds
@@ -78,8 +92,9 @@ class Ours:
     def step(self, x, y, it):
         self.opt.lr = cosine_lr(it, LR, MIN_LR, WARMUP, self.max_iters)
         self.model.train()
-        _, loss = self.model(x, y, rng=self.rng)     # NumPy batches: checked on the host, then copied
-        loss.backward()
+        with precision.weight_copies():              # bf16: each weight rounded once a step
+            _, loss = self.model(x, y, rng=self.rng)     # NumPy batches: checked on the host, then copied
+            loss.backward()
         clip_grad_norm(self.params, CLIP)
         self.opt.step()
         self.opt.zero_grad()
@@ -96,6 +111,20 @@ class Ours:
 
     def peak_bytes(self):
         return self.cp.get_default_memory_pool().total_bytes()  # the pool keeps what it reached
+
+    def memory_baseline(self):
+        """Before this runner's model exists: what the pool holds for others (its cached free blocks let go)."""
+        self.cp.get_default_memory_pool().free_all_blocks()
+        return self.cp.get_default_memory_pool().total_bytes()
+
+    def event(self):
+        event = self.cp.cuda.Event()
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end):
+        end.synchronize()
+        return self.cp.cuda.get_elapsed_time(start, end)
 
 
 # ---- PyTorch -------------------------------------------------------------------------------------
@@ -158,11 +187,20 @@ def torch_gpt(cfg, state):
 class Torch:
     name = "PyTorch eager"
 
-    def __init__(self, model_state, cfg, max_iters):
+    def __init__(self, model_state, cfg, max_iters, compiled_bf16=False):
+        """compiled_bf16: the model under torch.compile (default mode), its forward and loss under
+        torch.autocast("cuda", torch.bfloat16) (the optimizer as in eager: AdamW's default foreach)."""
+        import contextlib
+
         import torch
         self.torch, self.max_iters = torch, max_iters
         torch.manual_seed(1)
         self.model = torch_gpt(cfg, model_state)
+        self.forward, self.autocast = self.model, contextlib.nullcontext
+        if compiled_bf16:
+            self.name = "PyTorch torch.compile + bf16 autocast"
+            self.forward = torch.compile(self.model)
+            self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
         params = list(self.model.parameters())
         self.opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
                                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -173,7 +211,8 @@ class Torch:
         for group in self.opt.param_groups:
             group["lr"] = cosine_lr(it, LR, MIN_LR, WARMUP, self.max_iters)
         self.model.train()
-        _, loss = self.model(torch.from_numpy(x).cuda(non_blocking=True), torch.from_numpy(y).cuda(non_blocking=True))
+        with self.autocast():
+            _, loss = self.forward(torch.from_numpy(x).cuda(non_blocking=True), torch.from_numpy(y).cuda(non_blocking=True))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.opt.step()
@@ -183,8 +222,8 @@ class Torch:
     def eval_loss(self, x, y):
         torch = self.torch
         self.model.eval()
-        with torch.no_grad():
-            _, loss = self.model(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda())
+        with torch.no_grad(), self.autocast():
+            _, loss = self.forward(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda())
         return loss.item()
 
     def sync(self):
@@ -193,47 +232,153 @@ class Torch:
     def peak_bytes(self):
         return self.torch.cuda.max_memory_reserved()
 
+    def memory_baseline(self):
+        self.torch.cuda.empty_cache()
+        self.torch.cuda.reset_peak_memory_stats()
+        return self.torch.cuda.memory_reserved()
+
+    def event(self):
+        event = self.torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, end):
+        end.synchronize()
+        return start.elapsed_time(end)
+
 
 # ---- runs ----------------------------------------------------------------------------------------
 
-def make_runner(kind, vocab, max_iters):
+# mode -> (framework, dtype, TF32 matmuls): what --steps compares, in one process
+MODES = {
+    "ours fp32": ("ours", "float32", False),
+    "ours tf32": ("ours", "float32", True),
+    "ours bf16": ("ours", "bfloat16", False),
+    "torch eager fp32": ("torch", "float32", False),
+    "torch eager tf32": ("torch", "float32", True),
+    "torch compile bf16": ("torch", "bfloat16", False),
+}
+
+
+def make_runner(kind, vocab, max_iters, dtype="float32"):
+    """ours or torch, from the same initial weights; dtype bfloat16: ours in bf16 mixed precision, PyTorch
+    compiled under bf16 autocast."""
     cfg = GPTConfig(vocab_size=vocab, **CONFIG)
     model = GPT(cfg, rng=np.random.default_rng(1337))
     if kind == "ours":
+        if dtype == "bfloat16":
+            bf16 = GPT(GPTConfig(vocab_size=vocab, dtype="bfloat16", **CONFIG), rng=np.random.default_rng(1337))
+            return Ours(bf16, max_iters)
         return Ours(model, max_iters)
-    return Torch(model.state_dict(), cfg, max_iters)
+    return Torch(model.state_dict(), cfg, max_iters, compiled_bf16=dtype == "bfloat16")
 
 
-def time_steps(data, vocab, steps, warmup=10, block=10):
-    """Median ms per step of each framework, alternating blocks of `block` steps."""
-    runners = {kind: make_runner(kind, vocab, 5000) for kind in ("ours", "torch")}
+def set_tf32(enabled):
+    """TF32 matmuls on or off in both frameworks (CuPy's compute type, PyTorch's backend flags)."""
+    import torch
+    backend.set_tf32(enabled)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def memory_baseline(kind):
+    """What the framework's allocator holds before a new runner exists (its free cached blocks let go)."""
+    if kind == "ours":
+        import cupy as cp
+        pool = cp.get_default_memory_pool()
+        pool.free_all_blocks()
+        return pool.total_bytes()
+    import torch
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_reserved()
+
+
+def time_steps(data, vocab, steps, modes=tuple(MODES), warmup=10, block=10, kernel_steps=0):
+    """Each mode's median times per step (module docstring), alternating blocks of `block` steps."""
     rng = np.random.default_rng(0)
-    times = {kind: [] for kind in runners}
-    issue = {kind: [] for kind in runners}   # host time to issue a step (before the sync): the Python overhead
-    losses = {kind: [] for kind in runners}
-    it = 0
-    while min(len(t) for t in times.values()) < warmup + steps:
-        for kind, runner in runners.items():
+    runners, peak, warm_s = {}, {}, {}
+    for mode in modes:   # built and warmed up one at a time: each one's memory is its allocator's growth
+        kind, dtype, tf32 = MODES[mode]
+        set_tf32(tf32)
+        base = memory_baseline(kind)
+        t0 = time.perf_counter()
+        try:
+            runner = make_runner(kind, vocab, 5000, dtype)
+            for it in range(warmup):
+                runner.step(*get_batch(data, "train", rng), it)
+            runner.sync()
+        except Exception as e:   # one mode failing (a compiler missing, say) leaves the others measured
+            print(f"{mode}: failed, left out: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        runners[mode] = runner
+        warm_s[mode] = time.perf_counter() - t0
+        peak[mode] = runner.peak_bytes() - base
+        print(f"{mode}: built and warmed up in {warm_s[mode]:.1f} s, peak {peak[mode] / 2 ** 20:.0f} MiB", flush=True)
+    times = {mode: {"wall": [], "issue": [], "gpu_span": []} for mode in runners}
+    losses = {mode: [] for mode in runners}
+    it = warmup
+    while min(len(t["wall"]) for t in times.values()) < steps:
+        for mode, runner in runners.items():
+            set_tf32(MODES[mode][2])
             for _ in range(block):
                 x, y = get_batch(data, "train", rng)
                 runner.sync()
+                start = runner.event()
                 t0 = time.perf_counter()
                 loss = runner.step(x, y, it)
-                issue[kind].append(time.perf_counter() - t0)
+                issued = time.perf_counter()
+                end = runner.event()
                 runner.sync()
-                times[kind].append(time.perf_counter() - t0)
-                losses[kind].append(float(loss.item()))
+                t1 = time.perf_counter()
+                times[mode]["wall"].append(t1 - t0)
+                times[mode]["issue"].append(issued - t0)
+                times[mode]["gpu_span"].append(runner.elapsed_ms(start, end) / 1e3)
+                losses[mode].append(float(loss.item()))
         it += block
+    kernel_ms = kernel_times(data, runners, kernel_steps) if kernel_steps else {}
     result = {}
-    for kind, runner in runners.items():
-        ms = statistics.median(times[kind][warmup:warmup + steps]) * 1e3
-        result[kind] = {"framework": runner.name, "ms_per_step": round(ms, 2),
-                        "tokens_per_s": round(B * CONFIG["block_size"] / ms * 1e3),
-                        "host_issue_ms": round(statistics.median(issue[kind][warmup:warmup + steps]) * 1e3, 2),
-                        "peak_gpu_mib": round(runner.peak_bytes() / 2 ** 20),
-                        "loss_first": round(losses[kind][0], 4), "loss_last": round(losses[kind][-1], 4)}
-    result["ratio_ours_over_torch"] = round(result["ours"]["ms_per_step"] / result["torch"]["ms_per_step"], 3)
+    for mode, runner in runners.items():
+        ms = {k: statistics.median(v[:steps]) * 1e3 for k, v in times[mode].items()}
+        result[mode] = {"framework": runner.name, "ms_per_step": round(ms["wall"], 2),
+                        "host_issue_ms": round(ms["issue"], 2), "gpu_span_ms": round(ms["gpu_span"], 2),
+                        "gpu_kernel_ms": kernel_ms.get(mode), "tokens_per_s": round(B * CONFIG["block_size"] / ms["wall"] * 1e3),
+                        "peak_gpu_mib": round(peak[mode] / 2 ** 20), "warmup_s": round(warm_s[mode], 1),
+                        "loss_first": round(losses[mode][0], 4), "loss_last": round(losses[mode][-1], 4)}
     return result
+
+
+def kernel_times(data, runners, steps):
+    """ms of GPU kernels a step for each runner: the sum of its kernels' durations over `steps` steps
+    (torch.profiler, which sees CuPy's launches too through CUPTI), divided by steps."""
+    from torch.profiler import ProfilerActivity, profile
+    rng, out = np.random.default_rng(1), {}
+    for mode, runner in runners.items():
+        set_tf32(MODES[mode][2])
+        runner.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for it in range(steps):
+                runner.step(*get_batch(data, "train", rng), it)
+            runner.sync()
+        total = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+        out[mode] = round(total / steps / 1e3, 2)
+    return out
+
+
+def table(result, reference="torch eager fp32"):
+    """A Markdown table of time_steps' result, with each mode's time over PyTorch's eager (same precision
+    family: fp32 -> eager fp32, tf32 -> eager tf32, bf16 -> compiled bf16)."""
+    anchors = {"fp32": "torch eager fp32", "tf32": "torch eager tf32", "bf16": "torch compile bf16"}
+    lines = ["| mode | ms/step | host issue ms | GPU span ms | GPU kernels ms | tokens/s | peak MiB | vs PyTorch |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for mode, r in result.items():
+        anchor = anchors.get(mode.split()[-1], reference)
+        ratio = (f"{r['ms_per_step'] / result[anchor]['ms_per_step']:.2f}x {anchor}"
+                 if anchor in result and anchor != mode else "")
+        kernels = "" if r["gpu_kernel_ms"] is None else f"{r['gpu_kernel_ms']:.2f}"
+        lines.append(f"| {mode} | {r['ms_per_step']:.2f} | {r['host_issue_ms']:.2f} | {r['gpu_span_ms']:.2f} | "
+                     f"{kernels} | {r['tokens_per_s']:,} | {r['peak_gpu_mib']:,} | {ratio} |")
+    return "\n".join(lines)
 
 
 def profile_steps(data, vocab, steps, out, rows=30):
@@ -357,8 +502,8 @@ def _ranged(record_function, name, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def train_run(kind, data, vocab, max_iters, eval_interval, eval_iters, log):
-    runner = make_runner(kind, vocab, max_iters)
+def train_run(kind, data, vocab, max_iters, eval_interval, eval_iters, log, dtype="float32"):
+    runner = make_runner(kind, vocab, max_iters, dtype)
     rng = np.random.default_rng(0)
     step_times, best_val, best_iter, history = [], math.inf, None, []
     start = time.perf_counter()
@@ -392,18 +537,31 @@ def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_TEXT, help="the text (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="time this many steps of each framework (default: no timing)")
+                        help="time this many steps of each mode (default: no timing)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="with --steps: the modes to time, comma-separated (default: all, %(default)s)")
+    parser.add_argument("--kernel_steps", type=positive_int, default=None,
+                        help="with --steps: also each mode's GPU kernel time a step, over this many profiled steps "
+                             "(default: not measured)")
     parser.add_argument("--train", choices=("ours", "torch"), help="run the whole training of one framework")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="with --train: bfloat16 is ours in bf16 mixed precision, PyTorch compiled under bf16 "
+                             "autocast (default %(default)s)")
     parser.add_argument("--iters", type=positive_int, default=5000, help="with --train (default %(default)s)")
     parser.add_argument("--eval_interval", type=positive_int, default=250, help="with --train (default %(default)s)")
     parser.add_argument("--eval_iters", type=positive_int, default=50, help="with --train (default %(default)s)")
     parser.add_argument("--profile", type=positive_int, default=None,
                         help="print the GPU kernels of this many steps of each (default: no profile)")
     parser.add_argument("--by_op", action="store_true", help="with --profile: our kernels charged to each op")
-    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls in both frameworks")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 matmuls in both frameworks for --train and --profile (--steps: each mode's own)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     require_file(parser, "--data", args.data)
+    args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown mode(s) {unknown}; expected some of {list(MODES)}")
     return args
 
 
@@ -422,14 +580,17 @@ def main():
                "cupy": cp.__version__, "torch": torch.__version__, "numpy": np.__version__}
     print(json.dumps(results), flush=True)
     if args.steps:
-        results["timing"] = time_steps(data, vocab, args.steps)
+        results["timing"] = time_steps(data, vocab, args.steps, args.modes, kernel_steps=args.kernel_steps or 0)
+        set_tf32(args.tf32)
         print(json.dumps(results["timing"], indent=1), flush=True)
+        print(table(results["timing"]), flush=True)
     if args.profile and args.by_op:
         profile_by_op(data, vocab, args.profile, sys.stdout)
     elif args.profile:
         profile_steps(data, vocab, args.profile, sys.stdout)
     if args.train:
-        results["train"] = train_run(args.train, data, vocab, args.iters, args.eval_interval, args.eval_iters, sys.stdout)
+        results["train"] = train_run(args.train, data, vocab, args.iters, args.eval_interval, args.eval_iters, sys.stdout,
+                                     args.dtype)
         print(json.dumps({k: v for k, v in results["train"].items() if k != "history"}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
