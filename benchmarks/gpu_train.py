@@ -381,12 +381,12 @@ def table(result, reference="torch eager fp32"):
     return "\n".join(lines)
 
 
-def profile_steps(data, vocab, steps, out, rows=30):
+def profile_steps(data, vocab, steps, out, rows=30, dtype="float32"):
     """GPU kernel time per step of each framework, by kernel (torch.profiler sees CuPy's launches through CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
     rng = np.random.default_rng(0)
     for kind in ("ours", "torch"):
-        runner = make_runner(kind, vocab, 5000)
+        runner = make_runner(kind, vocab, 5000, dtype)
         for it in range(5):
             runner.step(*get_batch(data, "train", rng), it)
         runner.sync()
@@ -404,7 +404,7 @@ def profile_steps(data, vocab, steps, out, rows=30):
         del runner
 
 
-def profile_by_op(data, vocab, steps, out):
+def profile_by_op(data, vocab, steps, out, dtype="float32"):
     """Our GPU kernel time a step by Function (forward / backward), optimizer and autograd engine.
 
     Every Function's forward and backward, clip_grad_norm and AdamW.step run inside a torch.profiler
@@ -440,7 +440,7 @@ def profile_by_op(data, vocab, steps, out):
 
     tensor_module.backend.accelerated = ranged_accelerated
     rng = np.random.default_rng(0)
-    runner = make_runner("ours", vocab, 5000)
+    runner = make_runner("ours", vocab, 5000, dtype)
     for name in ("step", "zero_grad"):
         method = getattr(runner.opt, name)
         setattr(runner.opt, name, lambda method=method, name=name: _ranged(record_function, f"AdamW.{name}", method))
@@ -545,8 +545,8 @@ def parse_args(argv=None):
                              "(default: not measured)")
     parser.add_argument("--train", choices=("ours", "torch"), help="run the whole training of one framework")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="with --train: bfloat16 is ours in bf16 mixed precision, PyTorch compiled under bf16 "
-                             "autocast (default %(default)s)")
+                        help="with --train and --profile: bfloat16 is ours in bf16 mixed precision, PyTorch "
+                             "compiled under bf16 autocast (default %(default)s)")
     parser.add_argument("--iters", type=positive_int, default=5000, help="with --train (default %(default)s)")
     parser.add_argument("--eval_interval", type=positive_int, default=250, help="with --train (default %(default)s)")
     parser.add_argument("--eval_iters", type=positive_int, default=50, help="with --train (default %(default)s)")
@@ -585,9 +585,9 @@ def main():
         print(json.dumps(results["timing"], indent=1), flush=True)
         print(table(results["timing"]), flush=True)
     if args.profile and args.by_op:
-        profile_by_op(data, vocab, args.profile, sys.stdout)
+        profile_by_op(data, vocab, args.profile, sys.stdout, dtype=args.dtype)
     elif args.profile:
-        profile_steps(data, vocab, args.profile, sys.stdout)
+        profile_steps(data, vocab, args.profile, sys.stdout, dtype=args.dtype)
     if args.train:
         results["train"] = train_run(args.train, data, vocab, args.iters, args.eval_interval, args.eval_iters, sys.stdout,
                                      args.dtype)

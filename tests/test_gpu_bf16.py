@@ -137,8 +137,12 @@ def test_model_loss_and_gradients_against_float32():
         loss.backward()
         losses.append(loss.item())
         grads.append({name: p.grad for name, p in model.named_parameters()})
-    assert 1e-6 < abs(losses[0] - losses[1]) / losses[1] < 2e-2
+    # at initialisation the logits are small and the loss sits near log(65) whatever the rounding: the loss
+    # agrees far inside the tolerance, and the gradients show that the bf16 path ran
+    assert abs(losses[0] - losses[1]) / losses[1] < 2e-2
     errors = {name: norm_err(grads[0][name], grads[1][name]) for name in grads[1]}
+    print(f"\nloss {losses[0]:.6f} / {losses[1]:.6f}; gradient errors: largest {max(errors.values()):.2e} "
+          f"({max(errors, key=errors.get)}), smallest {min(errors.values()):.2e}")
     assert max(errors.values()) < 5e-2, errors
     assert max(errors.values()) > 1e-4
     assert all(g.dtype == np.float32 for g in grads[0].values())
