@@ -31,6 +31,8 @@ DTYPES = ("float32", "float64", BFLOAT16)   # what GPTConfig.dtype / --dtype acc
 
 # The Functions (by class name, functional.py) whose products take bf16 operands under autocast. Everything
 # else keeps its input dtype (float32): the norms, softmax, the loss, the elementwise ops, the optimizer.
+# Not yet here: ScaledDotProductAttention (the RoPE, grouped-query and KV-cache paths) and LoRALinear, which
+# run in float32 under bfloat16 until they get bf16 kernels.
 BF16_OPS = ("Linear", "SelfAttention")
 
 # The CPU features that make bf16 products fast (/proc/cpuinfo flags): AVX-512 BF16 dot products, AMX tiles.
