@@ -13,6 +13,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # script -> (its count options, whether it reads a text file and how that is named on its command line)
 SCRIPTS = {
+    "flash_attention": (["--warmup", "--repeats"], None),
     "gpu_train": (["--steps", "--iters", "--eval_interval", "--eval_iters", "--profile"], "--data"),
     "profile_step": (["--steps"], None),
     "shakespeare_vs_torch": (["--max_iters", "--eval_interval", "--eval_iters", "--log_interval", "--threads"], "--data"),

@@ -10,12 +10,40 @@ host, which would cost more than the whole GPU step. Here each call takes one 63
 generator and the softmax passes hash (seed, element) into the mask (runtime.HEADER's dropout_keep), so a
 run stays reproducible from its seed but follows another (equally valid) trajectory than on the CPU.
 """
+import os
+
 import cupy as cp
 import numpy as np
 
 from ...functional import ScaledDotProductAttention, SelfAttention
+from . import flash_attention
 from .cublas import gemm_heads
 from .runtime import Source, served, warp_rows_launch
+
+# Which path attends: flash_attention.py (no (T, T) array kept; its kernels are FMA loops) or the cuBLAS
+# products around stored probabilities below. TINYGRAD_LLM_FLASH (read at import, or set FLASH) = "auto"
+# (the rule), "1" (flash wherever the head size allows), "0" (never). The rule: flash from FLASH_MIN_T
+# positions on, or where the kept (B, NH, T, T) probabilities would pass FLASH_MIN_SCORE_BYTES; below,
+# the cuBLAS path was faster on the H200 (benchmarks/RESULTS.md, "Flash attention").
+FLASH = os.environ.get("TINYGRAD_LLM_FLASH", "auto")
+FLASH_MIN_T = 512
+FLASH_MIN_SCORE_BYTES = 8 << 30
+
+
+def use_flash(B, NH, T, HS, dtype):
+    """True when the flash kernels attend (B, NH, T, HS) heads of `dtype` (see FLASH)."""
+    mode = str(FLASH).strip().lower()
+    if mode not in ("auto", "1", "0"):
+        raise ValueError(f"TINYGRAD_LLM_FLASH must be auto, 1 or 0, got {FLASH!r}")
+    if mode == "0" or HS > flash_attention.MAX_HEAD_SIZE:
+        return False
+    return mode == "1" or T >= FLASH_MIN_T or 2 * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MIN_SCORE_BYTES
+
+
+def _draw_seed(ctx, causal, scale, dropout_p, rng):
+    """What the flash path keeps of the op's attributes; the seed is the first draw, as _softmax_forward's."""
+    ctx.causal, ctx.scale, ctx.drop_p = causal, scale, dropout_p
+    ctx.seed = np.uint64(rng.integers(0, 2 ** 63)) if dropout_p > 0 else np.uint64(0)
 
 _SOURCE = Source(r"""
 // s: (rows, TK) raw scores q k^T, overwritten by P; lse: (rows,). Row r is query i = r % TQ, which
@@ -122,6 +150,18 @@ class ScaledDotProductAttentionCuda:
             return ScaledDotProductAttention.forward(ctx, q, k, v, mask, causal=causal, scale=scale,
                                                      dropout_p=dropout_p, rng=rng)
         TQ, TK = q.shape[-2], k.shape[-2]
+        ctx.flash = (q.ndim == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
+                     and use_flash(*q.shape, q.dtype))
+        if ctx.flash:   # (B, NH, T, HS) heads, contiguous
+            _draw_seed(ctx, causal, scale, dropout_p, rng)
+            ctx.qkv = [cp.ascontiguousarray(a) for a in (q, k, v)]
+            ctx.y = cp.empty_like(ctx.qkv[0])
+            ctx.layout = flash_attention.Layout(q.dtype.name, *q.shape, (q[0].size, q[0, 0].size, q.shape[-1]),
+                                                (q[0].size, q[0, 0].size, q.shape[-1]))
+            ctx.lse = cp.empty(q.size // q.shape[-1], dtype=ctx.layout.math)
+            flash_attention.forward(ctx.layout, *(a.data.ptr for a in ctx.qkv), ctx.y.data.ptr, ctx.lse.data.ptr,
+                                    causal, scale, ctx.seed, dropout_p)
+            return ctx.y
         s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
         pd = _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
         ctx.q, ctx.k, ctx.v, ctx.p, ctx.pd = q, k, v, s, pd
@@ -131,6 +171,12 @@ class ScaledDotProductAttentionCuda:
     def backward(ctx, dout):
         if ctx.reference:
             return ScaledDotProductAttention.backward(ctx, dout)
+        if ctx.flash:
+            dout, grads = cp.ascontiguousarray(dout), [cp.empty_like(a) for a in ctx.qkv]
+            flash_attention.backward(ctx.layout, *(a.data.ptr for a in ctx.qkv), ctx.y.data.ptr, dout.data.ptr,
+                                     ctx.lse.data.ptr, cp.empty_like(ctx.lse).data.ptr, *(g.data.ptr for g in grads),
+                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p)
+            return (*grads, None)
         q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
         need = ctx.needs_input_grad
         # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
@@ -179,6 +225,12 @@ class SelfAttentionCuda:
         B, T, C3 = qkv.shape
         C, NH = C3 // 3, n_head
         HS = C // NH
+        ctx.flash = use_flash(B, NH, T, HS, qkv.dtype)
+        if ctx.flash:
+            _draw_seed(ctx, causal, scale, dropout_p, rng)
+            y, ctx.lse = flash_attention.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p)
+            ctx.qkv, ctx.y, ctx.n_head = qkv, y, NH
+            return y
         dtype, size = qkv.dtype, qkv.dtype.itemsize
         s = cp.empty((B, NH, T, T), dtype=dtype)
         y = cp.empty((B, T, C), dtype=dtype)
@@ -202,6 +254,9 @@ class SelfAttentionCuda:
     def backward(ctx, dout):
         if ctx.reference:
             return SelfAttention.backward(ctx, dout)
+        if ctx.flash:
+            return flash_attention.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
+                                                           ctx.causal, ctx.scale, ctx.seed, ctx.drop_p)
         qkv, p, pd, NH, causal = ctx.qkv, ctx.p, ctx.pd, ctx.n_head, ctx.causal
         dout = cp.ascontiguousarray(dout)
         B, T, C3 = qkv.shape
