@@ -83,7 +83,8 @@ def timed(fn, sync_events, warmup, repeats):
 
 
 def ours(cp, shape, dtype, path, dropout, args):
-    """Our forward and forward + backward (ms), peak MiB, and y as float32, for path 'flash' or 'stored'."""
+    """Our forward and forward + backward (ms), peak MiB, and y as float32, for path 'flash' (dQ fused into the
+    dK/dV kernel), 'flash, dQ separate' (its own kernel) or 'stored' (the cuBLAS path)."""
     import numpy as np
 
     from tinygrad_llm.kernels.cuda import attention, flash_attention as flash
@@ -95,7 +96,8 @@ def ours(cp, shape, dtype, path, dropout, args):
     if dtype == "bfloat16":
         qkv, dout = flash.to_bfloat16_bits(qkv), flash.to_bfloat16_bits(dout)
     scale, gen = HS ** -0.5, np.random.default_rng(1)
-    attention.FLASH = "1" if path == "flash" else "0"
+    attention.FLASH = "0" if path == "stored" else "1"
+    flash.FUSED_DQ = path != "flash, dQ separate"
 
     def forward():
         if dtype == "bfloat16":
@@ -176,7 +178,7 @@ def main():
         for dtype in args.dtypes:
             t_fwd, t_both, t_peak, t_y = sdpa(torch, shape, dtype, args.dropout, args)
             rows = [("torch SDPA", t_fwd, t_both, t_peak)]
-            for path in (("flash", "stored") if dtype == "float32" else ("flash",)):
+            for path in ("flash", "flash, dQ separate") + (("stored",) if dtype == "float32" else ()):
                 fwd, both, peak, y = ours(cp, shape, dtype, path, args.dropout, args)
                 rows.append((f"ours {path}", fwd, both, peak))
                 if path == "flash" and args.dropout == 0:

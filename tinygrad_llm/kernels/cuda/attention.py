@@ -173,9 +173,10 @@ class ScaledDotProductAttentionCuda:
             return ScaledDotProductAttention.backward(ctx, dout)
         if ctx.flash:
             dout, grads = cp.ascontiguousarray(dout), [cp.empty_like(a) for a in ctx.qkv]
+            work = cp.empty(ctx.y.size, dtype=ctx.lse.dtype)   # dQ's sums (with FUSED_DQ)
             flash_attention.backward(ctx.layout, *(a.data.ptr for a in ctx.qkv), ctx.y.data.ptr, dout.data.ptr,
                                      ctx.lse.data.ptr, cp.empty_like(ctx.lse).data.ptr, *(g.data.ptr for g in grads),
-                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p)
+                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, work.data.ptr)
             return (*grads, None)
         q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
         need = ctx.needs_input_grad

@@ -15,32 +15,40 @@ shared-memory tiles (16-byte shared loads), no tensor cores. Backward is two ker
 (dK, dV; loops over the query tiles that see it) and one per query tile (dQ), so no gradient is summed
 by atomics and results are deterministic. Nothing allocates or syncs: the launches capture in a graph.
 """
+import os
+
 import cupy as cp
 import numpy as np
 
 from .flash_kernels import SOURCE
 
-_NAMES = ("flash_forward", "flash_backward_kv", "flash_backward_q")
 STORAGE = {"float32": ("float", np.float32), "float64": ("double", np.float64), "bfloat16": ("unsigned short", np.float32)}
 HEAD_SIZES = (16, 32, 64, 128)   # the head size is padded up to one of these (zeros past HS)
 MAX_HEAD_SIZE = HEAD_SIZES[-1]
+# dQ in the dK/dV kernel, added atomically into a zeroed scratch (float order varies from run to run), or in
+# a kernel of its own that recomputes the scores and dPd (bitwise reproducible, 7 tile products instead of 5).
+# TINYGRAD_LLM_FLASH_DQ = "fused" (default) or "separate"; see benchmarks/RESULTS.md, "Flash attention".
+FUSED_DQ = os.environ.get("TINYGRAD_LLM_FLASH_DQ", "fused") != "separate"
 _modules = {}
 
 
 def tiles(storage, HD):
-    """(BQ, BK) of forward, backward_kv and backward_q: what fits 227 KiB of shared memory (2 blocks of the
-    forward a multiprocessor at HD 64 in float32); float64 takes half tiles."""
+    """{kernel: (BQ, BK)}: what fits 227 KiB of shared memory (the forward: 2 blocks a multiprocessor at
+    HD 64 in float32); float64 takes half tiles."""
     if storage == "float64":
-        return {name: (32, 32) for name in _NAMES}
-    return {"flash_forward": (64, 64), "flash_backward_kv": (64 if HD <= 64 else 32, 64), "flash_backward_q": (64, 64)}
+        bq = bk = kv_q = 32
+    else:
+        bq, bk, kv_q = 64, 64, 64 if HD <= 64 else 32
+    return {"flash_forward": (bq, bk), "flash_backward_kv": (kv_q, bk), "flash_backward_fused": (kv_q, bk),
+            "flash_backward_q": (bq, bk)}
 
 
 def shared_bytes(name, storage, HD, BQ, BK):
     LD, size = HD + 4, np.dtype(STORAGE[storage][1]).itemsize
-    words = {"flash_forward": BQ * LD + HD * (BK + 4) + BK * LD + BQ * (BK + 4),
-             "flash_backward_kv": 2 * BK * LD + 2 * BQ * LD + 2 * HD * (BQ + 4) + BK * (BQ + 4) + 2 * BQ,
-             "flash_backward_q": 2 * BQ * LD + BK * LD + 2 * HD * (BK + 4) + BQ * (BK + 4)}[name]
-    return words * size
+    kv = 2 * BK * LD + 2 * BQ * LD + 2 * HD * (BQ + 4) + BK * (BQ + 4) + 2 * BQ
+    words = {"flash_forward": BQ * LD + HD * (BK + 4) + BK * LD + BQ * (BK + 4), "flash_backward_kv": kv,
+             "flash_backward_fused": kv, "flash_backward_q": 2 * BQ * LD + BK * LD + 2 * HD * (BK + 4) + BQ * (BK + 4)}
+    return words[name] * size
 
 
 def _kernel(name, storage, HS):
@@ -49,15 +57,17 @@ def _kernel(name, storage, HS):
     key = (storage, HD)
     if key not in _modules:
         ctype = STORAGE[storage][0]
-        exprs = [f"{n}<{ctype}, {HD}, {bq}, {bk}>" for n, (bq, bk) in tiles(storage, HD).items()]
-        module = cp.RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=exprs + [f"flash_rowdot<{ctype}>"])
-        found = {}
+        exprs = {n: f"{n}<{ctype}, {HD}, {bq}, {bk}>" for n, (bq, bk) in tiles(storage, HD).items()}
+        exprs["flash_backward_kv"] = exprs["flash_backward_kv"][:-1] + ", false>"
+        exprs["flash_backward_fused"] = exprs.pop("flash_backward_fused").replace("_fused", "_kv")[:-1] + ", true>"
+        small = {n: f"{n}<{ctype}>" for n in ("flash_rowdot", "flash_dq_store")}
+        module = cp.RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=[*exprs.values(), *small.values()])
+        found = {n: (module.get_function(e), 0, 0, 0) for n, e in small.items()}
         for n, (bq, bk) in tiles(storage, HD).items():
-            fn = module.get_function(f"{n}<{ctype}, {HD}, {bq}, {bk}>")
+            fn = module.get_function(exprs[n])
             smem = shared_bytes(n, storage, HD, bq, bk)
             fn.max_dynamic_shared_size_bytes = smem
             found[n] = (fn, bq, bk, smem)
-        found["flash_rowdot"] = (module.get_function(f"flash_rowdot<{ctype}>"), 0, 0, 0)
         _modules[key] = found
     return _modules[key][name]
 
@@ -89,7 +99,7 @@ class Layout:
 
     def launch(self, name, args):
         fn, bq, bk, smem = _kernel(name, self.storage, self.HS)
-        tile = bk if name == "flash_backward_kv" else bq
+        tile = bk if name.startswith("flash_backward_kv") or name == "flash_backward_fused" else bq
         fn((-(-self.T // tile), self.B * self.NH), (256,), args, shared_mem=smem)
 
 
@@ -103,16 +113,27 @@ def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0
     layout.launch("flash_forward", layout.args(q, k, v, causal, scale, seed, dropout_p) + _pointers(y, lse))
 
 
-def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, causal=True, scale=1.0, seed=0, dropout_p=0.0):
+def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, causal=True, scale=1.0, seed=0, dropout_p=0.0, work=None):
     """dq, dk, dv (each written whole) from dy and the forward's y and lse; D is scratch of B NH T elements
-    of the math dtype (it gets rowsum(dy * y)). The same arguments as the forward, or the mask differs."""
+    of the math dtype (it gets rowsum(dy * y)); with FUSED_DQ, work is scratch of B NH T HS of them (dQ's
+    sums; zeroed here). The same arguments as the forward, or the mask differs. Launches only."""
     rows = layout.B * layout.NH * layout.T
-    fn = _kernel("flash_rowdot", layout.storage, layout.HS)[0]
-    fn((-(-rows * 32 // 256),), (256,), (*_pointers(y, dy, D), np.int32(layout.NH), np.int32(layout.T), np.int32(layout.HS),
-                                        *(np.int64(s) for s in layout.outputs), np.int64(rows)))
+    shape = (np.int32(layout.NH), np.int32(layout.T), np.int32(layout.HS))
+    rowdot = _kernel("flash_rowdot", layout.storage, layout.HS)[0]
+    rowdot((-(-rows * 32 // 256),), (256,), (*_pointers(y, dy, D), *shape, *(np.int64(s) for s in layout.outputs),
+                                            np.int64(rows)))
     args = layout.args(q, k, v, causal, scale, seed, dropout_p)
-    layout.launch("flash_backward_kv", args + _pointers(dy, lse, D, dk, dv))
-    layout.launch("flash_backward_q", args + _pointers(dy, lse, D, dq))
+    if not FUSED_DQ:
+        layout.launch("flash_backward_kv", args + _pointers(dy, lse, D, dk, dv, 0))
+        layout.launch("flash_backward_q", args + _pointers(dy, lse, D, dq))
+        return
+    if work is None:
+        raise ValueError("flash attention: backward with FUSED_DQ needs work, scratch of B NH T HS elements")
+    n = rows * layout.HS
+    cp.cuda.runtime.memsetAsync(int(work), 0, n * np.dtype(layout.math).itemsize, cp.cuda.get_current_stream().ptr)
+    layout.launch("flash_backward_fused", args + _pointers(dy, lse, D, dk, dv, work))
+    store = _kernel("flash_dq_store", layout.storage, layout.HS)[0]
+    store((-(-n // 256),), (256,), (*_pointers(work, dq), *shape, *(np.int64(s) for s in layout.inputs), np.int64(n)))
 
 
 def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, storage=None):
@@ -135,10 +156,11 @@ def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropou
     layout = Layout.packed(storage or np.dtype(qkv.dtype).name, B, T, n_head, HS)
     dqkv = cp.empty_like(qkv)
     D = cp.empty_like(lse)
+    work = cp.empty(lse.size * HS, dtype=lse.dtype) if FUSED_DQ else None
     size, p, g = qkv.dtype.itemsize, qkv.data.ptr, dqkv.data.ptr
     C = C3 // 3
     backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dy.data.ptr, lse.data.ptr, D.data.ptr,
-             g, g + C * size, g + 2 * C * size, causal, scale, seed, dropout_p)
+             g, g + C * size, g + 2 * C * size, causal, scale, seed, dropout_p, None if work is None else work.data.ptr)
     return dqkv
 
 

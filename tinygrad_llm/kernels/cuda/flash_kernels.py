@@ -15,21 +15,17 @@ __device__ __forceinline__ void st_s(unsigned short* p, float x) {   // bfloat16
     unsigned u = __float_as_uint(x);
     *p = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)0x7fc0 : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
-template<typename S> struct Math { typedef float T; };
+template<typename S> struct Math { typedef float T; };   // the arithmetic type: double for double, else float
 template<> struct Math<double> { typedef double T; };
 
 // N values from shared memory at p: 16-byte loads where N fills them (p is then 16-byte aligned)
 template<int N, typename A> __device__ __forceinline__ void vload(const A* p, A* out) {
     constexpr int W = 16 / sizeof(A);
-    if constexpr (N % W == 0) {
 #pragma unroll
-        for (int i = 0; i < N; i += W) {
-            if constexpr (sizeof(A) == 4) { float4 v = *(const float4*)(p + i); out[i] = v.x; out[i + 1] = v.y; out[i + 2] = v.z; out[i + 3] = v.w; }
-            else { double2 v = *(const double2*)(p + i); out[i] = v.x; out[i + 1] = v.y; }
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; i++) out[i] = p[i];
+    for (int i = 0; i < N; i += (N % W == 0 ? W : 1)) {
+        if constexpr (N % W != 0) out[i] = p[i];
+        else if constexpr (sizeof(A) == 4) { float4 v = *(const float4*)(p + i); out[i] = v.x; out[i + 1] = v.y; out[i + 2] = v.z; out[i + 3] = v.w; }
+        else { double2 v = *(const double2*)(p + i); out[i] = v.x; out[i + 1] = v.y; }
     }
 }
 
@@ -50,6 +46,21 @@ __device__ __forceinline__ void tile_mma(A (&acc)[R][C], const A* a, int lda, co
             for (int i = 0; i < R; i++)
 #pragma unroll
                 for (int j = 0; j < C; j++) acc[i][j] += av[i][w] * bv[w][j];
+    }
+}
+
+// acc[i][j] += sum_k a[k lda + i] b[k ldb + j]: a k-major (this thread's R rows contiguous), b k-major
+template<int R, int C, int K, typename A>
+__device__ __forceinline__ void tile_mma_t(A (&acc)[R][C], const A* a, int lda, const A* b, int ldb) {
+#pragma unroll 4
+    for (int k = 0; k < K; k++) {
+        A av[R], bv[C];
+        vload<R>(a + k * lda, av);
+        vload<C>(b + k * ldb, bv);
+#pragma unroll
+        for (int i = 0; i < R; i++)
+#pragma unroll
+            for (int j = 0; j < C; j++) acc[i][j] += av[i] * bv[j];
     }
 }
 
@@ -145,6 +156,15 @@ __global__ void flash_rowdot(const S* y, const S* dy, A* D, int NH, int T, int H
     if (lane == 0) D[r] = total;
 }
 
+// dq[b, h, t, d] = acc[(b NH + h) T + t, d] in the storage type: after the FUSED backward
+template<typename S, typename A = typename Math<S>::T>
+__global__ void flash_dq_store(const A* acc, S* dq, int NH, int T, int HS, long long sb, long long sh, long long st, long long n) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long r = i / HS, bh = r / T;
+    st_s(dq + (bh / NH) * sb + (bh % NH) * sh + (r % T) * st + i % HS, acc[i]);
+}
+
 // P and dS of one (query, key) element from its scores s (scaled) and dPd = dy v^T: returns Pd, sets ds
 template<typename A>
 __device__ __forceinline__ A recompute(A s, A dpd, A lse, A D, bool ok, long long index, int has_drop,
@@ -160,8 +180,10 @@ __device__ __forceinline__ A recompute(A s, A dpd, A lse, A D, bool ok, long lon
 }
 
 // dK, dV of one key tile: loops over the query tiles that see it. dq/dk/dv use the input's strides.
-template<typename S, int HD, int BQ, int BK, typename A = typename Math<S>::T>
-__global__ void __launch_bounds__(256) flash_backward_kv(FLASH_ARGS, const S* dy, const A* lse, const A* D, S* dk, S* dv) {
+// FUSED: also dQ, its part from this key tile added (atomically) to dq_acc ((B NH T, HS), zeroed before).
+template<typename S, int HD, int BQ, int BK, bool FUSED, typename A = typename Math<S>::T>
+__global__ void __launch_bounds__(256) flash_backward_kv(FLASH_ARGS, const S* dy, const A* lse, const A* D, S* dk, S* dv,
+                                                         A* dq_acc) {
     FLASH_SETUP
     constexpr int RK = BK / 16, CQ = BQ / 16, CD = HD / 16, LD = HD + 4;
     A *Ks = smem, *Vs = Ks + BK * LD, *Qs = Vs + BK * LD, *Ys = Qs + BQ * LD, *Qt = Ys + BQ * LD,
@@ -176,10 +198,7 @@ __global__ void __launch_bounds__(256) flash_backward_kv(FLASH_ARGS, const S* dy
         load_rows<BQ, HD, true>(Qt, q + in0, st, q0, T, HS, (A)1);
         load_rows<BQ, HD, false>(Ys, dy + out0, ot, q0, T, HS, (A)1);
         load_rows<BQ, HD, true>(Yt, dy + out0, ot, q0, T, HS, (A)1);
-        for (int i = threadIdx.x; i < BQ; i += 256) {
-            Ls[i] = q0 + i < T ? lse[bh * T + q0 + i] : (A)0;
-            Ds[i] = q0 + i < T ? D[bh * T + q0 + i] : (A)0;
-        }
+        for (int i = threadIdx.x; i < BQ; i += 256) { Ls[i] = q0 + i < T ? lse[bh * T + q0 + i] : (A)0; Ds[i] = q0 + i < T ? D[bh * T + q0 + i] : (A)0; }
         __syncthreads();
         A s[RK][CQ] = {}, dp[RK][CQ] = {};
         tile_mma<RK, CQ, HD>(s, Ks + ty * RK * LD, LD, Qt + tx * CQ, BQ + 4);    // S^T
@@ -205,6 +224,17 @@ __global__ void __launch_bounds__(256) flash_backward_kv(FLASH_ARGS, const S* dy
             for (int j = 0; j < CQ; j++) Ss[(ty * RK + i) * (BQ + 4) + tx * CQ + j] = dp[i][j];
         __syncthreads();
         tile_mma<RK, CD, BQ>(gk, Ss + ty * RK * (BQ + 4), BQ + 4, Qs + tx * CD, LD);   // dK += dS^T q
+        if constexpr (FUSED) {   // dQ (rows ty CQ ..) += dS (scale k): Ks holds scale k
+            A gq[CQ][CD] = {};
+            tile_mma_t<CQ, CD, BK>(gq, Ss + ty * CQ, BQ + 4, Ks + tx * CD, LD);
+#pragma unroll
+            for (int i = 0; i < CQ; i++) {
+                int qi = q0 + ty * CQ + i;
+#pragma unroll
+                for (int j = 0; j < CD; j++)
+                    if (qi < T && tx * CD + j < HS) atomicAdd(dq_acc + (bh * T + qi) * HS + tx * CD + j, gq[i][j]);
+            }
+        }
     }
 #pragma unroll
     for (int i = 0; i < RK; i++) {
@@ -230,12 +260,7 @@ __global__ void __launch_bounds__(256) flash_backward_q(FLASH_ARGS, const S* dy,
     load_rows<BQ, HD, false>(Qs, q + in0, st, q0, T, HS, scale);
     load_rows<BQ, HD, false>(Ys, dy + out0, ot, q0, T, HS, (A)1);
     A rl[RQ], rd[RQ], gq[RQ][CD] = {};
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int qi = q0 + ty * RQ + i;
-        rl[i] = qi < T ? lse[bh * T + qi] : (A)0;
-        rd[i] = qi < T ? D[bh * T + qi] : (A)0;
-    }
+    for (int i = 0, qi = q0 + ty * RQ; i < RQ; i++, qi++) { rl[i] = qi < T ? lse[bh * T + qi] : (A)0; rd[i] = qi < T ? D[bh * T + qi] : (A)0; }
     int kend = causal ? min(T, q0 + BQ) : T;
     for (int k0 = 0; k0 < kend; k0 += BK) {
         __syncthreads();
