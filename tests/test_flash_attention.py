@@ -223,3 +223,23 @@ def test_flash_switch_and_rule(monkeypatch):
         flash.Layout.packed("float16", 1, 8, 1, 64)
     with pytest.raises(ValueError, match="head size"):
         flash.Layout.packed("float32", 1, 8, 1, 256)
+
+
+def test_flash_dropout_seed_from_device_memory():
+    """seed_ptr set: the kernels hash with HEADER's dropout_seed(base in device memory, seed) (what a replayed
+    CUDA graph reads anew each step); the same mask as that mixed seed handed over from the host."""
+    import cupy as cp
+    _, flash = cuda()
+    qkv, dout = inputs(1, 70, 2, 32, np.float32, seed=9)
+    base, k, mask64 = 0x123456789ABCDEF, 3, (1 << 64) - 1
+    z = (base + (k + 1) * 0xD1B54A32D192ED03) & mask64
+    z = ((z ^ (z >> 32)) * 0xBF58476D1CE4E5B9) & mask64
+    mixed = (z ^ (z >> 29)) & 0x7FFFFFFFFFFFFFFF
+    words = cp.asarray(np.array([base], np.uint64))
+    y_dev, lse_dev = flash.self_attention_forward(qkv, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr)
+    y_host, lse_host = flash.self_attention_forward(qkv, 2, True, 0.2, mixed, 0.3)
+    y_other, _ = flash.self_attention_forward(qkv, 2, True, 0.2, k, 0.3)
+    assert bool((y_dev == y_host).all()) and not bool((y_dev == y_other).all())
+    g_dev = flash.self_attention_backward(qkv, y_dev, lse_dev, dout, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr)
+    g_host = flash.self_attention_backward(qkv, y_host, lse_host, dout, 2, True, 0.2, mixed, 0.3)
+    assert rel_err(g_dev, g_host) < 1e-6

@@ -1,9 +1,10 @@
 """Attention on CUDA arrays: cuBLAS products around one fused masked-softmax pass each way (ops:
 functional.ScaledDotProductAttention, and SelfAttention on the packed (B, T, 3C) qkv without unpacking).
 
-Why cuBLAS and a fused softmax rather than a hand-written flash-attention kernel: in float32 cuBLAS
-reaches the GPU's FMA peak on the (T, HS) x (HS, T) products, and the one softmax pass is memory bound
-either way; the (B, NH, T, T) probabilities are kept for backward, which the GPU holds easily.
+Two paths (use_flash picks, TINYGRAD_LLM_FLASH forces): cuBLAS products around the softmax passes
+below, which keep the (B, NH, T, T) probabilities for backward (cuBLAS runs the products near the GPU's
+FMA peak; fastest at short T), and flash_attention.py, which keeps only the output and each row's
+log-sum-exp and recomputes the probabilities in backward (memory linear in T; used from long T on).
 
 Attention dropout differs from the NumPy op by design: the op draws its mask with rng.random on the
 host, which would cost more than the whole GPU step. Here each call takes one 63-bit seed from the same
@@ -41,8 +42,9 @@ def use_flash(B, NH, T, HS, dtype):
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
-    """What the flash path keeps of the op's attributes; the seed is the first draw, as _softmax_forward's."""
-    ctx.causal, ctx.scale, ctx.drop_p = causal, scale, dropout_p
+    """What the flash path keeps of the op's attributes; the seed is the first draw, as _softmax_forward's
+    (seed_ptr: where a device-memory seed would be, 0 for none)."""
+    ctx.causal, ctx.scale, ctx.drop_p, ctx.seed_ptr = causal, scale, dropout_p, np.uint64(0)
     ctx.seed = np.uint64(rng.integers(0, 2 ** 63)) if dropout_p > 0 else np.uint64(0)
 
 _SOURCE = Source(r"""
@@ -160,7 +162,7 @@ class ScaledDotProductAttentionCuda:
                                                 (q[0].size, q[0, 0].size, q.shape[-1]))
             ctx.lse = cp.empty(q.size // q.shape[-1], dtype=ctx.layout.math)
             flash_attention.forward(ctx.layout, *(a.data.ptr for a in ctx.qkv), ctx.y.data.ptr, ctx.lse.data.ptr,
-                                    causal, scale, ctx.seed, dropout_p)
+                                    causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
             return ctx.y
         s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
         pd = _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
@@ -176,7 +178,7 @@ class ScaledDotProductAttentionCuda:
             work = cp.empty(ctx.y.size, dtype=ctx.lse.dtype)   # dQ's sums (with FUSED_DQ)
             flash_attention.backward(ctx.layout, *(a.data.ptr for a in ctx.qkv), ctx.y.data.ptr, dout.data.ptr,
                                      ctx.lse.data.ptr, cp.empty_like(ctx.lse).data.ptr, *(g.data.ptr for g in grads),
-                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, work.data.ptr)
+                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, work.data.ptr, ctx.seed_ptr)
             return (*grads, None)
         q, k, v, p = ctx.q, ctx.k, ctx.v, ctx.p
         need = ctx.needs_input_grad
@@ -229,7 +231,8 @@ class SelfAttentionCuda:
         ctx.flash = use_flash(B, NH, T, HS, qkv.dtype)
         if ctx.flash:
             _draw_seed(ctx, causal, scale, dropout_p, rng)
-            y, ctx.lse = flash_attention.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p)
+            y, ctx.lse = flash_attention.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p,
+                                                                seed_ptr=ctx.seed_ptr)
             ctx.qkv, ctx.y, ctx.n_head = qkv, y, NH
             return y
         dtype, size = qkv.dtype, qkv.dtype.itemsize
@@ -257,7 +260,8 @@ class SelfAttentionCuda:
             return SelfAttention.backward(ctx, dout)
         if ctx.flash:
             return flash_attention.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
-                                                           ctx.causal, ctx.scale, ctx.seed, ctx.drop_p)
+                                                           ctx.causal, ctx.scale, ctx.seed, ctx.drop_p,
+                                                           seed_ptr=ctx.seed_ptr)
         qkv, p, pd, NH, causal = ctx.qkv, ctx.p, ctx.pd, ctx.n_head, ctx.causal
         dout = cp.ascontiguousarray(dout)
         B, T, C3 = qkv.shape

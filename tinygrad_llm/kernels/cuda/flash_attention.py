@@ -91,10 +91,10 @@ class Layout:
         C = NH * HS
         return cls(storage, B, NH, T, HS, (T * 3 * C, HS, 3 * C), (T * C, HS, C))
 
-    def args(self, q, k, v, causal, scale, seed, dropout_p):
+    def args(self, q, k, v, causal, scale, seed, dropout_p, seed_ptr=0):
         T = self.math
         return (*(np.uint64(a) for a in (q, k, v)), np.int32(self.NH), np.int32(self.T), np.int32(self.HS), *(np.int64(s) for s in self.inputs),
-                *(np.int64(s) for s in self.outputs), T(scale), np.int32(bool(causal)), np.uint64(seed),
+                *(np.int64(s) for s in self.outputs), T(scale), np.int32(bool(causal)), np.uint64(seed_ptr), np.uint64(seed),
                 np.float32(dropout_p), T(1 / (1 - dropout_p) if dropout_p < 1 else 0), np.int32(dropout_p > 0))
 
     def launch(self, name, args):
@@ -107,13 +107,15 @@ def _pointers(*addresses):
     return tuple(np.uint64(a) for a in addresses)
 
 
-def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0.0):
+def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0.0, seed_ptr=0):
     """y = attention(q, k, v) and lse (B NH T, in the math dtype) = each row's log-sum-exp of its scaled
-    scores: pointers (ints) laid out as `layout` says. Launches only: nothing allocated or synced."""
-    layout.launch("flash_forward", layout.args(q, k, v, causal, scale, seed, dropout_p) + _pointers(y, lse))
+    scores: pointers (ints) laid out as `layout` says. Launches only: nothing allocated or synced. Dropout
+    hashes with seed, or (seed_ptr not 0) with HEADER's dropout_seed(seed_ptr, seed), a base in device memory."""
+    layout.launch("flash_forward", layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(y, lse))
 
 
-def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, causal=True, scale=1.0, seed=0, dropout_p=0.0, work=None):
+def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, causal=True, scale=1.0, seed=0, dropout_p=0.0, work=None,
+             seed_ptr=0):
     """dq, dk, dv (each written whole) from dy and the forward's y and lse; D is scratch of B NH T elements
     of the math dtype (it gets rowsum(dy * y)); with FUSED_DQ, work is scratch of B NH T HS of them (dQ's
     sums; zeroed here). The same arguments as the forward, or the mask differs. Launches only."""
@@ -122,7 +124,7 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, causal=True, scale=1.0,
     rowdot = _kernel("flash_rowdot", layout.storage, layout.HS)[0]
     rowdot((-(-rows * 32 // 256),), (256,), (*_pointers(y, dy, D), *shape, *(np.int64(s) for s in layout.outputs),
                                             np.int64(rows)))
-    args = layout.args(q, k, v, causal, scale, seed, dropout_p)
+    args = layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr)
     if not FUSED_DQ:
         layout.launch("flash_backward_kv", args + _pointers(dy, lse, D, dk, dv, 0))
         layout.launch("flash_backward_q", args + _pointers(dy, lse, D, dq))
@@ -136,7 +138,7 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, causal=True, scale=1.0,
     store((-(-n // 256),), (256,), (*_pointers(work, dq), *shape, *(np.int64(s) for s in layout.inputs), np.int64(n)))
 
 
-def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, storage=None):
+def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, storage=None, seed_ptr=0):
     """The packed (B, T, 3C) qkv (a contiguous CuPy array) -> (y (B, T, C), lse): the op's forward."""
     B, T, C3 = qkv.shape
     HS = C3 // 3 // n_head
@@ -145,11 +147,12 @@ def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, storage=
     y = cp.empty((B, T, C3 // 3), dtype=qkv.dtype)
     lse = cp.empty(B * n_head * T, dtype=layout.math)
     size, p = qkv.dtype.itemsize, qkv.data.ptr
-    forward(layout, p, p + C3 // 3 * size, p + 2 * C3 // 3 * size, y.data.ptr, lse.data.ptr, causal, scale, seed, dropout_p)
+    forward(layout, p, p + C3 // 3 * size, p + 2 * C3 // 3 * size, y.data.ptr, lse.data.ptr, causal, scale, seed, dropout_p,
+            seed_ptr)
     return y, lse
 
 
-def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropout_p, storage=None):
+def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropout_p, storage=None, seed_ptr=0):
     """dqkv (B, T, 3C) from the forward's qkv, y, lse and dy (B, T, C), all contiguous CuPy arrays."""
     B, T, C3 = qkv.shape
     HS = C3 // 3 // n_head
@@ -160,7 +163,8 @@ def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropou
     size, p, g = qkv.dtype.itemsize, qkv.data.ptr, dqkv.data.ptr
     C = C3 // 3
     backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dy.data.ptr, lse.data.ptr, D.data.ptr,
-             g, g + C * size, g + 2 * C * size, causal, scale, seed, dropout_p, None if work is None else work.data.ptr)
+             g, g + C * size, g + 2 * C * size, causal, scale, seed, dropout_p, None if work is None else work.data.ptr,
+             seed_ptr)
     return dqkv
 
 

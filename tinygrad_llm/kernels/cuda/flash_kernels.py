@@ -80,8 +80,9 @@ __device__ __forceinline__ double group16_max(double x) { for (int o = 8; o > 0;
 template<typename A> __device__ __forceinline__ A group16_sum(A x) { for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o); return x; }
 
 #define FLASH_ARGS const S* q, const S* k, const S* v, int NH, int T, int HS, long long sb, long long sh, long long st, \
-    long long ob, long long oh, long long ot, A scale, int causal, unsigned long long seed, float drop_p, A drop_scale, int has_drop
-#define FLASH_SETUP int tx = threadIdx.x & 15, ty = threadIdx.x >> 4; \
+    long long ob, long long oh, long long ot, A scale, int causal, const unsigned long long* seed_ptr, unsigned long long seed, \
+    float drop_p, A drop_scale, int has_drop
+#define FLASH_SETUP int tx = threadIdx.x & 15, ty = threadIdx.x >> 4; if (has_drop) seed = dropout_seed(seed_ptr, seed); \
     long long bh = blockIdx.y; long long in0 = (bh / NH) * sb + (bh % NH) * sh, out0 = (bh / NH) * ob + (bh % NH) * oh; \
     extern __shared__ __align__(16) unsigned char smem_raw[]; A* smem = (A*)smem_raw;
 

@@ -41,6 +41,17 @@ __device__ __forceinline__ bool dropout_keep(unsigned long long seed, long long 
     z ^= z >> 31;
     return (float)(z >> 40) * (1.0f / 16777216.0f) >= p;
 }
+
+// The seed a dropout call hashes with. seed_ptr null: `seed` itself (drawn on the host from the caller's
+// generator). Else the step's 63-bit base in device memory (runtime.DeviceSeeds) and `seed` the call's index
+// in the step, mixed once: a captured CUDA graph reads the base anew at every replay.
+__device__ __forceinline__ unsigned long long dropout_seed(const unsigned long long* seed_ptr,
+                                                           unsigned long long seed) {
+    if (seed_ptr == 0) return seed;
+    unsigned long long z = seed_ptr[0] + (seed + 1) * 0xD1B54A32D192ED03ULL;
+    z = (z ^ (z >> 32)) * 0xBF58476D1CE4E5B9ULL;
+    return (z ^ (z >> 29)) & 0x7FFFFFFFFFFFFFFFULL;
+}
 """
 
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
