@@ -7,9 +7,9 @@
 Each shape is B,T,NH,HS: a packed (B, T, 3C) qkv as a GPT block's c_attn makes it, read as q, k, v views
 by all three (torch: split, view, transpose, as nanoGPT). A row gives the median of --repeats CUDA-event
 timings after --warmup untimed runs, of the forward alone and of forward + backward (the gradient of qkv
-written), and the peak GPU memory of one forward + backward above what the inputs held: CuPy's pool
-high-water mark (pool emptied before, so its total is what the run needed at once) against
-torch.cuda.max_memory_allocated. Both keep y and the qkv gradient alive to the end. Our bf16 runs store
+written), and the peak GPU memory of one forward + backward above what the inputs held: the high-water mark of a
+CuPy memory pool made for that one run (what it needed at once, in the pool's 512-byte rounding) against
+torch.cuda.max_memory_allocated less what was allocated before. Both keep y and the qkv gradient alive to the end. Our bf16 runs store
 bfloat16 bits in uint16 arrays (the flash kernels only: the cuBLAS path has no bf16); torch's are
 torch.bfloat16. TF32 stays off in both (torch's float32 SDPA picks its own kernel). A check row compares
 our flash output with torch's (relative to the largest element).
@@ -115,13 +115,12 @@ def ours(cp, shape, dtype, path, dropout, args):
     events = (cp.cuda.Event, cp.cuda.get_elapsed_time)
     fwd = timed(forward, events, args.warmup, args.repeats)
     both = timed(step, events, args.warmup, args.repeats)
-    pool = cp.get_default_memory_pool()
     cp.cuda.Device().synchronize()
-    pool.free_all_blocks()
-    base = pool.total_bytes()
-    y, dqkv = step()
-    cp.cuda.Device().synchronize()
-    peak = (pool.total_bytes() - base) / 2 ** 20
+    pool = cp.cuda.MemoryPool()              # a pool of its own: it holds only what this run allocates
+    with cp.cuda.using_allocator(pool.malloc):
+        y, dqkv = step()
+        cp.cuda.Device().synchronize()
+        peak = pool.total_bytes() / 2 ** 20
     y = flash.from_bfloat16_bits(y) if dtype == "bfloat16" else y
     del dqkv
     return fwd, both, peak, cp.asnumpy(y)

@@ -209,9 +209,11 @@ def test_flash_keeps_only_the_output_and_the_log_sum_exp():
 def test_flash_switch_and_rule(monkeypatch):
     attention, flash = cuda()
     monkeypatch.setattr(attention, "FLASH", "auto")
-    assert attention.use_flash(8, 6, 2048, 64, np.float32)
+    assert attention.use_flash(4, 6, attention.FLASH_MIN_T, 64, np.float32)
     assert not attention.use_flash(64, 6, attention.FLASH_MIN_T // 2, 64, np.float32)
-    assert not attention.use_flash(1, 1, 4096, flash.MAX_HEAD_SIZE + 1, np.float32)
+    assert not attention.use_flash(1, 1, attention.FLASH_MIN_T, 128, np.float32)         # the cuBLAS path was faster
+    assert attention.use_flash(4096, 64, attention.FLASH_MIN_T // 2, 128, np.float32)    # but it would not fit
+    assert not attention.use_flash(1, 1, 10 ** 6, flash.MAX_HEAD_SIZE + 1, np.float32)
     monkeypatch.setattr(attention, "FLASH", "1")
     assert attention.use_flash(1, 1, 8, 64, np.float32)
     monkeypatch.setattr(attention, "FLASH", "0")

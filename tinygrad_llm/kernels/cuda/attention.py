@@ -21,14 +21,15 @@ from . import flash_attention
 from .cublas import gemm_heads
 from .runtime import Source, served, warp_rows_launch
 
-# Which path attends: flash_attention.py (no (T, T) array kept; its kernels are FMA loops) or the cuBLAS
-# products around stored probabilities below. TINYGRAD_LLM_FLASH (read at import, or set FLASH) = "auto"
-# (the rule), "1" (flash wherever the head size allows), "0" (never). The rule: flash from FLASH_MIN_T
-# positions on, or where the kept (B, NH, T, T) probabilities would pass FLASH_MIN_SCORE_BYTES; below,
-# the cuBLAS path was faster on the H200 (benchmarks/RESULTS.md, "Flash attention").
-FLASH = os.environ.get("TINYGRAD_LLM_FLASH", "auto")
-FLASH_MIN_T = 512
-FLASH_MIN_SCORE_BYTES = 8 << 30
+# Which path attends: flash_attention.py (no (T, T) array kept) or the cuBLAS products around stored
+# probabilities below. TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash
+# wherever the head size allows), "0" (never). The rule, from the H200 (benchmarks/RESULTS.md, "Flash
+# attention"): flash from FLASH_MIN_T positions on with heads up to FLASH_MAX_FAST_HEAD, where it was faster
+# (float32 T=4096: 9.6 ms against 12.2; T=2048 within 10% either way; T <= 1024 and heads of 128 at 2048:
+# the cuBLAS path 17-80% faster); and wherever P, Pd and dS, (B, NH, T, T) each, would take more than
+# FLASH_MEMORY_SHARE of the GPU's memory.
+FLASH, FLASH_MIN_T, FLASH_MAX_FAST_HEAD, FLASH_MEMORY_SHARE = os.environ.get("TINYGRAD_LLM_FLASH", "auto"), 4096, 64, 0.25
+_device_bytes = {}
 
 
 def use_flash(B, NH, T, HS, dtype):
@@ -38,12 +39,16 @@ def use_flash(B, NH, T, HS, dtype):
         raise ValueError(f"TINYGRAD_LLM_FLASH must be auto, 1 or 0, got {FLASH!r}")
     if mode == "0" or HS > flash_attention.MAX_HEAD_SIZE:
         return False
-    return mode == "1" or T >= FLASH_MIN_T or 2 * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MIN_SCORE_BYTES
+    if mode == "1" or (T >= FLASH_MIN_T and HS <= FLASH_MAX_FAST_HEAD):
+        return True
+    device = cp.cuda.Device().id   # its memory is a device property: no stream work (graph capture is safe)
+    if device not in _device_bytes:
+        _device_bytes[device] = cp.cuda.runtime.getDeviceProperties(device)["totalGlobalMem"]
+    return 3 * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MEMORY_SHARE * _device_bytes[device]
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
-    """What the flash path keeps of the op's attributes; the seed is the first draw, as _softmax_forward's
-    (seed_ptr: where a device-memory seed would be, 0 for none)."""
+    """The flash path's attributes; the seed is the first draw, as _softmax_forward's (no device seed: 0)."""
     ctx.causal, ctx.scale, ctx.drop_p, ctx.seed_ptr = causal, scale, dropout_p, np.uint64(0)
     ctx.seed = np.uint64(rng.integers(0, 2 ** 63)) if dropout_p > 0 else np.uint64(0)
 
