@@ -11,9 +11,11 @@ Attention dropout keeps element (b, h, i, j) when runtime.HEADER's dropout_keep(
 + j) says so: the index of attention.py's softmax passes, so both paths draw one mask from one seed.
 
 A block of 256 threads (16 x 16) owns a tile; every product is a register-blocked FMA loop over
-shared-memory tiles (16-byte shared loads), no tensor cores. Backward is two kernels: one per key tile
-(dK, dV; loops over the query tiles that see it) and one per query tile (dQ), so no gradient is summed
-by atomics and results are deterministic. Nothing allocates or syncs: the launches capture in a graph.
+shared-memory tiles (16-byte shared loads), no tensor cores. Backward: rowsum(dy * y) first, then one
+block per key tile (dK, dV; it loops over the query tiles that see it) which also adds its part of dQ
+atomically into a zeroed scratch (FUSED_DQ), or, for bitwise-reproducible results, a second kernel with
+one block per query tile that recomputes the scores to sum dQ itself. The launchers allocate nothing and
+never sync (the memset of the scratch is a stream operation): the launches capture in a CUDA graph.
 """
 import os
 
