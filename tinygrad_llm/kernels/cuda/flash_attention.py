@@ -94,10 +94,12 @@ class Layout:
         return cls(storage, B, NH, T, HS, (T * 3 * C, HS, 3 * C), (T * C, HS, C))
 
     def args(self, q, k, v, causal, scale, seed, dropout_p, seed_ptr=0):
-        T = self.math
-        return (*(np.uint64(a) for a in (q, k, v)), np.int32(self.NH), np.int32(self.T), np.int32(self.HS), *(np.int64(s) for s in self.inputs),
-                *(np.int64(s) for s in self.outputs), T(scale), np.int32(bool(causal)), np.uint64(seed_ptr), np.uint64(seed),
-                np.float32(dropout_p), T(1 / (1 - dropout_p) if dropout_p < 1 else 0), np.int32(dropout_p > 0))
+        """The arguments every flash kernel starts with (flash_kernels.py's FLASH_ARGS), in order."""
+        math = self.math
+        return (*_pointers(q, k, v), np.int32(self.NH), np.int32(self.T), np.int32(self.HS),
+                *(np.int64(s) for s in self.inputs + self.outputs), math(scale), np.int32(bool(causal)),
+                np.uint64(seed_ptr), np.uint64(seed), np.float32(dropout_p),
+                math(1 / (1 - dropout_p) if dropout_p < 1 else 0), np.int32(dropout_p > 0))
 
     def launch(self, name, args):
         fn, bq, bk, smem = _kernel(name, self.storage, self.HS)
