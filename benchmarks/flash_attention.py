@@ -11,8 +11,8 @@ written), and the peak GPU memory of one forward + backward above what the input
 mark of a CuPy memory pool made for that one run (what it needed at once, in the pool's 512-byte rounding)
 against torch.cuda.max_memory_allocated less what was allocated before. Both keep y and the qkv gradient
 alive to the end. Our bf16 runs store bfloat16 bits in uint16 arrays (the flash kernels only: the cuBLAS
-path here has no bf16); torch's are torch.bfloat16. TF32 stays off in both (torch's float32 SDPA picks its own kernel). A check row compares
-our flash output with torch's (relative to the largest element).
+path here has no bf16); torch's are torch.bfloat16. TF32 stays off in both (torch's float32 SDPA picks its
+own kernel). A check row compares our flash output with torch's (relative to the largest element).
 """
 import json
 import statistics
