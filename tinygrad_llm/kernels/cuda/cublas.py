@@ -14,11 +14,6 @@ from . import runtime
 from .runtime import OnFirstUse, default_pool, load_library, register_cache
 
 
-def capturing():
-    """True while cuda_graph.CudaGraphStep captures: a cache must then drop nothing (the graph reads it)."""
-    return runtime.capturing
-
-
 ONE = {np.dtype(np.float32): np.array(1, np.float32), np.dtype(np.float64): np.array(1, np.float64)}
 ZERO = {np.dtype(np.float32): np.array(0, np.float32), np.dtype(np.float64): np.array(0, np.float64)}
 CUDA_TYPE = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}   # cudaDataType CUDA_R_32F, CUDA_R_64F
@@ -146,10 +141,7 @@ class _Blas:
     def _on_current_stream(self):
         self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(cp.cuda.get_current_stream().ptr))
 
-    @staticmethod
-    def _check(status, what):
-        if status != 0:
-            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+    _check = staticmethod(_Lt._check)
 
     def gemm(self, op_a, op_b, m, n, k, alpha, a, a_type, lda, b, b_type, ldb, beta, c, c_type, ldc, compute):
         """cublasGemmEx (column-major, as cuBLAS)."""
@@ -239,7 +231,7 @@ def sum_rows_cuda(a):
     key = (a.shape[0], np.dtype(a.dtype), a.device.id)
     ones = _ones.get(key)
     if ones is None:
-        if len(_ones) >= 16 and not capturing():
+        if len(_ones) >= 16 and not runtime.capturing:   # (a graph being captured reads it)
             _ones.clear()
         with default_pool():
             ones = _ones[key] = cp.ones((1, a.shape[0]), dtype=a.dtype)
@@ -272,7 +264,7 @@ def pointer_table(B, NH, operands):
     key = (B, NH) + tuple(operands)
     table = _pointer_tables.get(key)
     if table is None:
-        if len(_pointer_tables) >= 1024 and not capturing():
+        if len(_pointer_tables) >= 1024 and not runtime.capturing:   # (a graph being captured reads it)
             _pointer_tables.clear()
         with default_pool():
             table = _pointer_tables[key] = cp.empty(3 * B * NH, dtype=np.uint64)
