@@ -5,8 +5,9 @@
     python benchmarks/gpu_train.py --train ours --dtype bfloat16
     python benchmarks/gpu_train.py --train torch --tf32
 
---steps runs every mode of MODES in one process: ours in float32, TF32 and bf16 (eager), PyTorch eager in
-float32 and TF32, and PyTorch's torch.compile (default mode) with bf16 autocast. Each mode's model starts
+--steps runs every mode of MODES in one process: ours in float32, TF32 and bf16, eager and as a CUDA graph
+(tinygrad_llm/cuda_graph.py: the step captured once and replayed), PyTorch eager in float32 and TF32, and
+PyTorch's torch.compile (default mode) with bf16 autocast. Each mode's model starts
 from the same weights. Each is built and warmed up in turn (torch.compile compiles in its first steps),
 which is when its peak memory is read: the growth of its allocator over its build and warm-up (CuPy's pool
 for ours, PyTorch's reserved memory for PyTorch), so the modes sharing the process do not count each
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli_args import DEFAULT_TEXT, Parser, positive_int, require_file  # noqa: E402
 from tinygrad_llm import backend, precision  # noqa: E402
+from tinygrad_llm.cuda_graph import CudaGraphStep, dropout_scope, step_seed  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW, clip_grad_norm, cosine_lr, param_groups  # noqa: E402
 from tinygrad_llm.tensor import no_grad  # noqa: E402
@@ -93,7 +95,8 @@ class Ours:
         self.opt.lr = cosine_lr(it, LR, MIN_LR, WARMUP, self.max_iters)
         self.model.train()
         with precision.weight_copies():              # bf16: each weight rounded once a step
-            _, loss = self.model(x, y, rng=self.rng)     # NumPy batches: checked on the host, then copied
+            with dropout_scope(self.model, CONFIG["dropout"], self.rng):   # one device seed a step, as the graph's
+                _, loss = self.model(x, y, rng=self.rng)     # NumPy batches: checked on the host, then copied
             loss.backward()
         clip_grad_norm(self.params, CLIP)
         self.opt.step()
@@ -125,6 +128,25 @@ class Ours:
     def elapsed_ms(self, start, end):
         end.synchronize()
         return self.cp.cuda.get_elapsed_time(start, end)
+
+
+class OursGraph(Ours):
+    """The same step captured once as a CUDA graph and replayed (tinygrad_llm/cuda_graph.py): the same batches
+    and dropout seeds give the eager step's losses. Captured under the TF32 setting of its mode."""
+
+    def __init__(self, model, max_iters):
+        super().__init__(model, max_iters)
+        self.name += ", CUDA graph"
+        self.graph = CudaGraphStep(self.model, self.opt, B, CONFIG["block_size"], grad_accum=1, grad_clip=CLIP)
+
+    def step(self, x, y, it):
+        loss, _ = self.graph([(x, y)], [step_seed(self.rng)], cosine_lr(it, LR, MIN_LR, WARMUP, self.max_iters))
+        if self.graph.failure:   # (the step fell back to eager: no graph figures to report)
+            raise RuntimeError(f"not captured: {self.graph.failure}")
+        return loss
+
+    def peak_bytes(self):   # the default pool (weights, gradients, AdamW state) + the graph's own pool
+        return self.cp.get_default_memory_pool().total_bytes() + self.graph.memory_bytes()
 
 
 # ---- PyTorch -------------------------------------------------------------------------------------
@@ -254,6 +276,9 @@ MODES = {
     "ours fp32": ("ours", "float32", False),
     "ours tf32": ("ours", "float32", True),
     "ours bf16": ("ours", "bfloat16", False),
+    "ours fp32 graph": ("ours_graph", "float32", False),
+    "ours tf32 graph": ("ours_graph", "float32", True),
+    "ours bf16 graph": ("ours_graph", "bfloat16", False),
     "torch eager fp32": ("torch", "float32", False),
     "torch eager tf32": ("torch", "float32", True),
     "torch compile bf16": ("torch", "bfloat16", False),
@@ -265,11 +290,12 @@ def make_runner(kind, vocab, max_iters, dtype="float32"):
     compiled under bf16 autocast."""
     cfg = GPTConfig(vocab_size=vocab, **CONFIG)
     model = GPT(cfg, rng=np.random.default_rng(1337))
-    if kind == "ours":
+    if kind in ("ours", "ours_graph"):
+        runner = Ours if kind == "ours" else OursGraph
         if dtype == "bfloat16":
             bf16 = GPT(GPTConfig(vocab_size=vocab, dtype="bfloat16", **CONFIG), rng=np.random.default_rng(1337))
-            return Ours(bf16, max_iters)
-        return Ours(model, max_iters)
+            return runner(bf16, max_iters)
+        return runner(model, max_iters)
     return Torch(model.state_dict(), cfg, max_iters, compiled_bf16=dtype == "bfloat16")
 
 
@@ -283,7 +309,7 @@ def set_tf32(enabled):
 
 def memory_baseline(kind):
     """What the framework's allocator holds before a new runner exists (its free cached blocks let go)."""
-    if kind == "ours":
+    if kind in ("ours", "ours_graph"):
         import cupy as cp
         pool = cp.get_default_memory_pool()
         pool.free_all_blocks()
@@ -372,7 +398,7 @@ def table(result, reference="torch eager fp32"):
     lines = ["| mode | ms/step | host issue ms | GPU span ms | GPU kernels ms | tokens/s | peak MiB | vs PyTorch |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for mode, r in result.items():
-        anchor = anchors.get(mode.split()[-1], reference)
+        anchor = next((anchors[t] for t in mode.split() if t in anchors), reference)
         ratio = (f"{r['ms_per_step'] / result[anchor]['ms_per_step']:.2f}x {anchor}"
                  if anchor in result and anchor != mode else "")
         kernels = "" if r["gpu_kernel_ms"] is None else f"{r['gpu_kernel_ms']:.2f}"
@@ -543,7 +569,8 @@ def parse_args(argv=None):
     parser.add_argument("--kernel_steps", type=positive_int, default=None,
                         help="with --steps: also each mode's GPU kernel time a step, over this many profiled steps "
                              "(default: not measured)")
-    parser.add_argument("--train", choices=("ours", "torch"), help="run the whole training of one framework")
+    parser.add_argument("--train", choices=("ours", "ours_graph", "torch"),
+                        help="run the whole training of one framework (ours_graph: ours as a CUDA graph)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="with --train and --profile: bfloat16 is ours in bf16 mixed precision, PyTorch "
                              "compiled under bf16 autocast (default %(default)s)")

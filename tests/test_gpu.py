@@ -185,7 +185,8 @@ def test_attention_dropout_kernel_equals_reference_with_the_same_mask(shape, TK,
     out_ker = cuda.attention.ScaledDotProductAttentionCuda.forward(ctx_ker, q, k, v, None, causal=causal, scale=0.4, dropout_p=p,
                                                rng=np.random.default_rng(9))
     seed = np.uint64(np.random.default_rng(9).integers(0, 2 ** 63))
-    mask = cuda.elementwise._dropout_apply(cp.ones(shape[:3] + (TK,), dtype), seed, np.float32(p), dtype(1 / (1 - p)))
+    mask = cuda.elementwise._dropout_apply(cp.ones(shape[:3] + (TK,), dtype), seed, np.float32(p), dtype(1 / (1 - p)),
+                                          np.uint64(0))
     F.ScaledDotProductAttention.forward(ctx_ref, q, k, v, None, causal=causal, scale=0.4)
     ctx_ref.drop = mask
     out_ref = (ctx_ref.p * mask) @ v
@@ -415,7 +416,8 @@ def test_vector_kernels_equal_the_elementwise_kernels(n, dtype):
         tol = 1e-6 if dtype == np.float32 else 1e-14
         assert rel_err(y, cuda.elementwise._gelu_tanh_forward(x)) < tol
         assert rel_err(dx, cuda.elementwise._gelu_tanh_backward(x, d)) < tol
-        assert bool((cuda.elementwise._dropout(x, seed, p, scale) == cuda.elementwise._dropout_apply(x, seed, p, scale)).all())
+        assert bool((cuda.elementwise._dropout(x, np.uint64(0), seed, p, scale)
+                     == cuda.elementwise._dropout_apply(x, seed, p, scale, np.uint64(0))).all())
         assert bool((cuda.elementwise.AddCuda.forward(Context((True, True)), x, d) == x + d).all())
     # other shapes (broadcasting) and a scalar take CuPy's add
     ctx = Context((True, True))

@@ -95,6 +95,9 @@ def sum_rows(a):
     the GPU product rounds like every other float32 matmul in that mode.
     """
     if a.ndim == 2 and a.dtype.kind == "f":
+        if is_cupy_array(a) and kernels_enabled() and _library_installed("cuda"):
+            # the project's cuBLAS handle (kernels/cuda/cublas.py): CuPy's cannot be captured in a CUDA graph
+            return importlib.import_module("tinygrad_llm.kernels.cuda.cublas").sum_rows_cuda(a)
         return _ones(a.shape[0], a.dtype, a.device.id if is_cupy_array(a) else None) @ a
     return a.sum(axis=0)
 

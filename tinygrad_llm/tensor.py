@@ -84,9 +84,21 @@ class Function:
         if record:
             ctx.op_name = cls.__name__
             ctx.backward_fn = impl.backward
-            ctx.parents = tuple(x if n else None for x, n in zip(inputs, needs))
+            # a leaf is kept itself (its .grad is written), an op's output only as its _Node: the graph holds
+            # no array that no backward saved (an unsaved activation dies with its Tensor)
+            ctx.parents = tuple((x if x._ctx is None else x._node) if n else None for x, n in zip(inputs, needs))
             result._ctx = ctx
+            result._node = _Node(ctx, result.shape)
         return result
+
+
+class _Node:
+    """What the graph keeps of an op's output Tensor: the op's ctx and the output's shape, not its array
+    (backward needs no more; the array lives as long as the Tensor or a ctx that saved it)."""
+    __slots__ = ("_ctx", "shape")
+
+    def __init__(self, ctx, shape):
+        self._ctx, self.shape = ctx, shape
 
 
 def _as_array(data, dtype=None):
@@ -112,6 +124,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.grad = None
         self._ctx = None  # the Context of the op that made this tensor; None for leaves
+        self._node = None  # with _ctx: what later ops' contexts hold of this tensor (_Node)
 
     # ---- properties and conversions ------------------------------------------------------------
     shape = property(lambda self: tuple(self.data.shape))
@@ -177,11 +190,12 @@ class Tensor:
             if gradient.shape != self.data.shape:
                 raise ValueError(f"backward(): gradient has shape {tuple(gradient.shape)}, tensor has shape {self.shape}")
 
-        order = _topological_order(self)
+        root = self if self._ctx is None else self._node
+        order = _topological_order(root)
         for node in order:
             if node._ctx is not None and getattr(node._ctx, "freed", False):
                 raise RuntimeError(f"backward through {node._ctx.op_name} a second time: its saved arrays were freed; use backward(retain_graph=True)")
-        grads, leaves = {id(self): gradient}, []
+        grads, leaves = {id(root): gradient}, []
         for node in reversed(order):
             dout = grads.pop(id(node), None)
             if dout is None:

@@ -17,6 +17,8 @@ What one run does, step by step:
   larger; clipping then sees that whole-batch gradient (nanoGPT issue #168);
 - AdamW with weight decay on the matrices only, lr on a cosine schedule with linear warmup that reaches
   min_lr at lr_decay_iters (max_iters unless set) and stays there;
+- on the GPU the step is captured once as a CUDA graph and replayed (cuda_graph.py; cuda_graph=False, or
+  data-parallel runs: eager), with the same batches, dropout masks and losses as the eager step;
 - every `eval_interval` iterations (and at the last): the mean loss over `eval_iters` batches of each
   split in eval mode without a graph, one line in out_dir/metrics.jsonl, out_dir/loss.png redrawn,
   and out_dir/ckpt.safetensors rewritten when the val loss is the best so far (atomically);
@@ -57,6 +59,7 @@ from tqdm import tqdm
 from . import backend, distributed, precision
 from .backend import check_device
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cuda_graph import dropout_scope, step_seed
 from .cli import parse_config_args, run_cli
 from .data import get_batch, load_meta
 from .fileio import atomic_write
@@ -259,7 +262,7 @@ def train(config):
             if stop_signal:
                 run.interrupt(it, stop_signal)
             run.progress.start_step()
-            loss = train_step(run.model, run.optimizer, config, run.rng, it, lr, run.ckpt_path, run.dp)
+            loss = train_step(run.model, run.optimizer, config, run.rng, it, lr, run.ckpt_path, run.dp, run.graph_step())
             run.progress.end_step(it, world.mean(loss), lr)
     elapsed = time.perf_counter() - run.start_time
     run.save(run.last_path, config.max_iters)
@@ -318,6 +321,22 @@ class Run:
         self.progress = Progress(config, self.tokens_per_iter)
         self.plot_skipped = False
         self.start_time = time.perf_counter()
+        self.graph = None
+
+    def graph_step(self):
+        """The CUDA graph of the training step (cuda_graph.py), made at the first step; None on the CPU, with
+        --cuda_graph=false, and under mpiexec or with zero=1 (those steps are not captured: they run eagerly)."""
+        config = self.config
+        if self.graph is None and config.device == "cuda" and config.cuda_graph:
+            if self.world.size > 1 or config.zero:
+                if self.world.is_main:
+                    print("cuda_graph: data-parallel (and ZeRO) steps are not captured; the steps run eagerly")
+                self.graph = False
+            else:
+                from .cuda_graph import CudaGraphStep
+                self.graph = CudaGraphStep(self.model, self.optimizer, config.batch_size, config.block_size,
+                                           config.grad_accum, config.grad_clip)
+        return self.graph or None
 
     def restore(self, path, meta):
         """Load the checkpoint at path (its meta already read) into the model, optimizer and generator."""
@@ -472,17 +491,35 @@ def stop_requests():
             signal.signal(s, h)
 
 
-def train_step(model, optimizer, config, rng, it, lr, ckpt_path, dp=None):
-    """One optimizer step over grad_accum micro-batches; returns the (unscaled) mean loss (this rank's)."""
+def train_step(model, optimizer, config, rng, it, lr, ckpt_path, dp=None, graph=None):
+    """One optimizer step over grad_accum micro-batches; returns the (unscaled) mean loss (this rank's).
+
+    With `graph` (a cuda_graph.CudaGraphStep) the step is its replay: the same batches and dropout seeds are
+    drawn from rng in the same order as the eager step, so both give the same losses to rounding."""
     world = distributed.world()
     dp = dp or distributed.DataParallel(world, model)
     model.train()
     optimizer.lr = lr
+    if graph is not None:
+        batches, bases = [], []
+        for micro in range(config.grad_accum):
+            batches.append(world.batch(config.data_dir, "train", config.batch_size, config.block_size, rng))
+            bases.append(step_seed(world.dropout_rng(rng, config, it, micro)) if config.dropout else 0)
+        loss, norm = graph(batches, bases, lr)
+        value, norm = (float(v) for v in backend.to_device(backend.cupy_module().stack([loss, norm]), "cpu"))
+        x, y = batches[-1]
+        if not math.isfinite(value):
+            _diverged(model, x, y, f"loss is {value} at iteration {it}", ckpt_path)
+        if not math.isfinite(norm):
+            _diverged(model, x, y, f"gradient norm is {norm} at iteration {it} (loss was finite)", ckpt_path)
+        return value
     total = 0.0
     with precision.weight_copies():   # bf16: each weight rounded once for all the step's micro-batches
         for micro in range(config.grad_accum):
             x, y = world.batch(config.data_dir, "train", config.batch_size, config.block_size, rng)
-            _, loss = model(x, y, rng=world.dropout_rng(rng, config, it, micro))  # NumPy ids: checked on the host
+            drop = world.dropout_rng(rng, config, it, micro)
+            with dropout_scope(model, config.dropout, drop, micro, config.grad_accum):   # on the GPU: as the graph's
+                _, loss = model(x, y, rng=drop)  # NumPy ids: checked on the host
             value = loss.item()
             if not math.isfinite(value):
                 _diverged(model, x, y, f"loss is {value} at iteration {it} (micro-batch {micro})", ckpt_path)

@@ -16,7 +16,7 @@ CHOICES = {"init_from": ("scratch", "resume"), "dtype": precision.DTYPES, "devic
            "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "position": ("learned", "rope")}
 # what a resumed run may set differently from the run it continues (everything else comes from the checkpoint)
 RESUMABLE = ("out_dir", "init_from", "overwrite", "max_iters", "lr_decay_iters", "eval_interval", "eval_iters",
-             "log_interval", "sample_chars", "device", "zero")   # (batch_size: see check_resumable)
+             "log_interval", "sample_chars", "device", "zero", "cuda_graph")   # (batch_size: see check_resumable)
 
 
 @dataclass
@@ -59,6 +59,8 @@ class TrainConfig:
     overwrite: bool = option(False, "let a new run replace the run saved in out_dir")
     sample_chars: int = option(300, "length of the closing text sample (0: none)")
     zero: int = option(0, "1: ZeRO-1 under mpiexec, AdamW's state and update sharded over the ranks")
+    cuda_graph: bool = option(True, "on the GPU, capture the training step once as a CUDA graph and replay it "
+                                    "(false: issue every kernel from Python each step)")
 
     def __post_init__(self):
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval", "eval_iters")

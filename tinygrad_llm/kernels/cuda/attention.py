@@ -19,7 +19,7 @@ import numpy as np
 from ...functional import ScaledDotProductAttention, SelfAttention
 from . import flash_attention
 from .cublas import gemm_heads
-from .runtime import Source, served, warp_rows_launch
+from .runtime import Source, dropout_seed_args, served, warp_rows_launch
 
 # Which path attends: flash_attention.py (no (T, T) array kept) or the cuBLAS products around stored
 # probabilities below. TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash
@@ -58,13 +58,15 @@ _SOURCE = Source(r"""
 // With has_drop, pd (rows, TK) also gets P * M, M = keep(seed, r TK + j) / (1 - drop_p) (attention dropout).
 template<typename T>
 __global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, int TK, int offset, T scale,
-                                          T* pd, unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
+                                          T* pd, const unsigned long long* seed_ptr, unsigned long long seed,
+                                          float drop_p, T drop_scale, int has_drop) {
     long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (r >= rows) return;
     T* row = s + r * TK;
     T* drow = pd + r * TK;
     int n = min(TK, (int)(r % TQ) + offset + 1);
+    if (has_drop) seed = dropout_seed(seed_ptr, seed);
     if (n <= 0) {  // a query with no allowed key: zeros (as the reference)
         for (int j = lane; j < TK; j += 32) { row[j] = 0; if (has_drop) drow[j] = 0; }
         if (lane == 0) lse[r] = NEG_INF;
@@ -91,13 +93,15 @@ __global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, 
 // dp unwritten there: SelfAttentionCuda skips the causal upper blocks); dS is 0 beyond them.
 template<typename T>
 __global__ void attention_softmax_backward(const T* p, T* dp, long long rows, int TQ, int TK, int offset, T scale,
-                                           unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
+                                           const unsigned long long* seed_ptr, unsigned long long seed,
+                                           float drop_p, T drop_scale, int has_drop) {
     long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (r >= rows) return;
     const T* prow = p + r * TK;
     T* drow = dp + r * TK;
     int n = max(0, min(TK, (int)(r % TQ) + offset + 1));
+    if (has_drop) seed = dropout_seed(seed_ptr, seed);
     T dot = 0;
     for (int j = lane; j < n; j += 32) {
         T d = drow[j];
@@ -116,18 +120,19 @@ def _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng):
     itself without dropout). Keeps in ctx what _softmax_backward needs: scale, causal, the dropout seed."""
     T = s.dtype.type
     ctx.scale, ctx.causal = scale, causal
-    ctx.seed, ctx.drop_p, ctx.drop_scale = np.uint64(0), np.float32(dropout_p), T(1 / (1 - dropout_p))
+    ctx.seed_ptr, ctx.seed = np.uint64(0), np.uint64(0)
+    ctx.drop_p, ctx.drop_scale = np.float32(dropout_p), T(1 / (1 - dropout_p))
     ctx.has_drop = np.int32(dropout_p > 0)
     pd = s
     if dropout_p > 0:
-        ctx.seed = np.uint64(rng.integers(0, 2 ** 63))
+        ctx.seed_ptr, ctx.seed = dropout_seed_args(rng)   # a draw of rng, or the step's device seed
         pd = cp.empty_like(s)
     rows = s.size // TK
     lse = cp.empty(rows, dtype=s.dtype)
     grid, block = warp_rows_launch(rows)
     _SOURCE("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
                                                                 np.int32(TK - TQ if causal else TK), T(scale), pd,
-                                                                ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+                                                                ctx.seed_ptr, ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
     return pd
 
 
@@ -137,7 +142,7 @@ def _softmax_backward(ctx, p, ds, TQ, TK):
     grid, block = warp_rows_launch(rows)
     _SOURCE("attention_softmax_backward", ds.dtype)(grid, block, (p, ds, np.int64(rows), np.int32(TQ), np.int32(TK),
                                                                   np.int32(TK - TQ if ctx.causal else TK),
-                                                                  ds.dtype.type(ctx.scale), ctx.seed, ctx.drop_p,
+                                                                  ds.dtype.type(ctx.scale), ctx.seed_ptr, ctx.seed, ctx.drop_p,
                                                                   ctx.drop_scale, ctx.has_drop))
 
 

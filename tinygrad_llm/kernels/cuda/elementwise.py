@@ -11,7 +11,7 @@ import numpy as np
 
 from ...functional import GELU, Dropout
 from ...tensor import Add
-from .runtime import HEADER, Source, served
+from .runtime import HEADER, Source, dropout_seed_args, served
 
 _FORMULAS = r"""
 // GELU's tanh form: y = x (1 + t) / 2 with t = tanh(u), u = s (x + c x^3); *du = du/dx = s (1 + 3 c x^2)
@@ -86,8 +86,9 @@ __global__ void gelu_tanh_backward_v(const T* x, const T* dout, T* dx, long long
 template<typename T>
 __global__ void add_v(const T* x, const T* y, T* out, long long n) { map16<true>(x, y, out, n, Sum()); }
 template<typename T>
-__global__ void dropout_v(const T* x, T* y, long long n, unsigned long long seed, float p, T scale) {
-    map16<false>(x, x, y, n, DropoutMask<T>{seed, p, scale});
+__global__ void dropout_v(const T* x, T* y, long long n, const unsigned long long* seed_ptr, unsigned long long seed,
+                          float p, T scale) {
+    map16<false>(x, x, y, n, DropoutMask<T>{dropout_seed(seed_ptr, seed), p, scale});
 }
 """, ["gelu_tanh_forward_v", "gelu_tanh_backward_v", "dropout_v", "add_v"])
 
@@ -101,8 +102,10 @@ _gelu_exact_forward = cp.ElementwiseKernel("T x", "T y", "y = x * normal_cdf(x);
 _gelu_exact_backward = cp.ElementwiseKernel(   # dx = dout * (Phi(x) + x phi(x)), phi(x) = exp(-x^2/2) / sqrt(2 pi)
     "T x, T dout", "T dx", "dx = dout * (normal_cdf(x) + x * exp((T)-0.5 * x * x) * (T)0.3989422804014327);",
     "tinygrad_llm_gelu_exact_backward", preamble=_PREAMBLE)
-_dropout_apply = cp.ElementwiseKernel("T x, uint64 seed, float32 p, T scale", "T y",
-                                      "y = dropout_apply(x, seed, p, scale, (long long)i);", "tinygrad_llm_dropout",
+_dropout_apply = cp.ElementwiseKernel(   # seed_ptr: 0, or runtime.DeviceSeeds' base (then seed is the call's index)
+    "T x, uint64 seed, float32 p, T scale, uint64 seed_ptr", "T y",
+    "y = dropout_apply(x, dropout_seed((const unsigned long long*)seed_ptr, seed), p, scale, (long long)i);",
+    "tinygrad_llm_dropout",
                                       preamble=_PREAMBLE)
 
 _VEC_BLOCK = 256
@@ -163,32 +166,33 @@ class GELUCuda:
         return (_gelu_tanh_backward if ctx.approximate == "tanh" else _gelu_exact_backward)(ctx.x, dout)
 
 
-def _dropout(x, seed, p, scale):
+def _dropout(x, seed_ptr, seed, p, scale):
     """_dropout_apply(x, ...), 16 bytes at a time where x allows (the same mask: the same hash of (seed, e))."""
     if not _vectorized(x):
-        return _dropout_apply(x, seed, p, scale)
+        return _dropout_apply(x, seed, p, scale, seed_ptr)
     y = cp.empty_like(x)
-    _vector_launch("dropout_v", x.size, x.dtype, (x, y, np.int64(x.size), seed, p, scale))
+    _vector_launch("dropout_v", x.size, x.dtype, (x, y, np.int64(x.size), seed_ptr, seed, p, scale))
     return y
 
 
 class DropoutCuda:
-    """Inverted dropout with the mask drawn on the GPU from one seed of the caller's generator."""
+    """Inverted dropout with the mask drawn on the GPU from one seed of the caller's generator (inside
+    runtime.device_seeds: from the step's base in device memory, so a captured graph draws new masks)."""
 
     @staticmethod
     def forward(ctx, x, p=0.5, rng=None):
         ctx.reference = p == 1 or not served(x)
         if ctx.reference:
             return Dropout.forward(ctx, x, p=p, rng=rng)
-        ctx.seed, ctx.p = np.uint64(rng.integers(0, 2 ** 63)), np.float32(p)
+        (ctx.seed_ptr, ctx.seed), ctx.p = dropout_seed_args(rng), np.float32(p)
         ctx.scale = x.dtype.type(1 / (1 - p))
-        return _dropout(x, ctx.seed, ctx.p, ctx.scale)
+        return _dropout(x, ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale)
 
     @staticmethod
     def backward(ctx, dout):
         if ctx.reference:
             return Dropout.backward(ctx, dout)
         # dx = dout * mask, the same mask: same seed, same element indices
-        return _dropout(dout, ctx.seed, ctx.p, ctx.scale)
+        return _dropout(dout, ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale)
 
 

@@ -13,7 +13,8 @@ import cupy as cp
 import numpy as np
 
 from .cublas import (_LT_DESC_BIAS_POINTER, _LT_DESC_EPILOGUE, _LT_EPILOGUE_BIAS, _LT_PREF_MAX_WORKSPACE_BYTES,
-                     _LT_WORKSPACE_BYTES, CUDA_TYPE, ONE, ZERO, _HeuristicResult, batched_gemm, lt)
+                     _LT_WORKSPACE_BYTES, CUDA_TYPE, ONE, ZERO, _HeuristicResult, batched_gemm, lt,
+                     pointer_table)
 
 CUDA_R_16BF = 14                        # cudaDataType of bf16
 CUBLAS_COMPUTE_32F = 68                 # cublasComputeType_t: float32 sums (no TF32)
@@ -94,9 +95,6 @@ def bf16_matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a=False, trans_b=False, b
     return True
 
 
-_bf16_pointer_tables = {}
-
-
 def gemm_heads_bf16(B, NH, M, N, K, a, lda, a_b, a_h, b, ldb, b_b, b_h, c, ldc, c_b, c_h, trans_a=False, trans_b=False):
     """gemm_heads with bf16 (uint16) A and B and a float32 C, float32 sums: one pointer-array batched GEMM
     (cublasGemmBatchedEx through ctypes) for every (batch, head) pair. Strides in elements of each operand's
@@ -104,15 +102,8 @@ def gemm_heads_bf16(B, NH, M, N, K, a, lda, a_b, a_h, b, ldb, b_b, b_h, c, ldc, 
     batched = batched_gemm()
     if batched is None:
         return False
-    key = (B, NH, a, a_b, a_h, b, b_b, b_h, c, c_b, c_h)
-    table = _bf16_pointer_tables.get(key)
-    if table is None:
-        if len(_bf16_pointer_tables) >= 1024:
-            _bf16_pointer_tables.clear()
-        i, h = np.arange(B, dtype=np.uint64)[:, None], np.arange(NH, dtype=np.uint64)[None, :]
-        ptrs = [(np.uint64(base) + (i * np.uint64(sb) + h * np.uint64(sh)) * np.uint64(size)).ravel()
-                for base, sb, sh, size in ((a, a_b, a_h, 2), (b, b_b, b_h, 2), (c, c_b, c_h, 4))]
-        table = _bf16_pointer_tables[key] = cp.asarray(np.concatenate(ptrs))
+    # written on the device and kept (cublas.pointer_table): capturable into a CUDA graph
+    table = pointer_table(B, NH, ((a, a_b, a_h, 2), (b, b_b, b_h, 2), (c, c_b, c_h, 4)))
     n, p0, f32 = B * NH, table.data.ptr, np.dtype(np.float32)
     # row-major C = A B is column-major C^T = B^T A^T: B's pointers go first
     batched(1 if trans_b else 0, 1 if trans_a else 0, N, M, K, ONE[f32].ctypes.data, p0 + 8 * n, CUDA_R_16BF, ldb, p0,

@@ -2,14 +2,15 @@
 
 out = x w + b as one cuBLASLt matmul with the BIAS epilogue (the bias is added to each tile of the
 product before it is stored), as torch's addmm does, instead of a GEMM and then a pass over out reading
-and writing it again. Backward is the op's own (three GEMMs and a column sum). Anything missing (the
-library, an algorithm for the shape, a misaligned array) takes the op's path.
+and writing it again. Backward: the op's two GEMMs and column sum, on the project's own cuBLAS handle
+(cublas.matmul, cublas.sum_rows_cuda), which a CUDA graph can capture and CuPy's cannot. Anything missing
+(the library, an algorithm for the shape, a misaligned array) takes the op's path.
 """
 import cupy as cp
 import numpy as np
 
 from ...functional import Linear
-from .cublas import lt
+from .cublas import blas, lt, matmul, sum_rows_cuda
 from .runtime import served
 
 
@@ -18,6 +19,12 @@ class LinearCuda:
 
     @staticmethod
     def forward(ctx, x, w, b=None):
+        if (b is None and served(x, w) and x.dtype == w.dtype and w.ndim == 2 and x.ndim >= 1
+                and x.shape[-1] == w.shape[0] and blas() is not None):
+            # no bias (the LM head): one GEMM on the project's handle (CuPy's would not capture into a graph)
+            x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
+            ctx.x, ctx.w, ctx.has_b = x, w, False
+            return matmul(x.reshape(-1, w.shape[0]), w).reshape(x.shape[:-1] + (w.shape[1],))
         plan, lib = None, lt()
         if (b is not None and served(x, w, b) and x.dtype == w.dtype == b.dtype and lib is not None and w.ndim == 2
                 and x.ndim >= 1 and x.shape[-1] == w.shape[0] and b.shape == (w.shape[1],)):
@@ -34,5 +41,19 @@ class LinearCuda:
         ctx.x, ctx.w, ctx.has_b = x, w, True
         return out
 
-    backward = staticmethod(Linear.backward)
+    @staticmethod
+    def backward(ctx, dout):
+        x, w = ctx.x, ctx.w
+        if not (served(x, w, dout) and x.dtype == w.dtype == dout.dtype and w.ndim == 2 and blas() is not None):
+            return Linear.backward(ctx, dout)
+        K, M = w.shape
+        x2 = cp.ascontiguousarray(x).reshape(-1, K)
+        dout2 = cp.ascontiguousarray(dout).reshape(-1, M)
+        w = cp.ascontiguousarray(w)
+        need = ctx.needs_input_grad
+        # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
+        dx = matmul(dout2, w, trans_b=True).reshape(x.shape) if need[0] else None
+        dw = matmul(x2, dout2, trans_a=True) if need[1] else None
+        db = sum_rows_cuda(dout2) if ctx.has_b and need[2] else None
+        return dx, dw, db
 

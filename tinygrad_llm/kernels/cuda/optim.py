@@ -7,6 +7,7 @@ kernels that walk every array of the group in one launch, from a device table of
 MULTI_TENSOR = False (or TINYGRAD_LLM_MULTI_TENSOR=0) goes back to one launch per array. The update
 formula is the device function adamw_step, used by both kernels.
 """
+import contextlib
 import math
 import os
 
@@ -14,7 +15,8 @@ import cupy as cp
 import numpy as np
 
 from ...optim import adamw_update, adamw_update_group, clip_grads
-from .runtime import CTYPES, Source, served
+from . import runtime
+from .runtime import CTYPES, Source, register_cache, served
 
 _ADAMW_STEP = r"""
 // optim.adamw_update on one element: the same formulas in the same order
@@ -80,20 +82,26 @@ __global__ void multi_scale(const unsigned long long* ptrs, const long long* off
     }
 }
 
-// optim.adamw_update over every tensor of a group (operands p, g, m, v).
+// optim.adamw_update over every tensor of a group (operands p, g, m, v). The learning rate and the step count
+// are lr and step, or schedule[0] and schedule[1] when schedule is given (a CUDA graph's replays read them
+// there); the scalars derived from them are worked out in double, as optim.adamw_update does on the host.
 template<typename T>
-__global__ void multi_adamw(const unsigned long long* ptrs, const long long* offsets, int n, T decay, T one_minus_beta1,
-                            T beta2, T one_minus_beta2, T sqrt_bias_correction2, T eps, T step_size) {
+__global__ void multi_adamw(const unsigned long long* ptrs, const long long* offsets, int n, const double* schedule,
+                            double lr, double step, double beta1, double beta2, double eps, double weight_decay) {
     extern __shared__ long long off_s[];
     for (int t = threadIdx.x; t <= n; t += blockDim.x) off_s[t] = offsets[t];
+    if (schedule != 0) { lr = schedule[0]; step = schedule[1]; }
+    T decay = (T)(1 - lr * weight_decay), one_minus_beta1 = (T)(1 - beta1), b2 = (T)beta2,
+      one_minus_beta2 = (T)(1 - beta2), sqrt_bias_correction2 = (T)sqrt(1 - pow(beta2, step)),
+      step_size = (T)(lr / (1 - pow(beta1, step))), e = (T)eps;
     __syncthreads();
     long long total = off_s[n];
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         int t = find_tensor(off_s, n, i);
-        long long e = i - off_s[t];
-        adamw_step(reinterpret_cast<T*>(ptrs[t])[e], reinterpret_cast<const T*>(ptrs[n + t])[e],
-                   reinterpret_cast<T*>(ptrs[2 * n + t])[e], reinterpret_cast<T*>(ptrs[3 * n + t])[e], decay,
-                   one_minus_beta1, beta2, one_minus_beta2, sqrt_bias_correction2, eps, step_size);
+        long long k = i - off_s[t];
+        adamw_step(reinterpret_cast<T*>(ptrs[t])[k], reinterpret_cast<const T*>(ptrs[n + t])[k],
+                   reinterpret_cast<T*>(ptrs[2 * n + t])[k], reinterpret_cast<T*>(ptrs[3 * n + t])[k],
+                   decay, one_minus_beta1, b2, one_minus_beta2, sqrt_bias_correction2, e, step_size);
     }
 }
 """, ["multi_sum_squares", "multi_scale", "multi_adamw"])
@@ -121,7 +129,8 @@ def adamw_update_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
 
 MULTI_TENSOR = os.environ.get("TINYGRAD_LLM_MULTI_TENSOR", "1") != "0"
 _MT_BLOCK = 512
-_tables = {}   # key (pointers and sizes) -> (ptrs, offsets) on the device; a few kept (groups, clipping)
+_tables = register_cache({})   # key (pointers and sizes) -> (ptrs, offsets) on the device; a few kept (groups, clipping)
+_schedule = None   # a device float64 (2,) array [lr, step] that multi_adamw reads instead of its arguments
 
 
 def _multi_served(*lists):
@@ -139,14 +148,31 @@ def _table(*lists):
     key = (len(lists),) + tuple(a.data.ptr for arrays in lists for a in arrays) + tuple(a.size for a in lists[0])
     cached = _tables.get(key)
     if cached is not None:
-        return cached
-    if len(_tables) >= 16:
+        return cached[:2]
+    if len(_tables) >= 16 and not runtime.capturing:
         _tables.clear()
     n = len(lists[0])
-    ptrs = cp.asarray(np.array(key[1:1 + len(lists) * n], dtype=np.uint64))
-    offsets = cp.asarray(np.concatenate([[0], np.cumsum([a.size for a in lists[0]])]).astype(np.int64))
-    _tables[key] = (ptrs, offsets)
-    return ptrs, offsets
+    host = (np.array(key[1:1 + len(lists) * n], dtype=np.uint64),
+            np.concatenate([[0], np.cumsum([a.size for a in lists[0]])]).astype(np.int64))
+    if not runtime.capturing:
+        with runtime.default_pool():
+            entry = tuple(cp.asarray(values) for values in host)   # CuPy stages the copy itself
+        _tables[key] = entry
+        return entry
+    # inside a graph's capture (a fallback: the step's tables are normally built on its warm-up steps): a
+    # copy node from pinned host memory, kept with the table, since every replay reads it again. Eager steps
+    # never take this path: a pinned block handed back while its copy is still queued could be rewritten.
+    entry = []
+    for values in host:
+        pinned = cp.cuda.alloc_pinned_memory(values.nbytes)
+        np.frombuffer(pinned, dtype=values.dtype, count=values.size)[:] = values
+        with runtime.default_pool():
+            device = cp.empty(values.size, dtype=values.dtype)
+        cp.cuda.runtime.memcpyAsync(device.data.ptr, pinned.ptr, values.nbytes, cp.cuda.runtime.memcpyHostToDevice,
+                                    cp.cuda.get_current_stream().ptr)
+        entry += [device, pinned]
+    _tables[key] = (entry[0], entry[2], entry[1], entry[3])
+    return entry[0], entry[2]
 
 
 def _multi_launch(name, dtype, total, n, args, max_blocks=None):
@@ -163,8 +189,22 @@ def adamw_update_group_cuda(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay,
         return adamw_update_group(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay, step)
     ptrs, offsets = _table(ps, gs, ms, vs)
     total = sum(p.size for p in ps)
+    f = np.float64
+    schedule = np.uint64(0) if _schedule is None else _schedule
     _multi_launch("multi_adamw", ps[0].dtype, total, len(ps),
-                  (ptrs, offsets, np.int32(len(ps)), *_scalars(ps[0].dtype, lr, beta1, beta2, eps, weight_decay, step)))
+                  (ptrs, offsets, np.int32(len(ps)), schedule, f(lr), f(step), f(beta1), f(beta2), f(eps), f(weight_decay)))
+
+
+@contextlib.contextmanager
+def device_schedule(schedule):
+    """While inside, the group update reads the learning rate and step count from `schedule` (a device float64
+    (2,) array [lr, step]), not from its arguments: a CUDA graph's replays then follow the schedule."""
+    global _schedule
+    previous, _schedule = _schedule, schedule
+    try:
+        yield
+    finally:
+        _schedule = previous
 
 
 _clip_coef = cp.ElementwiseKernel(

@@ -6,6 +6,7 @@ the shared helpers (HEADER) are prepended, each kernel is a template over float 
 is compiled the first time a kernel of that dtype is launched (then cached on disk by CuPy).
 ElementwiseKernels that need a helper get HEADER as their preamble, so every formula is written once.
 """
+import contextlib
 import ctypes
 import ctypes.util
 
@@ -112,3 +113,80 @@ class OnFirstUse:
         return self.value
 
 
+
+
+# ---- dropout seeds in device memory (a CUDA graph replays the same kernel arguments every step) -----------
+
+class DeviceSeeds:
+    """One 63-bit base a step, kept in device memory; the k-th dropout call of the step hashes with
+    dropout_seed(base, k) (HEADER). The host draws the base from the run's generator and writes it before
+    the step (eager) or before the graph's replay, so eager and captured steps draw the same masks."""
+
+    def __init__(self, count=1):
+        with default_pool():
+            self.words = cp.zeros(count, dtype=np.uint64)   # one base a micro-batch
+        self.slot, self.calls = 0, 0
+
+    def draw(self, rng):
+        """Host bases for every slot from rng (one integers() call a slot, as a step draws them)."""
+        return np.array([rng.integers(0, 2 ** 63) for _ in range(self.words.size)], dtype=np.uint64)
+
+
+_seeds = None   # the DeviceSeeds that dropout kernels read while device_seeds() is active
+
+
+@contextlib.contextmanager
+def device_seeds(seeds, slot=0):
+    """While inside, every dropout kernel takes its seed from seeds.words[slot] on the device (call k of the
+    block: dropout_seed(base, k)), ignoring the generator it is handed."""
+    global _seeds
+    previous, _seeds = _seeds, seeds
+    seeds.slot, seeds.calls = slot, 0
+    try:
+        yield seeds
+    finally:
+        _seeds = previous
+
+
+def dropout_seed_args(rng):
+    """(seed_ptr, seed) for a dropout kernel: (0, a 63-bit draw of rng) normally; inside device_seeds, (a
+    pointer to the step's base, the call's index)."""
+    if _seeds is None:
+        return np.uint64(0), np.uint64(rng.integers(0, 2 ** 63))
+    k = _seeds.calls
+    _seeds.calls += 1
+    return np.uint64(_seeds.words.data.ptr + 8 * _seeds.slot), np.uint64(k)
+
+
+# ---- what a captured graph must keep alive -----------------------------------------------------------
+
+_caches = []   # dicts of device arrays that kernel files keep (pointer tables, ones vectors)
+
+
+@contextlib.contextmanager
+def default_pool():
+    """Inside, allocations come from CuPy's default memory pool whatever allocator is current. What a kernel
+    cache or a library handle keeps (tables, ones vectors, workspaces) is made here: made inside a CUDA
+    graph's private pool (cuda_graph.py), it would dangle once that graph and its pool are gone."""
+    with cp.cuda.using_allocator(cp.get_default_memory_pool().malloc):
+        yield
+
+
+def register_cache(cache):
+    """A kernel file's dict of device arrays: a captured graph keeps every array in it at capture alive,
+    since an entry dropped later would hand its memory to another array while the graph still reads it."""
+    _caches.append(cache)
+    return cache
+
+
+def cached_arrays():
+    """Every array (device, or pinned host memory a captured copy reads) the registered caches hold now
+    (a graph takes these references at capture)."""
+    out = []
+    for cache in _caches:
+        for value in cache.values():
+            out.extend(value if isinstance(value, tuple) else (value,))
+    return out
+
+
+capturing = False   # set by cuda_graph.CudaGraphStep while it captures: caches must not copy from the host then
