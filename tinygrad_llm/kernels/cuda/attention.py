@@ -1,10 +1,9 @@
 """Attention on CUDA arrays: cuBLAS products around one fused masked-softmax pass each way (ops:
 functional.ScaledDotProductAttention, and SelfAttention on the packed (B, T, 3C) qkv without unpacking).
 
-Two paths (use_flash picks, TINYGRAD_LLM_FLASH forces): cuBLAS products around the softmax passes
-below, which keep the (B, NH, T, T) probabilities for backward (cuBLAS runs the products near the GPU's
-FMA peak; fastest at short T), and flash_attention.py, which keeps only the output and each row's
-log-sum-exp and recomputes the probabilities in backward (memory linear in T; used from long T on).
+Two paths (use_flash picks): cuBLAS products around the softmax passes below, keeping the (B, NH, T, T)
+probabilities for backward (fastest at short T), and flash_attention.py, keeping only the output and each
+row's log-sum-exp and recomputing the probabilities in backward (memory linear in T; used from long T on).
 
 Attention dropout differs from the NumPy op by design: the op draws its mask with rng.random on the
 host, which would cost more than the whole GPU step. Here each call takes one 63-bit seed from the same
@@ -21,10 +20,9 @@ from . import flash_attention
 from .cublas import gemm_heads
 from .runtime import Source, dropout_seed_args, served, warp_rows_launch
 
-# Which path attends: flash_attention.py (no (T, T) array kept) or the cuBLAS products around stored
-# probabilities below. TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash
-# wherever the head size allows), "0" (never). The rule, from the H200 (benchmarks/RESULTS.md, "Flash
-# attention"): flash from FLASH_MIN_T positions on with heads up to FLASH_MAX_FAST_HEAD, where it was faster
+# TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash wherever the head size
+# allows), "0" (never). The rule, from the H200 (benchmarks/RESULTS.md, "Flash attention"): flash from
+# FLASH_MIN_T positions on with heads up to FLASH_MAX_FAST_HEAD, where it was faster
 # (float32 T=4096: 9.6 ms against 12.2; T=2048 within 10% either way; T <= 1024 and heads of 128 at 2048:
 # the cuBLAS path 17-80% faster); and wherever P, Pd and dS, (B, NH, T, T) each, would take more than
 # FLASH_MEMORY_SHARE of the GPU's memory.
@@ -48,9 +46,9 @@ def use_flash(B, NH, T, HS, dtype):
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
-    """The flash path's attributes; the seed is the first draw, as _softmax_forward's (no device seed: 0)."""
-    ctx.causal, ctx.scale, ctx.drop_p, ctx.seed_ptr = causal, scale, dropout_p, np.uint64(0)
-    ctx.seed = np.uint64(rng.integers(0, 2 ** 63)) if dropout_p > 0 else np.uint64(0)
+    """The flash path's attributes; the seed drawn as _softmax_forward draws it (a device seed in a step)."""
+    ctx.causal, ctx.scale, ctx.drop_p, (ctx.seed_ptr, ctx.seed) = causal, scale, dropout_p, (
+        dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0)))
 
 _SOURCE = Source(r"""
 // s: (rows, TK) raw scores q k^T, overwritten by P; lse: (rows,). Row r is query i = r % TQ, which
@@ -120,13 +118,11 @@ def _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng):
     itself without dropout). Keeps in ctx what _softmax_backward needs: scale, causal, the dropout seed."""
     T = s.dtype.type
     ctx.scale, ctx.causal = scale, causal
-    ctx.seed_ptr, ctx.seed = np.uint64(0), np.uint64(0)
     ctx.drop_p, ctx.drop_scale = np.float32(dropout_p), T(1 / (1 - dropout_p))
     ctx.has_drop = np.int32(dropout_p > 0)
-    pd = s
-    if dropout_p > 0:
-        ctx.seed_ptr, ctx.seed = dropout_seed_args(rng)   # a draw of rng, or the step's device seed
-        pd = cp.empty_like(s)
+    # a draw of rng, or the step's device seed
+    ctx.seed_ptr, ctx.seed = dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0))
+    pd = cp.empty_like(s) if dropout_p > 0 else s
     rows = s.size // TK
     lse = cp.empty(rows, dtype=s.dtype)
     grid, block = warp_rows_launch(rows)
@@ -149,10 +145,8 @@ def _softmax_backward(ctx, p, ds, TQ, TK):
 class ScaledDotProductAttentionCuda:
     """ScaledDotProductAttention with causal or no mask: cuBLAS products around fused softmax passes.
 
-    An explicit boolean mask takes the reference path (it is rare: the model never passes one).
-    Attention dropout (dropout_p > 0): the softmax pass also writes Pd = P * M, M drawn on the GPU by a
-    counter-based hash from one 63-bit seed of the caller's generator (as DropoutCuda); backward
-    recomputes M from the seed inside its softmax pass (P and Pd are kept, M is not).
+    An explicit boolean mask takes the reference path (the model never passes one). Dropout: the softmax
+    pass also writes Pd = P * M, M hashed from one seed (as DropoutCuda); backward recomputes M from it.
     """
 
     @staticmethod
@@ -168,8 +162,8 @@ class ScaledDotProductAttentionCuda:
             _draw_seed(ctx, causal, scale, dropout_p, rng)
             ctx.qkv = [cp.ascontiguousarray(a) for a in (q, k, v)]
             ctx.y = cp.empty_like(ctx.qkv[0])
-            ctx.layout = flash_attention.Layout(q.dtype.name, *q.shape, (q[0].size, q[0, 0].size, q.shape[-1]),
-                                                (q[0].size, q[0, 0].size, q.shape[-1]))
+            strides = (q[0].size, q[0, 0].size, q.shape[-1])
+            ctx.layout = flash_attention.Layout(q.dtype.name, *q.shape, strides, strides)
             ctx.lse = cp.empty(q.size // q.shape[-1], dtype=ctx.layout.math)
             flash_attention.forward(ctx.layout, *(a.data.ptr for a in ctx.qkv), ctx.y.data.ptr, ctx.lse.data.ptr,
                                     causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
