@@ -146,3 +146,37 @@ def test_train_with_and_without_the_graph_reaches_the_same_losses(tmp_path):
                  for flag in (False, True)]
     for key in ("best_val_loss", "final_train_loss", "final_val_loss"):
         assert abs(summaries[1][key] - summaries[0][key]) <= 2e-4 * abs(summaries[0][key]), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")
+def test_a_replay_with_a_non_finite_gradient_norm_leaves_the_weights_as_they_were(tmp_path):
+    """The eager step stops before AdamW when the norm is NaN; the graph cannot stop, so its AdamW must skip
+    (else clipping's NaN coefficient reaches every weight and the re-run that names the op sees only NaNs)."""
+    from tinygrad_llm.cuda_graph import CudaGraphStep
+    from tinygrad_llm.data import get_batch, load_meta
+    from tinygrad_llm.model import GPT
+    from tinygrad_llm.optim import AdamW, param_groups
+    from tinygrad_llm.train import TrainConfig
+    config = TrainConfig(data_dir=_prepare(tmp_path), n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
+                         device="cuda", dropout=0.0)
+    rng = np.random.default_rng(0)
+    model = GPT(config.model_config(load_meta(config.data_dir)["vocab_size"]), rng=rng).to("cuda")
+    optimizer = AdamW(param_groups(model, config.weight_decay), lr=1e-3)
+    graph = CudaGraphStep(model, optimizer, config.batch_size, config.block_size, 1, 1.0)
+
+    def batch():
+        return [get_batch(config.data_dir, "train", config.batch_size, config.block_size, rng)]
+    for _ in range(4):   # two eager warm-up steps, the capture, a replay: all finite
+        loss, norm = graph(batch(), [0], 1e-3)
+        assert np.isfinite(float(loss)) and np.isfinite(float(norm))
+    assert graph.graph is not None
+    params = model.parameters()
+    params[1].data[0] = np.nan                    # one poisoned weight: NaN loss and gradient norm
+    before = [p.numpy().copy() for p in params]
+    moments = [optimizer.state[id(p)]["exp_avg"].get() for p in params]
+    loss, norm = graph(batch(), [0], 1e-3)
+    assert np.isnan(float(loss)) and not np.isfinite(float(norm))
+    for p, b, m in zip(params, before, moments):
+        np.testing.assert_array_equal(p.numpy(), b)
+        np.testing.assert_array_equal(optimizer.state[id(p)]["exp_avg"].get(), m)

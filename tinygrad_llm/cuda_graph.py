@@ -100,9 +100,10 @@ class CudaGraphStep:
         self.x = cp.zeros((self.A, self.B, self.T), dtype=np.int64)
         self.y = cp.zeros((self.A, self.B, self.T), dtype=np.int64)
         self.seeds = runtime.DeviceSeeds(self.A)
-        self.schedule = cp.zeros(2, dtype=np.float64)
+        self.schedule = cp.zeros(3, dtype=np.float64)   # lr, step, skip (set in the graph: non-finite norm)
         self.loss = cp.zeros((), dtype=dtype)
         self.norm = cp.zeros((), dtype=dtype)
+        self._skip = cp.zeros((), dtype=bool)
         self.backward_seed = cp.full((), 1.0 / self.A, dtype=dtype)   # d(loss / A) / d(loss)
         # one pinned host buffer for everything copied in before a step: x, y, seeds, schedule
         self._layout = [(self.x, self.x.nbytes), (self.y, self.y.nbytes), (self.seeds.words, self.seeds.words.nbytes),
@@ -137,7 +138,7 @@ class CudaGraphStep:
         offset = 0
         values = [np.stack([np.asarray(x, dtype=np.int64) for x, _ in batches]),
                   np.stack([np.asarray(y, dtype=np.int64) for _, y in batches]),
-                  np.asarray(bases, dtype=np.uint64), np.array([lr, step], dtype=np.float64)]
+                  np.asarray(bases, dtype=np.uint64), np.array([lr, step, 0], dtype=np.float64)]
         for (device, n), value in zip(self._layout, values):
             host[offset:offset + n] = np.ascontiguousarray(value).view(np.uint8).reshape(-1)
             offset += n
@@ -214,6 +215,10 @@ class CudaGraphStep:
         self.loss[...] = total / self.A if self.A > 1 else total
         norm = clip_grad_norm(self.params, self.grad_clip if self.grad_clip else math.inf)
         self.norm[...] = norm
+        # a non-finite norm: AdamW leaves the weights as they were (the eager step stops before its update), so
+        # the caller's re-run of the step on them finds the op that overflowed, not NaN weights
+        self.cp.logical_not(self.cp.isfinite(self.norm), out=self._skip)
+        self.schedule[2:3] = self._skip
         with cuda_optim.device_schedule(self.schedule):
             self.optimizer.step()
 

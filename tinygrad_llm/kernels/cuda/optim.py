@@ -84,10 +84,12 @@ __global__ void multi_scale(const unsigned long long* ptrs, const long long* off
 
 // optim.adamw_update over every tensor of a group (operands p, g, m, v). The learning rate and the step count
 // are lr and step, or schedule[0] and schedule[1] when schedule is given (a CUDA graph's replays read them
-// there); the scalars derived from them are worked out in double, as optim.adamw_update does on the host.
+// there; schedule[2] != 0 skips the update, as the eager step stops before it on a non-finite gradient norm);
+// the scalars derived from them are worked out in double, as optim.adamw_update does on the host.
 template<typename T>
 __global__ void multi_adamw(const unsigned long long* ptrs, const long long* offsets, int n, const double* schedule,
                             double lr, double step, double beta1, double beta2, double eps, double weight_decay) {
+    if (schedule != 0 && schedule[2] != 0) return;   // the whole grid leaves: no barrier is left waiting
     extern __shared__ long long off_s[];
     for (int t = threadIdx.x; t <= n; t += blockDim.x) off_s[t] = offsets[t];
     if (schedule != 0) { lr = schedule[0]; step = schedule[1]; }
@@ -198,7 +200,8 @@ def adamw_update_group_cuda(ps, gs, ms, vs, lr, beta1, beta2, eps, weight_decay,
 @contextlib.contextmanager
 def device_schedule(schedule):
     """While inside, the group update reads the learning rate and step count from `schedule` (a device float64
-    (2,) array [lr, step]), not from its arguments: a CUDA graph's replays then follow the schedule."""
+    (3,) array [lr, step, skip]), not from its arguments: a CUDA graph's replays then follow the schedule;
+    skip != 0 leaves every parameter and moment as it was."""
     global _schedule
     previous, _schedule = _schedule, schedule
     try:
