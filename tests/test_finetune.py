@@ -276,6 +276,11 @@ def test_instruct_bad_input(tmp_path, tokenizer, capsys):
             f"--out={out}"], capsys, "missing field", out)
     _fails(["instruct", f"--init={base}", f"--data={tmp_path / 'ok.json'}", f"--out={out}", "--mask_prompt=maybe"],
            capsys, "true or false", out)
+    for trainable in ("last:x", "last:0", "garbage", "head"):
+        _fails(["instruct", f"--init={base}", f"--data={tmp_path / 'ok.json'}", f"--out={out}", f"--trainable={trainable}"],
+               capsys, "--trainable", out)
+    _fails(["instruct", f"--init={base}", f"--data={tmp_path / 'ok.json'}", f"--out={out}", "--lora_rank=2",
+            "--lora_alpha=0"], capsys, "--lora_alpha", out)
 
 
 def test_a_hugging_face_folder_as_the_base_through_from_pretrained(tmp_path, tokenizer):

@@ -325,20 +325,18 @@ def _step(model, optimizer, loss, grad_clip):
 
 
 def _prepare_model(model, args, task):
-    """Apply --reinit, LoRA or --trainable; returns (lora info or None)."""
+    """Apply LoRA or --trainable (already checked by _parse_trainable); returns (lora info or None)."""
     if args.lora_rank:
         try:
-            apply_lora(model, args.lora_rank, args.lora_alpha if args.lora_alpha else args.lora_rank,
+            apply_lora(model, args.lora_rank, args.lora_rank if args.lora_alpha is None else args.lora_alpha,
                        tuple(args.lora_targets.split(",")), rng=np.random.default_rng(args.seed + 1))
         except ValueError as e:
             raise InputError(str(e)) from None
         if task == "classify":
             for t in (model.score.weight, model.score.bias):
                 t.requires_grad = True
-        return {"rank": args.lora_rank, "alpha": float(args.lora_alpha or args.lora_rank),
+        return {"rank": args.lora_rank, "alpha": float(args.lora_rank if args.lora_alpha is None else args.lora_alpha),
                 "targets": args.lora_targets.split(",")}
-    if task != "classify" and args.trainable == "head":
-        raise InputError("--trainable=head is for classify; instruct trains all or last:N")
     set_trainable(model, args.trainable)
     return None
 
@@ -451,6 +449,9 @@ def _max_length(args, gpt):
 
 
 def run_instruct(args):
+    args.trainable = _parse_trainable(args.trainable)
+    if args.trainable == "head":
+        raise InputError("--trainable=head is for classify; instruct trains all or last:N")
     rng = np.random.default_rng(args.seed)
     train = read_instructions(args.data)
     val = read_instructions(args.val) if args.val else None
@@ -560,6 +561,13 @@ def _nonneg_float(text):
     return value
 
 
+def _positive_float(text):
+    value = _nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit 2 (argparse's own prints the usage too)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -570,7 +578,7 @@ def _common(p, lr):
     p.add_argument("--init", required=True, help="a checkpoint of this project (or a folder GPT.from_pretrained reads)")
     p.add_argument("--out", required=True, help="output folder: model.safetensors, metrics.jsonl, results.json")
     p.add_argument("--lora_rank", type=_positive_int, default=None, help="train LoRA adapters of this rank (None: no LoRA)")
-    p.add_argument("--lora_alpha", type=_nonneg_float, default=None, help="LoRA alpha (None: the rank)")
+    p.add_argument("--lora_alpha", type=_positive_float, default=None, help="LoRA alpha (None: the rank)")
     p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS), help="linears that get adapters")
     p.add_argument("--reinit", type=_bool, default=False, help="true: the base's architecture and tokenizer with fresh random weights")
     p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the training data")
