@@ -4,6 +4,7 @@ each fully and with LoRA, from the pretrained weights and from random ones (the 
     python examples/finetune.py                         # every step below, in order (CPU; see the README for times)
     python examples/finetune.py --steps=data,pretrain   # only some steps
     python examples/finetune.py --steps=spam --inits=pretrained --modes=lora
+    python examples/finetune.py --smoke                 # the same steps, tiny, in under a minute: a check, not a result
 
 Steps (everything under --root, default out/finetune):
   data      the SMS Spam Collection balanced to 747 + 747 and split 70/10/20 into spam/{train,val,test}.tsv;
@@ -12,6 +13,9 @@ Steps (everything under --root, default out/finetune):
   spam      python -m tinygrad_llm.finetune classify ... for each init and mode, then evaluate on the test split
   instruct  python -m tinygrad_llm.finetune instruct ... likewise; test: response loss and greedy exact match
   table     the results of every run found, as a Markdown table
+
+--smoke shrinks everything (the first 20,000 characters of Shakespeare and a 300-token BPE, a 1-layer 32-wide
+GPT pretrained for 10 iterations, 100 spam messages and 40 instructions, one epoch each) under out/finetune_smoke.
 
 The data ships in examples/data/ (see its README.md for where each file comes from).
 """
@@ -49,17 +53,24 @@ SETTINGS = {
 }
 
 
-def make_data(root, seed=123):
+# --smoke: the whole pipeline at a size that runs in seconds
+SMOKE_PRETRAIN = dict(n_layer=1, n_head=2, n_embd=32, block_size=256, batch_size=2, max_iters=10, warmup_iters=2,
+                      eval_interval=5, eval_iters=1, sample_chars=20)
+SMOKE_TEXT_CHARS, SMOKE_TOKENIZER, SMOKE_SPAM, SMOKE_INSTRUCTIONS = 20_000, "bpe:300", 100, 40
+SMOKE_FINETUNE = {"spam": ["--epochs=1"], "instruct": ["--epochs=1", "--max_new_tokens=4"]}
+
+
+def make_data(root, seed=123, smoke=False):
     rng = np.random.default_rng(seed)
     rows = [line.split("\t", 1) for line in SPAM.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = finetune.balance([(label, text) for label, text in rows], rng)
-    rows = [rows[i] for i in rng.permutation(len(rows))]
+    rows = [rows[i] for i in rng.permutation(len(rows))][:SMOKE_SPAM if smoke else None]
     n_train, n_val = int(0.7 * len(rows)), int(0.1 * len(rows))
     splits = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
     for name, part in splits.items():
         atomic_write(root / "spam" / f"{name}.tsv", "".join(f"{label}\t{text}\n" for label, text in part))
     examples = json.loads(INSTRUCTIONS.read_text(encoding="utf-8"))
-    examples = [examples[i] for i in rng.permutation(len(examples))]
+    examples = [examples[i] for i in rng.permutation(len(examples))][:SMOKE_INSTRUCTIONS if smoke else None]
     n_train, n_val = int(0.85 * len(examples)), int(0.05 * len(examples))
     parts = {"train": examples[:n_train], "val": examples[n_train:n_train + n_val], "test": examples[n_train + n_val:]}
     for name, part in parts.items():
@@ -68,23 +79,28 @@ def make_data(root, seed=123):
           "; instruct: " + ", ".join(f"{k} {len(v)}" for k, v in parts.items()))
 
 
-def pretrain(root):
+def pretrain(root, smoke=False):
     if (root / "pretrain" / "ckpt.safetensors").is_file():
         print(f"using the pretrained model in {root / 'pretrain'} (delete that folder to pretrain again)")
         return
-    data_dir = root / "shakespeare_bpe512"
+    data_dir = root / "shakespeare_bpe"
     if not (data_dir / "meta.json").is_file():
-        prepare(SHAKESPEARE, data_dir, tokenizer="bpe:512")
-    config = TrainConfig(data_dir=str(data_dir), out_dir=str(root / "pretrain"), **PRETRAIN)
+        text = SHAKESPEARE
+        if smoke:
+            text = root / "shakespeare_head.txt"
+            atomic_write(text, SHAKESPEARE.read_text(encoding="utf-8")[:SMOKE_TEXT_CHARS])
+        prepare(text, data_dir, tokenizer=SMOKE_TOKENIZER if smoke else "bpe:512")
+    config = TrainConfig(data_dir=str(data_dir), out_dir=str(root / "pretrain"), **(SMOKE_PRETRAIN if smoke else PRETRAIN))
     summary = train(config)
     print(f"pretrained: best val loss {summary['best_val_loss']:.4f}, {summary['elapsed_s']:.0f} s")
 
 
-def finetune_run(root, task, init, mode):
+def finetune_run(root, task, init, mode, smoke=False):
     base = root / "pretrain" / "ckpt.safetensors"
     out = root / "runs" / f"{task}_{init}_{mode}"
     args = ["classify" if task == "spam" else "instruct", f"--init={base}", f"--out={out}",
             f"--reinit={'true' if init == 'random' else 'false'}"] + SETTINGS[(task, mode)]
+    args += SMOKE_FINETUNE[task] if smoke else []
     if task == "spam":
         args += [f"--train={root / 'spam/train.tsv'}", f"--val={root / 'spam/val.tsv'}", f"--test={root / 'spam/test.tsv'}"]
     else:
@@ -94,7 +110,7 @@ def finetune_run(root, task, init, mode):
         sys.exit(f"error: the {task} {init} {mode} run failed")
     test = root / ("spam/test.tsv" if task == "spam" else "instruct/test.json")
     args = [f"--model={out}", f"--data={test}", "--json"]
-    args += ["--task=classify"] if task == "spam" else ["--task=instruct", "--max_new_tokens=64"]
+    args += ["--task=classify"] if task == "spam" else ["--task=instruct", f"--max_new_tokens={4 if smoke else 64}"]
     parser = evaluate.build_parser()
     result = evaluate.run(parser.parse_args(args))
     trained = json.loads((out / finetune.RESULTS_NAME).read_text())
@@ -118,11 +134,14 @@ def table(root):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path("out/finetune"))
+    parser.add_argument("--root", type=Path, default=None, help="output folder (default out/finetune, with --smoke out/finetune_smoke)")
     parser.add_argument("--steps", default="data,pretrain,spam,instruct,table")
     parser.add_argument("--inits", default="pretrained,random")
     parser.add_argument("--modes", default="full,lora")
+    parser.add_argument("--smoke", action="store_true", help="a tiny version of every step, to check the pipeline")
     args = parser.parse_args(argv)
+    if args.root is None:
+        args.root = Path("out/finetune_smoke" if args.smoke else "out/finetune")
     steps, inits, modes = (args.steps.split(","), args.inits.split(","), args.modes.split(","))
     bad = ([s for s in steps if s not in ("data", "pretrain", "spam", "instruct", "table")] +
            [i for i in inits if i not in ("pretrained", "random")] + [m for m in modes if m not in ("full", "lora")])
@@ -132,14 +151,14 @@ def main(argv):
         if not path.is_file():
             sys.exit(f"error: {path} is missing (it ships with the repository)")
     if "data" in steps:
-        make_data(args.root)
+        make_data(args.root, smoke=args.smoke)
     if "pretrain" in steps:
-        pretrain(args.root)
+        pretrain(args.root, smoke=args.smoke)
     for task in ("spam", "instruct"):
         if task in steps:
             for init in inits:
                 for mode in modes:
-                    finetune_run(args.root, task, init, mode)
+                    finetune_run(args.root, task, init, mode, smoke=args.smoke)
     if "table" in steps:
         table(args.root)
 

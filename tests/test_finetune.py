@@ -296,3 +296,61 @@ def test_a_hugging_face_folder_as_the_base_through_from_pretrained(tmp_path, tok
     (tmp_path / "hf" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text() + " ")
     with pytest.raises(finetune.InputError, match="has changed"):
         finetune.load_run(out)
+
+
+# ---- LoRA with the norms trained, the learning-rate schedule -------------------------------------
+
+def test_lora_norms_train_are_saved_and_export_merges_them(tmp_path, tokenizer):
+    base = tiny_checkpoint(tmp_path / "base.safetensors", tokenizer)
+    train, val = _spam_files(tmp_path)
+    run = tmp_path / "lora"
+    assert finetune.main(["classify", f"--init={base}", f"--train={train}", f"--val={val}", f"--out={run}",
+                          "--epochs=2", "--batch_size=4", "--lr=1e-2", "--lora_rank=2", "--lora_norms=true"]) == 0
+    arrays, meta = load_safetensors(run / "model.safetensors")
+    norms = {n for n in arrays if ".ln_" in n}
+    assert norms == {f"transformer.{m}.{p}" for m in ("h.0.ln_1", "h.0.ln_2", "ln_f") for p in ("weight", "bias")}
+    assert json.loads(meta["lora"])["norms"] is True
+    base_model, _ = load_model(base)
+    assert not np.array_equal(arrays["transformer.ln_f.weight"], base_model.transformer.ln_f.weight.numpy())  # trained
+    adapted, tok, _ = finetune.load_run(run)
+    np.testing.assert_array_equal(adapted.transformer.ln_f.weight.numpy(), arrays["transformer.ln_f.weight"])
+    idx, last = classification_batch([tok.encode(t) for t in ("free prize", "see you at home now")], 0)
+    assert finetune.main(["export", f"--run={run}", f"--out={tmp_path / 'merged.safetensors'}"]) == 0
+    merged, _, _ = finetune.load_run(tmp_path / "merged.safetensors")
+    np.testing.assert_allclose(merged(idx, last).numpy(), adapted(idx, last).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_sets_the_optimizer_rate_each_step(tmp_path, tokenizer, monkeypatch, schedule):
+    base = tiny_checkpoint(tmp_path / "base.safetensors", tokenizer)
+    train, val = _spam_files(tmp_path)                     # 12 training texts: 3 steps of 4 per epoch
+    seen, step = [], finetune._step
+    monkeypatch.setattr(finetune, "_step", lambda model, opt, loss, clip, lr: (step(model, opt, loss, clip, lr),
+                                                                               seen.append(opt.lr)))
+    assert finetune.main(["classify", f"--init={base}", f"--train={train}", f"--val={val}", f"--out={tmp_path / 'o'}",
+                          "--epochs=20", "--batch_size=4", "--lr=1e-2", f"--lr_schedule={schedule}"]) == 0
+    assert len(seen) == 60
+    if schedule == "constant":
+        assert seen == [1e-2] * 60
+    else:   # warm-up over the first 5% (3 steps), then a cosine from 1e-2 down to 1e-3 at step 60
+        np.testing.assert_allclose(seen[:3], [1e-2 / 3, 2e-2 / 3, 1e-2])
+        np.testing.assert_allclose(seen[31], 1e-3 + 0.5 * (1 + np.cos(np.pi * 28 / 57)) * 9e-3)
+        assert seen[2] == pytest.approx(seen[3]) and all(a > b for a, b in zip(seen[3:], seen[4:])) and 1e-3 < seen[-1] < 1.01e-3
+
+
+@pytest.mark.slow
+def test_the_worked_example_runs_end_to_end_in_its_smoke_size(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("example_finetune", Path(__file__).parents[1] / "examples" / "finetune.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--smoke", f"--root={tmp_path}"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| spam |", "| instruct |"))]
+    assert len(rows) == 8
+    for task, n in (("spam", 20), ("instruct", 4)):
+        for init in ("pretrained", "random"):
+            for mode in ("full", "lora"):
+                result = json.loads((tmp_path / "runs" / f"{task}_{init}_{mode}" / "test.json").read_text())
+                assert result["examples"] == n
+                assert 0 <= result.get("accuracy", result.get("exact_match")) <= 1 and result["loss"] > 0

@@ -38,8 +38,8 @@ from .finetune_data import (ALPACA_HEADER, END_OF_TEXT, InputError, balance, cla
                             pad_id, read_instructions, read_labeled)
 from .lora import DEFAULT_TARGETS, apply_lora, lora_linears, merge_lora
 from .model import GPT, GPTConfig, IGNORE_INDEX
-from .nn import Linear
-from .optim import AdamW, clip_grad_norm, param_groups
+from .nn import LayerNorm, Linear, RMSNorm
+from .optim import AdamW, clip_grad_norm, cosine_lr, param_groups
 from .tensor import Tensor, no_grad
 from .tokenizer import BPETokenizer, tokenizer_from_dict
 
@@ -315,7 +315,18 @@ def _make_optimizer(model, args):
     return AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
 
 
-def _step(model, optimizer, loss, grad_clip):
+def _schedule(args, n_examples):
+    """step -> learning rate: constant, or (cosine) a linear warm-up over the first 5% of the steps, then a
+    cosine decay to lr/10 at the last step."""
+    total = args.epochs * math.ceil(n_examples / args.batch_size)
+    if args.lr_schedule == "constant":
+        return lambda step: args.lr
+    warmup = max(1, total // 20)
+    return lambda step: cosine_lr(step, args.lr, args.lr / 10, warmup, total)
+
+
+def _step(model, optimizer, loss, grad_clip, lr):
+    optimizer.lr = lr
     loss.backward()
     params = model.parameters()
     if grad_clip:
@@ -335,8 +346,14 @@ def _prepare_model(model, args, task):
         if task == "classify":
             for t in (model.score.weight, model.score.bias):
                 t.requires_grad = True
+        if args.lora_norms:
+            for _, m in model.named_modules():
+                if isinstance(m, (LayerNorm, RMSNorm)):
+                    for t in vars(m).values():
+                        if isinstance(t, Tensor):
+                            t.requires_grad = True
         return {"rank": args.lora_rank, "alpha": float(args.lora_rank if args.lora_alpha is None else args.lora_alpha),
-                "targets": args.lora_targets.split(",")}
+                "targets": args.lora_targets.split(","), "norms": bool(args.lora_norms)}
     set_trainable(model, args.trainable)
     return None
 
@@ -395,7 +412,7 @@ def run_classify(args):
     metrics = out / METRICS_NAME
     metrics.write_text("")
     pad = pad_id(tokenizer)
-    optimizer = _make_optimizer(model, args)
+    optimizer, lr_at = _make_optimizer(model, args), _schedule(args, len(train_rows))
     n_train = sum(p.size for p in model.parameters())
     print(f"classify: {len(names)} classes {names}; train {len(train_rows)}, val {len(val_rows)}"
           + (f", test {len(test_rows)}" if test_rows else "") + f"; {n_train:,} trainable parameters of "
@@ -411,7 +428,7 @@ def run_classify(args):
             loss = F.cross_entropy(logits, labels[b])
             total += loss.item() * len(b)
             correct += int((logits.numpy().argmax(-1) == labels[b]).sum())
-            _step(model, optimizer, loss, args.grad_clip)
+            _step(model, optimizer, loss, args.grad_clip, lr_at(step))
             step += 1
         val_loss, val_acc, _ = classify_eval(model, *splits["val"], pad)
         record = {"epoch": epoch, "step": step, "train_loss": total / len(tokens), "train_accuracy": correct / len(tokens),
@@ -468,7 +485,7 @@ def run_instruct(args):
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / METRICS_NAME
     metrics.write_text("")
-    optimizer = _make_optimizer(gpt, args)
+    optimizer, lr_at = _make_optimizer(gpt, args), _schedule(args, len(train))
     n_train = sum(p.size for p in gpt.parameters())
     print(f"instruct: train {len(train)}" + (f", val {len(val)}" if val else "") +
           f"; {n_train:,} trainable parameters of "
@@ -484,7 +501,7 @@ def run_instruct(args):
             _, loss = gpt(x, y, rng=rng)
             n = int((y != IGNORE_INDEX).sum())
             total, count = total + loss.item() * n, count + n
-            _step(gpt, optimizer, loss, args.grad_clip)
+            _step(gpt, optimizer, loss, args.grad_clip, lr_at(step))
             step += 1
         record = {"epoch": epoch, "step": step, "train_loss": total / max(count, 1),
                   "elapsed_s": round(time.perf_counter() - start, 1)}
@@ -580,10 +597,14 @@ def _common(p, lr):
     p.add_argument("--lora_rank", type=_positive_int, default=None, help="train LoRA adapters of this rank (None: no LoRA)")
     p.add_argument("--lora_alpha", type=_positive_float, default=None, help="LoRA alpha (None: the rank)")
     p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS), help="linears that get adapters")
+    p.add_argument("--lora_norms", type=_bool, default=False,
+                   help="with LoRA: every LayerNorm's weight and bias trains too (a classifier's head always does)")
     p.add_argument("--reinit", type=_bool, default=False, help="true: the base's architecture and tokenizer with fresh random weights")
     p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the training data")
     p.add_argument("--batch_size", type=_positive_int, default=8, help="examples per step")
-    p.add_argument("--lr", type=_nonneg_float, default=lr, help="AdamW learning rate (constant)")
+    p.add_argument("--lr", type=_nonneg_float, default=lr, help="AdamW (peak) learning rate")
+    p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: linear warm-up over the first 5%% of the steps, then down to lr/10 at the last")
     p.add_argument("--weight_decay", type=_nonneg_float, default=0.1, help="AdamW weight decay on matrices")
     p.add_argument("--grad_clip", type=_nonneg_float, default=1.0, help="0: no clipping")
     p.add_argument("--max_length", type=_positive_int, default=None, help="tokens per text (None: the model's context)")
