@@ -6,9 +6,11 @@ Both steps are forward, backward and AdamW on the same batch of the 4-layer, 128
 batch 8, float32). The LoRA model has rank-8 adapters on every c_attn, c_proj and c_fc, all else frozen; the
 frozen weights get no gradient (the ops skip what ctx.needs_input_grad does not ask for). The two run in
 alternating blocks after untimed warm-up steps; medians of wall time and of the process's CPU time
-(all threads) are compared: on a shared machine the CPU time is the steadier of the two. Prints one markdown row.
+(all threads) are compared: on a shared machine the CPU time is the steadier of the two. The gradient memory
+counts the .grad of every Tensor the model holds, frozen ones included. Prints a markdown table.
 """
-import argparse
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")  # before NumPy loads (README, Threads)
 import platform
 import statistics
 import sys
@@ -17,30 +19,42 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinygrad_llm  # noqa: E402,F401  (before NumPy: OpenBLAS's thread timeout)
 import numpy as np  # noqa: E402
 
+from cli_args import Parser, positive_int  # noqa: E402
+from tinygrad_llm.finetune import all_tensors  # noqa: E402
 from tinygrad_llm.lora import apply_lora  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW  # noqa: E402
 
 
+def gradient_bytes(model):
+    """Bytes of gradients held by every Tensor of the model, trainable or frozen (each Tensor once)."""
+    return sum(t.grad.nbytes for t in all_tensors(model).values() if t.grad is not None)
+
+
 def step(model, opt, x, y):
     _, loss = model(x, y)
     loss.backward()
-    grad_bytes = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    grad_bytes = gradient_bytes(model)
     opt.step()
     opt.zero_grad()
     return grad_bytes
 
 
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per block (default %(default)s)")
+    parser.add_argument("--blocks", type=positive_int, default=3, help="alternating blocks per model (default %(default)s)")
+    parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank, alpha = 2 rank (default %(default)s)")
+    return parser.parse_args(argv)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per block")
-    parser.add_argument("--blocks", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=8)
-    args = parser.parse_args()
+    args = parse_args()
     config = GPTConfig(vocab_size=513, block_size=128, n_layer=4, n_head=4, n_embd=128)
     full = GPT(config, rng=np.random.default_rng(0))
     lora = GPT(config, rng=np.random.default_rng(0))

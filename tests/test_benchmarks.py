@@ -15,6 +15,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = {
     "flash_attention": (["--warmup", "--repeats"], None),
     "gpu_train": (["--steps", "--iters", "--eval_interval", "--eval_iters", "--profile"], "--data"),
+    "lora_step": (["--steps", "--blocks", "--rank"], None),
     "profile_step": (["--steps"], None),
     "shakespeare_vs_torch": (["--max_iters", "--eval_interval", "--eval_iters", "--log_interval", "--threads"], "--data"),
     "tokenizer": (["--repeats"], "text"),
@@ -83,3 +84,21 @@ def test_help_works_from_any_folder_without_installing(tmp_path):
         result = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--help"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr[-1000:]
+
+
+def test_lora_step_counts_the_gradients_of_frozen_tensors_too():
+    """The benchmark's gradient memory must see a gradient wherever one is held, or it could not show that
+    frozen weights hold none."""
+    import numpy as np
+    from tinygrad_llm.lora import apply_lora
+    from tinygrad_llm.model import GPT, GPTConfig
+    module = _load("lora_step")
+    model = apply_lora(GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)), 2, 4)
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    _, loss = model(idx, idx)
+    loss.backward()
+    adapters = sum(t.grad.nbytes for t in model.parameters())
+    assert module.gradient_bytes(model) == adapters            # frozen weights: no gradient held
+    frozen = model.transformer.h[0].attn.c_attn.weight
+    frozen.grad = np.zeros_like(frozen.data)
+    assert module.gradient_bytes(model) == adapters + frozen.data.nbytes
