@@ -248,6 +248,8 @@ def test_classify_bad_input(tmp_path, tokenizer, capsys):
     _fails(["classify", *common, f"--train={train}", f"--val={val}", "--trainable=last:x"], capsys, "--trainable", out)
     _fails(["classify", *common, f"--train={train}", f"--val={val}", "--lora_rank=0"], capsys, "positive integer", out)
     _fails(["classify", *common, f"--train={train}", f"--val={val}", "--max_length=17"], capsys, "--max_length", out)
+    _fails(["classify", *common, f"--train={train}", f"--val={val}", "--lora_norms=true"], capsys, "need --lora_rank", out)
+    _fails(["classify", *common, f"--train={train}", f"--val={val}", "--lora_alpha=4"], capsys, "need --lora_rank", out)
     _fails(["classify", *common, f"--train={train}"], capsys, "--val", out)
 
 

@@ -379,7 +379,13 @@ def _log(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def _check_lora_options(args):
+    if args.lora_rank is None and (args.lora_norms or args.lora_alpha is not None):
+        raise InputError("--lora_alpha and --lora_norms need --lora_rank (LoRA is off without it)")
+
+
 def run_classify(args):
+    _check_lora_options(args)
     rng = np.random.default_rng(args.seed)
     trainable = _parse_trainable(args.trainable)
     train_rows = read_labeled(args.train)
@@ -466,6 +472,7 @@ def _max_length(args, gpt):
 
 
 def run_instruct(args):
+    _check_lora_options(args)
     args.trainable = _parse_trainable(args.trainable)
     if args.trainable == "head":
         raise InputError("--trainable=head is for classify; instruct trains all or last:N")
@@ -598,7 +605,7 @@ def _common(p, lr):
     p.add_argument("--lora_alpha", type=_positive_float, default=None, help="LoRA alpha (None: the rank)")
     p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS), help="linears that get adapters")
     p.add_argument("--lora_norms", type=_bool, default=False,
-                   help="with LoRA: every LayerNorm's weight and bias trains too (a classifier's head always does)")
+                   help="with LoRA: every LayerNorm's (or RMSNorm's) weight and bias trains too (a classifier's head always does)")
     p.add_argument("--reinit", type=_bool, default=False, help="true: the base's architecture and tokenizer with fresh random weights")
     p.add_argument("--epochs", type=_positive_int, default=5, help="passes over the training data")
     p.add_argument("--batch_size", type=_positive_int, default=8, help="examples per step")
