@@ -37,12 +37,16 @@ def gradient_bytes(model):
 
 
 def step(model, opt, x, y):
+    """One training step; returns (gradient bytes, forward seconds, backward seconds)."""
+    t = time.perf_counter()
     _, loss = model(x, y)
+    t1 = time.perf_counter()
     loss.backward()
+    t2 = time.perf_counter()
     grad_bytes = gradient_bytes(model)
     opt.step()
     opt.zero_grad()
-    return grad_bytes
+    return grad_bytes, t1 - t, t2 - t1
 
 
 def parse_args(argv=None):
@@ -64,25 +68,31 @@ def main():
     x = rng.integers(0, 513, (8, 128))
     y = rng.integers(0, 513, (8, 128))
     times, cpu, grad_bytes = {"full": [], "lora": []}, {"full": [], "lora": []}, {}
+    fwd, bwd = {"full": [], "lora": []}, {"full": [], "lora": []}
     for _ in range(args.blocks):
         for name, (model, opt) in models.items():
             for _ in range(2):
                 step(model, opt, x, y)
             for _ in range(args.steps):
                 t, c = time.perf_counter(), time.process_time()
-                grad_bytes[name] = step(model, opt, x, y)
+                grad_bytes[name], f, b = step(model, opt, x, y)
                 times[name].append(time.perf_counter() - t)
+                fwd[name].append(f)
+                bwd[name].append(b)
                 cpu[name].append(time.process_time() - c)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     med_cpu = {k: statistics.median(v) * 1000 for k, v in cpu.items()}
+    med_f = {k: statistics.median(v) * 1000 for k, v in fwd.items()}
+    med_b = {k: statistics.median(v) * 1000 for k, v in bwd.items()}
     n = {k: sum(p.size for p in m.parameters()) for k, (m, _) in models.items()}
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; {args.blocks} blocks x {args.steps} steps")
     print("| model (4x128, batch 8x128, float32) | trainable params | gradient memory | median step (wall) | ratio | "
-          "median step (CPU time, all threads) | ratio |")
-    print("|---|---|---|---|---|---|---|")
+          "median step (CPU time, all threads) | ratio | forward | ratio | backward | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k, label in (("full", "full fine-tuning"), ("lora", f"LoRA rank {args.rank}")):
         print(f"| {label} | {n[k]:,} | {grad_bytes[k] / 2**20:.2f} MiB | {med[k]:.1f} ms | {med[k] / med['full']:.2f} | "
-              f"{med_cpu[k]:.1f} ms | {med_cpu[k] / med_cpu['full']:.2f} |")
+              f"{med_cpu[k]:.1f} ms | {med_cpu[k] / med_cpu['full']:.2f} | {med_f[k]:.1f} ms | {med_f[k] / med_f['full']:.2f} | "
+              f"{med_b[k]:.1f} ms | {med_b[k] / med_b['full']:.2f} |")
 
 
 if __name__ == "__main__":
