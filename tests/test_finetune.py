@@ -250,6 +250,10 @@ def test_classify_bad_input(tmp_path, tokenizer, capsys):
     _fails(["classify", *common, f"--train={train}", f"--val={val}", "--max_length=17"], capsys, "--max_length", out)
     _fails(["classify", *common, f"--train={train}", f"--val={val}", "--lora_norms=true"], capsys, "need --lora_rank", out)
     _fails(["classify", *common, f"--train={train}", f"--val={val}", "--lora_alpha=4"], capsys, "need --lora_rank", out)
+    (tmp_path / "a_file").write_text("keep")
+    _fails(["classify", f"--init={base}", f"--out={tmp_path / 'a_file'}", f"--train={train}", f"--val={val}"], capsys,
+           "is a file; it must be a folder", tmp_path / "nothing")
+    assert (tmp_path / "a_file").read_text() == "keep"
     _fails(["classify", *common, f"--train={train}"], capsys, "--val", out)
 
 

@@ -379,13 +379,15 @@ def _log(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def _check_lora_options(args):
+def _check_options(args):
     if args.lora_rank is None and (args.lora_norms or args.lora_alpha is not None):
         raise InputError("--lora_alpha and --lora_norms need --lora_rank (LoRA is off without it)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a file; it must be a folder (new or a previous run's)")
 
 
 def run_classify(args):
-    _check_lora_options(args)
+    _check_options(args)
     rng = np.random.default_rng(args.seed)
     trainable = _parse_trainable(args.trainable)
     train_rows = read_labeled(args.train)
@@ -472,7 +474,7 @@ def _max_length(args, gpt):
 
 
 def run_instruct(args):
-    _check_lora_options(args)
+    _check_options(args)
     args.trainable = _parse_trainable(args.trainable)
     if args.trainable == "head":
         raise InputError("--trainable=head is for classify; instruct trains all or last:N")
