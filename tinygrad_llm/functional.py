@@ -74,7 +74,7 @@ def _sum_to_last(a):
 class Linear(Function):
     """(..., IN), (IN, OUT), (OUT,) -> (..., OUT): out = x w + b, with w stored (in, out) as in GPT-2."""
     kernels = {"cuda": "linear.LinearCuda"}
-    bf16_kernels = {"cuda": "mixed.LinearBF16Cuda"}   # under precision.autocast("bfloat16")
+    bf16_kernels = {"cpu": "mixed.LinearBF16Mkl", "cuda": "mixed.LinearBF16Cuda"}   # under precision.autocast("bfloat16")
 
     @staticmethod
     def forward(ctx, x, w, b=None):
@@ -659,7 +659,7 @@ class SelfAttention(Function):
     pieces' GetItem backward would zero a (B, T, 3C) buffer and the autograd would add the three.
     """
     kernels = {"cuda": "attention.SelfAttentionCuda"}
-    bf16_kernels = {"cuda": "mixed.SelfAttentionBF16Cuda"}   # under precision.autocast("bfloat16")
+    bf16_kernels = {"cpu": "mixed_attention.SelfAttentionBF16Mkl", "cuda": "mixed.SelfAttentionBF16Cuda"}   # bf16 autocast
 
     @staticmethod
     def check_inputs(qkv, n_head, **attrs):

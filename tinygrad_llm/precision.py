@@ -20,9 +20,12 @@ on. GPT.forward turns it on for a bfloat16 model. A weight is rounded to bf16 on
 (one forward and the backward that follows it reuse the copy), or once per `weight_copies()` region,
 which a training step opens around its micro-batches: once per optimizer step, not once per use.
 
-Nothing here imports a kernel or an array library beyond NumPy: the CPU and GPU backends share it.
+Nothing here imports a kernel or an array library beyond NumPy: the CPU and GPU backends share it. Only
+unsupported_reason asks the CPU's MKL loader (kernels/cpu/mkl.py), by name, whether MKL's bf16 GEMM loads.
 """
 import contextlib
+import importlib
+import os
 
 import numpy as np
 
@@ -53,6 +56,7 @@ def is_mixed(dtype):
 _mode = None            # None (every op in its input dtype) or "bfloat16"
 _copies = None          # the current region's bf16 weight copies: key -> copy
 _copies_depth = 0
+_UNSET = object()
 
 
 def current():
@@ -130,25 +134,47 @@ def cpu_flags(cpuinfo="/proc/cpuinfo"):
     return None
 
 
-def unsupported_reason(dtype, device, flags=None):
+# Tests only: run the CPU's bf16 path on a CPU without bf16 units (MKL emulates the bf16 products: the
+# same results, several times slower than float32). Users are refused there; see unsupported_reason.
+EMULATION_ENV = "TINYGRAD_LLM_CPU_BF16_EMULATION"
+MKL_HINT = "pip install 'tinygrad_llm[mkl]'"
+
+
+def cpu_emulation_allowed():
+    """True when EMULATION_ENV is "1": the tests' override, which lets bfloat16 run on a CPU without bf16 units."""
+    return os.environ.get(EMULATION_ENV, "0") == "1"
+
+
+def _cpu_library_reason():
+    """None when the CPU's bf16 GEMM (MKL's, kernels/cpu/mkl.py) loads, else why not; asked by name on first use,
+    as backend.py asks for kernels, so that importing this module never loads a library."""
+    return importlib.import_module("tinygrad_llm.kernels.cpu.mkl").missing_reason()
+
+
+def unsupported_reason(dtype, device, flags=None, library_reason=_UNSET):
     """None when `device` can train in `dtype`, else one line saying what is missing.
 
-    bfloat16 on the CPU is refused, never run on a slow path: a CPU without bf16 matrix units
-    (CPU_BF16_FLAGS) would emulate every product, and the CPU's bf16 kernels are not built yet in any case.
-    flags: the CPU's flags (default: read from /proc/cpuinfo)."""
+    bfloat16 on the CPU needs bf16 matrix units (CPU_BF16_FLAGS) and MKL's bf16 GEMM: where either is missing
+    it is refused, never run on a slow path (a CPU without the units would emulate every product). With
+    EMULATION_ENV=1 (tests only) the units are not asked for; MKL still is.
+    flags: the CPU's flags (default: read from /proc/cpuinfo); library_reason: why MKL is missing, or None
+    where it loads (default: ask the loader)."""
     if not is_mixed(dtype) or device != "cpu":
         return None
     flags = cpu_flags() if flags is None else flags
+    library_reason = _cpu_library_reason() if library_reason is _UNSET else library_reason
     names = " or ".join(CPU_BF16_FLAGS)
-    if flags is None:
-        return (f"dtype bfloat16 on the CPU needs bf16 matrix units ({names}) and this CPU's flags could not be "
-                "read; use --dtype float32, or --device cuda")
-    found = [f for f in CPU_BF16_FLAGS if f in flags]
-    if not found:
-        return (f"dtype bfloat16 on the CPU needs bf16 matrix units ({names}), which this CPU lacks; "
-                "use --dtype float32, or --device cuda")
-    return (f"dtype bfloat16 on the CPU is not built yet (this CPU has {', '.join(found)}); "
-            "use --dtype float32, or --device cuda")
+    missing = []
+    if not cpu_emulation_allowed():
+        if flags is None:
+            missing.append(f"bf16 matrix units ({names}), and this CPU's flags could not be read")
+        elif not any(f in flags for f in CPU_BF16_FLAGS):
+            missing.append(f"bf16 matrix units ({names}), which this CPU lacks")
+    if library_reason is not None:
+        missing.append(f"MKL's bf16 GEMM ({MKL_HINT}): {library_reason}")
+    if not missing:
+        return None
+    return f"dtype bfloat16 on the CPU needs {'; and '.join(missing)}; use --dtype float32, or --device cuda"
 
 
 def check_supported(dtype, device):

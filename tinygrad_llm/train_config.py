@@ -53,7 +53,7 @@ class TrainConfig:
     # run
     seed: int = option(1337, "seed of the init, dropout and batches")
     dtype: str = option("float32", "parameter and activation dtype (bfloat16: float32 weights and optimizer "
-                        "state, bf16 matrix products with float32 sums; GPU only)")
+                        "state, bf16 matrix products with float32 sums; on the CPU it needs bf16 units and MKL)")
     device: str = option("cpu", "where to train (cuda needs CuPy and an NVIDIA GPU)")
     init_from: str = option("scratch", "scratch: a new run; resume: continue the run saved in out_dir")
     overwrite: bool = option(False, "let a new run replace the run saved in out_dir")

@@ -1,0 +1,93 @@
+"""bf16 products with float32 sums on NumPy arrays (precision.py's policy): Linear (and so the LM head) under
+precision.autocast("bfloat16"), its GEMMs in MKL (mkl.py); attention's are in mixed_attention.py.
+
+How bf16 is held: as NumPy uint16 arrays of the bits, made by one Numba pass (round to nearest even, NaN
+kept a quiet NaN), as the GPU's kernels hold it. ml_dtypes' bfloat16 dtype would give the same bits at
+the same speed (4.2 against 4.5 ms for 6.3M values on this project's 2-core CPU), but nothing here does
+arithmetic on bf16 values outside MKL, so it would add a dependency for storage alone; and a Numba pass
+can fuse the conversion into a copy that happens anyway (attention's head split, with its scale).
+
+Where bf16 lives: only as the products' operands. The autograd's tensors stay float32, so LayerNorm, softmax,
+GELU, dropout and the loss run their float32 kernels unchanged, and no gradient is rounded before it is
+summed. What a product saves for backward is its bf16 operand (x), half the bytes of the float32 input.
+Weights are converted once per precision.weight_copies region (precision.weight_copy), not once per use.
+"""
+import numpy as np
+from numba import njit
+
+from ... import precision
+from ...backend import sum_rows
+from ...functional import Linear
+from . import mkl, threads
+
+PARALLEL_MIN_VALUES = 1 << 20   # a conversion of at least this many values is split over threads.THREADS
+
+
+@njit(parallel=False, error_model="numpy", cache=True, nogil=True)
+def _to_bf16_flat(x, y, start, stop):
+    """y[i] = bf16 bits of x[i] for i in [start, stop): x float32 1-D, y uint16 1-D."""
+    u = x.view(np.uint32)
+    for i in range(start, stop):
+        b = u[i]
+        if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            y[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+        else:
+            y[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def to_bf16(x):
+    """float32 array -> uint16 array of its bf16 bits, same shape; a 2-D F-ordered array (a transposed view,
+    the tied LM head's wte^T) keeps its layout, so the GEMM reads it transposed rather than it being copied."""
+    if x.ndim == 2 and not x.flags.c_contiguous and x.T.flags.c_contiguous:
+        return to_bf16(x.T).T
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    flat, y = x.reshape(-1), np.empty(x.size, np.uint16)
+    n = flat.size
+    if n < PARALLEL_MIN_VALUES:
+        _to_bf16_flat(flat, y, 0, n)
+    else:
+        cuts = [n * i // threads.THREADS for i in range(threads.THREADS + 1)]
+        threads.run_items(lambda a, b: _to_bf16_flat(flat, y, a, b), list(zip(cuts, cuts[1:])), True)
+    return y.reshape(x.shape)
+
+
+def from_bf16(y):
+    """uint16 bf16 bits -> float32 (exact)."""
+    return (np.ascontiguousarray(y).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class LinearBF16Mkl:
+    """functional.Linear with bf16 operands: out = x w (+ b), dx = dout w^T, dw = x^T dout, each one MKL
+    bf16 GEMM with float32 sums and float32 results; b added and db = sum(dout) in float32. Saves the bf16
+    x and w for backward. Anything but float32 inputs takes the op itself."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        ctx.reference = not (all(a is None or (type(a) is np.ndarray and a.dtype == np.float32) for a in (x, w, b))
+                             and w.ndim == 2 and x.ndim >= 1 and x.shape[-1] == w.shape[0] and x.size > 0)
+        if ctx.reference:
+            return Linear.forward(ctx, x, w, b)
+        K, M = w.shape
+        xb = to_bf16(x.reshape(-1, K))
+        wb = precision.weight_copy(w, to_bf16)
+        out = mkl.gemm(xb, wb, np.empty((xb.shape[0], M), np.float32))
+        if b is not None:
+            out += b
+        ctx.xb, ctx.wb, ctx.x_shape, ctx.has_b = xb, wb, x.shape, b is not None
+        return out.reshape(x.shape[:-1] + (M,))
+
+    # derivation: docs/backward/linear.md
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return Linear.backward(ctx, dout)
+        xb, wb = ctx.xb, ctx.wb
+        (N, K), M = xb.shape, wb.shape[1]
+        dout2 = np.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
+        need = ctx.needs_input_grad
+        dob = to_bf16(dout2)
+        # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
+        dx = mkl.gemm(dob, wb.T, np.empty((N, K), np.float32)).reshape(ctx.x_shape) if need[0] else None
+        dw = mkl.gemm(xb.T, dob, np.empty((K, M), np.float32)) if need[1] else None
+        db = sum_rows(dout2) if ctx.has_b and need[2] else None
+        return dx, dw, db

@@ -1,0 +1,144 @@
+"""MKL's bf16 GEMM (cblas_gemm_bf16bf16f32: bf16 operands, float32 sums and results) through ctypes: the CPU's
+bf16 products (precision.py's policy; the kernels in mixed.py and mixed_attention.py).
+
+Why MKL: NumPy has no bf16 dtype and its OpenBLAS no bf16 GEMM we can reach; MKL ships one that runs on AMX
+tiles or AVX512-BF16 where the CPU has them, as a wheel on PyPI (`pip install tinygrad_llm[mkl]`): no compiler
+needed. It is found at run time, in this order: the path in TINYGRAD_LLM_MKL (libmkl_rt's file), the `mkl`
+distribution's own files (importlib.metadata: the wheel puts libmkl_rt.so.3 in the environment's lib/),
+sys.prefix/lib, and the system's library path.
+
+Threads: MKL is switched to its sequential layer before its first call (MKL_Set_Threading_Layer): its
+OpenMP layers need an OpenMP runtime loaded beside it (the default Intel one fails to load without libiomp5
+preloaded, and one more OpenMP pool would fight OpenBLAS's and Numba's over the cores). A large product is
+split by rows of its output over threads.THREADS Python threads instead, each calling MKL on one thread
+(ctypes lets go of the GIL during the call).
+"""
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import numpy as np
+
+from . import threads
+
+ENV_PATH = "TINYGRAD_LLM_MKL"
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS_LAYOUT, CBLAS_TRANSPOSE
+_SEQUENTIAL = 1                                   # MKL_THREADING_SEQUENTIAL
+PARALLEL_MIN_FLOPS = 1 << 23                      # below this a product runs on one thread: the hand-off costs more
+_state = None                                     # (function, None) once loaded, (None, reason) once failed
+
+
+def candidates():
+    """The paths tried for libmkl_rt, in order (TINYGRAD_LLM_MKL alone when it is set)."""
+    given = os.environ.get(ENV_PATH)
+    if given:
+        return [given]
+    paths = []
+    try:
+        from importlib import metadata
+        files = metadata.distribution("mkl").files or []
+        paths += [str(metadata.distribution("mkl").locate_file(f)) for f in files if f.name.startswith("libmkl_rt.so")]
+    except Exception:   # PackageNotFoundError, or a distribution without a file list
+        pass
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        paths += [os.path.join(prefix, "lib", name) for name in ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")]
+    found = ctypes.util.find_library("mkl_rt")
+    if found:
+        paths.append(found)
+    return list(dict.fromkeys(paths))
+
+
+def _load():
+    global _state
+    errors = []
+    for path in candidates():
+        if os.sep in path and not os.path.exists(path):
+            errors.append(f"{path}: no such file")
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            lib.MKL_Set_Threading_Layer(ctypes.c_int(_SEQUENTIAL))   # before any other call into MKL
+            gemm = lib.cblas_gemm_bf16bf16f32
+        except (OSError, AttributeError) as e:
+            errors.append(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        gemm.restype = None
+        gemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                              ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        _state = (gemm, None)
+        return
+    tried = "; ".join(errors[-2:]) if errors else "no libmkl_rt on the library path"
+    _state = (None, f"not found ({tried})")
+
+
+def missing_reason():
+    """None when MKL's bf16 GEMM is loaded (loading it on the first call), else one line saying why not."""
+    if _state is None:
+        _load()
+    return _state[1]
+
+
+def _function():
+    if missing_reason() is not None:
+        raise RuntimeError(f"bf16 products on the CPU need MKL's bf16 GEMM, {missing_reason()}: "
+                           "pip install 'tinygrad_llm[mkl]'")
+    return _state[0]
+
+
+def _operand(a):
+    """(trans flag, leading dimension) of a 2-D uint16 array or view whose rows or columns are contiguous."""
+    rows, cols = a.strides
+    if cols == 2 and rows % 2 == 0 and rows >= 2 * max(a.shape[1], 1):
+        return _NO_TRANS, rows // 2
+    if rows == 2 and cols % 2 == 0 and cols >= 2 * max(a.shape[0], 1):
+        return _TRANS, cols // 2
+    raise ValueError(f"bf16 GEMM operand of shape {a.shape} and strides {a.strides}: no unit stride")
+
+
+def _one(gemm, a, b, out, alpha, beta):
+    M, K = a.shape
+    N = b.shape[1]
+    (ta, lda), (tb, ldb) = _operand(a), _operand(b)
+    gemm(_ROW_MAJOR, ta, tb, M, N, K, alpha, a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data,
+         out.strides[0] // 4)
+
+
+def gemm(a, b, out, alpha=1.0, beta=0.0, parallel=True):
+    """out (M, N) float32 = alpha a b + beta out: a (M, K) and b (K, N) uint16 arrays of bf16 bits (C- or
+    F-ordered 2-D arrays or views: a transposed operand is read in place), out with unit column stride.
+    Float32 sums. parallel: a large product is split by output rows (by columns when it has few rows) over
+    threads.THREADS threads; False inside work that is already spread over threads."""
+    fn = _function()
+    M, K = a.shape
+    N = b.shape[1]
+    if b.shape[0] != K or out.shape != (M, N) or out.dtype != np.float32 or out.strides[1] != 4:
+        raise ValueError(f"bf16 GEMM shapes {a.shape} x {b.shape} -> {out.shape} ({out.dtype}, strides {out.strides})")
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out[...] = 0 if beta == 0 else out * np.float32(beta)
+        return out
+    n = threads.THREADS
+    if not parallel or n < 2 or 2 * M * N * K < PARALLEL_MIN_FLOPS:
+        _one(fn, a, b, out, alpha, beta)
+        return out
+    if M >= N or M >= 64 * n:
+        cuts = [M * i // n for i in range(n + 1)]
+        items = [(a[r0:r1], b, out[r0:r1]) for r0, r1 in zip(cuts, cuts[1:]) if r1 > r0]
+    else:
+        cuts = [N * i // n for i in range(n + 1)]
+        items = [(a, b[:, c0:c1], out[:, c0:c1]) for c0, c1 in zip(cuts, cuts[1:]) if c1 > c0]
+    threads.run_items(lambda x, y, z: _one(fn, x, y, z, alpha, beta), items, True)
+    return out
+
+
+def batched(a, b, out, alpha=1.0, beta=0.0):
+    """gemm for every leading index of 3-D a (L, M, K), b (L, K, N), out (L, M, N), on this thread."""
+    fn = _function()
+    for i in range(a.shape[0]):
+        if a.shape[2] == 0:
+            out[i] = 0 if beta == 0 else out[i] * np.float32(beta)
+        elif out.shape[1] and out.shape[2]:
+            _one(fn, a[i], b[i], out[i], alpha, beta)
+    return out
