@@ -1,0 +1,241 @@
+"""bf16 mixed precision on the CPU (precision.py's policy; kernels/cpu/mkl.py, mixed.py, mixed_attention.py):
+MKL's bf16 GEMM against float64 products of the same bf16-rounded inputs (every transpose the kernels use),
+Linear and attention under autocast, the whole model's loss and gradients against the float32 model's, a
+short training run's loss curve against the float32 run's, and the CLI trained in bfloat16.
+
+This machine's CPU (and CI's) has no bf16 units, so every test here runs the bf16 path on emulation through
+the tests-only override (precision.EMULATION_ENV=1): the results are those of a CPU with bf16 units, the
+speed is not. Skipped (with the loader's reason) where MKL is not installed (pip install '.[mkl]').
+Tolerances, stated once (the GPU's bf16 tests use the same):
+- a bf16 product against the float64 product of the same rounded operands: 1e-5 relative (float32 sums);
+- an op or the model against float32: 2e-2 relative for outputs and the loss, 5e-2 for each parameter's
+  gradient (norm of the difference over the norm): bf16 keeps 8 significant bits (2^-9 relative rounding);
+- a training run (2x64, B=8, T=64, 100 steps on Shakespeare): the mean loss of the last 20 steps within 0.03
+  of the float32 run's, and every 10-step mean within 0.08.
+Every comparison with float32 also asserts a difference above float32's rounding, so a bf16 path that
+silently ran in float32 fails.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinygrad_llm import precision
+from tinygrad_llm import functional as F
+from tinygrad_llm.kernels.cpu import mkl
+from tinygrad_llm.model import GPT, GPTConfig
+from tinygrad_llm.optim import AdamW, clip_grad_norm, param_groups
+from tinygrad_llm.tensor import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(mkl.missing_reason() is not None,
+                                reason=f"needs MKL's bf16 GEMM (pip install '.[mkl]'): {mkl.missing_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    monkeypatch.setenv(precision.EMULATION_ENV, "1")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def norm_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def bits(x):
+    return (precision.round_to_bfloat16(x).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def test_conversion_equals_torch_rounding():
+    from tinygrad_llm.kernels.cpu.mixed import from_bf16, to_bf16
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(3 * 2 ** 19 + 3).astype(np.float32) * 10.0 ** rng.integers(-30, 30),
+                        np.array([0, -0.0, np.inf, -np.inf, 3.4e38, 1e-40, 1 + 2 ** -8], np.float32)])
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    for a in (x[:1000], x):   # one thread; split over threads
+        np.testing.assert_array_equal(to_bf16(a), theirs[:a.size])
+    np.testing.assert_array_equal(from_bf16(to_bf16(x)), precision.round_to_bfloat16(x))
+    wt = rng.standard_normal((5, 7)).astype(np.float32).T     # a transposed view keeps its layout
+    assert to_bf16(wt).flags.f_contiguous and (to_bf16(wt) == bits(wt)).all()
+    assert np.isnan(from_bf16(to_bf16(np.array([np.nan], np.float32)))).all()
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 5, 3), (300, 70, 50), (512, 384, 256)])
+def test_bf16_gemm_equals_float64_product_of_rounded_inputs(M, N, K, trans_a, trans_b):
+    rng = np.random.default_rng(M + N + K)
+    a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
+    ab, bb = bits(a), bits(b)
+    ab = np.ascontiguousarray(ab.T).T if trans_a else ab       # stored (K, M), read transposed
+    bb = np.ascontiguousarray(bb.T).T if trans_b else bb
+    expected = precision.round_to_bfloat16(a).astype(np.float64) @ precision.round_to_bfloat16(b).astype(np.float64)
+    out = mkl.gemm(ab, bb, np.empty((M, N), np.float32))
+    assert rel_err(out, expected) < 1e-5
+    c = rng.standard_normal((M, N)).astype(np.float32)        # alpha and beta, as attention's products use them
+    assert rel_err(mkl.gemm(ab, bb, c.copy(), alpha=0.5, beta=1.0), 0.5 * expected + c) < 1e-5
+    if M * N * K > 1 << 20:                                    # the threaded split equals the one-thread call
+        np.testing.assert_array_equal(out, mkl.gemm(ab, bb, np.empty((M, N), np.float32), parallel=False))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (2, 9, 16, 24), (4, 64, 128, 96)])
+def test_linear_under_autocast_against_rounded_and_float32(shape):
+    B, T, IN, OUT = shape
+    rng = np.random.default_rng(IN)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, T, IN), (IN, OUT), (OUT,)))
+    dout = rng.standard_normal((B, T, OUT)).astype(np.float32)
+    for weight in (w, np.ascontiguousarray(w.T).T):   # a plain weight; the tied LM head's transposed view
+        tensors = [Tensor(a, requires_grad=True) for a in (x, weight, b)]
+        with precision.autocast("bfloat16"):
+            out = F.linear(*tensors)
+        out.backward(Tensor(dout))
+        rx, rw, rd = (precision.round_to_bfloat16(a).astype(np.float64) for a in (x, w, dout))
+        assert rel_err(out.data, rx @ rw + b) < 1e-5
+        assert rel_err(tensors[0].grad, rd @ rw.T) < 1e-5
+        assert rel_err(tensors[1].grad, rx.reshape(-1, IN).T @ rd.reshape(-1, OUT)) < 1e-5
+        assert rel_err(tensors[2].grad, dout.astype(np.float64).reshape(-1, OUT).sum(0)) < 1e-5
+        assert 1e-4 < rel_err(out.data, x.astype(np.float64) @ w + b) < 2e-2
+        assert all(t.grad.dtype == np.float32 for t in tensors)
+
+
+def torch_attention(qkv, dout, NH, causal):
+    """PyTorch's float64 attention of the packed qkv: y and dqkv (the oracle)."""
+    B, T, C3 = qkv.shape
+    t = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+    q, k, v = (p.reshape(B, T, NH, -1).transpose(1, 2) for p in t.split(C3 // 3, dim=2))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    y = y.transpose(1, 2).reshape(B, T, C3 // 3)
+    y.backward(torch.from_numpy(dout.astype(np.float64)))
+    return y.detach().numpy(), t.grad.numpy()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,T,NH,HS", [(2, 7, 2, 4), (2, 37, 3, 16), (4, 128, 6, 64)])
+def test_self_attention_under_autocast_against_torch_and_float32(B, T, NH, HS, causal):
+    rng = np.random.default_rng(T)
+    qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)
+    dout = rng.standard_normal((B, T, NH * HS)).astype(np.float32)
+    results = []
+    for dtype in ("bfloat16", "float32"):
+        t = Tensor(qkv, requires_grad=True)
+        with precision.autocast(dtype):
+            y = F.self_attention(t, NH, causal=causal)
+        y.backward(Tensor(dout))
+        results.append((y.data, t.grad))
+    (y16, g16), (y32, g32) = results
+    y64, g64 = torch_attention(qkv, dout, NH, causal)
+    assert rel_err(y32, y64) < 1e-5 and norm_err(g32, g64) < 1e-5     # the float32 path, for scale
+    assert 1e-5 < rel_err(y16, y64) < 2e-2
+    assert 1e-5 < norm_err(g16, g64) < 5e-2
+    assert y16.dtype == g16.dtype == np.float32
+
+
+def test_self_attention_with_dropout_runs_the_float32_attention():
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((2, 16, 24)).astype(np.float32)
+    outs = []
+    for dtype in ("bfloat16", "float32"):
+        with precision.autocast(dtype):
+            outs.append(F.self_attention(Tensor(qkv), 2, dropout_p=0.2, rng=np.random.default_rng(5)).data)
+    np.testing.assert_array_equal(outs[0], outs[1])   # documented: attention dropout is not covered
+
+
+def small_model(dtype, state=None):
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64, dtype=dtype)
+    model = GPT(config, rng=np.random.default_rng(3))
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def test_model_loss_and_gradients_against_float32():
+    m32 = small_model("float32")
+    m16 = small_model("bfloat16", m32.state_dict())
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
+    losses, grads = [], []
+    for model in (m16, m32):
+        _, loss = model(x, y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert abs(losses[0] - losses[1]) / losses[1] < 2e-2
+    errors = {name: norm_err(grads[0][name], grads[1][name]) for name in grads[1]}
+    assert max(errors.values()) < 5e-2, errors
+    assert min(errors.values()) > 1e-4, errors      # every parameter's gradient went through bf16 products
+    assert all(g.dtype == np.float32 for g in grads[0].values())
+
+
+def _curve(model, data, steps, B=8, T=64):
+    opt = AdamW(param_groups(model, 0.1), lr=2e-3, betas=(0.9, 0.99))
+    rng, losses = np.random.default_rng(0), []
+    model.train()
+    for _ in range(steps):
+        starts = rng.integers(0, len(data) - T - 1, B)
+        x = np.stack([data[s:s + T] for s in starts]).astype(np.int64)
+        y = np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64)
+        with precision.weight_copies():
+            _, loss = model(x, y)
+            loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return np.array(losses)
+
+
+@pytest.mark.slow
+def test_short_training_run_follows_the_float32_curve():
+    text = (ROOT / "examples" / "data" / "tinyshakespeare.txt").read_text()[:200000]
+    chars = sorted(set(text))
+    data = np.array([chars.index(c) for c in text], dtype=np.int64) % 65
+    m32 = small_model("float32")
+    m16 = small_model("bfloat16", m32.state_dict())
+    c16, c32 = _curve(m16, data, 100), _curve(m32, data, 100)
+    assert c32[-20:].mean() < c32[0] - 1.0             # the run learned
+    assert abs(c16[-20:].mean() - c32[-20:].mean()) < 0.03
+    assert np.abs((c16 - c32).reshape(-1, 10).mean(1)).max() < 0.08
+    assert np.abs(c16 - c32).max() > 1e-6              # the bf16 path ran
+
+
+def test_weights_converted_once_per_step_with_accumulation(monkeypatch):
+    conversions = []
+    original = precision.weight_copy
+
+    def counting(w, convert):
+        return original(w, lambda a: conversions.append(a.shape) or convert(a))
+
+    monkeypatch.setattr(precision, "weight_copy", counting)
+    model = small_model("bfloat16")
+    rng = np.random.default_rng(0)
+    linears = 2 * 4 + 1    # per block c_attn, attn.c_proj, c_fc, mlp.c_proj; and the LM head (wte^T)
+    for step in range(2):
+        with precision.weight_copies():            # what train_step opens around its micro-batches
+            for micro in range(2):
+                _, loss = model(rng.integers(0, 65, (2, 16)), rng.integers(0, 65, (2, 16)))
+                loss.backward()
+        assert len(conversions) == linears * (step + 1)
+
+
+def test_train_cli_in_bfloat16_on_emulation(tmp_path):
+    from tinygrad_llm.data import prepare
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200)
+    prepare(text, tmp_path / "data")
+    args = ["--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"), "--n_layer=1", "--n_head=2",
+            "--n_embd=16", "--block_size=16", "--batch_size=4", "--grad_accum=2", "--eval_interval=4",
+            "--eval_iters=2", "--log_interval=0", "--sample_chars=0", "--dtype=bfloat16", "--max_iters=4"]
+    env = dict(__import__("os").environ, **{precision.EMULATION_ENV: "1"})
+    result = subprocess.run([sys.executable, "-m", "tinygrad_llm.train", *args], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert any((tmp_path / "out").iterdir())
