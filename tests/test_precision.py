@@ -82,13 +82,23 @@ def test_weight_copy_once_per_region_and_per_layout():
         assert precision.current() is None
 
 
-def test_unsupported_reason_says_what_is_missing():
+def test_unsupported_reason_says_what_is_missing(monkeypatch):
+    monkeypatch.delenv(precision.EMULATION_ENV, raising=False)
     assert precision.unsupported_reason("float32", "cpu") is None
     assert precision.unsupported_reason("bfloat16", "cuda") is None
-    lacking = precision.unsupported_reason("bfloat16", "cpu", flags={"avx2", "avx512f"})
-    assert "avx512_bf16 or amx_bf16" in lacking and "lacks" in lacking and "\n" not in lacking
-    having = precision.unsupported_reason("bfloat16", "cpu", flags={"avx512_bf16", "amx_bf16"})
-    assert "not built yet" in having and "avx512_bf16, amx_bf16" in having
+    units, no_units, mkl_missing = {"avx512_bf16", "amx_bf16"}, {"avx2", "avx512f"}, "not found (libmkl_rt.so.3: no such file)"
+    lacking = precision.unsupported_reason("bfloat16", "cpu", flags=no_units, library_reason=None)
+    assert "avx512_bf16 or amx_bf16" in lacking and "lacks" in lacking and "\n" not in lacking and "MKL" not in lacking
+    assert precision.unsupported_reason("bfloat16", "cpu", flags=units, library_reason=None) is None
+    no_mkl = precision.unsupported_reason("bfloat16", "cpu", flags=units, library_reason=mkl_missing)
+    assert "MKL" in no_mkl and "tinygrad_llm[mkl]" in no_mkl and mkl_missing in no_mkl and "lacks" not in no_mkl
+    both = precision.unsupported_reason("bfloat16", "cpu", flags=no_units, library_reason=mkl_missing)
+    assert "lacks" in both and "tinygrad_llm[mkl]" in both and "\n" not in both
+    # the tests' override waives the units, never the library
+    monkeypatch.setenv(precision.EMULATION_ENV, "1")
+    assert precision.unsupported_reason("bfloat16", "cpu", flags=no_units, library_reason=None) is None
+    emulated = precision.unsupported_reason("bfloat16", "cpu", flags=no_units, library_reason=mkl_missing)
+    assert "MKL" in emulated and "lacks" not in emulated
 
 
 def test_unsupported_reason_reads_cpuinfo(tmp_path):
@@ -98,22 +108,43 @@ def test_unsupported_reason_reads_cpuinfo(tmp_path):
     assert precision.cpu_flags(str(tmp_path / "missing")) is None
 
 
-def test_bfloat16_on_the_cpu_is_refused_by_the_model_and_train_config():
-    reason = precision.unsupported_reason("bfloat16", "cpu")
-    assert reason is not None   # no CPU bf16 kernels exist yet, whatever this CPU has
+def test_bfloat16_on_the_cpu_is_refused_by_the_model_and_train_config(monkeypatch):
+    monkeypatch.delenv(precision.EMULATION_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})    # a CPU without bf16 units, whatever this one has
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, dtype="bfloat16"))
-    with pytest.raises(ValueError, match="bfloat16 on the CPU"):
+    with pytest.raises(ValueError, match="bfloat16 on the CPU needs bf16 matrix units"):
         model(np.zeros((1, 4), np.int64))
-    with pytest.raises(ValueError, match="bfloat16 on the CPU"):
+    with pytest.raises(ValueError, match="bfloat16 on the CPU needs bf16 matrix units"):
         TrainConfig(dtype="bfloat16", device="cpu")
     assert TrainConfig(dtype="bfloat16", device="cuda").dtype == "bfloat16"
 
 
-def test_train_cli_refuses_bfloat16_on_the_cpu_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tinygrad_llm.train", "--dtype=bfloat16", "--device", "cpu",
-                             "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)
+def _train_cli(tmp_path, **env):
+    import os
+    env = {k: v for k, v in os.environ.items() if k != precision.EMULATION_ENV} | env
+    return subprocess.run([sys.executable, "-m", "tinygrad_llm.train", "--dtype=bfloat16", "--device", "cpu",
+                           "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def _one_line_refusal(result, tmp_path, *words):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "bfloat16 on the CPU" in lines[0] and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "bfloat16 on the CPU" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert all(word in lines[0] for word in words), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(any(f in (precision.cpu_flags() or ()) for f in precision.CPU_BF16_FLAGS),
+                    reason="this CPU has bf16 units")
+def test_train_cli_refuses_bfloat16_on_a_cpu_without_bf16_units_in_one_line(tmp_path):
+    _one_line_refusal(_train_cli(tmp_path), tmp_path, "bf16 matrix units", "lacks")
+
+
+def test_train_cli_refuses_bfloat16_without_mkl_in_one_line(tmp_path):
+    # TINYGRAD_LLM_MKL names where libmkl_rt is; a path without it is a machine without MKL. With the tests'
+    # override the units are not asked for, so the line names the library alone.
+    missing = str(tmp_path / "libmkl_rt.so.3")
+    result = _train_cli(tmp_path, TINYGRAD_LLM_MKL=missing, **{precision.EMULATION_ENV: "1"})
+    _one_line_refusal(result, tmp_path, "MKL", "tinygrad_llm[mkl]", missing)
+    assert "lacks" not in result.stderr

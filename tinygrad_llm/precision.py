@@ -24,6 +24,7 @@ Nothing here imports a kernel or an array library beyond NumPy: the CPU and GPU 
 unsupported_reason asks the CPU's MKL loader (kernels/cpu/mkl.py), by name, whether MKL's bf16 GEMM loads.
 """
 import contextlib
+import functools
 import importlib
 import os
 
@@ -122,13 +123,15 @@ def round_to_bfloat16(x):
 
 # ---- can this device run it ------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
 def cpu_flags(cpuinfo="/proc/cpuinfo"):
-    """The CPU's feature flags (the first processor's "flags" line), or None where they cannot be read."""
+    """The CPU's feature flags (the first processor's "flags" line), or None where they cannot be read; read
+    once per file (a bfloat16 model asks on every forward)."""
     try:
         with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         return None
     return None
