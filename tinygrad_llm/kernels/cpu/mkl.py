@@ -134,11 +134,23 @@ def gemm(a, b, out, alpha=1.0, beta=0.0, parallel=True):
 
 
 def batched(a, b, out, alpha=1.0, beta=0.0):
-    """gemm for every leading index of 3-D a (L, M, K), b (L, K, N), out (L, M, N), on this thread."""
+    """gemm for every leading index of 3-D a (L, M, K), b (L, K, N), out (L, M, N), on this thread. The
+    operands' layout is read once and each product's addresses are stepped from the first's: attention makes
+    thousands of small products a step: measured 5 us of Python a product against 10.5 when each was a
+    gemm call (on this project's loaded 2-core machine, 1x1x1 products)."""
     fn = _function()
-    for i in range(a.shape[0]):
-        if a.shape[2] == 0:
-            out[i] = 0 if beta == 0 else out[i] * np.float32(beta)
-        elif out.shape[1] and out.shape[2]:
-            _one(fn, a[i], b[i], out[i], alpha, beta)
+    L, M, K = a.shape
+    N = b.shape[2]
+    if L == 0 or M == 0 or N == 0:
+        return out
+    if K == 0:
+        out[...] = 0 if beta == 0 else out * np.float32(beta)
+        return out
+    (ta, lda), (tb, ldb) = _operand(a[0]), _operand(b[0])
+    if out.strides[2] != 4 or out.dtype != np.float32 or b.shape[:2] != (L, K) or out.shape != (L, M, N):
+        raise ValueError(f"bf16 batched GEMM shapes {a.shape} x {b.shape} -> {out.shape}")
+    pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
+    sa, sb, sc, ldc = a.strides[0], b.strides[0], out.strides[0], out.strides[1] // 4
+    for i in range(L):
+        fn(_ROW_MAJOR, ta, tb, M, N, K, alpha, pa + i * sa, lda, pb + i * sb, ldb, beta, pc + i * sc, ldc)
     return out
