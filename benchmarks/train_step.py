@@ -76,6 +76,9 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=positive_int, default=2, help="blocks of steps for each library (default %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16: our bf16 and PyTorch's autocast steps beside both float32 ones (default %(default)s)")
+    parser.add_argument("--no-torch-autocast", action="store_true",
+                        help="bfloat16: leave PyTorch's autocast step out (emulated, it ran at ~1 GFLOP/s here: "
+                             "hours for the 6x384 step)")
     return parser.parse_args(argv)
 
 
@@ -123,6 +126,27 @@ def bf16_peak():
     return 2 * n ** 3 / statistics.median(times[1:]) / 1e9
 
 
+def conversion_ms(step, batch):
+    """One more step, its float32 -> bf16 conversion passes timed (ms, summed over threads): what fusing them
+    into the kernels that write their inputs could save at most."""
+    from tinygrad_llm.kernels.cpu import mixed, mixed_attention
+    spent, originals = [], (mixed._to_bf16_flat, mixed_attention._to_bf16_3d)
+
+    def timed(fn):
+        def run(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            spent.append(time.perf_counter() - t0)
+        return run
+
+    mixed._to_bf16_flat, mixed_attention._to_bf16_3d = (timed(fn) for fn in originals)
+    try:
+        step(*batch)
+    finally:
+        mixed._to_bf16_flat, mixed_attention._to_bf16_3d = originals
+    return sum(spent) * 1e3
+
+
 def refuse_without_bf16_units():
     """None, or the label of emulated figures; exits 1 (one line) where bf16 cannot be measured."""
     reason = precision.unsupported_reason("bfloat16", "cpu")
@@ -149,8 +173,9 @@ def main():
     if args.dtype == "bfloat16":
         model16 = GPT(GPTConfig(vocab_size=VOCAB, dtype="bfloat16", **spec), rng=np.random.default_rng(0))
         steps_by_name = {"ours float32": steps_by_name["ours"], "PyTorch float32": steps_by_name["torch"],
-                         "ours bfloat16": ours_training_step(model16),
-                         "PyTorch autocast bf16": torch_autocast_step(torch_mirror(model))}
+                         "ours bfloat16": ours_training_step(model16)}
+        if not args.no_torch_autocast:
+            steps_by_name["PyTorch autocast bf16"] = torch_autocast_step(torch_mirror(model))
 
     rng = np.random.default_rng(1)
     batches = [(rng.integers(0, VOCAB, (B, T)), rng.integers(0, VOCAB, (B, T))) for _ in range(args.warmup + steps)]
@@ -179,14 +204,18 @@ def main():
               f"{B * T / ms['ours'] * 1e3:,.0f} |")
         return
     peak, flops = bf16_peak(), step_flops(cfg, B, T)
+    convert = conversion_ms(steps_by_name["ours bfloat16"], batches[0])
     if emulated:
         print(f"# {emulated}")
-    print(f"# bf16 GEMM peak here (MKL, 2048^3): {peak:.0f} GFLOP/s; {flops / 1e9:.1f} GFLOP a step")
+    print(f"# bf16 GEMM peak here (MKL, 2048^3): {peak:.0f} GFLOP/s; {flops / 1e9:.1f} GFLOP a step; our bf16 "
+          f"step's float32 -> bf16 conversions: {convert:.1f} ms (summed over threads, one step)")
     print("| config | step | ms/step | GFLOP/s | share of bf16 peak | ratio to PyTorch's same-dtype step |")
     print("|---|---|---|---|---|---|")
     for step_name, other in (("ours float32", "PyTorch float32"), ("PyTorch float32", None),
                              ("ours bfloat16", "PyTorch autocast bf16"), ("PyTorch autocast bf16", None)):
-        ratio = f"{ms[step_name] / ms[other]:.2f}x" if other else ""
+        if step_name not in ms:
+            continue
+        ratio = f"{ms[step_name] / ms[other]:.2f}x" if other in ms else ""
         print(f"| {name} | {step_name}{' (emulated)' if emulated and 'bf' in step_name else ''} | "
               f"{ms[step_name]:.1f} | {flops / ms[step_name] / 1e6:.1f} | {flops / ms[step_name] / 1e6 / peak:.0%} | "
               f"{ratio} |")
