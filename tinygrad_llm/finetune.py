@@ -358,6 +358,18 @@ def _prepare_model(model, args, task):
     return None
 
 
+def _start_output(model, args, task):
+    """Once every input is read and checked: the model made trainable for `task` (LoRA or not), the base's
+    record, and --out begun (the folder and an empty metrics file). Returns (lora, base, out, metrics)."""
+    lora = _prepare_model(model, args, task)
+    base = _base_record(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / METRICS_NAME
+    metrics.write_text("")
+    return lora, base, out, metrics
+
+
 def _base_record(args):
     """Where the run started from; for LoRA what load_run needs to rebuild the frozen weights."""
     if args.reinit:  # the frozen weights are GPT(config, rng=default_rng(seed)): rebuilt from the seed
@@ -412,13 +424,8 @@ def run_classify(args):
                              np.array([ids[label] for label, _ in rows], dtype=np.int64))
     model = GPTClassifier.from_gpt(gpt, len(names), rng=np.random.default_rng(args.seed + 2))
     args.trainable = trainable
-    lora = _prepare_model(model, args, "classify")
-    base = _base_record(args)
     # every input is read and checked: from here on --out is written
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / METRICS_NAME
-    metrics.write_text("")
+    lora, base, out, metrics = _start_output(model, args, "classify")
     pad = pad_id(tokenizer)
     optimizer, lr_at = _make_optimizer(model, args), _schedule(args, len(train_rows))
     n_train = sum(p.size for p in model.parameters())
@@ -488,12 +495,7 @@ def run_instruct(args):
     if long:
         print(f"warning: {long} of {len(train)} examples in {args.data} are longer than {max_length} tokens; "
               f"each was truncated to its first {max_length}", file=sys.stderr)
-    lora = _prepare_model(gpt, args, "instruct")
-    base = _base_record(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / METRICS_NAME
-    metrics.write_text("")
+    lora, base, out, metrics = _start_output(gpt, args, "instruct")
     optimizer, lr_at = _make_optimizer(gpt, args), _schedule(args, len(train))
     n_train = sum(p.size for p in gpt.parameters())
     print(f"instruct: train {len(train)}" + (f", val {len(val)}" if val else "") +

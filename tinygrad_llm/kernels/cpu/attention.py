@@ -23,6 +23,7 @@ from numba import njit
 
 from ...functional import ScaledDotProductAttention
 from . import threads
+from .rows import row_max
 
 CHUNK_BYTES = 4 << 20  # the (chunk, TQ, TK) score buffers; bounded so that they stay near the caches
 ROW_BLOCKS, MIN_ROW_BLOCK = 4, 16  # causal: 4 row blocks of >= 16 rows measured best (fewer BLAS calls vs fewer flops)
@@ -57,14 +58,7 @@ def max_shift_rows(s, r0, r1, kend, first, m):
         for i in range(r0, r1):
             row = s[c, i]
             n = min(kend, i + first)
-            m0, m1, m2, m3 = row[0], row[0], row[0], row[0]  # four chains: the max is not one long dependency
-            j = 0
-            while j + 4 <= n:
-                m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
-                j += 4
-            for jj in range(j, n):
-                m0 = max(m0, row[jj])
-            mx = max(max(m0, m1), max(m2, m3))
+            mx = row_max(row, n)
             for jj in range(n):
                 row[jj] = row[jj] - mx
             for jj in range(n, kend):

@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from ...functional import CrossEntropy
+from .rows import row_max
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
@@ -27,14 +28,7 @@ def shift_rows(x, targets, ignore_index, e, target_shifted):
     N, V = x.shape
     for r in range(N):
         row, out = x[r], e[r]
-        m0, m1, m2, m3 = row[0], row[0], row[0], row[0]  # four chains: the max is not one long dependency
-        j = 0
-        while j + 4 <= V:
-            m0, m1, m2, m3 = max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]), max(m3, row[j + 3])
-            j += 4
-        for jj in range(j, V):
-            m0 = max(m0, row[jj])
-        m = max(max(m0, m1), max(m2, m3))
+        m = row_max(row, V)
         for jj in range(V):
             out[jj] = row[jj] - m
         t = targets[r]
