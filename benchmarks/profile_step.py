@@ -207,7 +207,7 @@ def profile_torch(spec, batches, warmup, steps, model_seed=0):
 
     spec = dict(spec)
     spec.pop("batch_size")
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(len(os.sched_getaffinity(0)))   # the cores this process may use (taskset)
     model = GPT(GPTConfig(vocab_size=VOCAB, **spec), rng=np.random.default_rng(model_seed))
     step = torch_training_step(torch_mirror(model))
 

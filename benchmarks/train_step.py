@@ -13,7 +13,8 @@ measurement of bf16 speed. With TINYGRAD_LLM_CPU_BF16_EMULATION=1 it runs anyway
 as emulated.
 
 The PyTorch model is the mirror from tests/test_model.py, loaded with our initial weights, float32,
-eager. Both use every core (torch.set_num_threads(os.cpu_count()); NumPy's BLAS uses all by default).
+eager. Both use every core this process may run on: torch.set_num_threads(len(os.sched_getaffinity(0))), so
+`taskset -c 0,1` gives both libraries two cores (NumPy's BLAS and our kernel threads follow the same mask).
 The two run in alternating blocks (ours, PyTorch, ours, PyTorch), each block starting with untimed
 warm-up steps: alternating every step would be unfair, as each library's idle threads spin for a while
 after its call and steal the cores from the other's next call. Blocks still spread machine noise over
@@ -164,7 +165,7 @@ def main():
     spec = dict(CONFIGS[args.config])
     B = spec.pop("batch_size")
     steps = args.steps or (20 if args.config == "small" else 5)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(len(os.sched_getaffinity(0)))   # the cores this process may use (taskset)
 
     cfg = GPTConfig(vocab_size=VOCAB, **spec)
     T = cfg.block_size
