@@ -4,8 +4,10 @@
 
 Times, with CUDA events (median of --repeats launches after warm-up), LayerNorm forward and backward
 (kernels/cuda/layer_norm.py), the column sums of a Linear's dout (kernels/cuda/columns.py) against the
-cuBLAS product with a ones vector that computed them before (cublas.sum_rows_cuda), the bf16 conversion of
-dout alone and with the column sums in the same pass, and the 16-byte vector add. Each row prints the
+cuBLAS product with a ones vector (cublas.sum_rows_cuda, what float32 Linear uses), the bf16 conversion of
+dout alone and with the column sums in the same pass (what bf16 Linear uses), and the 16-byte vector add.
+A function of several launches also counts the host's time between them: the step's profile
+(gpu_train.py --profile --by_op) is the figure for kernel time. Each row prints the
 bytes the kernel must read and write and the rate that gives; the floor is those bytes at the card's
 copy bandwidth.
 """

@@ -2,17 +2,15 @@
 
 out = x w + b as one cuBLASLt matmul with the BIAS epilogue (the bias is added to each tile of the
 product before it is stored), as torch's addmm does, instead of a GEMM and then a pass over out reading
-and writing it again. Backward: the op's two GEMMs on the project's own cuBLAS handle (cublas.matmul), which
-a CUDA graph can capture and CuPy's cannot, and db by columns.column_sums (one pass over dout, float32 sums
-even with TF32 on). Anything missing (the library, an algorithm for the shape, a misaligned array) takes the
-op's path.
+and writing it again. Backward: the op's two GEMMs and column sum, on the project's own cuBLAS handle
+(cublas.matmul, cublas.sum_rows_cuda), which a CUDA graph can capture and CuPy's cannot. Anything missing
+(the library, an algorithm for the shape, a misaligned array) takes the op's path.
 """
 import cupy as cp
 import numpy as np
 
 from ...functional import Linear
-from .columns import column_sums
-from .cublas import blas, lt, matmul
+from .cublas import blas, lt, matmul, sum_rows_cuda
 from .runtime import served
 
 
@@ -56,6 +54,6 @@ class LinearCuda:
         # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
         dx = matmul(dout2, w, trans_b=True).reshape(x.shape) if need[0] else None
         dw = matmul(x2, dout2, trans_a=True) if need[1] else None
-        db = column_sums(dout2) if ctx.has_b and need[2] else None
+        db = sum_rows_cuda(dout2) if ctx.has_b and need[2] else None
         return dx, dw, db
 
