@@ -141,6 +141,65 @@ def test_layer_norm_kernel_equals_reference(N, C, affine, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("N,C", [(64 * 256, 384), (4099, 65), (3, 1024)])
+def test_layer_norm_backward_at_model_size_equals_float64(N, C, dtype):
+    """The register-row backward over many rows a warp and many blocks' partials: dx, dw, db against the
+    float64 op on the same input (float32: 1e-4 of the largest, as the sums run over 16384 rows), and
+    the x-not-needed launch gives the same dw, db."""
+    import cupy as cp
+    rng = np.random.default_rng(N + C)
+    x = randn(rng, N, C, dtype=dtype, scale=2) + 1
+    w, b, dout = randn(rng, C, dtype=dtype), randn(rng, C, dtype=dtype), randn(rng, N, C, dtype=dtype)
+    ctx_ref, ctx = Context((True,) * 3), Context((True,) * 3)
+    F.LayerNorm.forward(ctx_ref, cp.asarray(x, np.float64), cp.asarray(w, np.float64), cp.asarray(b, np.float64))
+    ref = F.LayerNorm.backward(ctx_ref, cp.asarray(dout, np.float64))
+    LN = kernels().layer_norm.LayerNormCuda
+    LN.forward(ctx, cp.asarray(x), cp.asarray(w), cp.asarray(b))
+    assert not ctx.reference
+    got = LN.backward(ctx, cp.asarray(dout))
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype and rel_err(g, r) < tol
+    ctx.needs_input_grad = (False, True, True)
+    dx, dw, db = LN.backward(ctx, cp.asarray(dout))
+    assert dx is None and rel_err(dw, got[1]) == 0 and rel_err(db, got[2]) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("N,M", [(1, 1), (7, 33), (64, 384), (300, 1000), (64 * 256, 1152), (20000, 65), (0, 5)])
+def test_column_sums_equal_float64_and_repeat_bit_for_bit(N, M, dtype):
+    import cupy as cp
+    from tinygrad_llm.kernels.cuda import columns
+    rng = np.random.default_rng(N * 7 + M)
+    a = randn(rng, N, M, dtype=dtype) + 0.5
+    d = cp.asarray(a)
+    got = columns.column_sums(d)
+    assert got.shape == (M,) and got.dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 2e-6 * max(1.0, np.sqrt(N))
+    assert rel_err(got, a.astype(np.float64).sum(axis=0)) < tol
+    assert bool((columns.column_sums(d) == got).all())   # no atomics: the same sums in the same order
+    assert rel_err(columns.column_sums(d[:, ::2]), a[:, ::2].astype(np.float64).sum(axis=0)) < tol  # a strided view
+
+
+@pytest.mark.parametrize("N,M", [(5, 3), (64 * 256, 384), (1000, 1536)])
+def test_column_sums_with_bf16_out_write_the_conversion_kernel_bits(N, M):
+    import cupy as cp
+    from tinygrad_llm.kernels.cuda import columns, mixed
+    rng = np.random.default_rng(M)
+    a = (rng.standard_normal((N, M)) * 10.0 ** rng.integers(-5, 5, (N, M))).astype(np.float32)
+    a.flat[:3] = [np.inf, np.nan, -0.0]
+    d = cp.asarray(a)
+    bf = cp.full((N, M), 0xABCD, dtype=np.uint16)
+    sums = columns.column_sums(d, bf16_out=bf)
+    np.testing.assert_array_equal(bf.get(), mixed.to_bf16(d).get())
+    assert bool((cp.isnan(sums[1:2])).all()) and not bool(cp.isnan(sums[3:]).any())
+    finite = np.nan_to_num(a, nan=0.0, posinf=0.0).astype(np.float64)
+    assert rel_err(sums[3:], finite.sum(axis=0)[3:]) < 1e-5
+    with pytest.raises(TypeError, match="bf16_out"):
+        columns.column_sums(d, bf16_out=cp.empty((N, M), dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("V", [1, 13, 65, 1000])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_kernel_equals_reference(V, reduction, dtype):

@@ -207,10 +207,7 @@ class Tensor:
                 continue
             ctx = node._ctx
             input_grads = ctx.backward_fn(ctx, dout)
-            if isinstance(input_grads, list):
-                input_grads = tuple(input_grads)
-            elif not isinstance(input_grads, tuple):
-                input_grads = (input_grads,)
+            input_grads = tuple(input_grads) if isinstance(input_grads, (list, tuple)) else (input_grads,)
             if len(input_grads) != len(ctx.parents):
                 raise RuntimeError(f"{ctx.op_name} backward returned {len(input_grads)} gradient(s) for its "
                                    f"{len(ctx.parents)} input(s); it must return one per input (None where there is none)")
@@ -226,7 +223,9 @@ class Tensor:
                     raise RuntimeError(f"{ctx.op_name} backward gave a gradient of shape {tuple(dparent.shape)} for "
                                        f"input {i}, which has shape {parent.shape}")
                 key = id(parent)
-                grads[key] = dparent if key not in grads else grads[key] + dparent
+                # gradients meeting at one tensor: summed by Add's kernel for the device (the GPU's vector add)
+                grads[key] = dparent if key not in grads else backend.accelerated(Add, grads[key], dparent).forward(
+                    Context((False, False)), grads[key], dparent)
             if not retain_graph:
                 ctx.__dict__ = {"freed": True, "op_name": ctx.op_name}
         # leaves are written last, so an error above leaves every .grad as it was

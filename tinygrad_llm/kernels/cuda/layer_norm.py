@@ -1,11 +1,13 @@
 """LayerNorm on CUDA arrays, one warp a row (op: functional.LayerNorm): forward normalises and applies
-w, b in one pass; backward forms dx in one pass and dw, db from per-block partial sums, added up
-without atomics (deterministic).
+w, b in one pass; backward reads x and dout once (each lane keeps its columns of the row in registers),
+writes dx, and sums dw, db over its rows in registers: per-block partials, added up by columns.column_sums
+without atomics (deterministic). Rows wider than 1024 take the op's own path.
 """
 import cupy as cp
 import numpy as np
 
 from ...functional import LayerNorm
+from .columns import column_sums
 from .runtime import Source, served, warp_rows_launch
 
 _SOURCE = Source(r"""
@@ -33,55 +35,62 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T
     if (lane == 0) { mean[r] = mu; rstd[r] = rs; }
 }
 
-// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dout w. Each block (WARPS warps) takes
-// rows_per_block rows and writes its partial column sums of dout xhat and dout to dw_part/db_part
-// (nblocks, C); the caller sums those over blocks (deterministic: no atomics).
-template<typename T>
-__global__ void layer_norm_backward(const T* dout, const T* x, const T* w, const T* mean, const T* rstd,
-                                    T* dx, T* dw_part, T* db_part, long long N, int C, int rows_per_block,
-                                    int has_w, int need_dx) {
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dout w. One warp a row, lane l holding
+// columns l, l + 32, ... (V of them, C <= 32 V) in registers: x and dout are read once, dx written once. Each
+// warp sums dout xhat and dout over its rows in registers; the block adds its warps' sums in a fixed order and
+// writes them to part[blockIdx.x] = (dw partial (C), db partial (C)); columns.column_sums adds the blocks'.
+template<typename T, int V>
+__global__ void layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
+                                    const T* mean, const T* rstd, T* __restrict__ dx, T* __restrict__ part,
+                                    long long N, int C, int has_w, int need_dx) {
     extern __shared__ unsigned char smem_raw[];
-    T* acc = reinterpret_cast<T*>(smem_raw);          // (warps, 2, C)
+    T* red = reinterpret_cast<T*>(smem_raw);            // (2, C)
     int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    T* acc_w = acc + (long long)warp * 2 * C;
-    T* acc_b = acc_w + C;
-    for (int c = lane; c < C; c += 32) { acc_w[c] = 0; acc_b[c] = 0; }
-    long long first = (long long)blockIdx.x * rows_per_block;
-    long long last = min(first + rows_per_block, N);
-    for (long long r = first + warp; r < last; r += warps) {
-        const T* g = dout + r * C;
-        const T* xr = x + r * C;
-        T mu = mean[r], rs = rstd[r];
-        T s1 = 0, s2 = 0;
-        for (int c = lane; c < C; c += 32) {
-            T xhat = (xr[c] - mu) * rs;
-            T dxhat = has_w ? g[c] * w[c] : g[c];
-            s1 += dxhat; s2 += dxhat * xhat;
-            acc_w[c] += g[c] * xhat;
-            acc_b[c] += g[c];
+    T aw[V], ab[V], wv[V];
+    #pragma unroll
+    for (int k = 0; k < V; k++) {
+        int c = lane + 32 * k;
+        aw[k] = 0; ab[k] = 0;
+        wv[k] = (has_w && c < C) ? w[c] : (T)1;
+    }
+    for (long long r = (long long)blockIdx.x * warps + warp; r < N; r += (long long)gridDim.x * warps) {
+        T xh[V], g[V];
+        T mu = mean[r], rs = rstd[r], s1 = 0, s2 = 0;
+        #pragma unroll
+        for (int k = 0; k < V; k++) {
+            int c = lane + 32 * k;
+            xh[k] = 0; g[k] = 0;
+            if (c < C) { xh[k] = (x[r * C + c] - mu) * rs; g[k] = dout[r * C + c]; }
+            T dxhat = g[k] * wv[k];
+            s1 += dxhat; s2 += dxhat * xh[k];
+            aw[k] += g[k] * xh[k]; ab[k] += g[k];
         }
         if (need_dx) {
             T m1 = warp_sum(s1) / C, m2 = warp_sum(s2) / C;
-            T* d = dx + r * C;
-            for (int c = lane; c < C; c += 32) {
-                T xhat = (xr[c] - mu) * rs;
-                T dxhat = has_w ? g[c] * w[c] : g[c];
-                d[c] = rs * (dxhat - m1 - xhat * m2);
+            #pragma unroll
+            for (int k = 0; k < V; k++) {
+                int c = lane + 32 * k;
+                if (c < C) dx[r * C + c] = rs * (g[k] * wv[k] - m1 - xh[k] * m2);
             }
         }
     }
-    __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        T sw = 0, sb = 0;
-        for (int k = 0; k < warps; k++) { sw += acc[(long long)k * 2 * C + c]; sb += acc[(long long)k * 2 * C + C + c]; }
-        dw_part[(long long)blockIdx.x * C + c] = sw;
-        db_part[(long long)blockIdx.x * C + c] = sb;
+    for (int i = 0; i < warps; i++) {   // warp 0's sums, then warp 1's added, ...: a fixed order
+        if (warp == i) {
+            #pragma unroll
+            for (int k = 0; k < V; k++) {
+                int c = lane + 32 * k;
+                if (c < C) { red[c] = (i ? red[c] : (T)0) + aw[k]; red[C + c] = (i ? red[C + c] : (T)0) + ab[k]; }
+            }
+        }
+        __syncthreads();
     }
+    for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) part[(long long)blockIdx.x * 2 * C + c] = red[c];
 }
-""", ["layer_norm_forward", "layer_norm_backward"])
+""", ["layer_norm_forward"] + [f"layer_norm_backward<{{T}}, {v}>" for v in (1, 2, 4, 8, 12, 16, 24, 32)])
 
-_LN_WARPS = 4
-_LN_ROWS_PER_BLOCK = 64
+_LN_WARPS = 8                # warps a block in backward (rows in flight a block)
+_LN_BLOCKS = 132 * 4         # blocks in backward at most: each warp then takes N / (8 * 528) rows
+_LN_SLOTS = (1, 2, 4, 8, 12, 16, 24, 32)   # the V instances: columns a lane holds (C <= 32 V)
 
 
 class LayerNormCuda:
@@ -90,8 +99,7 @@ class LayerNormCuda:
     @staticmethod
     def forward(ctx, x, w=None, b=None, eps=1e-5):
         C = x.shape[-1]
-        smem = _LN_WARPS * 2 * C * x.dtype.itemsize
-        ctx.reference = not served(x, w, b) or smem > 48 * 1024
+        ctx.reference = not served(x, w, b) or C > 32 * _LN_SLOTS[-1]
         if ctx.reference:
             return LayerNorm.forward(ctx, x, w, b, eps=eps)
         x = cp.ascontiguousarray(x)
@@ -116,16 +124,16 @@ class LayerNormCuda:
         N = x.size // C
         dout = cp.ascontiguousarray(dout)
         need = ctx.needs_input_grad
-        blocks = -(-N // _LN_ROWS_PER_BLOCK)
+        slots = next(v for v in _LN_SLOTS if 32 * v >= C)
+        blocks = max(1, min(-(-N // _LN_WARPS), _LN_BLOCKS))
         dx = cp.empty_like(x) if need[0] else x  # x stands in when dx is not wanted (never written)
-        dw_part = cp.empty((blocks, C), dtype=x.dtype)
-        db_part = cp.empty((blocks, C), dtype=x.dtype)
+        part = cp.empty((blocks, 2 * C), dtype=x.dtype)
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat),  db = sum(dout)
-        _SOURCE("layer_norm_backward", x.dtype)(
+        _SOURCE(f"layer_norm_backward<{{T}}, {slots}>", x.dtype)(
             (blocks,), (32 * _LN_WARPS,),
-            (dout, x, x if w is None else w, ctx.mean, ctx.rstd, dx, dw_part, db_part, np.int64(N), np.int32(C),
-             np.int32(_LN_ROWS_PER_BLOCK), np.int32(w is not None), np.int32(bool(need[0]))),
-            shared_mem=_LN_WARPS * 2 * C * x.dtype.itemsize)
-        dw = dw_part.sum(axis=0) if w is not None and need[1] else None
-        db = db_part.sum(axis=0) if ctx.has_b and need[2] else None
-        return (dx if need[0] else None), dw, db
+            (dout, x, x if w is None else w, ctx.mean, ctx.rstd, dx, part, np.int64(N), np.int32(C),
+             np.int32(w is not None), np.int32(bool(need[0]))),
+            shared_mem=2 * C * x.dtype.itemsize)
+        want_w, want_b = w is not None and need[1], ctx.has_b and need[2]
+        sums = column_sums(part) if want_w or want_b else None
+        return (dx if need[0] else None), (sums[:C] if want_w else None), (sums[C:] if want_b else None)

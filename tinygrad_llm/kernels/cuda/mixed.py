@@ -16,20 +16,13 @@ import cupy as cp
 import numpy as np
 
 from ... import precision
-from ...backend import sum_rows
 from .attention import SelfAttentionCuda, _blocks, _softmax_backward, _softmax_forward
+from .columns import column_sums
 from .gemm_bf16 import bf16_matmul, gemm_heads_bf16
 from .linear import LinearCuda
+from .runtime import HEADER
 
-_SOURCE = r"""
-// float32 -> bf16 bits, rounded to nearest even; NaN stays a (quiet) NaN
-__device__ __forceinline__ unsigned short f32_to_bf16(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
-"""
+_SOURCE = HEADER   # f32_to_bf16 (round to nearest even) is written there once
 
 _VECTOR_SOURCE = _SOURCE + r"""
 // y[i] = bf16(x[i]) for i < n: 4 floats (16 bytes) in, 8 bytes out a thread, then the tail one at a time
@@ -94,7 +87,7 @@ def _matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a=False, trans_b=False, bias=
 class LinearBF16Cuda:
     """functional.Linear with bf16 operands: out = x w + b in one cuBLASLt matmul (bias in the epilogue),
     dx = dout w^T and dw = x^T dout likewise, every sum in float32, every result float32; db = sum(dout)
-    in float32. Saves the bf16 x and w for backward. Anything but float32 takes LinearCuda."""
+    in float32, summed by the pass that converts dout to bf16 (columns.column_sums). Saves the bf16 x and w for backward. Anything but float32 takes LinearCuda."""
 
     @staticmethod
     def forward(ctx, x, w, b=None):
@@ -121,7 +114,12 @@ class LinearBF16Cuda:
         (N, K), M = xb.shape, wb.shape[1]
         dout2 = cp.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
         need = ctx.needs_input_grad
-        dob = to_bf16(dout2)
+        db = None
+        if ctx.has_b and need[2]:   # db = sum(dout) in float32, in the pass that converts dout
+            dob = cp.empty((N, M), dtype=np.uint16)
+            db = column_sums(dout2, bf16_out=dob)
+        else:
+            dob = to_bf16(dout2)
         # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
         dx = dw = None
         if need[0]:
@@ -131,7 +129,6 @@ class LinearBF16Cuda:
         if need[1]:
             dw = cp.empty((K, M), dtype=np.float32)
             _matmul(K, M, N, xb, K, dob, M, dw, M, trans_a=True)
-        db = sum_rows(dout2) if ctx.has_b and need[2] else None
         return dx, dw, db
 
 

@@ -32,6 +32,14 @@ __device__ __forceinline__ double warp_max(double x) {
     return x;
 }
 
+// float32 -> bf16 bits, rounded to nearest even; NaN stays a (quiet) NaN
+__device__ __forceinline__ unsigned short f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
 // Dropout's keep decision for element i under seed: splitmix64 of (seed, i), 24 bits to a uniform u in
 // [0, 1), keep when u >= p. Recomputable from (seed, i): backward draws the forward's mask again. Used by
 // attention's softmax passes and by every dropout kernel, so one seed gives one mask everywhere.
@@ -65,13 +73,19 @@ class Source:
         self.code, self.names, self.modules = HEADER + code, tuple(names), {}
 
     def __call__(self, name, dtype):
-        """The compiled kernel `name` for float or double."""
+        """The compiled kernel `name` (as in `names`) for float or double."""
         ctype = CTYPES[np.dtype(dtype)]
         module = self.modules.get(ctype)
         if module is None:
             module = self.modules[ctype] = cp.RawModule(code=self.code, options=("-std=c++17",),
-                                                        name_expressions=[f"{n}<{ctype}>" for n in self.names])
-        return module.get_function(f"{name}<{ctype}>")
+                                                        name_expressions=[_instance(n, ctype) for n in self.names])
+        return module.get_function(_instance(name, ctype))
+
+
+def _instance(name, ctype):
+    """A kernel's template instance: `name<float>`, or for a name with its own arguments
+    (`kernel<{T}, 8>`), those with {T} the dtype's C type."""
+    return name.format(T=ctype) if "<" in name else f"{name}<{ctype}>"
 
 
 def served(*arrays):
