@@ -1,9 +1,16 @@
 """Attention on CUDA arrays: cuBLAS products around one fused masked-softmax pass each way (ops:
 functional.ScaledDotProductAttention, and SelfAttention on the packed (B, T, 3C) qkv without unpacking).
 
-Two paths (use_flash picks): cuBLAS products around the softmax passes below, keeping the (B, NH, T, T)
-probabilities for backward (fastest at short T), and flash_attention.py, keeping only the output and each
-row's log-sum-exp and recomputing the probabilities in backward (memory linear in T; used from long T on).
+Two paths (use_flash picks): cuBLAS products around the softmax passes below (fastest at short T), and
+flash_attention.py, keeping only the output and each row's log-sum-exp and recomputing the probabilities in
+backward tile by tile (memory linear in T; used from long T on).
+
+What the cuBLAS path keeps for backward (SAVE, SelfAttentionCuda): by default ("lse") only each row's
+log-sum-exp: backward multiplies S = Q K^T again (the same cuBLAS calls on the same inputs) and one fused
+pass rebuilds P = exp(S scale - lse) from it, so no (B, NH, T, T) array outlives its layer's forward or
+backward (two live during one layer's backward). "p" keeps P and redraws Pd = P M / (1 - p) in backward;
+"p+pd" keeps both, as this file did before. ScaledDotProductAttentionCuda (split heads, not the GPT's path)
+always keeps P and Pd.
 
 Attention dropout differs from the NumPy op by design: the op draws its mask with rng.random on the
 host, which would cost more than the whole GPU step. Here each call takes one 63-bit seed from the same
@@ -24,14 +31,40 @@ from .runtime import Source, dropout_seed_args, served, warp_rows_launch
 # allows), "0" (never). The rule, from the H200 (benchmarks/RESULTS.md, "Flash attention"): flash from
 # FLASH_MIN_T positions on with heads up to FLASH_MAX_FAST_HEAD, where it was faster
 # (float32 T=4096: 9.6 ms against 12.2; T=2048 within 10% either way; T <= 1024 and heads of 128 at 2048:
-# the cuBLAS path 17-80% faster); and wherever P, Pd and dS, (B, NH, T, T) each, would take more than
-# FLASH_MEMORY_SHARE of the GPU's memory.
+# the cuBLAS path 17-80% faster); and wherever the (B, NH, T, T) arrays one cuBLAS-path call holds at once
+# (tt_buffers(): 2, or 3 with SAVE "p+pd") would take more than FLASH_MEMORY_SHARE of the GPU's memory.
 FLASH, FLASH_MIN_T, FLASH_MAX_FAST_HEAD, FLASH_MEMORY_SHARE = os.environ.get("TINYGRAD_LLM_FLASH", "auto"), 4096, 64, 0.25
 _device_bytes = {}
 
+# TINYGRAD_LLM_ATTENTION_SAVE (read at import, or set SAVE): what SelfAttentionCuda's cuBLAS path keeps for
+# backward. "lse" (default): the rows' log-sum-exp; backward recomputes S = Q K^T (one more batched GEMM a
+# layer) and rebuilds P and Pd in its softmax pass. "p": P; backward redraws Pd from P and the seed (one
+# more pass a layer with dropout). "p+pd": P and Pd (no recomputation, two (B, NH, T, T) arrays kept a
+# layer). Every choice gives the same numbers to rounding and the same dropout mask (same seed, same hash).
+# Measured on the H200, 6x384 at T=256 (benchmarks/RESULTS.md, "Attention that keeps no probabilities"):
+# "lse" takes the step's peak memory below PyTorch eager's at about the same step time.
+SAVE = os.environ.get("TINYGRAD_LLM_ATTENTION_SAVE", "lse")
+SAVE_CHOICES = ("lse", "p", "p+pd")
 
-def use_flash(B, NH, T, HS, dtype):
-    """True when the flash kernels attend (B, NH, T, HS) heads of `dtype` (see FLASH)."""
+
+def save_mode():
+    """SAVE, checked (a clear error naming the variable for anything else)."""
+    mode = str(SAVE).strip().lower()
+    if mode not in SAVE_CHOICES:
+        raise ValueError(f"TINYGRAD_LLM_ATTENTION_SAVE must be lse, p or p+pd, got {SAVE!r}")
+    return mode
+
+
+def tt_buffers():
+    """How many (B, NH, T, T) arrays one SelfAttentionCuda call on the cuBLAS path holds at its peak (its
+    backward): the transient S and dS with "lse", the kept P and the transient dS with "p", P, Pd and dS
+    with "p+pd"."""
+    return 3 if save_mode() == "p+pd" else 2
+
+
+def use_flash(B, NH, T, HS, dtype, buffers=None):
+    """True when the flash kernels attend (B, NH, T, HS) heads of `dtype` (see FLASH); `buffers`: the
+    (B, NH, T, T) arrays the cuBLAS path would hold at once (default tt_buffers(), SelfAttentionCuda's)."""
     mode = str(FLASH).strip().lower()
     if mode not in ("auto", "1", "0"):
         raise ValueError(f"TINYGRAD_LLM_FLASH must be auto, 1 or 0, got {FLASH!r}")
@@ -42,7 +75,7 @@ def use_flash(B, NH, T, HS, dtype):
     device = cp.cuda.Device().id   # its memory is a device property: no stream work (graph capture is safe)
     if device not in _device_bytes:
         _device_bytes[device] = cp.cuda.runtime.getDeviceProperties(device)["totalGlobalMem"]
-    return 3 * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MEMORY_SHARE * _device_bytes[device]
+    return (tt_buffers() if buffers is None else buffers) * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MEMORY_SHARE * _device_bytes[device]
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
@@ -110,26 +143,73 @@ __global__ void attention_softmax_backward(const T* p, T* dp, long long rows, in
     for (int j = lane; j < n; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;
     for (int j = n + lane; j < TK; j += 32) drow[j] = 0;
 }
-""", ["attention_softmax_forward", "attention_softmax_backward"])
+
+// The backward pass when the forward kept only lse (SAVE "lse"). s: the raw scores q k^T again (only the keys
+// j < n of each row are read: the causal products leave the rest unwritten), overwritten by Pd = P * M
+// (P without dropout), zero beyond n; dp: dO V^T (= dPd), overwritten by dS * scale as in
+// attention_softmax_backward. P = exp(s scale - lse) is the forward's softmax (lse = m + log(sum)), computed
+// twice a row (for the row's dot, then for the writes) rather than stored; so is the mask's hash.
+template<typename T>
+__global__ void attention_softmax_backward_lse(T* s, const T* lse, T* dp, long long rows, int TQ, int TK,
+                                               int offset, T scale, const unsigned long long* seed_ptr,
+                                               unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
+    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    T* srow = s + r * TK;
+    T* drow = dp + r * TK;
+    int n = max(0, min(TK, (int)(r % TQ) + offset + 1));
+    if (has_drop) seed = dropout_seed(seed_ptr, seed);
+    T l = n > 0 ? lse[r] : (T)0, keep_scale = has_drop ? drop_scale : (T)1;
+    T dot = 0;
+    for (int j = lane; j < n; j += 32) {
+        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
+        if (keep) dot += exp(srow[j] * scale - l) * drow[j] * keep_scale;
+    }
+    dot = warp_sum(dot);
+    for (int j = lane; j < n; j += 32) {
+        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
+        T pj = exp(srow[j] * scale - l);
+        T d = keep ? drow[j] * keep_scale : (T)0;
+        srow[j] = keep ? pj * keep_scale : (T)0;
+        drow[j] = pj * (d - dot) * scale;
+    }
+    for (int j = n + lane; j < TK; j += 32) { srow[j] = 0; drow[j] = 0; }
+}
+
+// Pd = P * M (SAVE "p"): the forward's dropped probabilities again from P (n elements) and the seed
+// (element i of P is element i of the hash's index, as in attention_softmax_forward).
+template<typename T>
+__global__ void attention_dropout_probs(const T* p, T* pd, long long n, const unsigned long long* seed_ptr,
+                                        unsigned long long seed, float drop_p, T drop_scale) {
+    seed = dropout_seed(seed_ptr, seed);
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride)
+        pd[i] = dropout_keep(seed, i, drop_p) ? p[i] * drop_scale : (T)0;
+}
+""", ["attention_softmax_forward", "attention_softmax_backward", "attention_softmax_backward_lse",
+      "attention_dropout_probs"])
 
 
-def _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng):
-    """The masked-softmax pass over the raw scores s (..., TQ, TK), in place (s becomes P); returns Pd (P
-    itself without dropout). Keeps in ctx what _softmax_backward needs: scale, causal, the dropout seed."""
+def _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng, keep_p=True):
+    """The masked-softmax pass over the raw scores s (..., TQ, TK), in place; returns (Pd, lse): Pd the
+    dropped probabilities (P itself without dropout), lse (rows,) each row's log-sum-exp of the scaled
+    scores. keep_p: s becomes P and Pd is a new array (with dropout); else s becomes Pd (P is lost). Keeps
+    in ctx what the backward passes need: scale, causal, the dropout seed."""
     T = s.dtype.type
     ctx.scale, ctx.causal = scale, causal
     ctx.drop_p, ctx.drop_scale = np.float32(dropout_p), T(1 / (1 - dropout_p))
     ctx.has_drop = np.int32(dropout_p > 0)
     # a draw of rng, or the step's device seed
     ctx.seed_ptr, ctx.seed = dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0))
-    pd = cp.empty_like(s) if dropout_p > 0 else s
+    pd = cp.empty_like(s) if dropout_p > 0 and keep_p else s
     rows = s.size // TK
     lse = cp.empty(rows, dtype=s.dtype)
     grid, block = warp_rows_launch(rows)
     _SOURCE("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
                                                                 np.int32(TK - TQ if causal else TK), T(scale), pd,
                                                                 ctx.seed_ptr, ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
-    return pd
+    return pd, lse
 
 
 def _softmax_backward(ctx, p, ds, TQ, TK):
@@ -140,6 +220,27 @@ def _softmax_backward(ctx, p, ds, TQ, TK):
                                                                   np.int32(TK - TQ if ctx.causal else TK),
                                                                   ds.dtype.type(ctx.scale), ctx.seed_ptr, ctx.seed, ctx.drop_p,
                                                                   ctx.drop_scale, ctx.has_drop))
+
+
+def _softmax_backward_lse(ctx, s, lse, ds, TQ, TK):
+    """s (..., TQ, TK) = the raw scores again, overwritten by Pd; ds = dPd, overwritten by dS * scale;
+    lse: the forward's (_softmax_forward)."""
+    rows = ds.size // TK
+    grid, block = warp_rows_launch(rows)
+    _SOURCE("attention_softmax_backward_lse", ds.dtype)(grid, block, (s, lse, ds, np.int64(rows), np.int32(TQ),
+                                                                      np.int32(TK), np.int32(TK - TQ if ctx.causal else TK),
+                                                                      ds.dtype.type(ctx.scale), ctx.seed_ptr, ctx.seed,
+                                                                      ctx.drop_p, ctx.drop_scale, ctx.has_drop))
+
+
+def _dropout_probs(ctx, p, out):
+    """out = Pd = P * M (the forward's mask from its seed); P itself (out untouched) without dropout."""
+    if not ctx.has_drop:
+        return p
+    blocks = max(1, min(-(-p.size // 256), 132 * 16))
+    _SOURCE("attention_dropout_probs", p.dtype)((blocks,), (256,), (p, out, np.int64(p.size), ctx.seed_ptr, ctx.seed,
+                                                                  ctx.drop_p, ctx.drop_scale))
+    return out
 
 
 class ScaledDotProductAttentionCuda:
@@ -157,7 +258,7 @@ class ScaledDotProductAttentionCuda:
                                                      dropout_p=dropout_p, rng=rng)
         TQ, TK = q.shape[-2], k.shape[-2]
         ctx.flash = (q.ndim == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-                     and use_flash(*q.shape, q.dtype))
+                     and use_flash(*q.shape, q.dtype, buffers=3))   # keeps P and Pd, and dS in backward
         if ctx.flash:   # (B, NH, T, HS) heads, contiguous
             _draw_seed(ctx, causal, scale, dropout_p, rng)
             ctx.qkv = [cp.ascontiguousarray(a) for a in (q, k, v)]
@@ -169,7 +270,7 @@ class ScaledDotProductAttentionCuda:
                                     causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
             return ctx.y
         s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
-        pd = _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
+        pd, _ = _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
         ctx.q, ctx.k, ctx.v, ctx.p, ctx.pd = q, k, v, s, pd
         return cp.matmul(pd, v)
 
@@ -221,6 +322,10 @@ class SelfAttentionCuda:
     the rest of its rows), so the products do 3/4 of the full flops. The scores are (B, NH, T, T) as in
     ScaledDotProductAttentionCuda, with the same softmax passes, so attention dropout draws the same mask from
     the same seed.
+
+    Kept for backward (SAVE): with "lse" qkv and the rows' log-sum-exp (B*NH*T values); the scores array
+    is freed when forward returns, and backward multiplies S again into a transient array that its softmax
+    pass turns into Pd while it turns dPd into dS. With "p" qkv and P; with "p+pd" qkv, P and Pd.
     """
 
     @staticmethod
@@ -250,13 +355,28 @@ class SelfAttentionCuda:
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * size, C3, *qs, q0 + C * size, C3, *qs,
                         s0 + r0 * T * size, T, *ss, trans_b=True)
-        pd = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng)
+        ctx.save = save_mode()
+        pd, lse = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
         for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, HS, kend, pd.data.ptr + r0 * T * size, T, *ss, q0 + 2 * C * size, C3,
                         *qs, y.data.ptr + r0 * C * size, C, *ys)
-        ctx.qkv, ctx.p, ctx.pd, ctx.n_head = qkv, s, pd, NH
+        ctx.qkv, ctx.n_head = qkv, NH
+        if ctx.save == "lse":
+            ctx.lse = lse
+        else:
+            ctx.p, ctx.pd = s, (pd if ctx.save == "p+pd" else None)
         return y
+
+    @staticmethod
+    def _scores(ctx, qkv, s, B, NH, T, C, HS):
+        """s = Q K^T again (the forward's products on the same blocks)."""
+        C3, dtype, size = 3 * C, qkv.dtype, qkv.dtype.itemsize
+        q0, s0, qs, ss = qkv.data.ptr, s.data.ptr, (T * C3, HS), (NH * T * T, T * T)
+        for r0, r1 in _blocks(T, ctx.causal):
+            kend = r1 if ctx.causal else T
+            gemm_heads(dtype, B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * size, C3, *qs, q0 + C * size, C3, *qs,
+                       s0 + r0 * T * size, T, *ss, trans_b=True)
 
     @staticmethod
     def backward(ctx, dout):
@@ -266,28 +386,43 @@ class SelfAttentionCuda:
             return flash_attention.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
                                                            ctx.causal, ctx.scale, ctx.seed, ctx.drop_p,
                                                            seed_ptr=ctx.seed_ptr)
-        qkv, p, pd, NH, causal = ctx.qkv, ctx.p, ctx.pd, ctx.n_head, ctx.causal
+        qkv, NH, causal = ctx.qkv, ctx.n_head, ctx.causal
         dout = cp.ascontiguousarray(dout)
         B, T, C3 = qkv.shape
         C = C3 // 3
         HS = C // NH
         dtype, size = qkv.dtype, qkv.dtype.itemsize
-        q0, d0, pd0 = qkv.data.ptr, dout.data.ptr, pd.data.ptr
+        q0, d0 = qkv.data.ptr, dout.data.ptr
         dqkv = cp.empty_like(qkv)
-        ds = cp.empty_like(p)
+        ds = cp.empty((B, NH, T, T), dtype=dtype)
         g0, ds0, blocks = dqkv.data.ptr, ds.data.ptr, _blocks(T, causal)
         qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
-        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q;
-        # causal: keys [k0, k1) are seen only by rows [k0, T), so dV and dK of that key block sum over those rows
-        for k0, k1 in blocks:
-            first = k0 if causal else 0
-            gemm_heads(dtype, B, NH, k1 - k0, HS, T - first, pd0 + (first * T + k0) * size, T, *ss,
-                        d0 + first * C * size, C, *ys, g0 + (k0 * C3 + 2 * C) * size, C3, *qs, trans_a=True)   # dV
-        for r0, r1 in blocks:
-            kend = r1 if causal else T
-            gemm_heads(dtype, B, NH, r1 - r0, kend, HS, d0 + r0 * C * size, C, *ys, q0 + 2 * C * size, C3, *qs,
-                        ds0 + r0 * T * size, T, *ss, trans_b=True)                                           # dPd
-        _softmax_backward(ctx, p, ds, T, T)
+
+        def dv(pd):   # causal: keys [k0, k1) are seen only by rows [k0, T), so dV of that key block sums over those
+            for k0, k1 in blocks:
+                first = k0 if causal else 0
+                gemm_heads(dtype, B, NH, k1 - k0, HS, T - first, pd.data.ptr + (first * T + k0) * size, T, *ss,
+                           d0 + first * C * size, C, *ys, g0 + (k0 * C3 + 2 * C) * size, C3, *qs, trans_a=True)
+
+        def dpd():
+            for r0, r1 in blocks:
+                kend = r1 if causal else T
+                gemm_heads(dtype, B, NH, r1 - r0, kend, HS, d0 + r0 * C * size, C, *ys, q0 + 2 * C * size, C3, *qs,
+                           ds0 + r0 * T * size, T, *ss, trans_b=True)
+
+        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
+        if ctx.save == "lse":   # S again; one pass: S -> Pd (P = exp(S scale - lse)), dPd -> dS
+            s = cp.empty_like(ds)
+            SelfAttentionCuda._scores(ctx, qkv, s, B, NH, T, C, HS)
+            dpd()
+            _softmax_backward_lse(ctx, s, ctx.lse, ds, T, T)
+            dv(s)
+            del s
+        else:                   # Pd kept, or drawn again from P into ds before dPd overwrites it
+            p = ctx.p
+            dv(ctx.pd if ctx.save == "p+pd" else _dropout_probs(ctx, p, ds))
+            dpd()
+            _softmax_backward(ctx, p, ds, T, T)
         for r0, r1 in blocks:
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, HS, kend, ds0 + r0 * T * size, T, *ss, q0 + C * size, C3, *qs,

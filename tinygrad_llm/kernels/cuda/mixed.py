@@ -17,7 +17,8 @@ import numpy as np
 
 from ... import precision
 from ...backend import sum_rows
-from .attention import SelfAttentionCuda, _blocks, _softmax_backward, _softmax_forward
+from .attention import (SelfAttentionCuda, _blocks, _dropout_probs, _softmax_backward, _softmax_backward_lse,
+                        _softmax_forward, save_mode)
 from .gemm_bf16 import bf16_matmul, gemm_heads_bf16
 from .linear import LinearCuda
 
@@ -147,7 +148,9 @@ class SelfAttentionBF16Cuda:
     """functional.SelfAttention on the packed (B, T, 3C) qkv with bf16 products and float32 softmax: as
     SelfAttentionCuda (the same blocks, the same softmax passes and dropout mask), with q k v, P and dS
     rounded to bf16 for the four products (each one batched GEMM over every (batch, head) pair, float32
-    sums, float32 results). Saves the bf16 qkv and P (and the float32 P the softmax backward reads)."""
+    sums, float32 results). Saves the bf16 qkv and, as attention.SAVE says, the rows' log-sum-exp ("lse":
+    backward multiplies the same bf16 q k^T again), or the float32 P ("p"), or the float32 P and the bf16
+    Pd ("p+pd")."""
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -167,41 +170,69 @@ class SelfAttentionBF16Cuda:
             kend = r1 if causal else T
             _heads(B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * 2, C3, qs, q0 + C * 2, C3, qs, s0 + r0 * T * 4, T, ss,
                    trans_b=True)
-        pd = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng)
+        ctx.save = save_mode()
+        pd, lse = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
         pdb = to_bf16(pd)
+        del pd
         for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
             kend = r1 if causal else T
             _heads(B, NH, r1 - r0, HS, kend, pdb.data.ptr + r0 * T * 2, T, ss, q0 + 2 * C * 2, C3, qs,
                    y.data.ptr + r0 * C * 4, C, ys)
-        ctx.qb, ctx.p, ctx.pdb, ctx.n_head = qb, s, pdb, NH
+        ctx.qb, ctx.n_head = qb, NH
+        if ctx.save == "lse":
+            ctx.lse = lse
+        else:
+            ctx.p, ctx.pdb = s, (pdb if ctx.save == "p+pd" else None)
         return y
 
     @staticmethod
     def backward(ctx, dout):
         if ctx.reference:
             return SelfAttentionCuda.backward(ctx, dout)
-        qb, p, pdb, NH, causal = ctx.qb, ctx.p, ctx.pdb, ctx.n_head, ctx.causal
+        qb, NH, causal = ctx.qb, ctx.n_head, ctx.causal
         B, T, C3 = qb.shape
         C = C3 // 3
         HS = C // NH
         dob = to_bf16(cp.ascontiguousarray(dout, dtype=np.float32))
-        q0, d0, pd0 = qb.data.ptr, dob.data.ptr, pdb.data.ptr
+        q0, d0 = qb.data.ptr, dob.data.ptr
         dqkv = cp.empty((B, T, C3), dtype=np.float32)
-        ds = cp.empty_like(p)
+        ds = cp.empty((B, NH, T, T), dtype=np.float32)
         g0, ds0, blocks = dqkv.data.ptr, ds.data.ptr, _blocks(T, causal)
         qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
-        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q;
-        # causal: keys [k0, k1) are seen only by rows [k0, T), so dV and dK of that key block sum over those rows
-        for k0, k1 in blocks:
-            first = k0 if causal else 0
-            _heads(B, NH, k1 - k0, HS, T - first, pd0 + (first * T + k0) * 2, T, ss, d0 + first * C * 2, C, ys,
-                   g0 + (k0 * C3 + 2 * C) * 4, C3, qs, trans_a=True)                                       # dV
-        for r0, r1 in blocks:
-            kend = r1 if causal else T
-            _heads(B, NH, r1 - r0, kend, HS, d0 + r0 * C * 2, C, ys, q0 + 2 * C * 2, C3, qs, ds0 + r0 * T * 4, T, ss,
-                   trans_b=True)                                                                           # dPd
-        _softmax_backward(ctx, p, ds, T, T)
+
+        def dv(pdb):   # causal: keys [k0, k1) are seen only by rows [k0, T), so dV of that key block sums over those
+            for k0, k1 in blocks:
+                first = k0 if causal else 0
+                _heads(B, NH, k1 - k0, HS, T - first, pdb.data.ptr + (first * T + k0) * 2, T, ss, d0 + first * C * 2,
+                       C, ys, g0 + (k0 * C3 + 2 * C) * 4, C3, qs, trans_a=True)
+
+        def dpd():
+            for r0, r1 in blocks:
+                kend = r1 if causal else T
+                _heads(B, NH, r1 - r0, kend, HS, d0 + r0 * C * 2, C, ys, q0 + 2 * C * 2, C3, qs, ds0 + r0 * T * 4, T,
+                       ss, trans_b=True)
+
+        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
+        if ctx.save == "lse":   # the same bf16 q k^T again; one pass: S -> Pd, dPd -> dS
+            s = cp.empty_like(ds)
+            for r0, r1 in blocks:
+                kend = r1 if causal else T
+                _heads(B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * 2, C3, qs, q0 + C * 2, C3, qs, s.data.ptr + r0 * T * 4,
+                       T, ss, trans_b=True)
+            dpd()
+            _softmax_backward_lse(ctx, s, ctx.lse, ds, T, T)
+            pdb = to_bf16(s)
+            del s
+            dv(pdb)
+        else:                   # bf16 Pd kept, or drawn again from the float32 P into ds before dPd overwrites it
+            p = ctx.p
+            pdb = ctx.pdb if ctx.save == "p+pd" else to_bf16(_dropout_probs(ctx, p, ds))
+            dv(pdb)
+            dpd()
+            _softmax_backward(ctx, p, ds, T, T)
+        del pdb
         dsb = to_bf16(ds)
+        del ds
         s0 = dsb.data.ptr
         for r0, r1 in blocks:
             kend = r1 if causal else T
