@@ -83,6 +83,43 @@ def _draw_seed(ctx, causal, scale, dropout_p, rng):
     ctx.causal, ctx.scale, ctx.drop_p, (ctx.seed_ptr, ctx.seed) = causal, scale, dropout_p, (
         dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0)))
 
+# C: one row of the backward pass from lse (also compiled by mixed.py, for bf16 outputs)
+LSE_BACKWARD_ROW = r"""
+// The backward pass when the forward kept only lse (SAVE "lse"), row r. s: the raw scores q k^T again (only
+// the keys j < n of each row are read: the causal products leave the rest unwritten); dp: dO V^T (= dPd).
+// Writes pd = Pd = P * M (P without dropout) and ds = dS * scale as in attention_softmax_backward, both 0
+// beyond n, through store() (O = T: in place over s and dp; mixed.py: bf16 bits). P = exp(s scale - lse) is
+// the forward's softmax (lse = m + log(sum)), computed twice a row (for the row's dot, then for the writes)
+// rather than stored; so is the mask's hash.
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+template<typename T, typename O>
+__device__ __forceinline__ void lse_backward_row(const T* s, const T* lse, const T* dp, O* pd, O* ds, long long r,
+                                                 int lane, int TQ, int TK, int offset, T scale,
+                                                 unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
+    const T* srow = s + r * TK;
+    const T* drow = dp + r * TK;
+    O* prow = pd + r * TK;
+    O* dsrow = ds + r * TK;
+    int n = max(0, min(TK, (int)(r % TQ) + offset + 1));
+    T l = n > 0 ? lse[r] : (T)0, keep_scale = has_drop ? drop_scale : (T)1;
+    T dot = 0;
+    for (int j = lane; j < n; j += 32) {
+        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
+        if (keep) dot += exp(srow[j] * scale - l) * drow[j] * keep_scale;
+    }
+    dot = warp_sum(dot);
+    for (int j = lane; j < n; j += 32) {
+        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
+        T pj = exp(srow[j] * scale - l);
+        T d = keep ? drow[j] * keep_scale : (T)0;
+        store(prow + j, keep ? pj * keep_scale : (T)0);
+        store(dsrow + j, pj * (d - dot) * scale);
+    }
+    for (int j = n + lane; j < TK; j += 32) { store(prow + j, (T)0); store(dsrow + j, (T)0); }
+}
+"""
+
 _SOURCE = Source(r"""
 // s: (rows, TK) raw scores q k^T, overwritten by P; lse: (rows,). Row r is query i = r % TQ, which
 // sees keys j < min(TK, i + offset + 1) (offset = TK - TQ when causal, TK when not). One warp a row.
@@ -144,37 +181,16 @@ __global__ void attention_softmax_backward(const T* p, T* dp, long long rows, in
     for (int j = n + lane; j < TK; j += 32) drow[j] = 0;
 }
 
-// The backward pass when the forward kept only lse (SAVE "lse"). s: the raw scores q k^T again (only the keys
-// j < n of each row are read: the causal products leave the rest unwritten), overwritten by Pd = P * M
-// (P without dropout), zero beyond n; dp: dO V^T (= dPd), overwritten by dS * scale as in
-// attention_softmax_backward. P = exp(s scale - lse) is the forward's softmax (lse = m + log(sum)), computed
-// twice a row (for the row's dot, then for the writes) rather than stored; so is the mask's hash.
+""" + LSE_BACKWARD_ROW + r"""
+// s overwritten by Pd, dp by dS * scale (lse_backward_row in place). One warp a row.
 template<typename T>
 __global__ void attention_softmax_backward_lse(T* s, const T* lse, T* dp, long long rows, int TQ, int TK,
                                                int offset, T scale, const unsigned long long* seed_ptr,
                                                unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
     long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
     if (r >= rows) return;
-    T* srow = s + r * TK;
-    T* drow = dp + r * TK;
-    int n = max(0, min(TK, (int)(r % TQ) + offset + 1));
     if (has_drop) seed = dropout_seed(seed_ptr, seed);
-    T l = n > 0 ? lse[r] : (T)0, keep_scale = has_drop ? drop_scale : (T)1;
-    T dot = 0;
-    for (int j = lane; j < n; j += 32) {
-        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
-        if (keep) dot += exp(srow[j] * scale - l) * drow[j] * keep_scale;
-    }
-    dot = warp_sum(dot);
-    for (int j = lane; j < n; j += 32) {
-        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
-        T pj = exp(srow[j] * scale - l);
-        T d = keep ? drow[j] * keep_scale : (T)0;
-        srow[j] = keep ? pj * keep_scale : (T)0;
-        drow[j] = pj * (d - dot) * scale;
-    }
-    for (int j = n + lane; j < TK; j += 32) { srow[j] = 0; drow[j] = 0; }
+    lse_backward_row(s, lse, dp, s, dp, r, threadIdx.x & 31, TQ, TK, offset, scale, seed, drop_p, drop_scale, has_drop);
 }
 
 // Pd = P * M (SAVE "p"): the forward's dropped probabilities again from P (n elements) and the seed

@@ -17,10 +17,10 @@ import numpy as np
 
 from ... import precision
 from ...backend import sum_rows
-from .attention import (SelfAttentionCuda, _blocks, _dropout_probs, _softmax_backward, _softmax_backward_lse,
-                        _softmax_forward, save_mode)
+from .attention import LSE_BACKWARD_ROW, SelfAttentionCuda, _blocks, _dropout_probs, _softmax_backward, _softmax_forward, save_mode
 from .gemm_bf16 import bf16_matmul, gemm_heads_bf16
 from .linear import LinearCuda
+from .runtime import HEADER, warp_rows_launch
 
 _SOURCE = r"""
 // float32 -> bf16 bits, rounded to nearest even; NaN stays a (quiet) NaN
@@ -47,6 +47,40 @@ extern "C" __global__ void to_bf16_v(const float* __restrict__ x, unsigned short
         y[i] = f32_to_bf16(x[i]);
 }
 """
+
+# attention's backward pass from lse (SAVE "lse") writing Pd and dS straight as bf16 bits: no float32 Pd and
+# no conversion passes over the (B, NH, T, T) arrays
+_LSE_SOURCE = HEADER + _SOURCE + r"""
+__device__ __forceinline__ void store(unsigned short* p, float v) { *p = f32_to_bf16(v); }
+""" + LSE_BACKWARD_ROW + r"""
+// s: q k^T again, dp: dO V^T (float32, (rows, TK)); pdb = bf16(Pd), dsb = bf16(dS * scale). One warp a row.
+extern "C" __global__ void attention_softmax_backward_lse_bf16(
+        const float* s, const float* lse, const float* dp, unsigned short* pdb, unsigned short* dsb, long long rows,
+        int TQ, int TK, int offset, float scale, const unsigned long long* seed_ptr, unsigned long long seed,
+        float drop_p, float drop_scale, int has_drop) {
+    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    if (r >= rows) return;
+    if (has_drop) seed = dropout_seed(seed_ptr, seed);
+    lse_backward_row(s, lse, dp, pdb, dsb, r, threadIdx.x & 31, TQ, TK, offset, scale, seed, drop_p, drop_scale,
+                     has_drop);
+}
+"""
+_lse_module = None
+
+
+def _softmax_backward_lse_bf16(ctx, s, lse, dp, T):
+    """(bf16 Pd, bf16 dS * scale), (B, NH, T, T) uint16 each, from the float32 scores s again and dPd (dp)."""
+    global _lse_module
+    if _lse_module is None:
+        _lse_module = cp.RawModule(code=_LSE_SOURCE, options=("-std=c++17",))
+    pdb, dsb = cp.empty(s.shape, dtype=np.uint16), cp.empty(s.shape, dtype=np.uint16)
+    rows = s.size // T
+    grid, block = warp_rows_launch(rows)
+    _lse_module.get_function("attention_softmax_backward_lse_bf16")(
+        grid, block, (s, lse, dp, pdb, dsb, np.int64(rows), np.int32(T), np.int32(T), np.int32(0 if ctx.causal else T),
+                      np.float32(ctx.scale), ctx.seed_ptr, ctx.seed, ctx.drop_p, np.float32(ctx.drop_scale), ctx.has_drop))
+    return pdb, dsb
+
 
 _module = None
 _to_bf16_any = cp.ElementwiseKernel("float32 x", "uint16 y", "y = f32_to_bf16(x);", "tinygrad_llm_to_bf16",
@@ -213,16 +247,15 @@ class SelfAttentionBF16Cuda:
                        ss, trans_b=True)
 
         # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
-        if ctx.save == "lse":   # the same bf16 q k^T again; one pass: S -> Pd, dPd -> dS
+        if ctx.save == "lse":   # the same bf16 q k^T again; one pass: S, dPd -> bf16 Pd, bf16 dS
             s = cp.empty_like(ds)
             for r0, r1 in blocks:
                 kend = r1 if causal else T
                 _heads(B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * 2, C3, qs, q0 + C * 2, C3, qs, s.data.ptr + r0 * T * 4,
                        T, ss, trans_b=True)
             dpd()
-            _softmax_backward_lse(ctx, s, ctx.lse, ds, T, T)
-            pdb = to_bf16(s)
-            del s
+            pdb, dsb = _softmax_backward_lse_bf16(ctx, s, ctx.lse, ds, T)
+            del s, ds
             dv(pdb)
         else:                   # bf16 Pd kept, or drawn again from the float32 P into ds before dPd overwrites it
             p = ctx.p
@@ -230,9 +263,9 @@ class SelfAttentionBF16Cuda:
             dv(pdb)
             dpd()
             _softmax_backward(ctx, p, ds, T, T)
+            dsb = to_bf16(ds)
+            del ds
         del pdb
-        dsb = to_bf16(ds)
-        del ds
         s0 = dsb.data.ptr
         for r0, r1 in blocks:
             kend = r1 if causal else T
