@@ -8,8 +8,9 @@ in CuPy 14, and nothing here needs more than storage: every arithmetic step on b
 Where bf16 lives: only as the products' operands. The autograd's tensors (activations, gradients) stay
 float32, so LayerNorm, softmax, GELU, dropout and the loss run their float32 kernels unchanged, and no
 gradient is rounded before it is summed. The price is one conversion pass over each product's float32
-input (x forward, dout backward, attention's P and dS). What a bf16 product saves for backward is its bf16
-operand (x, q k v, P), half the bytes of the float32 input it replaces. Weights are converted once per
+input (x forward, dout backward, attention's Pd in forward; attention's backward pass writes its Pd and dS as
+bf16 itself). What a bf16 product saves for backward is its bf16 operand (x, q k v), half the bytes of the
+float32 input it replaces; attention keeps no (T, T) array by default (attention.SAVE). Weights are converted once per
 precision.weight_copies region (precision.weight_copy), not once per use.
 """
 import cupy as cp
