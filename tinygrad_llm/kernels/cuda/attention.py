@@ -1,9 +1,9 @@
 """Attention on CUDA arrays: cuBLAS products around one fused masked-softmax pass each way (ops:
 functional.ScaledDotProductAttention, and SelfAttention on the packed (B, T, 3C) qkv without unpacking).
 
-Two paths (use_flash picks): cuBLAS products around the softmax passes below (fastest at short T), and
-flash_attention.py, keeping only the output and each row's log-sum-exp and recomputing the probabilities in
-backward tile by tile (memory linear in T; used from long T on).
+Two paths (use_flash picks): cuBLAS products around the softmax passes of attention_softmax.py (fastest at
+short T), and flash_attention.py, keeping only the output and each row's log-sum-exp and recomputing the
+probabilities in backward tile by tile (memory linear in T; used from long T on).
 
 What the cuBLAS path keeps for backward (SAVE, SelfAttentionCuda): by default ("lse") only each row's
 log-sum-exp: backward multiplies S = Q K^T again (the same cuBLAS calls on the same inputs) and one fused
@@ -24,8 +24,9 @@ import numpy as np
 
 from ...functional import ScaledDotProductAttention, SelfAttention
 from . import flash_attention
+from .attention_softmax import dropout_probs, softmax_backward, softmax_backward_lse, softmax_forward
 from .cublas import gemm_heads
-from .runtime import Source, dropout_seed_args, served, warp_rows_launch
+from .runtime import dropout_seed_args, served
 
 # TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash wherever the head size
 # allows), "0" (never). The rule, from the H200 (benchmarks/RESULTS.md, "Flash attention"): flash from
@@ -79,185 +80,9 @@ def use_flash(B, NH, T, HS, dtype, buffers=None):
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
-    """The flash path's attributes; the seed drawn as _softmax_forward draws it (a device seed in a step)."""
+    """The flash path's attributes; the seed drawn as softmax_forward draws it (a device seed in a step)."""
     ctx.causal, ctx.scale, ctx.drop_p, (ctx.seed_ptr, ctx.seed) = causal, scale, dropout_p, (
         dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0)))
-
-# C: one row of the backward pass from lse (also compiled by mixed.py, for bf16 outputs)
-LSE_BACKWARD_ROW = r"""
-// The backward pass when the forward kept only lse (SAVE "lse"), row r. s: the raw scores q k^T again (only
-// the keys j < n of each row are read: the causal products leave the rest unwritten); dp: dO V^T (= dPd).
-// Writes pd = Pd = P * M (P without dropout) and ds = dS * scale as in attention_softmax_backward, both 0
-// beyond n, through store() (O = T: in place over s and dp; mixed.py: bf16 bits). P = exp(s scale - lse) is
-// the forward's softmax (lse = m + log(sum)), computed twice a row (for the row's dot, then for the writes)
-// rather than stored; so is the mask's hash.
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-template<typename T, typename O>
-__device__ __forceinline__ void lse_backward_row(const T* s, const T* lse, const T* dp, O* pd, O* ds, long long r,
-                                                 int lane, int TQ, int TK, int offset, T scale,
-                                                 unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
-    const T* srow = s + r * TK;
-    const T* drow = dp + r * TK;
-    O* prow = pd + r * TK;
-    O* dsrow = ds + r * TK;
-    int n = max(0, min(TK, (int)(r % TQ) + offset + 1));
-    T l = n > 0 ? lse[r] : (T)0, keep_scale = has_drop ? drop_scale : (T)1;
-    T dot = 0;
-    for (int j = lane; j < n; j += 32) {
-        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
-        if (keep) dot += exp(srow[j] * scale - l) * drow[j] * keep_scale;
-    }
-    dot = warp_sum(dot);
-    for (int j = lane; j < n; j += 32) {
-        bool keep = !has_drop || dropout_keep(seed, r * TK + j, drop_p);
-        T pj = exp(srow[j] * scale - l);
-        T d = keep ? drow[j] * keep_scale : (T)0;
-        store(prow + j, keep ? pj * keep_scale : (T)0);
-        store(dsrow + j, pj * (d - dot) * scale);
-    }
-    for (int j = n + lane; j < TK; j += 32) { store(prow + j, (T)0); store(dsrow + j, (T)0); }
-}
-"""
-
-_SOURCE = Source(r"""
-// s: (rows, TK) raw scores q k^T, overwritten by P; lse: (rows,). Row r is query i = r % TQ, which
-// sees keys j < min(TK, i + offset + 1) (offset = TK - TQ when causal, TK when not). One warp a row.
-// With has_drop, pd (rows, TK) also gets P * M, M = keep(seed, r TK + j) / (1 - drop_p) (attention dropout).
-template<typename T>
-__global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, int TK, int offset, T scale,
-                                          T* pd, const unsigned long long* seed_ptr, unsigned long long seed,
-                                          float drop_p, T drop_scale, int has_drop) {
-    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    T* row = s + r * TK;
-    T* drow = pd + r * TK;
-    int n = min(TK, (int)(r % TQ) + offset + 1);
-    if (has_drop) seed = dropout_seed(seed_ptr, seed);
-    if (n <= 0) {  // a query with no allowed key: zeros (as the reference)
-        for (int j = lane; j < TK; j += 32) { row[j] = 0; if (has_drop) drow[j] = 0; }
-        if (lane == 0) lse[r] = NEG_INF;
-        return;
-    }
-    T m = NEG_INF;
-    for (int j = lane; j < n; j += 32) m = max(m, row[j] * scale);
-    m = warp_max(m);
-    T total = 0;
-    for (int j = lane; j < n; j += 32) { T e = exp(row[j] * scale - m); row[j] = e; total += e; }
-    total = warp_sum(total);
-    for (int j = lane; j < n; j += 32) {
-        T pj = row[j] / total;
-        row[j] = pj;
-        if (has_drop) drow[j] = dropout_keep(seed, r * TK + j, drop_p) ? pj * drop_scale : (T)0;
-    }
-    for (int j = n + lane; j < TK; j += 32) { row[j] = 0; if (has_drop) drow[j] = 0; }
-    if (lane == 0) lse[r] = m + log(total);
-}
-
-// p: probabilities (rows, TK); dp: dO V^T (= dPd), overwritten by dS * scale = P (dP - rowsum(P dP)) scale,
-// where dP = dPd * M with has_drop (the forward's mask, recomputed from its seed), else dPd.
-// Only the keys j < n that row r may see are read (P is 0 beyond them, and the products may have left
-// dp unwritten there: SelfAttentionCuda skips the causal upper blocks); dS is 0 beyond them.
-template<typename T>
-__global__ void attention_softmax_backward(const T* p, T* dp, long long rows, int TQ, int TK, int offset, T scale,
-                                           const unsigned long long* seed_ptr, unsigned long long seed,
-                                           float drop_p, T drop_scale, int has_drop) {
-    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    const T* prow = p + r * TK;
-    T* drow = dp + r * TK;
-    int n = max(0, min(TK, (int)(r % TQ) + offset + 1));
-    if (has_drop) seed = dropout_seed(seed_ptr, seed);
-    T dot = 0;
-    for (int j = lane; j < n; j += 32) {
-        T d = drow[j];
-        if (has_drop) { d = dropout_keep(seed, r * TK + j, drop_p) ? d * drop_scale : (T)0; drow[j] = d; }
-        dot += prow[j] * d;
-    }
-    dot = warp_sum(dot);
-    for (int j = lane; j < n; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;
-    for (int j = n + lane; j < TK; j += 32) drow[j] = 0;
-}
-
-""" + LSE_BACKWARD_ROW + r"""
-// s overwritten by Pd, dp by dS * scale (lse_backward_row in place). One warp a row.
-template<typename T>
-__global__ void attention_softmax_backward_lse(T* s, const T* lse, T* dp, long long rows, int TQ, int TK,
-                                               int offset, T scale, const unsigned long long* seed_ptr,
-                                               unsigned long long seed, float drop_p, T drop_scale, int has_drop) {
-    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    if (r >= rows) return;
-    if (has_drop) seed = dropout_seed(seed_ptr, seed);
-    lse_backward_row(s, lse, dp, s, dp, r, threadIdx.x & 31, TQ, TK, offset, scale, seed, drop_p, drop_scale, has_drop);
-}
-
-// Pd = P * M (SAVE "p"): the forward's dropped probabilities again from P (n elements) and the seed
-// (element i of P is element i of the hash's index, as in attention_softmax_forward).
-template<typename T>
-__global__ void attention_dropout_probs(const T* p, T* pd, long long n, const unsigned long long* seed_ptr,
-                                        unsigned long long seed, float drop_p, T drop_scale) {
-    seed = dropout_seed(seed_ptr, seed);
-    long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride)
-        pd[i] = dropout_keep(seed, i, drop_p) ? p[i] * drop_scale : (T)0;
-}
-""", ["attention_softmax_forward", "attention_softmax_backward", "attention_softmax_backward_lse",
-      "attention_dropout_probs"])
-
-
-def _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng, keep_p=True):
-    """The masked-softmax pass over the raw scores s (..., TQ, TK), in place; returns (Pd, lse): Pd the
-    dropped probabilities (P itself without dropout), lse (rows,) each row's log-sum-exp of the scaled
-    scores. keep_p: s becomes P and Pd is a new array (with dropout); else s becomes Pd (P is lost). Keeps
-    in ctx what the backward passes need: scale, causal, the dropout seed."""
-    T = s.dtype.type
-    ctx.scale, ctx.causal = scale, causal
-    ctx.drop_p, ctx.drop_scale = np.float32(dropout_p), T(1 / (1 - dropout_p))
-    ctx.has_drop = np.int32(dropout_p > 0)
-    # a draw of rng, or the step's device seed
-    ctx.seed_ptr, ctx.seed = dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0))
-    pd = cp.empty_like(s) if dropout_p > 0 and keep_p else s
-    rows = s.size // TK
-    lse = cp.empty(rows, dtype=s.dtype)
-    grid, block = warp_rows_launch(rows)
-    _SOURCE("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
-                                                                np.int32(TK - TQ if causal else TK), T(scale), pd,
-                                                                ctx.seed_ptr, ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
-    return pd, lse
-
-
-def _softmax_backward(ctx, p, ds, TQ, TK):
-    """ds (..., TQ, TK) = dPd, overwritten by dS * scale (the forward's mask recomputed from its seed)."""
-    rows = ds.size // TK
-    grid, block = warp_rows_launch(rows)
-    _SOURCE("attention_softmax_backward", ds.dtype)(grid, block, (p, ds, np.int64(rows), np.int32(TQ), np.int32(TK),
-                                                                  np.int32(TK - TQ if ctx.causal else TK),
-                                                                  ds.dtype.type(ctx.scale), ctx.seed_ptr, ctx.seed, ctx.drop_p,
-                                                                  ctx.drop_scale, ctx.has_drop))
-
-
-def _softmax_backward_lse(ctx, s, lse, ds, TQ, TK):
-    """s (..., TQ, TK) = the raw scores again, overwritten by Pd; ds = dPd, overwritten by dS * scale;
-    lse: the forward's (_softmax_forward)."""
-    rows = ds.size // TK
-    grid, block = warp_rows_launch(rows)
-    _SOURCE("attention_softmax_backward_lse", ds.dtype)(grid, block, (s, lse, ds, np.int64(rows), np.int32(TQ),
-                                                                      np.int32(TK), np.int32(TK - TQ if ctx.causal else TK),
-                                                                      ds.dtype.type(ctx.scale), ctx.seed_ptr, ctx.seed,
-                                                                      ctx.drop_p, ctx.drop_scale, ctx.has_drop))
-
-
-def _dropout_probs(ctx, p, out):
-    """out = Pd = P * M (the forward's mask from its seed); P itself (out untouched) without dropout."""
-    if not ctx.has_drop:
-        return p
-    blocks = max(1, min(-(-p.size // 256), 132 * 16))
-    _SOURCE("attention_dropout_probs", p.dtype)((blocks,), (256,), (p, out, np.int64(p.size), ctx.seed_ptr, ctx.seed,
-                                                                  ctx.drop_p, ctx.drop_scale))
-    return out
-
 
 class ScaledDotProductAttentionCuda:
     """ScaledDotProductAttention with causal or no mask: cuBLAS products around fused softmax passes.
@@ -286,7 +111,7 @@ class ScaledDotProductAttentionCuda:
                                     causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
             return ctx.y
         s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
-        pd, _ = _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
+        pd, _ = softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
         ctx.q, ctx.k, ctx.v, ctx.p, ctx.pd = q, k, v, s, pd
         return cp.matmul(pd, v)
 
@@ -306,7 +131,7 @@ class ScaledDotProductAttentionCuda:
         # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
         dv = cp.matmul(ctx.pd.swapaxes(-1, -2), dout) if need[2] else None
         ds = cp.matmul(dout, v.swapaxes(-1, -2))
-        _softmax_backward(ctx, p, ds, ds.shape[-2], ds.shape[-1])
+        softmax_backward(ctx, p, ds, ds.shape[-2], ds.shape[-1])
         dq = cp.matmul(ds, k) if need[0] else None
         dk = cp.matmul(ds.swapaxes(-1, -2), q) if need[1] else None
         return dq, dk, dv, None
@@ -372,7 +197,7 @@ class SelfAttentionCuda:
             gemm_heads(dtype, B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * size, C3, *qs, q0 + C * size, C3, *qs,
                         s0 + r0 * T * size, T, *ss, trans_b=True)
         ctx.save = save_mode()
-        pd, lse = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
+        pd, lse = softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
         for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, HS, kend, pd.data.ptr + r0 * T * size, T, *ss, q0 + 2 * C * size, C3,
@@ -431,14 +256,14 @@ class SelfAttentionCuda:
             s = cp.empty_like(ds)
             SelfAttentionCuda._scores(ctx, qkv, s, B, NH, T, C, HS)
             dpd()
-            _softmax_backward_lse(ctx, s, ctx.lse, ds, T, T)
+            softmax_backward_lse(ctx, s, ctx.lse, ds, T, T)
             dv(s)
             del s
         else:                   # Pd kept, or drawn again from P into ds before dPd overwrites it
             p = ctx.p
-            dv(ctx.pd if ctx.save == "p+pd" else _dropout_probs(ctx, p, ds))
+            dv(ctx.pd if ctx.save == "p+pd" else dropout_probs(ctx, p, ds))
             dpd()
-            _softmax_backward(ctx, p, ds, T, T)
+            softmax_backward(ctx, p, ds, T, T)
         for r0, r1 in blocks:
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, HS, kend, ds0 + r0 * T * size, T, *ss, q0 + C * size, C3, *qs,

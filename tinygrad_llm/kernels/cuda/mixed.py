@@ -18,7 +18,8 @@ import numpy as np
 
 from ... import precision
 from ...backend import sum_rows
-from .attention import LSE_BACKWARD_ROW, SelfAttentionCuda, _blocks, _dropout_probs, _softmax_backward, _softmax_forward, save_mode
+from .attention import SelfAttentionCuda, _blocks, save_mode
+from .attention_softmax import LSE_BACKWARD_ROW, dropout_probs, softmax_backward, softmax_forward
 from .gemm_bf16 import bf16_matmul, gemm_heads_bf16
 from .linear import LinearCuda
 from .runtime import HEADER, warp_rows_launch
@@ -206,7 +207,7 @@ class SelfAttentionBF16Cuda:
             _heads(B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * 2, C3, qs, q0 + C * 2, C3, qs, s0 + r0 * T * 4, T, ss,
                    trans_b=True)
         ctx.save = save_mode()
-        pd, lse = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
+        pd, lse = softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
         pdb = to_bf16(pd)
         del pd
         for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
@@ -260,10 +261,10 @@ class SelfAttentionBF16Cuda:
             dv(pdb)
         else:                   # bf16 Pd kept, or drawn again from the float32 P into ds before dPd overwrites it
             p = ctx.p
-            pdb = ctx.pdb if ctx.save == "p+pd" else to_bf16(_dropout_probs(ctx, p, ds))
+            pdb = ctx.pdb if ctx.save == "p+pd" else to_bf16(dropout_probs(ctx, p, ds))
             dv(pdb)
             dpd()
-            _softmax_backward(ctx, p, ds, T, T)
+            softmax_backward(ctx, p, ds, T, T)
             dsb = to_bf16(ds)
             del ds
         del pdb
