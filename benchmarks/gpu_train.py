@@ -603,8 +603,10 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     data, vocab = load_text(args.data)
+    from tinygrad_llm.kernels.cuda import attention
     results = {"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "tf32": args.tf32,
-               "cupy": cp.__version__, "torch": torch.__version__, "numpy": np.__version__}
+               "cupy": cp.__version__, "torch": torch.__version__, "numpy": np.__version__,
+               "attention_save": attention.save_mode()}   # TINYGRAD_LLM_ATTENTION_SAVE
     print(json.dumps(results), flush=True)
     if args.steps:
         results["timing"] = time_steps(data, vocab, args.steps, args.modes, kernel_steps=args.kernel_steps or 0)

@@ -1,9 +1,16 @@
 """Attention on CUDA arrays: cuBLAS products around one fused masked-softmax pass each way (ops:
 functional.ScaledDotProductAttention, and SelfAttention on the packed (B, T, 3C) qkv without unpacking).
 
-Two paths (use_flash picks): cuBLAS products around the softmax passes below, keeping the (B, NH, T, T)
-probabilities for backward (fastest at short T), and flash_attention.py, keeping only the output and each
-row's log-sum-exp and recomputing the probabilities in backward (memory linear in T; used from long T on).
+Two paths (use_flash picks): cuBLAS products around the softmax passes of attention_softmax.py (fastest at
+short T), and flash_attention.py, keeping only the output and each row's log-sum-exp and recomputing the
+probabilities in backward tile by tile (memory linear in T; used from long T on).
+
+What the cuBLAS path keeps for backward (SAVE, SelfAttentionCuda): by default ("lse") only each row's
+log-sum-exp: backward multiplies S = Q K^T again (the same cuBLAS calls on the same inputs) and one fused
+pass rebuilds P = exp(S scale - lse) from it, so no (B, NH, T, T) array outlives its layer's forward or
+backward (two live during one layer's backward). "p" keeps P and redraws Pd = P M / (1 - p) in backward;
+"p+pd" keeps both, as this file did before. ScaledDotProductAttentionCuda (split heads, not the GPT's path)
+always keeps P and Pd.
 
 Attention dropout differs from the NumPy op by design: the op draws its mask with rng.random on the
 host, which would cost more than the whole GPU step. Here each call takes one 63-bit seed from the same
@@ -17,21 +24,48 @@ import numpy as np
 
 from ...functional import ScaledDotProductAttention, SelfAttention
 from . import flash_attention
+from .attention_softmax import dropout_probs, softmax_backward, softmax_backward_lse, softmax_forward
 from .cublas import gemm_heads
-from .runtime import Source, dropout_seed_args, served, warp_rows_launch
+from .runtime import dropout_seed_args, served
 
 # TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash wherever the head size
 # allows), "0" (never). The rule, from the H200 (benchmarks/RESULTS.md, "Flash attention"): flash from
 # FLASH_MIN_T positions on with heads up to FLASH_MAX_FAST_HEAD, where it was faster
 # (float32 T=4096: 9.6 ms against 12.2; T=2048 within 10% either way; T <= 1024 and heads of 128 at 2048:
-# the cuBLAS path 17-80% faster); and wherever P, Pd and dS, (B, NH, T, T) each, would take more than
-# FLASH_MEMORY_SHARE of the GPU's memory.
+# the cuBLAS path 17-80% faster); and wherever the (B, NH, T, T) arrays one cuBLAS-path call holds at once
+# (tt_buffers(): 2, or 3 with SAVE "p+pd") would take more than FLASH_MEMORY_SHARE of the GPU's memory.
 FLASH, FLASH_MIN_T, FLASH_MAX_FAST_HEAD, FLASH_MEMORY_SHARE = os.environ.get("TINYGRAD_LLM_FLASH", "auto"), 4096, 64, 0.25
 _device_bytes = {}
 
+# TINYGRAD_LLM_ATTENTION_SAVE (read at import, or set SAVE): what SelfAttentionCuda's cuBLAS path keeps for
+# backward. "lse" (default): the rows' log-sum-exp; backward recomputes S = Q K^T (one more batched GEMM a
+# layer) and rebuilds P and Pd in its softmax pass. "p": P; backward redraws Pd from P and the seed (one
+# more pass a layer with dropout). "p+pd": P and Pd (no recomputation, two (B, NH, T, T) arrays kept a
+# layer). Every choice gives the same numbers to rounding and the same dropout mask (same seed, same hash).
+# Measured on the H200, 6x384 at T=256 (benchmarks/RESULTS.md, "Attention that keeps no probabilities"):
+# "lse" takes the step's peak memory below PyTorch eager's at about the same step time.
+SAVE = os.environ.get("TINYGRAD_LLM_ATTENTION_SAVE", "lse")
+SAVE_CHOICES = ("lse", "p", "p+pd")
 
-def use_flash(B, NH, T, HS, dtype):
-    """True when the flash kernels attend (B, NH, T, HS) heads of `dtype` (see FLASH)."""
+
+def save_mode():
+    """SAVE, checked (a clear error naming the variable for anything else)."""
+    mode = str(SAVE).strip().lower()
+    if mode not in SAVE_CHOICES:
+        raise ValueError(f"TINYGRAD_LLM_ATTENTION_SAVE must be lse, p or p+pd, got {SAVE!r}")
+    return mode
+
+
+def tt_buffers():
+    """How many (B, NH, T, T) arrays one SelfAttentionCuda call on the cuBLAS path holds at its peak (its
+    backward): the transient S and dS with "lse", the kept P and the transient dS with "p", P, Pd and dS
+    with "p+pd"."""
+    return 3 if save_mode() == "p+pd" else 2
+
+
+def use_flash(B, NH, T, HS, dtype, buffers=None):
+    """True when the flash kernels attend (B, NH, T, HS) heads of `dtype` (see FLASH); `buffers`: the
+    (B, NH, T, T) arrays the cuBLAS path would hold at once (default tt_buffers(), SelfAttentionCuda's)."""
     mode = str(FLASH).strip().lower()
     if mode not in ("auto", "1", "0"):
         raise ValueError(f"TINYGRAD_LLM_FLASH must be auto, 1 or 0, got {FLASH!r}")
@@ -42,105 +76,13 @@ def use_flash(B, NH, T, HS, dtype):
     device = cp.cuda.Device().id   # its memory is a device property: no stream work (graph capture is safe)
     if device not in _device_bytes:
         _device_bytes[device] = cp.cuda.runtime.getDeviceProperties(device)["totalGlobalMem"]
-    return 3 * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MEMORY_SHARE * _device_bytes[device]
+    return (tt_buffers() if buffers is None else buffers) * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MEMORY_SHARE * _device_bytes[device]
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
-    """The flash path's attributes; the seed drawn as _softmax_forward draws it (a device seed in a step)."""
+    """The flash path's attributes; the seed drawn as softmax_forward draws it (a device seed in a step)."""
     ctx.causal, ctx.scale, ctx.drop_p, (ctx.seed_ptr, ctx.seed) = causal, scale, dropout_p, (
         dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0)))
-
-_SOURCE = Source(r"""
-// s: (rows, TK) raw scores q k^T, overwritten by P; lse: (rows,). Row r is query i = r % TQ, which
-// sees keys j < min(TK, i + offset + 1) (offset = TK - TQ when causal, TK when not). One warp a row.
-// With has_drop, pd (rows, TK) also gets P * M, M = keep(seed, r TK + j) / (1 - drop_p) (attention dropout).
-template<typename T>
-__global__ void attention_softmax_forward(T* s, T* lse, long long rows, int TQ, int TK, int offset, T scale,
-                                          T* pd, const unsigned long long* seed_ptr, unsigned long long seed,
-                                          float drop_p, T drop_scale, int has_drop) {
-    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    T* row = s + r * TK;
-    T* drow = pd + r * TK;
-    int n = min(TK, (int)(r % TQ) + offset + 1);
-    if (has_drop) seed = dropout_seed(seed_ptr, seed);
-    if (n <= 0) {  // a query with no allowed key: zeros (as the reference)
-        for (int j = lane; j < TK; j += 32) { row[j] = 0; if (has_drop) drow[j] = 0; }
-        if (lane == 0) lse[r] = NEG_INF;
-        return;
-    }
-    T m = NEG_INF;
-    for (int j = lane; j < n; j += 32) m = max(m, row[j] * scale);
-    m = warp_max(m);
-    T total = 0;
-    for (int j = lane; j < n; j += 32) { T e = exp(row[j] * scale - m); row[j] = e; total += e; }
-    total = warp_sum(total);
-    for (int j = lane; j < n; j += 32) {
-        T pj = row[j] / total;
-        row[j] = pj;
-        if (has_drop) drow[j] = dropout_keep(seed, r * TK + j, drop_p) ? pj * drop_scale : (T)0;
-    }
-    for (int j = n + lane; j < TK; j += 32) { row[j] = 0; if (has_drop) drow[j] = 0; }
-    if (lane == 0) lse[r] = m + log(total);
-}
-
-// p: probabilities (rows, TK); dp: dO V^T (= dPd), overwritten by dS * scale = P (dP - rowsum(P dP)) scale,
-// where dP = dPd * M with has_drop (the forward's mask, recomputed from its seed), else dPd.
-// Only the keys j < n that row r may see are read (P is 0 beyond them, and the products may have left
-// dp unwritten there: SelfAttentionCuda skips the causal upper blocks); dS is 0 beyond them.
-template<typename T>
-__global__ void attention_softmax_backward(const T* p, T* dp, long long rows, int TQ, int TK, int offset, T scale,
-                                           const unsigned long long* seed_ptr, unsigned long long seed,
-                                           float drop_p, T drop_scale, int has_drop) {
-    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    const T* prow = p + r * TK;
-    T* drow = dp + r * TK;
-    int n = max(0, min(TK, (int)(r % TQ) + offset + 1));
-    if (has_drop) seed = dropout_seed(seed_ptr, seed);
-    T dot = 0;
-    for (int j = lane; j < n; j += 32) {
-        T d = drow[j];
-        if (has_drop) { d = dropout_keep(seed, r * TK + j, drop_p) ? d * drop_scale : (T)0; drow[j] = d; }
-        dot += prow[j] * d;
-    }
-    dot = warp_sum(dot);
-    for (int j = lane; j < n; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;
-    for (int j = n + lane; j < TK; j += 32) drow[j] = 0;
-}
-""", ["attention_softmax_forward", "attention_softmax_backward"])
-
-
-def _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng):
-    """The masked-softmax pass over the raw scores s (..., TQ, TK), in place (s becomes P); returns Pd (P
-    itself without dropout). Keeps in ctx what _softmax_backward needs: scale, causal, the dropout seed."""
-    T = s.dtype.type
-    ctx.scale, ctx.causal = scale, causal
-    ctx.drop_p, ctx.drop_scale = np.float32(dropout_p), T(1 / (1 - dropout_p))
-    ctx.has_drop = np.int32(dropout_p > 0)
-    # a draw of rng, or the step's device seed
-    ctx.seed_ptr, ctx.seed = dropout_seed_args(rng) if dropout_p > 0 else (np.uint64(0), np.uint64(0))
-    pd = cp.empty_like(s) if dropout_p > 0 else s
-    rows = s.size // TK
-    lse = cp.empty(rows, dtype=s.dtype)
-    grid, block = warp_rows_launch(rows)
-    _SOURCE("attention_softmax_forward", s.dtype)(grid, block, (s, lse, np.int64(rows), np.int32(TQ), np.int32(TK),
-                                                                np.int32(TK - TQ if causal else TK), T(scale), pd,
-                                                                ctx.seed_ptr, ctx.seed, ctx.drop_p, ctx.drop_scale, ctx.has_drop))
-    return pd
-
-
-def _softmax_backward(ctx, p, ds, TQ, TK):
-    """ds (..., TQ, TK) = dPd, overwritten by dS * scale (the forward's mask recomputed from its seed)."""
-    rows = ds.size // TK
-    grid, block = warp_rows_launch(rows)
-    _SOURCE("attention_softmax_backward", ds.dtype)(grid, block, (p, ds, np.int64(rows), np.int32(TQ), np.int32(TK),
-                                                                  np.int32(TK - TQ if ctx.causal else TK),
-                                                                  ds.dtype.type(ctx.scale), ctx.seed_ptr, ctx.seed, ctx.drop_p,
-                                                                  ctx.drop_scale, ctx.has_drop))
-
 
 class ScaledDotProductAttentionCuda:
     """ScaledDotProductAttention with causal or no mask: cuBLAS products around fused softmax passes.
@@ -157,7 +99,7 @@ class ScaledDotProductAttentionCuda:
                                                      dropout_p=dropout_p, rng=rng)
         TQ, TK = q.shape[-2], k.shape[-2]
         ctx.flash = (q.ndim == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
-                     and use_flash(*q.shape, q.dtype))
+                     and use_flash(*q.shape, q.dtype, buffers=3))   # keeps P and Pd, and dS in backward
         if ctx.flash:   # (B, NH, T, HS) heads, contiguous
             _draw_seed(ctx, causal, scale, dropout_p, rng)
             ctx.qkv = [cp.ascontiguousarray(a) for a in (q, k, v)]
@@ -169,7 +111,7 @@ class ScaledDotProductAttentionCuda:
                                     causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
             return ctx.y
         s = cp.matmul(q, k.swapaxes(-1, -2))                    # (..., TQ, TK), fresh and contiguous
-        pd = _softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
+        pd, _ = softmax_forward(ctx, s, TQ, TK, causal, scale, dropout_p, rng)
         ctx.q, ctx.k, ctx.v, ctx.p, ctx.pd = q, k, v, s, pd
         return cp.matmul(pd, v)
 
@@ -189,7 +131,7 @@ class ScaledDotProductAttentionCuda:
         # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
         dv = cp.matmul(ctx.pd.swapaxes(-1, -2), dout) if need[2] else None
         ds = cp.matmul(dout, v.swapaxes(-1, -2))
-        _softmax_backward(ctx, p, ds, ds.shape[-2], ds.shape[-1])
+        softmax_backward(ctx, p, ds, ds.shape[-2], ds.shape[-1])
         dq = cp.matmul(ds, k) if need[0] else None
         dk = cp.matmul(ds.swapaxes(-1, -2), q) if need[1] else None
         return dq, dk, dv, None
@@ -221,6 +163,10 @@ class SelfAttentionCuda:
     the rest of its rows), so the products do 3/4 of the full flops. The scores are (B, NH, T, T) as in
     ScaledDotProductAttentionCuda, with the same softmax passes, so attention dropout draws the same mask from
     the same seed.
+
+    Kept for backward (SAVE): with "lse" qkv and the rows' log-sum-exp (B*NH*T values); the scores array
+    is freed when forward returns, and backward multiplies S again into a transient array that its softmax
+    pass turns into Pd while it turns dPd into dS. With "p" qkv and P; with "p+pd" qkv, P and Pd.
     """
 
     @staticmethod
@@ -250,13 +196,28 @@ class SelfAttentionCuda:
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * size, C3, *qs, q0 + C * size, C3, *qs,
                         s0 + r0 * T * size, T, *ss, trans_b=True)
-        pd = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng)
+        ctx.save = save_mode()
+        pd, lse = softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
         for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, HS, kend, pd.data.ptr + r0 * T * size, T, *ss, q0 + 2 * C * size, C3,
                         *qs, y.data.ptr + r0 * C * size, C, *ys)
-        ctx.qkv, ctx.p, ctx.pd, ctx.n_head = qkv, s, pd, NH
+        ctx.qkv, ctx.n_head = qkv, NH
+        if ctx.save == "lse":
+            ctx.lse = lse
+        else:
+            ctx.p, ctx.pd = s, (pd if ctx.save == "p+pd" else None)
         return y
+
+    @staticmethod
+    def _scores(ctx, qkv, s, B, NH, T, C, HS):
+        """s = Q K^T again (the forward's products on the same blocks)."""
+        C3, dtype, size = 3 * C, qkv.dtype, qkv.dtype.itemsize
+        q0, s0, qs, ss = qkv.data.ptr, s.data.ptr, (T * C3, HS), (NH * T * T, T * T)
+        for r0, r1 in _blocks(T, ctx.causal):
+            kend = r1 if ctx.causal else T
+            gemm_heads(dtype, B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * size, C3, *qs, q0 + C * size, C3, *qs,
+                       s0 + r0 * T * size, T, *ss, trans_b=True)
 
     @staticmethod
     def backward(ctx, dout):
@@ -266,28 +227,43 @@ class SelfAttentionCuda:
             return flash_attention.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
                                                            ctx.causal, ctx.scale, ctx.seed, ctx.drop_p,
                                                            seed_ptr=ctx.seed_ptr)
-        qkv, p, pd, NH, causal = ctx.qkv, ctx.p, ctx.pd, ctx.n_head, ctx.causal
+        qkv, NH, causal = ctx.qkv, ctx.n_head, ctx.causal
         dout = cp.ascontiguousarray(dout)
         B, T, C3 = qkv.shape
         C = C3 // 3
         HS = C // NH
         dtype, size = qkv.dtype, qkv.dtype.itemsize
-        q0, d0, pd0 = qkv.data.ptr, dout.data.ptr, pd.data.ptr
+        q0, d0 = qkv.data.ptr, dout.data.ptr
         dqkv = cp.empty_like(qkv)
-        ds = cp.empty_like(p)
+        ds = cp.empty((B, NH, T, T), dtype=dtype)
         g0, ds0, blocks = dqkv.data.ptr, ds.data.ptr, _blocks(T, causal)
         qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
-        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q;
-        # causal: keys [k0, k1) are seen only by rows [k0, T), so dV and dK of that key block sum over those rows
-        for k0, k1 in blocks:
-            first = k0 if causal else 0
-            gemm_heads(dtype, B, NH, k1 - k0, HS, T - first, pd0 + (first * T + k0) * size, T, *ss,
-                        d0 + first * C * size, C, *ys, g0 + (k0 * C3 + 2 * C) * size, C3, *qs, trans_a=True)   # dV
-        for r0, r1 in blocks:
-            kend = r1 if causal else T
-            gemm_heads(dtype, B, NH, r1 - r0, kend, HS, d0 + r0 * C * size, C, *ys, q0 + 2 * C * size, C3, *qs,
-                        ds0 + r0 * T * size, T, *ss, trans_b=True)                                           # dPd
-        _softmax_backward(ctx, p, ds, T, T)
+
+        def dv(pd):   # causal: keys [k0, k1) are seen only by rows [k0, T), so dV of that key block sums over those
+            for k0, k1 in blocks:
+                first = k0 if causal else 0
+                gemm_heads(dtype, B, NH, k1 - k0, HS, T - first, pd.data.ptr + (first * T + k0) * size, T, *ss,
+                           d0 + first * C * size, C, *ys, g0 + (k0 * C3 + 2 * C) * size, C3, *qs, trans_a=True)
+
+        def dpd():
+            for r0, r1 in blocks:
+                kend = r1 if causal else T
+                gemm_heads(dtype, B, NH, r1 - r0, kend, HS, d0 + r0 * C * size, C, *ys, q0 + 2 * C * size, C3, *qs,
+                           ds0 + r0 * T * size, T, *ss, trans_b=True)
+
+        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
+        if ctx.save == "lse":   # S again; one pass: S -> Pd (P = exp(S scale - lse)), dPd -> dS
+            s = cp.empty_like(ds)
+            SelfAttentionCuda._scores(ctx, qkv, s, B, NH, T, C, HS)
+            dpd()
+            softmax_backward_lse(ctx, s, ctx.lse, ds, T, T)
+            dv(s)
+            del s
+        else:                   # Pd kept, or drawn again from P into ds before dPd overwrites it
+            p = ctx.p
+            dv(ctx.pd if ctx.save == "p+pd" else dropout_probs(ctx, p, ds))
+            dpd()
+            softmax_backward(ctx, p, ds, T, T)
         for r0, r1 in blocks:
             kend = r1 if causal else T
             gemm_heads(dtype, B, NH, r1 - r0, HS, kend, ds0 + r0 * T * size, T, *ss, q0 + C * size, C3, *qs,

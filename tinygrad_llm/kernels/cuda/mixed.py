@@ -8,19 +8,21 @@ in CuPy 14, and nothing here needs more than storage: every arithmetic step on b
 Where bf16 lives: only as the products' operands. The autograd's tensors (activations, gradients) stay
 float32, so LayerNorm, softmax, GELU, dropout and the loss run their float32 kernels unchanged, and no
 gradient is rounded before it is summed. The price is one conversion pass over each product's float32
-input (x forward, dout backward, attention's P and dS). What a bf16 product saves for backward is its bf16
-operand (x, q k v, P), half the bytes of the float32 input it replaces. Weights are converted once per
+input (x forward, dout backward, attention's Pd in forward; attention's backward pass writes its Pd and dS as
+bf16 itself). What a bf16 product saves for backward is its bf16 operand (x, q k v), half the bytes of the
+float32 input it replaces; attention keeps no (T, T) array by default (attention.SAVE). Weights are converted once per
 precision.weight_copies region (precision.weight_copy), not once per use.
 """
 import cupy as cp
 import numpy as np
 
 from ... import precision
-from .attention import SelfAttentionCuda, _blocks, _softmax_backward, _softmax_forward
+from .attention import SelfAttentionCuda, _blocks, save_mode
+from .attention_softmax import LSE_BACKWARD_ROW, dropout_probs, softmax_backward, softmax_forward
 from .columns import column_sums
 from .gemm_bf16 import bf16_matmul, gemm_heads_bf16
 from .linear import LinearCuda
-from .runtime import HEADER
+from .runtime import HEADER, warp_rows_launch
 
 _SOURCE = HEADER   # f32_to_bf16 (round to nearest even) is written there once
 
@@ -39,6 +41,40 @@ extern "C" __global__ void to_bf16_v(const float* __restrict__ x, unsigned short
         y[i] = f32_to_bf16(x[i]);
 }
 """
+
+# attention's backward pass from lse (SAVE "lse") writing Pd and dS straight as bf16 bits: no float32 Pd and
+# no conversion passes over the (B, NH, T, T) arrays
+_LSE_SOURCE = _SOURCE + r"""
+__device__ __forceinline__ void store(unsigned short* p, float v) { *p = f32_to_bf16(v); }
+""" + LSE_BACKWARD_ROW + r"""
+// s: q k^T again, dp: dO V^T (float32, (rows, TK)); pdb = bf16(Pd), dsb = bf16(dS * scale). One warp a row.
+extern "C" __global__ void attention_softmax_backward_lse_bf16(
+        const float* s, const float* lse, const float* dp, unsigned short* pdb, unsigned short* dsb, long long rows,
+        int TQ, int TK, int offset, float scale, const unsigned long long* seed_ptr, unsigned long long seed,
+        float drop_p, float drop_scale, int has_drop) {
+    long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    if (r >= rows) return;
+    if (has_drop) seed = dropout_seed(seed_ptr, seed);
+    lse_backward_row(s, lse, dp, pdb, dsb, r, threadIdx.x & 31, TQ, TK, offset, scale, seed, drop_p, drop_scale,
+                     has_drop);
+}
+"""
+_lse_module = None
+
+
+def _softmax_backward_lse_bf16(ctx, s, lse, dp, T):
+    """(bf16 Pd, bf16 dS * scale), (B, NH, T, T) uint16 each, from the float32 scores s again and dPd (dp)."""
+    global _lse_module
+    if _lse_module is None:
+        _lse_module = cp.RawModule(code=_LSE_SOURCE, options=("-std=c++17",))
+    pdb, dsb = cp.empty(s.shape, dtype=np.uint16), cp.empty(s.shape, dtype=np.uint16)
+    rows = s.size // T
+    grid, block = warp_rows_launch(rows)
+    _lse_module.get_function("attention_softmax_backward_lse_bf16")(
+        grid, block, (s, lse, dp, pdb, dsb, np.int64(rows), np.int32(T), np.int32(T), np.int32(0 if ctx.causal else T),
+                      np.float32(ctx.scale), ctx.seed_ptr, ctx.seed, ctx.drop_p, np.float32(ctx.drop_scale), ctx.has_drop))
+    return pdb, dsb
+
 
 _module = None
 _to_bf16_any = cp.ElementwiseKernel("float32 x", "uint16 y", "y = f32_to_bf16(x);", "tinygrad_llm_to_bf16",
@@ -144,7 +180,9 @@ class SelfAttentionBF16Cuda:
     """functional.SelfAttention on the packed (B, T, 3C) qkv with bf16 products and float32 softmax: as
     SelfAttentionCuda (the same blocks, the same softmax passes and dropout mask), with q k v, P and dS
     rounded to bf16 for the four products (each one batched GEMM over every (batch, head) pair, float32
-    sums, float32 results). Saves the bf16 qkv and P (and the float32 P the softmax backward reads)."""
+    sums, float32 results). Saves the bf16 qkv and, as attention.SAVE says, the rows' log-sum-exp ("lse":
+    backward multiplies the same bf16 q k^T again), or the float32 P ("p"), or the float32 P and the bf16
+    Pd ("p+pd")."""
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -164,41 +202,68 @@ class SelfAttentionBF16Cuda:
             kend = r1 if causal else T
             _heads(B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * 2, C3, qs, q0 + C * 2, C3, qs, s0 + r0 * T * 4, T, ss,
                    trans_b=True)
-        pd = _softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng)
+        ctx.save = save_mode()
+        pd, lse = softmax_forward(ctx, s, T, T, causal, scale, dropout_p, rng, keep_p=ctx.save != "lse")
         pdb = to_bf16(pd)
+        del pd
         for r0, r1 in blocks:   # Y[b, r0:r1, h] = Pd[b, h, r0:r1, :kend] V[b, h, :kend]
             kend = r1 if causal else T
             _heads(B, NH, r1 - r0, HS, kend, pdb.data.ptr + r0 * T * 2, T, ss, q0 + 2 * C * 2, C3, qs,
                    y.data.ptr + r0 * C * 4, C, ys)
-        ctx.qb, ctx.p, ctx.pdb, ctx.n_head = qb, s, pdb, NH
+        ctx.qb, ctx.n_head = qb, NH
+        if ctx.save == "lse":
+            ctx.lse = lse
+        else:
+            ctx.p, ctx.pdb = s, (pdb if ctx.save == "p+pd" else None)
         return y
 
     @staticmethod
     def backward(ctx, dout):
         if ctx.reference:
             return SelfAttentionCuda.backward(ctx, dout)
-        qb, p, pdb, NH, causal = ctx.qb, ctx.p, ctx.pdb, ctx.n_head, ctx.causal
+        qb, NH, causal = ctx.qb, ctx.n_head, ctx.causal
         B, T, C3 = qb.shape
         C = C3 // 3
         HS = C // NH
         dob = to_bf16(cp.ascontiguousarray(dout, dtype=np.float32))
-        q0, d0, pd0 = qb.data.ptr, dob.data.ptr, pdb.data.ptr
+        q0, d0 = qb.data.ptr, dob.data.ptr
         dqkv = cp.empty((B, T, C3), dtype=np.float32)
-        ds = cp.empty_like(p)
+        ds = cp.empty((B, NH, T, T), dtype=np.float32)
         g0, ds0, blocks = dqkv.data.ptr, ds.data.ptr, _blocks(T, causal)
         qs, ss, ys = (T * C3, HS), (NH * T * T, T * T), (T * C, HS)
-        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q;
-        # causal: keys [k0, k1) are seen only by rows [k0, T), so dV and dK of that key block sum over those rows
-        for k0, k1 in blocks:
-            first = k0 if causal else 0
-            _heads(B, NH, k1 - k0, HS, T - first, pd0 + (first * T + k0) * 2, T, ss, d0 + first * C * 2, C, ys,
-                   g0 + (k0 * C3 + 2 * C) * 4, C3, qs, trans_a=True)                                       # dV
-        for r0, r1 in blocks:
-            kend = r1 if causal else T
-            _heads(B, NH, r1 - r0, kend, HS, d0 + r0 * C * 2, C, ys, q0 + 2 * C * 2, C3, qs, ds0 + r0 * T * 4, T, ss,
-                   trans_b=True)                                                                           # dPd
-        _softmax_backward(ctx, p, ds, T, T)
-        dsb = to_bf16(ds)
+
+        def dv(pdb):   # causal: keys [k0, k1) are seen only by rows [k0, T), so dV of that key block sums over those
+            for k0, k1 in blocks:
+                first = k0 if causal else 0
+                _heads(B, NH, k1 - k0, HS, T - first, pdb.data.ptr + (first * T + k0) * 2, T, ss, d0 + first * C * 2,
+                       C, ys, g0 + (k0 * C3 + 2 * C) * 4, C3, qs, trans_a=True)
+
+        def dpd():
+            for r0, r1 in blocks:
+                kend = r1 if causal else T
+                _heads(B, NH, r1 - r0, kend, HS, d0 + r0 * C * 2, C, ys, q0 + 2 * C * 2, C3, qs, ds0 + r0 * T * 4, T,
+                       ss, trans_b=True)
+
+        # dv = Pd^T dO, dP = (dO V^T) * M, dS = P * (dP - rowsum(dP * P)) * scale, dq = dS K, dk = dS^T Q
+        if ctx.save == "lse":   # the same bf16 q k^T again; one pass: S, dPd -> bf16 Pd, bf16 dS
+            s = cp.empty_like(ds)
+            for r0, r1 in blocks:
+                kend = r1 if causal else T
+                _heads(B, NH, r1 - r0, kend, HS, q0 + r0 * C3 * 2, C3, qs, q0 + C * 2, C3, qs, s.data.ptr + r0 * T * 4,
+                       T, ss, trans_b=True)
+            dpd()
+            pdb, dsb = _softmax_backward_lse_bf16(ctx, s, ctx.lse, ds, T)
+            del s, ds
+            dv(pdb)
+        else:                   # bf16 Pd kept, or drawn again from the float32 P into ds before dPd overwrites it
+            p = ctx.p
+            pdb = ctx.pdb if ctx.save == "p+pd" else to_bf16(dropout_probs(ctx, p, ds))
+            dv(pdb)
+            dpd()
+            softmax_backward(ctx, p, ds, T, T)
+            dsb = to_bf16(ds)
+            del ds
+        del pdb
         s0 = dsb.data.ptr
         for r0, r1 in blocks:
             kend = r1 if causal else T
