@@ -194,7 +194,7 @@ def test_classify_cli_full_then_lora_then_export(tmp_path, tokenizer, capsys):
     before = adapted(idx, last).numpy()
     assert finetune.main(["export", f"--run={lora}", f"--out={tmp_path / 'merged.safetensors'}"]) == 0
     merged, _, info = finetune.load_run(tmp_path / "merged.safetensors")
-    assert info["lora"] is None and not finetune.lora_linears(merged)
+    assert info["lora"] is None and not finetune.lora_modules(merged)
     np.testing.assert_allclose(merged(idx, last).numpy(), before, atol=1e-5)
 
 

@@ -8,9 +8,9 @@ from oracle import torch
 import tinygrad_llm.composite as C
 import tinygrad_llm.functional as F
 from tinygrad_llm.gradcheck import gradcheck
-from tinygrad_llm.lora import LoRALinear, apply_lora, lora_linears, merge_lora
+from tinygrad_llm.lora import LoRAEmbedding, LoRALinear, LoRALMHead, apply_lora, lora_linears, lora_modules, merge_lora
 from tinygrad_llm.model import GPT, GPTConfig
-from tinygrad_llm.nn import Linear
+from tinygrad_llm.nn import Embedding, Linear
 from tinygrad_llm.tensor import Context, Tensor
 
 
@@ -158,3 +158,117 @@ def test_lora_training_step_changes_only_the_adapters():
                 np.testing.assert_array_equal(t.data, frozen[id(t)])
     assert any(m.lora_B.data.any() for _, m in lora_linears(model))
     assert isinstance(model.transformer.h[0].attn.c_attn, LoRALinear)
+
+
+# ---- adapters on embedding tables --------------------------------------------------------------------
+
+@pytest.mark.parametrize("train_table", [False, True])
+def test_lora_embedding_equals_torch_autograd_of_table_plus_scaled_a_b(train_table):
+    rng = np.random.default_rng(3)
+    V, Cn, R, scale = 9, 6, 3, 2.5
+    idx = rng.integers(0, V, (4, 5))
+    idx[0, :3] = 2                                             # a row looked up more than once: gradients add up
+    W, A, B = (rng.standard_normal(s) for s in ((V, Cn), (V, R), (R, Cn)))
+    m = Embedding(V, Cn, rng=rng, dtype="float64")
+    m.weight = Tensor(W, requires_grad=train_table)
+    m.lora_A, m.lora_B = Tensor(A, requires_grad=True), Tensor(B, requires_grad=True)
+    m.lora_scale, m.__class__ = scale, LoRAEmbedding
+    dout = rng.standard_normal((4, 5, Cn))
+    for out in (m(idx), m._prechecked(idx)):                   # the checked and the model's fast path
+        for t in (m.weight, m.lora_A, m.lora_B):
+            t.grad = None
+        (out * Tensor(dout)).sum().backward()
+        tW, tA, tB = (torch.tensor(a, requires_grad=True) for a in (W, A, B))
+        ti = torch.tensor(idx)
+        ref = tW[ti] + scale * (tA[ti] @ tB)                    # torch autograd of the table plus scale A B, looked up
+        (ref * torch.tensor(dout)).sum().backward()
+        np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=1e-12, rtol=0)
+        np.testing.assert_allclose(m.lora_A.grad, tA.grad.numpy(), atol=1e-9, rtol=0)
+        np.testing.assert_allclose(m.lora_B.grad, tB.grad.numpy(), atol=1e-9, rtol=0)
+        if train_table:
+            np.testing.assert_allclose(m.weight.grad, tW.grad.numpy(), atol=1e-9, rtol=0)
+        else:
+            assert m.weight.grad is None
+
+
+@given(st.integers(1, 3), st.integers(2, 6), st.integers(1, 5), st.integers(1, 3), st.integers(0, 2**16), st.floats(0.1, 4.0))
+def test_gradcheck_lora_embedding(N, V, Cn, R, seed, scale):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, V, (N, 3))
+    W, A, B = (rng.standard_normal(s) for s in ((V, Cn), (V, R), (R, Cn)))
+
+    def f(W, A, B):
+        return F.embedding(idx, W) + F.linear(F.embedding(idx, A), B) * scale
+
+    assert gradcheck(f, [W, A, B]).passed
+
+
+def _set_adapters(model, seed):
+    rng = np.random.default_rng(seed)
+    for _, m in lora_modules(model):
+        m.lora_B.data[...] = rng.standard_normal(m.lora_B.shape)   # as if trained
+
+
+def test_lora_on_tied_embeddings_the_head_follows_and_merge_keeps_the_logits():
+    model = _tiny_gpt()
+    idx = np.random.default_rng(4).integers(0, 11, (2, 7))
+    base = model(idx)[0].numpy()
+    apply_lora(model, rank=2, alpha=3, targets=("c_fc", "wte", "wpe"))
+    assert isinstance(model.transformer.wte, LoRAEmbedding) and isinstance(model.transformer.wpe, LoRAEmbedding)
+    assert isinstance(model.lm_head, LoRALMHead) and model.lm_head.weight is model.transformer.wte.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert names[:4] == ["transformer.wte.lora_A", "transformer.wte.lora_B", "transformer.wpe.lora_A", "transformer.wpe.lora_B"]
+    assert not any(n.startswith("lm_head.") for n in model.state_dict())   # the head's adapter is the table's, named once
+    params = dict(model.named_parameters())
+    assert params["transformer.wte.lora_A"].shape == (11, 2) and params["transformer.wpe.lora_B"].shape == (2, 8)
+    np.testing.assert_array_equal(model(idx)[0].numpy(), base)               # B = 0: the base model
+    _set_adapters(model, 5)
+    adapted = model(idx)[0].numpy()
+    # what the adapted model must compute: the tables W + scale A B, the head multiplying by the same sum
+    e = model.transformer.wte
+    table = e.weight.data + e.lora_scale * e.lora_A.data @ e.lora_B.data
+    assert not np.allclose(adapted, base)
+    merge_lora(model)
+    assert type(model.transformer.wte) is Embedding and type(model.lm_head).__name__ == "LMHead"
+    assert model.lm_head.weight is model.transformer.wte.weight
+    np.testing.assert_allclose(model.transformer.wte.weight.data, table, atol=1e-15, rtol=0)
+    np.testing.assert_allclose(model(idx)[0].numpy(), adapted, atol=1e-12, rtol=1e-10)
+    assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_lora_on_tied_embeddings_gradients_match_finite_differences():
+    model = _tiny_gpt()
+    apply_lora(model, rank=2, alpha=3, targets=("wte",))
+    _set_adapters(model, 6)
+    idx = np.random.default_rng(7).integers(0, 11, (2, 6))
+    _, loss = model(idx, idx)
+    loss.backward()
+    e, eps = model.transformer.wte, 1e-6
+    for t in (e.lora_A, e.lora_B):
+        for pos in [(0, 0), (t.shape[0] - 1, 1), (1, 0)]:
+            keep = t.data[pos]
+            t.data[pos] = keep + eps
+            up = model(idx, idx)[1].item()
+            t.data[pos] = keep - eps
+            down = model(idx, idx)[1].item()
+            t.data[pos] = keep
+            np.testing.assert_allclose(t.grad[pos], (up - down) / (2 * eps), atol=1e-7, rtol=1e-5)
+    assert model.transformer.wte.weight.grad is None            # the table stays frozen
+
+
+def test_lora_on_a_classifiers_embeddings_saves_loads_and_merges():
+    from tinygrad_llm.finetune import GPTClassifier
+    clf = GPTClassifier.from_gpt(_tiny_gpt(), 3, rng=np.random.default_rng(1))
+    idx, last = np.random.default_rng(2).integers(0, 11, (3, 5)), np.array([4, 2, 0])
+    apply_lora(clf, rank=2, alpha=2, targets=("c_attn", "wte"))
+    assert clf.lm_head is None and isinstance(clf.transformer.wte, LoRAEmbedding)
+    _set_adapters(clf, 8)
+    adapted = clf(idx, last).numpy()
+    saved = clf.state_dict()
+    assert set(saved) == {f"transformer.{n}.{ab}" for n in ("wte", "h.0.attn.c_attn", "h.1.attn.c_attn") for ab in ("lora_A", "lora_B")}
+    again = GPTClassifier.from_gpt(_tiny_gpt(), 3, rng=np.random.default_rng(1))
+    apply_lora(again, rank=2, alpha=2, targets=("c_attn", "wte"))
+    again.load_state_dict(saved)
+    np.testing.assert_array_equal(again(idx, last).numpy(), adapted)
+    merge_lora(again)
+    np.testing.assert_allclose(again(idx, last).numpy(), adapted, atol=1e-12, rtol=1e-10)

@@ -36,7 +36,7 @@ from .fileio import atomic_write
 from .finetune_data import (ALPACA_HEADER, END_OF_TEXT, InputError, balance, classification_batch,  # noqa: F401
                             encode, encode_texts, eot_id, format_prompt, instruction_batch, instruction_tokens,
                             pad_id, read_instructions, read_labeled)
-from .lora import DEFAULT_TARGETS, apply_lora, lora_linears, merge_lora
+from .lora import DEFAULT_TARGETS, apply_lora, lora_modules, merge_lora
 from .model import GPT, GPTConfig, IGNORE_INDEX
 from .nn import LayerNorm, Linear, RMSNorm
 from .optim import AdamW, clip_grad_norm, cosine_lr, param_groups
@@ -543,7 +543,7 @@ def run_export(args):
     """Merge a run's adapters (if any) and write one file: a checkpoint of this project for instruct (sample.py
     and evaluate read it), a whole fine-tuning model file for classify."""
     model, tokenizer, info = load_run(args.run)
-    if lora_linears(model):
+    if lora_modules(model):
         merge_lora(model)
     for t in all_tensors(model).values():
         t.requires_grad = True
@@ -607,7 +607,7 @@ def _common(p, lr):
     p.add_argument("--out", required=True, help="output folder: model.safetensors, metrics.jsonl, results.json")
     p.add_argument("--lora_rank", type=_positive_int, default=None, help="train LoRA adapters of this rank (None: no LoRA)")
     p.add_argument("--lora_alpha", type=_positive_float, default=None, help="LoRA alpha (None: the rank)")
-    p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS), help="linears that get adapters")
+    p.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS), help="modules that get adapters: linears (c_attn, c_proj, c_fc) and embedding tables (wte, wpe)")
     p.add_argument("--lora_norms", type=_bool, default=False,
                    help="with LoRA: every LayerNorm's (or RMSNorm's) weight and bias trains too (a classifier's head always does)")
     p.add_argument("--reinit", type=_bool, default=False, help="true: the base's architecture and tokenizer with fresh random weights")

@@ -315,10 +315,10 @@ class GPT(Module):
         tr = self.transformer
         # _check_inputs has checked idx and targets, and the positions are in range: the ops' own checks
         # (Function.check_inputs, F.embedding, F.cross_entropy) are skipped, each would be a wait for the GPU
-        x = F.Embedding._apply_prechecked(idx, tr.wte.weight)            # (B, T, C)
+        x = tr.wte._prechecked(idx)                                      # (B, T, C)
         if self.config.position == "learned":
             xp = backend.array_module(idx)
-            x = x + F.Embedding._apply_prechecked(xp.arange(start, start + T), tr.wpe.weight)  # + (T, C)
+            x = x + tr.wpe._prechecked(xp.arange(start, start + T))          # + (T, C)
         x = tr.drop(x, rng)
         for layer, block in enumerate(tr.h):
             x = block(x, rng, kv_cache, layer)

@@ -186,6 +186,10 @@ class Embedding(Module):
     def forward(self, idx):
         return F.embedding(idx, self.weight)
 
+    def _prechecked(self, idx):
+        """forward for ids already checked to be in range (the model's fast path: no check, no device sync)."""
+        return F.Embedding._apply_prechecked(idx, self.weight)
+
 
 class LayerNorm(Module):
     """(..., C) -> (..., C): normalize over C, then scale by weight (init 1) and shift by bias (init 0)."""
