@@ -239,3 +239,23 @@ def test_train_cli_in_bfloat16_on_emulation(tmp_path):
                             timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("L,M,N,K", [(1, 1, 1, 1), (5, 7, 3, 4), (64, 16, 40, 32)])
+def test_batched_numba_loop_equals_python_loop(L, M, N, K):
+    """mkl.batched's Numba loop (MKL called by address, no GIL) makes the same MKL calls as the ctypes loop:
+    bitwise equal, on the strided views attention passes (rows of a packed qkv, a transposed operand)."""
+    rng = np.random.default_rng(L * M)
+    packed = bits(rng.standard_normal((L, M, 3 * K)).astype(np.float32))[:, :, K:2 * K]   # row stride 3K
+    b = bits(rng.standard_normal((L, N, K)).astype(np.float32)).swapaxes(1, 2)            # read transposed
+    c = rng.standard_normal((L, M, 2 * N)).astype(np.float32)
+    outs = []
+    for fn in (mkl.batched, mkl.batched_python):
+        out = c.copy()
+        fn(packed, b, out[:, :, N:], alpha=0.5, beta=1.0)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = np.matmul((packed.astype(np.uint32) << 16).view(np.float32).astype(np.float64),
+                    (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64))
+    assert rel_err(outs[0][:, :, N:], 0.5 * ref + c[:, :, N:]) < 1e-5
+    np.testing.assert_array_equal(outs[0][:, :, :N], c[:, :, :N])   # only the view was written

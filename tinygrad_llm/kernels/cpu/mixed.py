@@ -47,7 +47,7 @@ def to_bf16(x):
         _to_bf16_flat(flat, y, 0, n)
     else:
         cuts = [n * i // threads.THREADS for i in range(threads.THREADS + 1)]
-        threads.run_items(lambda a, b: _to_bf16_flat(flat, y, a, b), list(zip(cuts, cuts[1:])), True)
+        threads.run_items(lambda a, b: _to_bf16_flat(flat, y, a, b), list(zip(cuts, cuts[1:])), True, blas=False)
     return y.reshape(x.shape)
 
 
