@@ -51,6 +51,13 @@ def to_bf16(x):
     return y.reshape(x.shape)
 
 
+def operand(x):
+    """x's bf16 bits as a product's operand: the copy its producer wrote in the same pass when it offered one
+    (precision.take_copy: GELU's output, GELU's input gradient), else converted here."""
+    copy = precision.take_copy(x)
+    return copy if copy is not None else to_bf16(x)
+
+
 def from_bf16(y):
     """uint16 bf16 bits -> float32 (exact)."""
     return (np.ascontiguousarray(y).astype(np.uint32) << np.uint32(16)).view(np.float32)
@@ -68,7 +75,7 @@ class LinearBF16Mkl:
         if ctx.reference:
             return Linear.forward(ctx, x, w, b)
         K, M = w.shape
-        xb = to_bf16(x.reshape(-1, K))
+        xb = operand(x).reshape(-1, K)
         wb = precision.weight_copy(w, to_bf16)
         out = mkl.gemm(xb, wb, np.empty((xb.shape[0], M), np.float32))
         if b is not None:
@@ -85,7 +92,7 @@ class LinearBF16Mkl:
         (N, K), M = xb.shape, wb.shape[1]
         dout2 = np.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
         need = ctx.needs_input_grad
-        dob = to_bf16(dout2)
+        dob = operand(dout).reshape(N, M)
         # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
         dx = mkl.gemm(dob, wb.T, np.empty((N, K), np.float32)).reshape(ctx.x_shape) if need[0] else None
         dw = mkl.gemm(xb.T, dob, np.empty((K, M), np.float32)) if need[1] else None
