@@ -24,15 +24,22 @@ PARALLEL_MIN_VALUES = 1 << 20   # a conversion of at least this many values is s
 
 
 @njit(parallel=False, error_model="numpy", cache=True, nogil=True)
-def _to_bf16_flat(x, y, start, stop):
-    """y[i] = bf16 bits of x[i] for i in [start, stop): x float32 1-D, y uint16 1-D."""
+def bits(x, y):
+    """y[i] = bf16 bits of x[i]: x float32 1-D, y uint16 1-D of x's length."""
     u = x.view(np.uint32)
-    for i in range(start, stop):
+    for i in range(x.shape[0]):
         b = u[i]
         if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
             y[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
         else:
             y[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(parallel=False, error_model="numpy", cache=True, nogil=True)
+def _to_bf16_flat(x, y, start, stop):
+    """y[i] = bf16 bits of x[i] for i in [start, stop). Through slices and `bits`: the same loop over
+    range(start, stop) ran 4x slower (41 against 10 ms for 25M values on this project's 2-core CPU)."""
+    bits(x[start:stop], y[start:stop])
 
 
 def to_bf16(x):
