@@ -2,6 +2,13 @@
 
     python benchmarks/profile_step.py --config small --steps 30
     python benchmarks/profile_step.py --config large --steps 2 --warmup 1
+    TINYGRAD_LLM_CPU_BF16_EMULATION=1 python benchmarks/profile_step.py --dtype bfloat16 --null-gemm --no-torch
+
+--dtype bfloat16 profiles our bf16 step (precision.py's policy; PyTorch's stays float32). --null-gemm makes
+every MKL bf16 GEMM call a call of a C function that does no work (libc's labs, through the same ctypes or Numba
+call): what is left is the step's time outside the bf16 GEMMs (conversions, Python per product, softmax,
+norms...). Their outputs are then garbage, so only the times mean anything. On a CPU without bf16 units,
+where MKL emulates the products, it is how the non-GEMM overheads of the bf16 step can still be measured.
 
 Ours is timed with hooks, not cProfile (whose per-call cost would inflate the Python work): every op
 that goes through backend.accelerated (Function.apply and the optimizer's update) is wrapped so that its
@@ -32,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import tinygrad_llm  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from tinygrad_llm import backend  # noqa: E402
+from tinygrad_llm import backend, precision  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW, param_groups  # noqa: E402
 
@@ -122,9 +129,21 @@ def timed(reference, impl, rec):
     return Timed
 
 
-def profile_ours(spec, batches, warmup, steps):
+def null_gemm():
+    """Make MKL's bf16 GEMM a call of labs (same arguments, no work): see --null-gemm."""
+    import ctypes
+    from tinygrad_llm.kernels.cpu import mkl
+    if mkl.missing_reason() is not None:
+        sys.exit(f"profile_step.py: --null-gemm needs MKL: {mkl.missing_reason()}")
+    real = mkl._state[0]
+    address = ctypes.cast(ctypes.CDLL(None).labs, ctypes.c_void_p).value
+    fake = ctypes.CFUNCTYPE(real.restype, *real.argtypes)(address)
+    mkl._state = (fake, None)
+
+
+def profile_ours(spec, batches, warmup, steps, dtype="float32"):
     B = spec.pop("batch_size")
-    cfg = GPTConfig(vocab_size=VOCAB, **spec)
+    cfg = GPTConfig(vocab_size=VOCAB, dtype=dtype, **spec)
     model = GPT(cfg, rng=np.random.default_rng(0))
     opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
     rec = Recorder()
@@ -144,11 +163,12 @@ def profile_ours(spec, batches, warmup, steps):
             x, y = batches[i % len(batches)]
             rec.step.clear()
             rec.flops.clear()
-            t0 = time.perf_counter()
-            _, loss = model(x, y)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
+            with precision.weight_copies():   # bf16: each weight rounded once a step, as train.py does
+                t0 = time.perf_counter()
+                _, loss = model(x, y)
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
             opt.step()
             t3 = time.perf_counter()
             opt.zero_grad()
@@ -171,7 +191,7 @@ def profile_ours(spec, batches, warmup, steps):
     finally:
         backend.accelerated = original
     calls = {k: v / (warmup + steps) for k, v in rec.calls.items()}
-    return per_step, flops, calls, f"{cfg.n_layer}x{cfg.n_embd} T={cfg.block_size} B={B} V={VOCAB}"
+    return per_step, flops, calls, f"{cfg.n_layer}x{cfg.n_embd} T={cfg.block_size} B={B} V={VOCAB} {dtype}"
 
 
 def print_ours(per_step, flops, calls, name):
@@ -240,6 +260,10 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=positive_int, default=None, help="timed steps (default 30 small, 2 large)")
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default %(default)s)")
     parser.add_argument("--no-torch", action="store_true", help="profile ours only")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="our step's dtype (PyTorch's stays float32) (default %(default)s)")
+    parser.add_argument("--null-gemm", action="store_true",
+                        help="bf16: MKL's GEMM calls do nothing, to time the rest of the step (default off)")
     return parser.parse_args(argv)
 
 
@@ -252,7 +276,16 @@ def main():
     batches = [(rng.integers(0, VOCAB, (B, T)), rng.integers(0, VOCAB, (B, T))) for _ in range(args.warmup + steps)]
     print(f"# {os.cpu_count()} cores, numpy {np.__version__}, kernels {'on' if backend.kernels_enabled() else 'off'}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print_ours(*profile_ours(dict(spec), batches, args.warmup, steps))
+    if args.dtype == "bfloat16":
+        reason = precision.unsupported_reason("bfloat16", "cpu")
+        if reason is not None:
+            sys.exit(f"profile_step.py: {reason}")
+        if args.null_gemm:
+            null_gemm()
+            print("# --null-gemm: MKL's bf16 GEMM calls do nothing; times are the step outside them")
+    elif args.null_gemm:
+        sys.exit("profile_step.py: --null-gemm needs --dtype bfloat16")
+    print_ours(*profile_ours(dict(spec), batches, args.warmup, steps, args.dtype))
     if not args.no_torch:
         profile_torch(spec, batches, args.warmup, steps)
 

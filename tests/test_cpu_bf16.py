@@ -239,3 +239,82 @@ def test_train_cli_in_bfloat16_on_emulation(tmp_path):
                             timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("L,M,N,K", [(1, 1, 1, 1), (5, 7, 3, 4), (64, 16, 40, 32)])
+def test_batched_numba_loop_equals_python_loop(L, M, N, K):
+    """mkl.batched's Numba loop (MKL called by address, no GIL) makes the same MKL calls as the ctypes loop:
+    bitwise equal, on the strided views attention passes (rows of a packed qkv, a transposed operand)."""
+    rng = np.random.default_rng(L * M)
+    packed = bits(rng.standard_normal((L, M, 3 * K)).astype(np.float32))[:, :, K:2 * K]   # row stride 3K
+    b = bits(rng.standard_normal((L, N, K)).astype(np.float32)).swapaxes(1, 2)            # read transposed
+    c = rng.standard_normal((L, M, 2 * N)).astype(np.float32)
+    outs = []
+    for fn in (mkl.batched, mkl.batched_python):
+        out = c.copy()
+        fn(packed, b, out[:, :, N:], alpha=0.5, beta=1.0)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = np.matmul((packed.astype(np.uint32) << 16).view(np.float32).astype(np.float64),
+                    (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64))
+    assert rel_err(outs[0][:, :, N:], 0.5 * ref + c[:, :, N:]) < 1e-5
+    np.testing.assert_array_equal(outs[0][:, :, :N], c[:, :, :N])   # only the view was written
+
+
+@pytest.mark.parametrize("n", [1, 1000, (1 << 20) + 7])   # one thread; split over threads
+def test_gelu_with_bf16_copies_equals_the_float32_kernel(n):
+    """Under autocast GELU's kernel writes the bf16 copies of its output and input gradient in the same pass
+    (precision.BF16_COPY_PRODUCERS): the float32 results equal elementwise.py's kernel bitwise, the copies
+    equal a separate conversion of them bitwise, and each copy is taken once by the product that reads it."""
+    from tinygrad_llm.kernels.cpu.elementwise import GELUNumba
+    from tinygrad_llm.kernels.cpu.mixed import to_bf16
+    from tinygrad_llm.kernels.cpu.mixed_elementwise import GELUBF16Numba
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 4).astype(np.float32).reshape(-1, 1)
+    x[0, 0] = np.nan
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    ref = Context((True,))
+    y_ref = GELUNumba.forward(ref, x, approximate="tanh")
+    dx_ref = GELUNumba.backward(ref, dout)
+    with precision.weight_copies():
+        ctx = Context((True,))
+        y = GELUBF16Numba.forward(ctx, x, approximate="tanh")
+        dx = GELUBF16Numba.backward(ctx, dout)
+        yb, dxb = precision.take_copy(y), precision.take_copy(dx)
+        assert precision.take_copy(y) is None and precision.take_copy(y_ref) is None   # taken once; only its own
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(yb, to_bf16(y_ref))
+    np.testing.assert_array_equal(dxb, to_bf16(dx_ref))
+    y2 = GELUBF16Numba.forward(Context((True,)), x, approximate="tanh")   # outside a region nothing is kept
+    assert precision.take_copy(y2) is None
+
+
+def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
+    """The bf16 model's loss and gradients are bitwise the same whether the products take GELU's bf16 copies
+    or convert its float32 output and gradient themselves; and they do take them (2 a layer a step)."""
+    m1 = small_model("bfloat16")
+    m2 = small_model("bfloat16", m1.state_dict())
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
+    taken, original_take, results = [], precision.take_copy, []
+
+    def counting(a):
+        copy = original_take(a)
+        taken.append(copy is not None)
+        return copy
+
+    monkeypatch.setattr(precision, "take_copy", counting)
+    for model, offer in ((m1, True), (m2, False)):
+        if not offer:
+            monkeypatch.setattr(precision, "offer_copy", lambda a, copy: None)
+        with precision.weight_copies():
+            _, loss = model(x, y)
+            loss.backward()
+        results.append((loss.item(), {name: p.grad for name, p in model.named_parameters()}))
+        if offer:
+            assert sum(taken) == 2 * model.config.n_layer
+    assert results[0][0] == results[1][0]
+    for name, g in results[0][1].items():
+        np.testing.assert_array_equal(g, results[1][1][name], err_msg=name)

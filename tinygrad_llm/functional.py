@@ -302,6 +302,7 @@ _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 class GELU(Function):
     """(...) -> (...): x Phi(x) ("none", exact, via erf) or its tanh approximation ("tanh")."""
     kernels = {"cpu": "elementwise.GELUNumba", "cuda": "elementwise.GELUCuda"}
+    bf16_kernels = {"cpu": "mixed_elementwise.GELUBF16Numba"}   # float32, plus bf16 copies (precision.BF16_COPY_PRODUCERS)
 
     @staticmethod
     def forward(ctx, x, approximate="none"):

@@ -39,6 +39,11 @@ DTYPES = ("float32", "float64", BFLOAT16)   # what GPTConfig.dtype / --dtype acc
 # run in float32 under bfloat16 until they get bf16 kernels.
 BF16_OPS = ("Linear", "SelfAttention")
 
+# Ops that compute in float32 under autocast (outputs and gradients stay float32, as above) but whose CPU
+# kernel writes, in the same pass, the bf16 copy of what it produces for the bf16 product that consumes it:
+# GELU's output is the MLP's c_proj operand, its input gradient c_fc's dout (offer_copy / take_copy below).
+BF16_COPY_PRODUCERS = ("GELU",)
+
 # The CPU features that make bf16 products fast (/proc/cpuinfo flags): AVX-512 BF16 dot products, AMX tiles.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -57,6 +62,7 @@ def is_mixed(dtype):
 _mode = None            # None (every op in its input dtype) or "bfloat16"
 _copies = None          # the current region's bf16 weight copies: key -> copy
 _copies_depth = 0
+_operands = None        # the current region's offered bf16 copies of activations: id(array) -> (array, copy)
 _UNSET = object()
 
 
@@ -69,16 +75,16 @@ def current():
 def weight_copies():
     """One set of bf16 weight copies for everything inside (a training step's micro-batches): the weights
     must not change inside. Regions nest; the copies are dropped when the outermost one ends."""
-    global _copies, _copies_depth
+    global _copies, _copies_depth, _operands
     if _copies_depth == 0:
-        _copies = {}
+        _copies, _operands = {}, {}
     _copies_depth += 1
     try:
         yield
     finally:
         _copies_depth -= 1
         if _copies_depth == 0:
-            _copies = None
+            _copies = _operands = None
 
 
 @contextlib.contextmanager
@@ -107,6 +113,23 @@ def weight_copy(w, convert):
     if entry is None:   # w is kept with its copy: its memory cannot be handed to another array in the region
         entry = _copies[key] = (w, convert(w))
     return entry[1]
+
+
+def offer_copy(x, copy):
+    """A BF16_COPY_PRODUCERS kernel hands over `copy`, the bf16 bits of x (an array it has just made and
+    returns, which nothing changes in place afterwards), for the product that takes x next (take_copy).
+    Kept only inside a weight_copies region, and dropped with it."""
+    if _operands is not None:
+        _operands[id(x)] = (x, copy)
+
+
+def take_copy(x):
+    """The bf16 copy offered for this very array x, removed from the region (a copy is taken once), or None:
+    then the product converts x itself. The entry holds x, so its id cannot name another array meanwhile."""
+    if _operands is None:
+        return None
+    entry = _operands.pop(id(x), None)
+    return entry[1] if entry is not None and entry[0] is x else None
 
 
 # ---- bf16 rounding on the host (tests, references) -------------------------------------------------

@@ -24,15 +24,22 @@ PARALLEL_MIN_VALUES = 1 << 20   # a conversion of at least this many values is s
 
 
 @njit(parallel=False, error_model="numpy", cache=True, nogil=True)
-def _to_bf16_flat(x, y, start, stop):
-    """y[i] = bf16 bits of x[i] for i in [start, stop): x float32 1-D, y uint16 1-D."""
+def bits(x, y):
+    """y[i] = bf16 bits of x[i]: x float32 1-D, y uint16 1-D of x's length."""
     u = x.view(np.uint32)
-    for i in range(start, stop):
+    for i in range(x.shape[0]):
         b = u[i]
         if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
             y[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
         else:
             y[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(parallel=False, error_model="numpy", cache=True, nogil=True)
+def _to_bf16_flat(x, y, start, stop):
+    """y[i] = bf16 bits of x[i] for i in [start, stop). Through slices and `bits`: the same loop over
+    range(start, stop) ran 4x slower (41 against 10 ms for 25M values on this project's 2-core CPU)."""
+    bits(x[start:stop], y[start:stop])
 
 
 def to_bf16(x):
@@ -47,8 +54,15 @@ def to_bf16(x):
         _to_bf16_flat(flat, y, 0, n)
     else:
         cuts = [n * i // threads.THREADS for i in range(threads.THREADS + 1)]
-        threads.run_items(lambda a, b: _to_bf16_flat(flat, y, a, b), list(zip(cuts, cuts[1:])), True)
+        threads.run_items(lambda a, b: _to_bf16_flat(flat, y, a, b), list(zip(cuts, cuts[1:])), True, blas=False)
     return y.reshape(x.shape)
+
+
+def operand(x):
+    """x's bf16 bits as a product's operand: the copy its producer wrote in the same pass when it offered one
+    (precision.take_copy: GELU's output, GELU's input gradient), else converted here."""
+    copy = precision.take_copy(x)
+    return copy if copy is not None else to_bf16(x)
 
 
 def from_bf16(y):
@@ -68,7 +82,7 @@ class LinearBF16Mkl:
         if ctx.reference:
             return Linear.forward(ctx, x, w, b)
         K, M = w.shape
-        xb = to_bf16(x.reshape(-1, K))
+        xb = operand(x).reshape(-1, K)
         wb = precision.weight_copy(w, to_bf16)
         out = mkl.gemm(xb, wb, np.empty((xb.shape[0], M), np.float32))
         if b is not None:
@@ -85,7 +99,7 @@ class LinearBF16Mkl:
         (N, K), M = xb.shape, wb.shape[1]
         dout2 = np.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
         need = ctx.needs_input_grad
-        dob = to_bf16(dout2)
+        dob = operand(dout).reshape(N, M)
         # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
         dx = mkl.gemm(dob, wb.T, np.empty((N, K), np.float32)).reshape(ctx.x_shape) if need[0] else None
         dw = mkl.gemm(xb.T, dob, np.empty((K, M), np.float32)) if need[1] else None

@@ -81,8 +81,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_a_forked_child)
 
 
-def run_items(fn, items, parallel):
+def run_items(fn, items, parallel, blas=True):
     """fn(*item) for every item: in this thread, or spread over THREADS threads (BLAS on one each).
+
+    blas=False: the items never call NumPy's BLAS (MKL's sequential calls, Numba passes), so its thread
+    count is left alone: setting it through threadpoolctl and back costs more than small items do.
 
     Every share is finished before this returns or raises (no thread still writes into the outputs or
     calls BLAS after it), and an exception in this thread's share is raised before a worker's."""
@@ -95,7 +98,7 @@ def run_items(fn, items, parallel):
         _pool_size = THREADS - 1
         _pool = concurrent.futures.ThreadPoolExecutor(_pool_size, thread_name_prefix="tinygrad_llm-attention")
     shares = [items[i::THREADS] for i in range(THREADS)]
-    with blas_threads(1):
+    with blas_threads(1) if blas else contextlib.nullcontext():
         futures = [_pool.submit(lambda share=share: [fn(*item) for item in share]) for share in shares[1:]]
         try:
             for item in shares[0]:

@@ -1,0 +1,86 @@
+"""GELU under precision.autocast("bfloat16") on the CPU (precision.BF16_COPY_PRODUCERS): float32 arithmetic,
+the float32 kernel's (elementwise.py) to the bit, and in the same pass the bf16 copy of what it writes for
+the bf16 product that reads it next: the forward's output is the MLP's c_proj operand, the backward's input
+gradient is c_fc's dout. The copies are handed over through precision.offer_copy; mixed.operand takes them,
+so the separate float32 -> bf16 pass over the (B*T, 4C) activations and gradients is gone. The pass is split
+over threads.THREADS threads (it calls no BLAS).
+
+Covered: the tanh form (the model's default) on float32 NumPy arrays; anything else runs elementwise.py's
+kernel (or the op) unchanged and offers nothing.
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+from ... import precision
+from . import threads
+from .elementwise import GELUNumba, gelu_tanh_backward, gelu_tanh_forward_float32
+from .mixed import PARALLEL_MIN_VALUES, bits
+
+
+BLOCK = 4096   # values a block: computed by the float32 kernel, then converted while they are in L1
+
+
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
+def _forward(x, t, out, outb, c, a, start, stop):
+    """elementwise.gelu_tanh_forward_float32 on [start, stop), and outb = bf16 bits of out, a block at a time.
+    (The float32 kernel called on slices: the same loop written here over range(start, stop) with the
+    conversion inside was not vectorised and ran 10x slower.)"""
+    for b0 in range(start, stop, BLOCK):
+        b1 = min(b0 + BLOCK, stop)
+        gelu_tanh_forward_float32(x[b0:b1], t[b0:b1], out[b0:b1], c, a)
+        bits(out[b0:b1], outb[b0:b1])
+
+
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
+def _backward(x, t, dout, dx, dxb, c, a, start, stop):
+    """elementwise.gelu_tanh_backward on [start, stop), and dxb = bf16 bits of dx, a block at a time."""
+    half, one, three = np.float32(0.5), np.float32(1), np.float32(3)
+    for b0 in range(start, stop, BLOCK):
+        b1 = min(b0 + BLOCK, stop)
+        gelu_tanh_backward(x[b0:b1], t[b0:b1], dout[b0:b1], dx[b0:b1], c, a, half, one, three)
+        bits(dx[b0:b1], dxb[b0:b1])
+
+
+def _split(fn, n, *args):
+    """fn(*args, start, stop) over [0, n), split over threads when n is large."""
+    if n < PARALLEL_MIN_VALUES:
+        fn(*args, 0, n)
+        return
+    cuts = [n * i // threads.THREADS for i in range(threads.THREADS + 1)]
+    threads.run_items(lambda s, e: fn(*args, s, e), list(zip(cuts, cuts[1:])), True, blas=False)
+
+
+_C, _A = np.float32(math.sqrt(2 / math.pi)), np.float32(0.044715)
+
+
+class GELUBF16Numba:
+    """functional.GELU (tanh form, float32) writing the bf16 copies of its output and input gradient beside
+    them (module docstring); anything else: elementwise.GELUNumba."""
+
+    @staticmethod
+    def forward(ctx, x, approximate="none"):
+        ctx.copies = type(x) is np.ndarray and x.dtype == np.float32 and approximate == "tanh"
+        if not ctx.copies:
+            return GELUNumba.forward(ctx, x, approximate=approximate)
+        xf = np.ascontiguousarray(x).reshape(-1)
+        t, out, outb = np.empty_like(xf), np.empty_like(xf), np.empty(xf.size, np.uint16)
+        _split(_forward, xf.size, xf, t, out, outb, _C, _A)
+        ctx.xf, ctx.tanh, ctx.shape = xf, t, x.shape
+        out = out.reshape(x.shape)
+        precision.offer_copy(out, outb.reshape(x.shape))
+        return out
+
+    # derivation: docs/backward/gelu.md
+    @staticmethod
+    def backward(ctx, dout):
+        if not ctx.copies:
+            return GELUNumba.backward(ctx, dout)
+        xf = ctx.xf
+        dx, dxb = np.empty_like(xf), np.empty(xf.size, np.uint16)
+        d = np.ascontiguousarray(dout, dtype=np.float32).reshape(-1)
+        _split(_backward, xf.size, xf, ctx.tanh, d, dx, dxb, _C, _A)
+        dx = dx.reshape(ctx.shape)
+        precision.offer_copy(dx, dxb.reshape(ctx.shape))
+        return dx
