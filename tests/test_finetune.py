@@ -202,19 +202,24 @@ def test_instruct_cli_full_and_lora_and_export(tmp_path, tokenizer):
     base = tiny_checkpoint(tmp_path / "base.safetensors", tokenizer)
     (tmp_path / "train.json").write_text(json.dumps(EXAMPLES * 2))
     (tmp_path / "val.json").write_text(json.dumps(EXAMPLES[:2]))
-    for name, extra in (("full", []), ("lora", ["--lora_rank=2"])):
+    # lora_emb: adapters on the token and position tables too; the LM head is tied to the token table
+    for name, extra in (("full", []), ("lora", ["--lora_rank=2"]), ("lora_emb", ["--lora_rank=2", "--lora_targets=c_fc,wte,wpe"])):
         out = tmp_path / name
         assert finetune.main(["instruct", f"--init={base}", f"--data={tmp_path / 'train.json'}", f"--val={tmp_path / 'val.json'}",
                               f"--out={out}", "--epochs=2", "--batch_size=2", "--max_new_tokens=4"] + extra) == 0
         results = json.loads((out / "results.json").read_text())
         assert results["val_loss"] > 0 and len(results["samples"]) == 2
-    export = tmp_path / "merged.safetensors"
-    assert finetune.main(["export", f"--run={tmp_path / 'lora'}", f"--out={export}"]) == 0
-    model, meta = load_model(export)                   # a checkpoint of this project: sample.py reads it
-    adapted, tok, _ = finetune.load_run(tmp_path / "lora")
-    x, _ = instruction_batch(EXAMPLES, tok, max_length=96)
-    np.testing.assert_allclose(model(x)[0].numpy(), adapted(x)[0].numpy(), atol=1e-5)
-    assert meta["tokenizer"] == tok.to_dict()
+    arrays, _ = load_safetensors(tmp_path / "lora_emb" / "model.safetensors")
+    assert {"transformer.wte.lora_A", "transformer.wte.lora_B", "transformer.wpe.lora_A", "transformer.wpe.lora_B"} <= set(arrays)
+    assert np.abs(arrays["transformer.wte.lora_B"]).max() > 0          # the table's adapter trained
+    for name in ("lora", "lora_emb"):
+        export = tmp_path / f"merged_{name}.safetensors"
+        assert finetune.main(["export", f"--run={tmp_path / name}", f"--out={export}"]) == 0
+        model, meta = load_model(export)                   # a checkpoint of this project: sample.py reads it
+        adapted, tok, _ = finetune.load_run(tmp_path / name)
+        x, _ = instruction_batch(EXAMPLES, tok, max_length=96)
+        np.testing.assert_allclose(model(x)[0].numpy(), adapted(x)[0].numpy(), atol=1e-5)
+        assert meta["tokenizer"] == tok.to_dict()
 
 
 # ---- bad input: one line on stderr, non-zero exit, nothing written ------------------------------
