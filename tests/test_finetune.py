@@ -365,3 +365,34 @@ def test_the_worked_example_runs_end_to_end_in_its_smoke_size(tmp_path, capsys):
                 result = json.loads((tmp_path / "runs" / f"{task}_{init}_{mode}" / "test.json").read_text())
                 assert result["examples"] == n
                 assert 0 <= result.get("accuracy", result.get("exact_match")) <= 1 and result["loss"] > 0
+
+
+@pytest.mark.slow
+def test_the_cross_validation_example_folds_never_read_the_test_split(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    examples = Path(__file__).parents[1] / "examples"
+    loaded = {}
+    for name in ("finetune", "finetune_cv"):
+        spec = importlib.util.spec_from_file_location(f"example_{name}", examples / f"{name}.py")
+        loaded[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded[name])
+    loaded["finetune"].main(["--smoke", f"--root={tmp_path}", "--steps=data,pretrain"])
+    (tmp_path / "spam" / "test.tsv").unlink()                      # the folds must not need it
+    prepare = finetune._prepare_model
+    try:
+        loaded["finetune_cv"].main([f"--root={tmp_path}", "--tag=t", "--folds=3", "--probe_full_tables=wte", "--",
+                                    "--epochs=2", "--lora_rank=2", "--lora_targets=c_fc,wpe"])
+    finally:
+        finetune._prepare_model = prepare
+    out = capsys.readouterr().out
+    rows = (tmp_path / "spam" / "train.tsv").read_text().splitlines() + (tmp_path / "spam" / "val.tsv").read_text().splitlines()
+    assert len(rows) == 80                                         # the smoke size: 70% + 10% of 100 messages
+    pooled = [line for line in out.splitlines() if "cross-validated accuracy at the last epoch" in line]
+    assert len(pooled) == 1 and pooled[0].endswith("over 80 messages")
+    folds = tmp_path / "cv" / "t"
+    held = [set((folds / f"held{k}.tsv").read_text().splitlines()) for k in range(3)]
+    train = [set((folds / f"train{k}.tsv").read_text().splitlines()) for k in range(3)]
+    assert sum(len(h) for h in held) == len(rows) and all(not (h & t) for h, t in zip(held, train))
+    arrays, _ = load_safetensors(folds / "fold0" / "model.safetensors")
+    assert "transformer.wte.weight" in arrays and "transformer.wpe.lora_A" in arrays   # the probe trained the table
