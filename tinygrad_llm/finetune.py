@@ -18,6 +18,8 @@ Each run writes into --out (only after every input has been read and checked): m
 evaluation), model.safetensors (the best model by validation accuracy, or validation loss for instruct) and
 results.json (the final metrics; for classify the confusion matrices). A LoRA run saves only the adapters
 and the head plus the base checkpoint's path and sha256; `export` merges them into a whole model.
+`--lora_targets` names the modules that get adapters: linears (c_attn, c_proj, c_fc, the default) and the
+embedding tables (wte, wpe).
 Texts longer than the context are truncated to their first tokens, with a warning that counts them.
 """
 import argparse
