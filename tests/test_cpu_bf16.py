@@ -291,9 +291,41 @@ def test_gelu_with_bf16_copies_equals_the_float32_kernel(n):
     assert precision.take_copy(y2) is None
 
 
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 64), (2200, 500)])   # one thread; split over threads
+def test_layer_norm_with_bf16_copy_equals_the_float32_kernel(shape):
+    """Under autocast LayerNorm's kernel writes the bf16 copy of its output in the same pass: output, saved
+    statistics and gradients bitwise the float32 kernel's, the copy bitwise a separate conversion of it."""
+    from tinygrad_llm.kernels.cpu.layer_norm import LayerNormNumba
+    from tinygrad_llm.kernels.cpu.mixed import to_bf16
+    from tinygrad_llm.kernels.cpu.mixed_elementwise import LayerNormBF16Numba
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(shape[-1])
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(shape[-1]).astype(np.float32), rng.standard_normal(shape[-1]).astype(np.float32)
+    dout = rng.standard_normal(shape).astype(np.float32)
+    ref = Context((True, True, True))
+    y_ref = LayerNormNumba.forward(ref, x, w, b)
+    grads_ref = LayerNormNumba.backward(ref, dout)
+    with precision.weight_copies():
+        ctx = Context((True, True, True))
+        y = LayerNormBF16Numba.forward(ctx, x, w, b)
+        grads = LayerNormBF16Numba.backward(ctx, dout)
+        yb = precision.take_copy(y)
+        assert precision.take_copy(y) is None and precision.take_copy(grads[0]) is None   # dx: no copy
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(ctx.mean, ref.mean)
+    np.testing.assert_array_equal(ctx.rstd, ref.rstd)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_array_equal(g, g_ref)
+    np.testing.assert_array_equal(yb, to_bf16(y_ref))
+    y64 = LayerNormBF16Numba.forward(Context((True,)), x.astype(np.float64))   # not float32: the float kernel
+    np.testing.assert_array_equal(y64, LayerNormNumba.forward(Context((True,)), x.astype(np.float64)))
+
+
 def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
-    """The bf16 model's loss and gradients are bitwise the same whether the products take GELU's bf16 copies
-    or convert its float32 output and gradient themselves; and they do take them (2 a layer a step)."""
+    """The bf16 model's loss and gradients are bitwise the same whether the products take the producers' bf16
+    copies or convert their float32 outputs and gradients themselves; and they do take them (GELU's 2 and
+    LayerNorm's 2 a layer, ln_f's 1)."""
     m1 = small_model("bfloat16")
     m2 = small_model("bfloat16", m1.state_dict())
     rng = np.random.default_rng(0)
@@ -314,7 +346,7 @@ def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
             loss.backward()
         results.append((loss.item(), {name: p.grad for name, p in model.named_parameters()}))
         if offer:
-            assert sum(taken) == 2 * model.config.n_layer
+            assert sum(taken) == 4 * model.config.n_layer + 1
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         np.testing.assert_array_equal(g, results[1][1][name], err_msg=name)
