@@ -322,6 +322,39 @@ def test_layer_norm_with_bf16_copy_equals_the_float32_kernel(shape):
     np.testing.assert_array_equal(y64, LayerNormNumba.forward(Context((True,)), x.astype(np.float64)))
 
 
+@pytest.mark.parametrize("shape", [(1, 3), (77, 130), (1100, 1000)])   # one thread; split over threads
+def test_bias_gradient_and_dout_conversion_in_one_pass(shape):
+    """Linear's backward sums dout's columns (db) in the pass that converts dout to bf16: the bits equal a
+    separate conversion bitwise, the sums equal the float64 sums to float32 rounding and do not depend on
+    whether the conversion was asked for (a producer's copy taken or not); dx and dw equal the products of
+    the separately converted dout bitwise."""
+    from tinygrad_llm.kernels.cpu.mixed import LinearBF16Mkl, column_sums, to_bf16
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(shape[0])
+    d = (rng.standard_normal(shape) * 10 + 3).astype(np.float32)
+    d[0, 0] = np.nan if shape[0] > 1 else d[0, 0]
+    sums, db = column_sums(d, True)
+    sums_only, none = column_sums(d, False)
+    assert none is None and sums.dtype == np.float32
+    np.testing.assert_array_equal(db, to_bf16(d))
+    np.testing.assert_array_equal(sums, sums_only)
+    exact = d.astype(np.float64).sum(axis=0)
+    scale = np.abs(d).astype(np.float64).sum(axis=0)
+    finite = np.isfinite(exact)
+    assert np.all(np.abs(sums[finite] - exact[finite]) <= 4e-7 * scale[finite] + 1e-30)
+    assert np.array_equal(np.isnan(sums), np.isnan(exact))
+    N, M, K = shape[0], shape[1], 24
+    x, w = rng.standard_normal((N, K)).astype(np.float32), rng.standard_normal((K, M)).astype(np.float32)
+    dout = np.nan_to_num(d)
+    ctx = Context((True, True, True))
+    LinearBF16Mkl.forward(ctx, x, w, np.zeros(M, np.float32))
+    dx, dw, dbias = LinearBF16Mkl.backward(ctx, dout)
+    dob = to_bf16(dout)
+    np.testing.assert_array_equal(dx, mkl.gemm(dob, to_bf16(w).T, np.empty((N, K), np.float32)))
+    np.testing.assert_array_equal(dw, mkl.gemm(to_bf16(x).T, dob, np.empty((K, M), np.float32)))
+    np.testing.assert_array_equal(dbias, column_sums(dout, False)[0])
+
+
 def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
     """The bf16 model's loss and gradients are bitwise the same whether the products take the producers' bf16
     copies or convert their float32 outputs and gradients themselves; and they do take them (GELU's 2 and
