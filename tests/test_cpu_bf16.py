@@ -261,6 +261,48 @@ def test_batched_numba_loop_equals_python_loop(L, M, N, K):
     np.testing.assert_array_equal(outs[0][:, :, :N], c[:, :, :N])   # only the view was written
 
 
+def test_batched_over_two_leading_axes_equals_one_axis_at_a_time():
+    """mkl.batched on 4-D operands (attention's batch entries and heads, each axis with its own strides: views
+    of a packed (B, T, 3C) array) makes the same products as on each 3-D slice: bitwise equal."""
+    rng = np.random.default_rng(7)
+    B, T, NH, HS = 3, 11, 4, 8
+    packed = bits(rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)).reshape(B, T, 3, NH, HS)
+    q, k = packed[:, :, 0].transpose(0, 2, 1, 3), packed[:, :, 1].transpose(0, 2, 1, 3)   # (B, NH, T, HS) views
+    out = np.zeros((B, T, NH, 2 * T), np.float32).transpose(0, 2, 1, 3)[:, :, :, T:]       # strided output
+    mkl.batched(q, k.swapaxes(2, 3), out, alpha=0.25)
+    for b in range(B):
+        ref = np.zeros((NH, T, T), np.float32)
+        mkl.batched_python(q[b], k[b].swapaxes(1, 2), ref, alpha=0.25)
+        np.testing.assert_array_equal(out[b], ref)
+    with pytest.raises(ValueError, match="3-D or 4-D"):
+        mkl.batched(q[0, 0], k[0, 0].T, out[0, 0])
+
+
+@pytest.mark.parametrize("B,T,causal", [(3, 50, True), (2, 37, False), (5, 128, True)])   # 128: threads
+def test_attention_over_all_heads_equals_each_head_alone(B, T, causal):
+    """SelfAttention's bf16 kernel runs a work item over every head at once: its output and gradient equal,
+    bitwise, those of the same kernel run on each head alone (a one-head qkv cut from the packed one)."""
+    from tinygrad_llm.kernels.cpu.mixed_attention import SelfAttentionBF16Mkl
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(T)
+    NH, HS = 4, 16
+    qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)
+    dout = rng.standard_normal((B, T, NH * HS)).astype(np.float32)
+    ctx = Context((True,))
+    y = SelfAttentionBF16Mkl.forward(ctx, qkv, NH, causal=causal, scale=HS ** -0.5)
+    dqkv = SelfAttentionBF16Mkl.backward(ctx, dout)
+    for h in range(NH):
+        cols = [slice(part * NH * HS + h * HS, part * NH * HS + (h + 1) * HS) for part in range(3)]
+        one = np.concatenate([qkv[:, :, c] for c in cols], axis=2)
+        ctx1 = Context((True,))
+        y1 = SelfAttentionBF16Mkl.forward(ctx1, one, 1, causal=causal, scale=HS ** -0.5)
+        d1 = SelfAttentionBF16Mkl.backward(ctx1, np.ascontiguousarray(dout[:, :, h * HS:(h + 1) * HS]))
+        np.testing.assert_array_equal(y[:, :, h * HS:(h + 1) * HS], y1)
+        np.testing.assert_array_equal(ctx.lse[:, h], ctx1.lse[:, 0])
+        for part, c in enumerate(cols):
+            np.testing.assert_array_equal(dqkv[:, :, c], d1[:, :, part * HS:(part + 1) * HS])
+
+
 @pytest.mark.parametrize("n", [1, 1000, (1 << 20) + 7])   # one thread; split over threads
 def test_gelu_with_bf16_copies_equals_the_float32_kernel(n):
     """Under autocast GELU's kernel writes the bf16 copies of its output and input gradient in the same pass
