@@ -303,6 +303,26 @@ def test_attention_over_all_heads_equals_each_head_alone(B, T, causal):
             np.testing.assert_array_equal(dqkv[:, :, c], d1[:, :, part * HS:(part + 1) * HS])
 
 
+@pytest.mark.parametrize("r0,r1,kend,first", [(0, 16, 16, 1), (16, 40, 40, 1), (0, 40, 40, 40)])
+def test_softmax_gradient_pass_with_bf16_bits_equals_separate_passes(r0, r1, kend, first):
+    """Attention's backward computes dS from dP and writes the bf16 bits of P and dS in the same pass:
+    dS bitwise the float pass's (attention.softmax_grad_rows), the bits bitwise a separate conversion."""
+    from tinygrad_llm.kernels.cpu.attention import softmax_grad_rows
+    from tinygrad_llm.kernels.cpu.mixed import to_bf16
+    from tinygrad_llm.kernels.cpu.mixed_attention import _softmax_grad_bits
+    rng = np.random.default_rng(r1)
+    p = rng.random((6, 40, 48)).astype(np.float32)
+    dp = rng.standard_normal(p.shape).astype(np.float32)
+    ds_ref, ds = dp.copy(), dp.copy()
+    softmax_grad_rows(ds_ref, p, r0, r1, kend, first)
+    pb, dsb = np.zeros(p.shape, np.uint16), np.zeros(p.shape, np.uint16)
+    _softmax_grad_bits(ds, p, dsb, pb, r0, r1, kend, first)
+    np.testing.assert_array_equal(ds, ds_ref)
+    np.testing.assert_array_equal(pb[:, r0:r1, :kend], to_bf16(p[:, r0:r1, :kend]))
+    np.testing.assert_array_equal(dsb[:, r0:r1, :kend], to_bf16(ds_ref[:, r0:r1, :kend]))
+    assert not pb[:, r1:].any() and not dsb[:, :, kend:].any()   # only the block's rows and keys
+
+
 @pytest.mark.parametrize("n", [1, 1000, (1 << 20) + 7])   # one thread; split over threads
 def test_gelu_with_bf16_copies_equals_the_float32_kernel(n):
     """Under autocast GELU's kernel writes the bf16 copies of its output and input gradient in the same pass
