@@ -261,6 +261,68 @@ def test_batched_numba_loop_equals_python_loop(L, M, N, K):
     np.testing.assert_array_equal(outs[0][:, :, :N], c[:, :, :N])   # only the view was written
 
 
+def test_batched_over_two_leading_axes_equals_one_axis_at_a_time():
+    """mkl.batched on 4-D operands (attention's batch entries and heads, each axis with its own strides: views
+    of a packed (B, T, 3C) array) makes the same products as on each 3-D slice: bitwise equal."""
+    rng = np.random.default_rng(7)
+    B, T, NH, HS = 3, 11, 4, 8
+    packed = bits(rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)).reshape(B, T, 3, NH, HS)
+    q, k = packed[:, :, 0].transpose(0, 2, 1, 3), packed[:, :, 1].transpose(0, 2, 1, 3)   # (B, NH, T, HS) views
+    out = np.zeros((B, T, NH, 2 * T), np.float32).transpose(0, 2, 1, 3)[:, :, :, T:]       # strided output
+    mkl.batched(q, k.swapaxes(2, 3), out, alpha=0.25)
+    for b in range(B):
+        ref = np.zeros((NH, T, T), np.float32)
+        mkl.batched_python(q[b], k[b].swapaxes(1, 2), ref, alpha=0.25)
+        np.testing.assert_array_equal(out[b], ref)
+    with pytest.raises(ValueError, match="3-D or 4-D"):
+        mkl.batched(q[0, 0], k[0, 0].T, out[0, 0])
+
+
+@pytest.mark.parametrize("B,T,causal", [(3, 50, True), (2, 37, False), (5, 128, True)])   # 128: threads
+def test_attention_over_all_heads_equals_each_head_alone(B, T, causal):
+    """SelfAttention's bf16 kernel runs a work item over every head at once: its output and gradient equal,
+    bitwise, those of the same kernel run on each head alone (a one-head qkv cut from the packed one)."""
+    from tinygrad_llm.kernels.cpu.mixed_attention import SelfAttentionBF16Mkl
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(T)
+    NH, HS = 4, 16
+    qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)
+    dout = rng.standard_normal((B, T, NH * HS)).astype(np.float32)
+    ctx = Context((True,))
+    y = SelfAttentionBF16Mkl.forward(ctx, qkv, NH, causal=causal, scale=HS ** -0.5)
+    dqkv = SelfAttentionBF16Mkl.backward(ctx, dout)
+    for h in range(NH):
+        cols = [slice(part * NH * HS + h * HS, part * NH * HS + (h + 1) * HS) for part in range(3)]
+        one = np.concatenate([qkv[:, :, c] for c in cols], axis=2)
+        ctx1 = Context((True,))
+        y1 = SelfAttentionBF16Mkl.forward(ctx1, one, 1, causal=causal, scale=HS ** -0.5)
+        d1 = SelfAttentionBF16Mkl.backward(ctx1, np.ascontiguousarray(dout[:, :, h * HS:(h + 1) * HS]))
+        np.testing.assert_array_equal(y[:, :, h * HS:(h + 1) * HS], y1)
+        np.testing.assert_array_equal(ctx.lse[:, h], ctx1.lse[:, 0])
+        for part, c in enumerate(cols):
+            np.testing.assert_array_equal(dqkv[:, :, c], d1[:, :, part * HS:(part + 1) * HS])
+
+
+@pytest.mark.parametrize("r0,r1,kend,first", [(0, 16, 16, 1), (16, 40, 40, 1), (0, 40, 40, 40)])
+def test_softmax_gradient_pass_with_bf16_bits_equals_separate_passes(r0, r1, kend, first):
+    """Attention's backward computes dS from dP and writes the bf16 bits of P and dS in the same pass:
+    dS bitwise the float pass's (attention.softmax_grad_rows), the bits bitwise a separate conversion."""
+    from tinygrad_llm.kernels.cpu.attention import softmax_grad_rows
+    from tinygrad_llm.kernels.cpu.mixed import to_bf16
+    from tinygrad_llm.kernels.cpu.mixed_attention import _softmax_grad_bits
+    rng = np.random.default_rng(r1)
+    p = rng.random((6, 40, 48)).astype(np.float32)
+    dp = rng.standard_normal(p.shape).astype(np.float32)
+    ds_ref, ds = dp.copy(), dp.copy()
+    softmax_grad_rows(ds_ref, p, r0, r1, kend, first)
+    pb, dsb = np.zeros(p.shape, np.uint16), np.zeros(p.shape, np.uint16)
+    _softmax_grad_bits(ds, p, dsb, pb, r0, r1, kend, first)
+    np.testing.assert_array_equal(ds, ds_ref)
+    np.testing.assert_array_equal(pb[:, r0:r1, :kend], to_bf16(p[:, r0:r1, :kend]))
+    np.testing.assert_array_equal(dsb[:, r0:r1, :kend], to_bf16(ds_ref[:, r0:r1, :kend]))
+    assert not pb[:, r1:].any() and not dsb[:, :, kend:].any()   # only the block's rows and keys
+
+
 @pytest.mark.parametrize("n", [1, 1000, (1 << 20) + 7])   # one thread; split over threads
 def test_gelu_with_bf16_copies_equals_the_float32_kernel(n):
     """Under autocast GELU's kernel writes the bf16 copies of its output and input gradient in the same pass
@@ -291,9 +353,74 @@ def test_gelu_with_bf16_copies_equals_the_float32_kernel(n):
     assert precision.take_copy(y2) is None
 
 
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 64), (2200, 500)])   # one thread; split over threads
+def test_layer_norm_with_bf16_copy_equals_the_float32_kernel(shape):
+    """Under autocast LayerNorm's kernel writes the bf16 copy of its output in the same pass: output, saved
+    statistics and gradients bitwise the float32 kernel's, the copy bitwise a separate conversion of it."""
+    from tinygrad_llm.kernels.cpu.layer_norm import LayerNormNumba
+    from tinygrad_llm.kernels.cpu.mixed import to_bf16
+    from tinygrad_llm.kernels.cpu.mixed_elementwise import LayerNormBF16Numba
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(shape[-1])
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(shape[-1]).astype(np.float32), rng.standard_normal(shape[-1]).astype(np.float32)
+    dout = rng.standard_normal(shape).astype(np.float32)
+    ref = Context((True, True, True))
+    y_ref = LayerNormNumba.forward(ref, x, w, b)
+    grads_ref = LayerNormNumba.backward(ref, dout)
+    with precision.weight_copies():
+        ctx = Context((True, True, True))
+        y = LayerNormBF16Numba.forward(ctx, x, w, b)
+        grads = LayerNormBF16Numba.backward(ctx, dout)
+        yb = precision.take_copy(y)
+        assert precision.take_copy(y) is None and precision.take_copy(grads[0]) is None   # dx: no copy
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(ctx.mean, ref.mean)
+    np.testing.assert_array_equal(ctx.rstd, ref.rstd)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_array_equal(g, g_ref)
+    np.testing.assert_array_equal(yb, to_bf16(y_ref))
+    y64 = LayerNormBF16Numba.forward(Context((True,)), x.astype(np.float64))   # not float32: the float kernel
+    np.testing.assert_array_equal(y64, LayerNormNumba.forward(Context((True,)), x.astype(np.float64)))
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (77, 130), (1100, 1000)])   # one thread; split over threads
+def test_bias_gradient_and_dout_conversion_in_one_pass(shape):
+    """Linear's backward sums dout's columns (db) in the pass that converts dout to bf16: the bits equal a
+    separate conversion bitwise, the sums equal the float64 sums to float32 rounding and do not depend on
+    whether the conversion was asked for (a producer's copy taken or not); dx and dw equal the products of
+    the separately converted dout bitwise."""
+    from tinygrad_llm.kernels.cpu.mixed import LinearBF16Mkl, column_sums, to_bf16
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(shape[0])
+    d = (rng.standard_normal(shape) * 10 + 3).astype(np.float32)
+    d[0, 0] = np.nan if shape[0] > 1 else d[0, 0]
+    sums, db = column_sums(d, True)
+    sums_only, none = column_sums(d, False)
+    assert none is None and sums.dtype == np.float32
+    np.testing.assert_array_equal(db, to_bf16(d))
+    np.testing.assert_array_equal(sums, sums_only)
+    exact = d.astype(np.float64).sum(axis=0)
+    scale = np.abs(d).astype(np.float64).sum(axis=0)
+    finite = np.isfinite(exact)
+    assert np.all(np.abs(sums[finite] - exact[finite]) <= 4e-7 * scale[finite] + 1e-30)
+    assert np.array_equal(np.isnan(sums), np.isnan(exact))
+    N, M, K = shape[0], shape[1], 24
+    x, w = rng.standard_normal((N, K)).astype(np.float32), rng.standard_normal((K, M)).astype(np.float32)
+    dout = np.nan_to_num(d)
+    ctx = Context((True, True, True))
+    LinearBF16Mkl.forward(ctx, x, w, np.zeros(M, np.float32))
+    dx, dw, dbias = LinearBF16Mkl.backward(ctx, dout)
+    dob = to_bf16(dout)
+    np.testing.assert_array_equal(dx, mkl.gemm(dob, to_bf16(w).T, np.empty((N, K), np.float32)))
+    np.testing.assert_array_equal(dw, mkl.gemm(to_bf16(x).T, dob, np.empty((K, M), np.float32)))
+    np.testing.assert_array_equal(dbias, column_sums(dout, False)[0])
+
+
 def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
-    """The bf16 model's loss and gradients are bitwise the same whether the products take GELU's bf16 copies
-    or convert its float32 output and gradient themselves; and they do take them (2 a layer a step)."""
+    """The bf16 model's loss and gradients are bitwise the same whether the products take the producers' bf16
+    copies or convert their float32 outputs and gradients themselves; and they do take them (GELU's 2 and
+    LayerNorm's 2 a layer, ln_f's 1)."""
     m1 = small_model("bfloat16")
     m2 = small_model("bfloat16", m1.state_dict())
     rng = np.random.default_rng(0)
@@ -314,7 +441,7 @@ def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
             loss.backward()
         results.append((loss.item(), {name: p.grad for name, p in model.named_parameters()}))
         if offer:
-            assert sum(taken) == 2 * model.config.n_layer
+            assert sum(taken) == 4 * model.config.n_layer + 1
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         np.testing.assert_array_equal(g, results[1][1][name], err_msg=name)

@@ -160,6 +160,7 @@ def _check_norm_shapes(op, x, params):
 class LayerNorm(Function):
     """(B,T,C), (C,), (C,) -> (B,T,C): normalise over the last axis, then scale by w and shift by b."""
     kernels = {"cpu": "layer_norm.LayerNormNumba", "cuda": "layer_norm.LayerNormCuda"}
+    bf16_kernels = {"cpu": "mixed_elementwise.LayerNormBF16Numba"}   # float32, plus a bf16 copy (precision.BF16_COPY_PRODUCERS)
 
     @staticmethod
     def check_inputs(x, w=None, b=None, eps=1e-5):

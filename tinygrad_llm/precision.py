@@ -41,8 +41,10 @@ BF16_OPS = ("Linear", "SelfAttention")
 
 # Ops that compute in float32 under autocast (outputs and gradients stay float32, as above) but whose CPU
 # kernel writes, in the same pass, the bf16 copy of what it produces for the bf16 product that consumes it:
-# GELU's output is the MLP's c_proj operand, its input gradient c_fc's dout (offer_copy / take_copy below).
-BF16_COPY_PRODUCERS = ("GELU",)
+# GELU's output is the MLP's c_proj operand, its input gradient c_fc's dout; LayerNorm's output is c_attn's,
+# c_fc's or the LM head's operand (its input gradient joins the residual stream: no copy) (offer_copy /
+# take_copy below).
+BF16_COPY_PRODUCERS = ("GELU", "LayerNorm")
 
 # The CPU features that make bf16 products fast (/proc/cpuinfo flags): AVX-512 BF16 dot products, AMX tiles.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -16,7 +16,6 @@ import numpy as np
 from numba import njit
 
 from ... import precision
-from ...backend import sum_rows
 from ...functional import Linear
 from . import mkl, threads
 
@@ -58,6 +57,49 @@ def to_bf16(x):
     return y.reshape(x.shape)
 
 
+@njit(parallel=False, error_model="numpy", cache=True, nogil=True)
+def _column_sums(d, db, total, start, stop):
+    """total (M,) float64 += column sums of d (N, M) over rows [start, stop); when db (N*M,) has N*M values,
+    db = bf16 bits of those rows too, a block of rows at a time while they are in L1 (db of size 0: sums only).
+    A block's rows are summed in float32 (8 lanes), in row order, and the block's sum is added in float64."""
+    M = d.shape[1]
+    step = max(1, 4096 // M)
+    flat = d.reshape(-1)
+    part = np.empty(M, np.float32)
+    for r0 in range(start, stop, step):
+        r1 = min(r0 + step, stop)
+        part[:] = d[r0]
+        for r in range(r0 + 1, r1):
+            row = d[r]
+            for j in range(M):
+                part[j] += row[j]
+        for j in range(M):
+            total[j] += part[j]
+        if db.shape[0] > 0:
+            bits(flat[r0 * M:r1 * M], db[r0 * M:r1 * M])
+
+
+def column_sums(d, convert):
+    """(the column sums of float32 d (N, M), as float32 (M,); d's bf16 bits (N, M) when convert, else None) in
+    one pass over d: the bias gradient and dout's conversion together. The sums run in float64 per thread's
+    rows, in row order, and the threads' partial sums are added in thread order: the same sums, bitwise,
+    whether convert is asked or not (the producer's copy taken or not)."""
+    N, M = d.shape
+    db = np.empty(N * M if convert else 0, np.uint16)
+    n = threads.THREADS if d.size >= PARALLEL_MIN_VALUES else 1
+    totals = np.zeros((n, M))
+    cuts = [N * i // n for i in range(n + 1)]
+    items = [(totals[i], cuts[i], cuts[i + 1]) for i in range(n)]
+    if n == 1:
+        _column_sums(d, db, totals[0], 0, N)
+    else:
+        threads.run_items(lambda t, a, b: _column_sums(d, db, t, a, b), items, True, blas=False)
+    total = totals[0]
+    for i in range(1, n):
+        total = total + totals[i]
+    return total.astype(np.float32), (db.reshape(N, M) if convert else None)
+
+
 def operand(x):
     """x's bf16 bits as a product's operand: the copy its producer wrote in the same pass when it offered one
     (precision.take_copy: GELU's output, GELU's input gradient), else converted here."""
@@ -72,7 +114,8 @@ def from_bf16(y):
 
 class LinearBF16Mkl:
     """functional.Linear with bf16 operands: out = x w (+ b), dx = dout w^T, dw = x^T dout, each one MKL
-    bf16 GEMM with float32 sums and float32 results; b added and db = sum(dout) in float32. Saves the bf16
+    bf16 GEMM with float32 sums and float32 results; b added in float32, db = sum(dout) summed in float64 in
+    the pass that converts dout (column_sums) where no producer handed its copy over. Saves the bf16
     x and w for backward. Anything but float32 inputs takes the op itself."""
 
     @staticmethod
@@ -97,11 +140,13 @@ class LinearBF16Mkl:
             return Linear.backward(ctx, dout)
         xb, wb = ctx.xb, ctx.wb
         (N, K), M = xb.shape, wb.shape[1]
-        dout2 = np.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
         need = ctx.needs_input_grad
-        dob = operand(dout).reshape(N, M)
-        # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
+        dob, db = precision.take_copy(dout), None
+        if ctx.has_b and need[2]:   # db = sum(dout), with dout's conversion in the same pass where it is needed
+            db, converted = column_sums(np.ascontiguousarray(dout, dtype=np.float32).reshape(N, M), dob is None)
+            dob = dob if dob is not None else converted
+        dob = (dob if dob is not None else to_bf16(dout)).reshape(N, M)
+        # dx = dout w^T, dw = x^T dout (summed over every leading axis)
         dx = mkl.gemm(dob, wb.T, np.empty((N, K), np.float32)).reshape(ctx.x_shape) if need[0] else None
         dw = mkl.gemm(xb.T, dob, np.empty((K, M), np.float32)) if need[1] else None
-        db = sum_rows(dout2) if ctx.has_b and need[2] else None
         return dx, dw, db

@@ -16,6 +16,7 @@ from numba import njit
 from ... import precision
 from . import threads
 from .elementwise import GELUNumba, gelu_tanh_backward, gelu_tanh_forward_float32
+from .layer_norm import LayerNormNumba, _covered, _param, _rows, layer_norm_forward
 from .mixed import PARALLEL_MIN_VALUES, bits
 
 
@@ -43,9 +44,9 @@ def _backward(x, t, dout, dx, dxb, c, a, start, stop):
         bits(dx[b0:b1], dxb[b0:b1])
 
 
-def _split(fn, n, *args):
-    """fn(*args, start, stop) over [0, n), split over threads when n is large."""
-    if n < PARALLEL_MIN_VALUES:
+def _split(fn, n, *args, size=1):
+    """fn(*args, start, stop) over [0, n) (items of `size` values each), split over threads when n * size is large."""
+    if n * size < PARALLEL_MIN_VALUES:
         fn(*args, 0, n)
         return
     cuts = [n * i // threads.THREADS for i in range(threads.THREADS + 1)]
@@ -84,3 +85,41 @@ class GELUBF16Numba:
         dx = dx.reshape(ctx.shape)
         precision.offer_copy(dx, dxb.reshape(ctx.shape))
         return dx
+
+
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
+def _layer_norm(x, w, b, eps, out, outb, mean, rstd, start, stop):
+    """layer_norm.layer_norm_forward on rows [start, stop) of x (N, C), and outb (N*C,) = bf16 bits of out
+    (N*C,), a block of rows at a time while it is in L1 (the rows are independent: the float32 kernel's bits)."""
+    C = x.shape[1]
+    step = max(1, BLOCK // C)
+    o = out.reshape(x.shape)
+    for r0 in range(start, stop, step):
+        r1 = min(r0 + step, stop)
+        layer_norm_forward(x[r0:r1], w, b, eps, o[r0:r1], mean[r0:r1], rstd[r0:r1])
+        bits(out[r0 * C:r1 * C], outb[r0 * C:r1 * C])
+
+
+class LayerNormBF16Numba:
+    """functional.LayerNorm (float32: layer_norm.py's kernel to the bit) writing the bf16 copy of its output
+    beside it: the output is the next product's operand (c_attn's, c_fc's, the LM head's). The backward is
+    layer_norm.py's: its dx joins the residual stream, not a product. Anything but float32 NumPy arrays:
+    LayerNormNumba, nothing offered."""
+
+    @staticmethod
+    def forward(ctx, x, w=None, b=None, eps=1e-5):
+        if not (_covered(x, w, b) and x.dtype == np.float32):
+            return LayerNormNumba.forward(ctx, x, w, b, eps=eps)
+        ctx.reference = False
+        x2 = _rows(x)
+        N, C = x2.shape
+        out, outb = np.empty(N * C, np.float32), np.empty(N * C, np.uint16)
+        mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
+        ctx.w2 = _param(w, C, x.dtype, 1)
+        _split(_layer_norm, N, x2, ctx.w2, _param(b, C, x.dtype, 0), np.float32(eps), out, outb, mean, rstd, size=C)
+        ctx.x2, ctx.mean, ctx.rstd, ctx.shape = x2, mean, rstd, x.shape
+        out = out.reshape(x.shape)
+        precision.offer_copy(out, outb.reshape(x.shape))
+        return out
+
+    backward = staticmethod(LayerNormNumba.backward)

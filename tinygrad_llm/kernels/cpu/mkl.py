@@ -101,11 +101,13 @@ def _numba_function(fn):
 
 
 @njit(cache=True, nogil=True)
-def _batched_loop(fn, L, ta, tb, M, N, K, alpha, pa, sa, lda, pb, sb, ldb, beta, pc, sc, ldc):
-    """fn (cblas_gemm_bf16bf16f32) for products i in [0, L): operands at pa + i sa, pb + i sb, pc + i sc (bytes)."""
-    for i in range(L):
-        fn(_ROW_MAJOR, ta, tb, M, N, K, alpha, np.uint64(pa + i * sa), lda, np.uint64(pb + i * sb), ldb, beta,
-           np.uint64(pc + i * sc), ldc)
+def _batched_loop(fn, L1, L2, ta, tb, M, N, K, alpha, pa, sa1, sa2, lda, pb, sb1, sb2, ldb, beta, pc, sc1, sc2, ldc):
+    """fn (cblas_gemm_bf16bf16f32) for products (i, j) in [0, L1) x [0, L2): operands at pa + i sa1 + j sa2,
+    pb + i sb1 + j sb2, pc + i sc1 + j sc2 (bytes)."""
+    for i in range(L1):
+        for j in range(L2):
+            fn(_ROW_MAJOR, ta, tb, M, N, K, alpha, np.uint64(pa + i * sa1 + j * sa2), lda,
+               np.uint64(pb + i * sb1 + j * sb2), ldb, beta, np.uint64(pc + i * sc1 + j * sc2), ldc)
 
 
 def _operand(a):
@@ -156,28 +158,39 @@ def gemm(a, b, out, alpha=1.0, beta=0.0, parallel=True):
 
 
 def batched(a, b, out, alpha=1.0, beta=0.0):
-    """gemm for every leading index of 3-D a (L, M, K), b (L, K, N), out (L, M, N), on this thread. The
-    operands' layout is read once and each product's addresses are stepped from the first's, in a Numba loop
-    that calls MKL by its address without the GIL: attention makes thousands of small products a step, and a
-    ctypes call from a Python loop cost about 6.5 us a product on this project's loaded 2-core machine."""
+    """gemm for every leading index of a (..., M, K), b (..., K, N), out (..., M, N), on this thread: one or
+    two leading axes (attention's batch entries, or batch entries and heads), each with strides of its own.
+    The operands' layout is read once and each product's addresses are stepped from the first's, in a Numba
+    loop that calls MKL by its address without the GIL: attention makes thousands of small products a step,
+    and a ctypes call from a Python loop cost about 6.5 us a product on this project's loaded 2-core machine."""
     fn = _function()
-    L, M, K = a.shape
-    N = b.shape[2]
-    if L == 0 or M == 0 or N == 0:
+    if a.ndim not in (3, 4) or b.ndim != a.ndim or out.ndim != a.ndim:
+        raise ValueError(f"bf16 batched GEMM needs 3-D or 4-D operands, not {a.shape} x {b.shape} -> {out.shape}")
+    lead = a.shape[:-2]
+    M, K = a.shape[-2:]
+    N = b.shape[-1]
+    if out.strides[-1] != 4 or out.dtype != np.float32 or b.shape[:-1] != lead + (K,) or out.shape != lead + (M, N):
+        raise ValueError(f"bf16 batched GEMM shapes {a.shape} x {b.shape} -> {out.shape}")
+    if 0 in lead or M == 0 or N == 0:
         return out
     if K == 0:
         out[...] = 0 if beta == 0 else out * np.float32(beta)
         return out
-    (ta, lda), (tb, ldb) = _operand(a[0]), _operand(b[0])
-    if out.strides[2] != 4 or out.dtype != np.float32 or b.shape[:2] != (L, K) or out.shape != (L, M, N):
-        raise ValueError(f"bf16 batched GEMM shapes {a.shape} x {b.shape} -> {out.shape}")
-    _batched_loop(_numba_function(fn), L, ta, tb, M, N, K, alpha, a.ctypes.data, a.strides[0], lda,
-                  b.ctypes.data, b.strides[0], ldb, beta, out.ctypes.data, out.strides[0], out.strides[1] // 4)
+    first = (0,) * len(lead)
+    (ta, lda), (tb, ldb) = _operand(a[first]), _operand(b[first])
+    L1, L2 = (1,) + lead if len(lead) == 1 else lead
+    (sa1, sa2), (sb1, sb2), (sc1, sc2) = [(0,) + x.strides[:1] if x.ndim == 3 else x.strides[:2] for x in (a, b, out)]
+    _batched_loop(_numba_function(fn), L1, L2, ta, tb, M, N, K, alpha, a.ctypes.data, sa1, sa2, lda,
+                  b.ctypes.data, sb1, sb2, ldb, beta, out.ctypes.data, sc1, sc2, out.strides[-2] // 4)
     return out
 
 
 def batched_python(a, b, out, alpha=1.0, beta=0.0):
     """batched's reference: the same MKL calls, one ctypes call each from a Python loop (tests compare them)."""
+    if a.ndim == 4:
+        for i in range(a.shape[0]):
+            batched_python(a[i], b[i], out[i], alpha, beta)
+        return out
     fn = _function()
     L, M, K = a.shape
     N = b.shape[2]
