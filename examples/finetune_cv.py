@@ -21,6 +21,7 @@ The README's figures were taken with OPENBLAS_NUM_THREADS=1; other thread counts
 import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "22")  # before NumPy loads: idle BLAS threads sleep after ~1.5 ms (README, Threads)
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -53,8 +54,9 @@ def fold_files(root, out, folds, fold_seed):
     return sizes
 
 
+@contextlib.contextmanager
 def unfreeze_tables(names):
-    """finetune's model preparation, then the named embedding tables trained in full (the probe)."""
+    """Inside: finetune's model preparation, then the named embedding tables trained in full (the probe)."""
     prepare = finetune._prepare_model
 
     def prepare_and_unfreeze(model, args, task):
@@ -64,6 +66,10 @@ def unfreeze_tables(names):
         return info
 
     finetune._prepare_model = prepare_and_unfreeze
+    try:
+        yield
+    finally:
+        finetune._prepare_model = prepare
 
 
 def main(argv):
@@ -91,14 +97,13 @@ def main(argv):
         sys.exit(f"error: {init} is missing (run `python examples/finetune.py --steps=data,pretrain` first)")
     out = args.root / "cv" / args.tag
     sizes = fold_files(args.root, out, args.folds, args.fold_seed)
-    if tables:
-        unfreeze_tables(tables)
     by_fold = []
     for k in range(args.folds):
         run = out / f"fold{k}"
-        code = finetune.main(["classify", f"--init={init}", f"--train={out / f'train{k}.tsv'}",
-                              f"--val={out / f'held{k}.tsv'}", f"--out={run}", "--batch_size=8",
-                              f"--seed={args.seed}", *setting])
+        with unfreeze_tables(tables):
+            code = finetune.main(["classify", f"--init={init}", f"--train={out / f'train{k}.tsv'}",
+                                  f"--val={out / f'held{k}.tsv'}", f"--out={run}", "--batch_size=8",
+                                  f"--seed={args.seed}", *setting])
         if code:
             sys.exit(f"error: fold {k} failed (finetune exit code {code})")
         records = [json.loads(line) for line in (run / finetune.METRICS_NAME).read_text().splitlines()]

@@ -379,12 +379,8 @@ def test_the_cross_validation_example_folds_never_read_the_test_split(tmp_path, 
         spec.loader.exec_module(loaded[name])
     loaded["finetune"].main(["--smoke", f"--root={tmp_path}", "--steps=data,pretrain"])
     (tmp_path / "spam" / "test.tsv").unlink()                      # the folds must not need it
-    prepare = finetune._prepare_model
-    try:
-        loaded["finetune_cv"].main([f"--root={tmp_path}", "--tag=t", "--folds=3", "--probe_full_tables=wte", "--",
-                                    "--epochs=2", "--lora_rank=2", "--lora_targets=c_fc,wpe"])
-    finally:
-        finetune._prepare_model = prepare
+    loaded["finetune_cv"].main([f"--root={tmp_path}", "--tag=t", "--folds=3", "--probe_full_tables=wte", "--",
+                                "--epochs=2", "--lora_rank=2", "--lora_targets=c_fc,wpe"])
     out = capsys.readouterr().out
     rows = (tmp_path / "spam" / "train.tsv").read_text().splitlines() + (tmp_path / "spam" / "val.tsv").read_text().splitlines()
     assert len(rows) == 80                                         # the smoke size: 70% + 10% of 100 messages

@@ -793,7 +793,7 @@ class LoRALinear(Function):
         ctx.x2, ctx.w_eff, ctx.A, ctx.B, ctx.xa, ctx.scale, ctx.x_shape = x2, w_eff, A, B, xa, scale, x.shape
         return out.reshape(x.shape[:-1] + (w.shape[1],))
 
-    # derivation: docs/backward/lora.md
+    # derivation: docs/backward/lora_linear.md
     @staticmethod
     def backward(ctx, dout):
         need, s = ctx.needs_input_grad, ctx.scale

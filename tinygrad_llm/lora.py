@@ -6,7 +6,7 @@
     merge_lora(model)                             # w += (alpha / r) A B, adapters removed: a plain model again
 
 A linear with an adapter computes x W + b + (alpha/r) x A B (functional.lora_linear, one op with a
-handwritten backward, docs/backward/lora.md). An embedding table W (V, C) with an adapter looks rows up in
+handwritten backward, docs/backward/lora_linear.md). An embedding table W (V, C) with an adapter looks rows up in
 W + (alpha/r) A B, with A (V, r) and B (r, C): W[idx] + (alpha/r) A[idx] B, made of the embedding and linear
 ops (their backward scatters into the rows of A that were looked up); an LM head tied to that table
 multiplies by the same sum, so merging changes no logit. A starts small and random, B at zero, so the
@@ -22,7 +22,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .model import LMHead
-from .nn import Embedding, Linear, Module
+from .nn import Embedding, Linear
 from .tensor import Tensor, no_grad
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -43,22 +43,21 @@ class LoRAEmbedding(Embedding):
     """An Embedding with an adapter: int (...) -> (..., C), W[idx] + scale A[idx] B with scale = alpha / rank."""
 
     def forward(self, idx):
-        return F.embedding(idx, self.weight) + F.linear(F.embedding(idx, self.lora_A), self.lora_B) * self.lora_scale
+        return self._rows(idx, F.embedding)
 
     def _prechecked(self, idx):
-        table = F.Embedding._apply_prechecked
-        return table(idx, self.weight) + F.Linear.apply(table(idx, self.lora_A), self.lora_B, None) * self.lora_scale
+        return self._rows(idx, F.Embedding._apply_prechecked)
+
+    def _rows(self, idx, lookup):
+        return lookup(idx, self.weight) + F.linear(lookup(idx, self.lora_A), self.lora_B) * self.lora_scale
 
 
-class LoRALMHead(Module):
+class LoRALMHead(LMHead):
     """The LM head of a model whose tied embedding table has an adapter: (B, T, C) -> (B, T, V),
     x (W + scale A B)^T = x W^T + scale (x B^T) A^T, so that merging the adapter (which changes the shared
-    W) leaves the logits as they were. Holds the embedding module in a tuple: not a submodule, so its
-    Tensors are named once, under the embedding."""
-
-    def __init__(self, embedding):
-        self.weight = embedding.weight
-        self._table = (embedding,)
+    W) leaves the logits as they were. apply_lora turns the tied LMHead into one in place and gives it
+    `_table`: the embedding module in a tuple, not a submodule, so its Tensors are named once, under the
+    embedding."""
 
     def forward(self, x):
         e = self._table[0]
@@ -142,11 +141,10 @@ def merge_lora(model):
         m.weight.data += (m.lora_A.data @ m.lora_B.data) * m.weight.dtype.type(m.lora_scale)
         del m.lora_A, m.lora_B, m.lora_scale, m.lora_rank, m.lora_alpha
         m.__class__ = Embedding if isinstance(m, LoRAEmbedding) else Linear
-    for _, m in model.named_modules():
-        if isinstance(m, LoRALMHead):
-            del m._table
-            m.__class__ = LMHead
     for _, module in model.named_modules():
+        if isinstance(module, LoRALMHead):
+            del module._table
+            module.__class__ = LMHead
         for value in vars(module).values():
             if isinstance(value, Tensor) and value.dtype.kind == "f" and value._ctx is None:
                 value.requires_grad = True
