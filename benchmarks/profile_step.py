@@ -130,15 +130,20 @@ def timed(reference, impl, rec):
 
 
 def null_gemm():
-    """Make MKL's bf16 GEMM a call of labs (same arguments, no work): see --null-gemm."""
+    """Make MKL's bf16 GEMM calls (plain and packed) calls of labs (same arguments, no work): see --null-gemm."""
     import ctypes
     from tinygrad_llm.kernels.cpu import mkl
     if mkl.missing_reason() is not None:
         sys.exit(f"profile_step.py: --null-gemm needs MKL: {mkl.missing_reason()}")
-    real = mkl._state[0]
     address = ctypes.cast(ctypes.CDLL(None).labs, ctypes.c_void_p).value
-    fake = ctypes.CFUNCTYPE(real.restype, *real.argtypes)(address)
-    mkl._state = (fake, None)
+
+    def fake(real):
+        return ctypes.CFUNCTYPE(real.restype, *real.argtypes)(address)
+
+    mkl._state = (fake(mkl._state[0]), None)
+    if mkl._packing is not None:   # the packed weights' products (PackedB) too; their packing is real
+        size, pack, compute = mkl._packing
+        mkl._packing = (size, pack, fake(compute))
 
 
 def profile_ours(spec, batches, warmup, steps, dtype="float32"):

@@ -87,6 +87,27 @@ def test_bf16_gemm_equals_float64_product_of_rounded_inputs(M, N, K, trans_a, tr
         np.testing.assert_array_equal(out, mkl.gemm(ab, bb, np.empty((M, N), np.float32), parallel=False))
 
 
+@pytest.mark.skipif(mkl.missing_reason() is None and mkl._packing is None, reason="this MKL cannot pack bf16")
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("K,N", [(1, 1), (50, 70), (384, 1152)])
+def test_packed_b_serves_products_of_any_row_count(K, N, trans_b):
+    """One PackedB (packed once, as a weight is once a step) used by products of 1 to 1,100 rows, split
+    over threads or not: each equals the float64 product of the same bf16 values, as the unpacked gemm does."""
+    rng = np.random.default_rng(K + N)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    bb = np.ascontiguousarray(bits(b).T).T if trans_b else bits(b)
+    packed = mkl.PackedB(bb)
+    assert packed.shape == (K, N)
+    for M in (1, 7, 300, 1100):
+        a = rng.standard_normal((M, K)).astype(np.float32)
+        expected = precision.round_to_bfloat16(a).astype(np.float64) @ precision.round_to_bfloat16(b).astype(np.float64)
+        for parallel in (True, False):
+            out = mkl.gemm(bits(a), packed, np.full((M, N), np.nan, np.float32), parallel=parallel)
+            assert rel_err(out, expected) < 1e-5
+        c = rng.standard_normal((M, N)).astype(np.float32)
+        assert rel_err(mkl.gemm(bits(a), packed, c.copy(), alpha=0.5, beta=1.0), 0.5 * expected + c) < 1e-5
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3, 5), (2, 9, 16, 24), (4, 64, 128, 96)])
 def test_linear_under_autocast_against_rounded_and_float32(shape):
     B, T, IN, OUT = shape
@@ -211,8 +232,8 @@ def test_weights_converted_once_per_step_with_accumulation(monkeypatch):
     conversions = []
     original = precision.weight_copy
 
-    def counting(w, convert):
-        return original(w, lambda a: conversions.append(a.shape) or convert(a))
+    def counting(w, convert, kind="bf16"):
+        return original(w, lambda a: conversions.append(kind) or convert(a), kind)
 
     monkeypatch.setattr(precision, "weight_copy", counting)
     model = small_model("bfloat16")
@@ -223,7 +244,9 @@ def test_weights_converted_once_per_step_with_accumulation(monkeypatch):
             for micro in range(2):
                 _, loss = model(rng.integers(0, 65, (2, 16)), rng.integers(0, 65, (2, 16)))
                 loss.backward()
-        assert len(conversions) == linears * (step + 1)
+        # each weight's bf16 bits, those bits packed for the forward, and packed transposed for dx
+        assert sorted(set(conversions)) == ["bf16", "mkl packed", "mkl packed, transposed"]
+        assert all(conversions.count(kind) == linears * (step + 1) for kind in set(conversions))
 
 
 def test_train_cli_in_bfloat16_on_emulation(tmp_path):
@@ -412,7 +435,7 @@ def test_bias_gradient_and_dout_conversion_in_one_pass(shape):
     LinearBF16Mkl.forward(ctx, x, w, np.zeros(M, np.float32))
     dx, dw, dbias = LinearBF16Mkl.backward(ctx, dout)
     dob = to_bf16(dout)
-    np.testing.assert_array_equal(dx, mkl.gemm(dob, to_bf16(w).T, np.empty((N, K), np.float32)))
+    np.testing.assert_array_equal(dx, mkl.gemm(dob, mkl.packed_b(to_bf16(w).T), np.empty((N, K), np.float32)))
     np.testing.assert_array_equal(dw, mkl.gemm(to_bf16(x).T, dob, np.empty((K, M), np.float32)))
     np.testing.assert_array_equal(dbias, column_sums(dout, False)[0])
 

@@ -102,15 +102,16 @@ def autocast(dtype=BFLOAT16):
         _mode = previous
 
 
-def weight_copy(w, convert):
+def weight_copy(w, convert, kind="bf16"):
     """convert(w) (w's bf16 copy), made once per weight_copies region: the same weight, asked for again
     inside the region (its next use, or the next micro-batch), gets the copy made the first time.
     Outside a region every call converts. The key is the array's memory and layout, so a transposed view
-    (the tied LM head's wte^T) has a copy of its own."""
+    (the tied LM head's wte^T) has a copy of its own; and `kind`, so that one weight can have copies of
+    several forms (the CPU's bf16 bits, and the same bits packed for MKL as a product's right operand)."""
     if _copies is None:
         return convert(w)
     ptr = w.data.ptr if hasattr(w.data, "ptr") else w.__array_interface__["data"][0]
-    key = (ptr, w.shape, w.strides, str(w.dtype))
+    key = (ptr, w.shape, w.strides, str(w.dtype), kind)
     entry = _copies.get(key)
     if entry is None:   # w is kept with its copy: its memory cannot be handed to another array in the region
         entry = _copies[key] = (w, convert(w))

@@ -116,7 +116,8 @@ class LinearBF16Mkl:
     """functional.Linear with bf16 operands: out = x w (+ b), dx = dout w^T, dw = x^T dout, each one MKL
     bf16 GEMM with float32 sums and float32 results; b added in float32, db = sum(dout) summed in float64 in
     the pass that converts dout (column_sums) where no producer handed its copy over. Saves the bf16
-    x and w for backward. Anything but float32 inputs takes the op itself."""
+    x and w for backward. w enters its two products packed (mkl.PackedB: w for the forward, w^T for dx),
+    each packing made once per weight_copies region. Anything but float32 inputs takes the op itself."""
 
     @staticmethod
     def forward(ctx, x, w, b=None):
@@ -127,10 +128,11 @@ class LinearBF16Mkl:
         K, M = w.shape
         xb = operand(x).reshape(-1, K)
         wb = precision.weight_copy(w, to_bf16)
-        out = mkl.gemm(xb, wb, np.empty((xb.shape[0], M), np.float32))
+        out = mkl.gemm(xb, precision.weight_copy(w, lambda _: mkl.packed_b(wb), "mkl packed"),
+                       np.empty((xb.shape[0], M), np.float32))
         if b is not None:
             out += b
-        ctx.xb, ctx.wb, ctx.x_shape, ctx.has_b = xb, wb, x.shape, b is not None
+        ctx.w, ctx.xb, ctx.wb, ctx.x_shape, ctx.has_b = w, xb, wb, x.shape, b is not None
         return out.reshape(x.shape[:-1] + (M,))
 
     # derivation: docs/backward/linear.md
@@ -147,6 +149,10 @@ class LinearBF16Mkl:
             dob = dob if dob is not None else converted
         dob = (dob if dob is not None else to_bf16(dout)).reshape(N, M)
         # dx = dout w^T, dw = x^T dout (summed over every leading axis)
-        dx = mkl.gemm(dob, wb.T, np.empty((N, K), np.float32)).reshape(ctx.x_shape) if need[0] else None
+        if need[0]:   # w^T packed once a region too (from the copy the forward used)
+            wt = precision.weight_copy(ctx.w, lambda _: mkl.packed_b(wb.T), "mkl packed, transposed")
+            dx = mkl.gemm(dob, wt, np.empty((N, K), np.float32)).reshape(ctx.x_shape)
+        else:
+            dx = None
         dw = mkl.gemm(xb.T, dob, np.empty((K, M), np.float32)) if need[1] else None
         return dx, dw, db
