@@ -108,6 +108,29 @@ def test_packed_b_serves_products_of_any_row_count(K, N, trans_b):
         assert rel_err(mkl.gemm(bits(a), packed, c.copy(), alpha=0.5, beta=1.0), 0.5 * expected + c) < 1e-5
 
 
+@pytest.mark.parametrize("block_bytes", [1 << 20, 1000])
+@pytest.mark.parametrize("M,N,K", [(1, 3, 5), (300, 70, 50), (1100, 96, 64), (40, 2000, 64)])
+def test_gemm_with_bias_equals_gemm_then_bias_added(monkeypatch, M, N, K, block_bytes):
+    """gemm(bias=b) adds b block by block after each block's product: the product followed by out += b, split
+    over threads or not, with a plain or a packed right operand. Bitwise where one block holds a thread's
+    rows; with blocks of a few rows MKL takes its small-product kernels, whose sums round otherwise, so
+    there the float64 product of the same bf16 values is the reference."""
+    monkeypatch.setattr(mkl, "BIAS_BLOCK_BYTES", block_bytes)   # 1000: blocks of a few rows, many of them
+    rng = np.random.default_rng(M + N)
+    a, b = bits(rng.standard_normal((M, K)).astype(np.float32)), bits(rng.standard_normal((K, N)).astype(np.float32))
+    bias = rng.standard_normal(N).astype(np.float32)
+    for right in (b, mkl.packed_b(b)):
+        for parallel in (True, False):
+            expected = mkl.gemm(a, right, np.empty((M, N), np.float32), parallel=parallel)
+            expected += bias
+            got = mkl.gemm(a, right, np.full((M, N), np.nan, np.float32), parallel=parallel, bias=bias)
+            if block_bytes // (4 * N) >= M:
+                np.testing.assert_array_equal(got, expected)
+            exact = (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64) @ (b.astype(np.uint32) << 16).view(
+                np.float32).astype(np.float64) + bias
+            assert rel_err(got, exact) < 1e-5
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3, 5), (2, 9, 16, 24), (4, 64, 128, 96)])
 def test_linear_under_autocast_against_rounded_and_float32(shape):
     B, T, IN, OUT = shape

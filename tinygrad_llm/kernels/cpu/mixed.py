@@ -114,7 +114,8 @@ def from_bf16(y):
 
 class LinearBF16Mkl:
     """functional.Linear with bf16 operands: out = x w (+ b), dx = dout w^T, dw = x^T dout, each one MKL
-    bf16 GEMM with float32 sums and float32 results; b added in float32, db = sum(dout) summed in float64 in
+    bf16 GEMM with float32 sums and float32 results; b added in float32 (mkl.gemm's bias: a block of rows
+    at a time, right after its product), db = sum(dout) summed in float64 in
     the pass that converts dout (column_sums) where no producer handed its copy over. Saves the bf16
     x and w for backward. w enters its two products packed (mkl.PackedB: w for the forward, w^T for dx),
     each packing made once per weight_copies region. Anything but float32 inputs takes the op itself."""
@@ -129,9 +130,7 @@ class LinearBF16Mkl:
         xb = operand(x).reshape(-1, K)
         wb = precision.weight_copy(w, to_bf16)
         out = mkl.gemm(xb, precision.weight_copy(w, lambda _: mkl.packed_b(wb), "mkl packed"),
-                       np.empty((xb.shape[0], M), np.float32))
-        if b is not None:
-            out += b
+                       np.empty((xb.shape[0], M), np.float32), bias=b)
         ctx.w, ctx.xb, ctx.wb, ctx.x_shape, ctx.has_b = w, xb, wb, x.shape, b is not None
         return out.reshape(x.shape[:-1] + (M,))
 

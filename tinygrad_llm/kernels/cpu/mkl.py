@@ -28,6 +28,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS_LAYOUT, CBLAS_TRANSPOSE
 _PACKED, _B_MATRIX = 151, 162                     # CblasPacked (a transb value), CBLAS_IDENTIFIER's CblasBMatrix
 _SEQUENTIAL = 1                                   # MKL_THREADING_SEQUENTIAL
 PARALLEL_MIN_FLOPS = 1 << 23                      # below this a product runs on one thread: the hand-off costs more
+BIAS_BLOCK_BYTES = 1 << 20                        # gemm(bias=...): rows of out a product block, by their bytes
 _state = None                                     # (function, None) once loaded, (None, reason) once failed
 _packing = None                                   # (get_size, pack, compute) where the library has them
 _by_address = {}                                  # function address -> the same function typed for Numba
@@ -150,6 +151,7 @@ class PackedB:
     Same shape contract as b; only mkl.gemm reads it."""
 
     def __init__(self, b):
+        _function()   # loads MKL, or says why it cannot
         if _packing is None:
             raise RuntimeError("this MKL has no packed bf16 GEMM (cblas_gemm_bf16bf16f32_pack)")
         size, pack, _ = _packing
@@ -179,12 +181,23 @@ def _one(gemm, a, b, out, alpha, beta):
          out.strides[0] // 4)
 
 
-def gemm(a, b, out, alpha=1.0, beta=0.0, parallel=True):
+def _rows_with_bias(fn, a, b, out, alpha, beta, bias, rows):
+    """_one over blocks of `rows` rows, each followed by out += bias while the block is still in cache."""
+    for r0 in range(0, a.shape[0], rows):
+        block = out[r0:r0 + rows]
+        _one(fn, a[r0:r0 + rows], b, block, alpha, beta)
+        block += bias
+
+
+def gemm(a, b, out, alpha=1.0, beta=0.0, parallel=True, bias=None):
     """out (M, N) float32 = alpha a b + beta out: a (M, K) and b (K, N) uint16 arrays of bf16 bits (C- or
     F-ordered 2-D arrays or views: a transposed operand is read in place) or b a PackedB, out with unit
     column stride.
     Float32 sums. parallel: a large product is split by output rows (by columns when it has few rows) over
-    threads.THREADS threads; False inside work that is already spread over threads."""
+    threads.THREADS threads; False inside work that is already spread over threads. bias (N,) float32: then
+    out = alpha a b + beta out + bias, the bias added a block of BIAS_BLOCK_BYTES of out at a time right
+    after its product (out + bias in float32, as a separate pass would add it, without reading out again
+    from memory)."""
     fn = _function()
     M, K = a.shape
     N = b.shape[1]
@@ -195,17 +208,26 @@ def gemm(a, b, out, alpha=1.0, beta=0.0, parallel=True):
     if K == 0:
         out[...] = 0 if beta == 0 else out * np.float32(beta)
         return out
+    rows = max(1, BIAS_BLOCK_BYTES // (4 * N))
+
+    def run(x, y, z, c):
+        if c is None:
+            _one(fn, x, y, z, alpha, beta)
+        else:
+            _rows_with_bias(fn, x, y, z, alpha, beta, c, rows)
+
     n = threads.THREADS
     if not parallel or n < 2 or 2 * M * N * K < PARALLEL_MIN_FLOPS:
-        _one(fn, a, b, out, alpha, beta)
+        run(a, b, out, bias)
         return out
     if M >= N or M >= 64 * n or type(b) is PackedB:   # a packed b is whole: its products split by rows
         cuts = [M * i // n for i in range(n + 1)]
-        items = [(a[r0:r1], b, out[r0:r1]) for r0, r1 in zip(cuts, cuts[1:]) if r1 > r0]
+        items = [(a[r0:r1], b, out[r0:r1], bias) for r0, r1 in zip(cuts, cuts[1:]) if r1 > r0]
     else:
         cuts = [N * i // n for i in range(n + 1)]
-        items = [(a, b[:, c0:c1], out[:, c0:c1]) for c0, c1 in zip(cuts, cuts[1:]) if c1 > c0]
-    threads.run_items(lambda x, y, z: _one(fn, x, y, z, alpha, beta), items, True, blas=False)
+        items = [(a, b[:, c0:c1], out[:, c0:c1], None if bias is None else bias[c0:c1])
+                 for c0, c1 in zip(cuts, cuts[1:]) if c1 > c0]
+    threads.run_items(run, items, True, blas=False)
     return out
 
 
