@@ -24,23 +24,29 @@ BLOCK = 4096   # values a block: computed by the float32 kernel, then converted 
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
-def _forward(x, t, out, outb, c, a, start, stop):
-    """elementwise.gelu_tanh_forward_float32 on [start, stop), and outb = bf16 bits of out, a block at a time.
-    (The float32 kernel called on slices: the same loop written here over range(start, stop) with the
-    conversion inside was not vectorised and ran 10x slower.)"""
+def _forward(x, out, outb, c, a, start, stop):
+    """elementwise.gelu_tanh_forward_float32 on [start, stop), and outb = bf16 bits of out, a block at a time;
+    t = tanh(u) goes to a block-sized scratch, not kept: backward computes it again. (The float32 kernel
+    called on slices: the same loop written here over range(start, stop) with the conversion inside was
+    not vectorised and ran 10x slower.)"""
+    t = np.empty(BLOCK, np.float32)
     for b0 in range(start, stop, BLOCK):
         b1 = min(b0 + BLOCK, stop)
-        gelu_tanh_forward_float32(x[b0:b1], t[b0:b1], out[b0:b1], c, a)
+        gelu_tanh_forward_float32(x[b0:b1], t[:b1 - b0], out[b0:b1], c, a)
         bits(out[b0:b1], outb[b0:b1])
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
-def _backward(x, t, dout, dx, dxb, c, a, start, stop):
-    """elementwise.gelu_tanh_backward on [start, stop), and dxb = bf16 bits of dx, a block at a time."""
+def _backward(x, dout, dx, dxb, c, a, start, stop):
+    """elementwise.gelu_tanh_backward on [start, stop) with t = tanh(u) computed again a block at a time by
+    the forward's own function (the same bits as a kept t), and dxb = bf16 bits of dx."""
     half, one, three = np.float32(0.5), np.float32(1), np.float32(3)
+    t, scratch = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     for b0 in range(start, stop, BLOCK):
         b1 = min(b0 + BLOCK, stop)
-        gelu_tanh_backward(x[b0:b1], t[b0:b1], dout[b0:b1], dx[b0:b1], c, a, half, one, three)
+        n = b1 - b0
+        gelu_tanh_forward_float32(x[b0:b1], t[:n], scratch[:n], c, a)
+        gelu_tanh_backward(x[b0:b1], t[:n], dout[b0:b1], dx[b0:b1], c, a, half, one, three)
         bits(dx[b0:b1], dxb[b0:b1])
 
 
@@ -58,7 +64,9 @@ _C, _A = np.float32(math.sqrt(2 / math.pi)), np.float32(0.044715)
 
 class GELUBF16Numba:
     """functional.GELU (tanh form, float32) writing the bf16 copies of its output and input gradient beside
-    them (module docstring); anything else: elementwise.GELUNumba."""
+    them (module docstring); anything else: elementwise.GELUNumba. Saves x only: tanh(u) is computed again
+    in backward (elementwise.py's kernel keeps it), which on the AMX Xeon, where these passes are bound by
+    memory, is cheaper than writing and reading back 4 bytes a value (a (B*T, 4C) array a layer)."""
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
@@ -66,9 +74,9 @@ class GELUBF16Numba:
         if not ctx.copies:
             return GELUNumba.forward(ctx, x, approximate=approximate)
         xf = np.ascontiguousarray(x).reshape(-1)
-        t, out, outb = np.empty_like(xf), np.empty_like(xf), np.empty(xf.size, np.uint16)
-        _split(_forward, xf.size, xf, t, out, outb, _C, _A)
-        ctx.xf, ctx.tanh, ctx.shape = xf, t, x.shape
+        out, outb = np.empty_like(xf), np.empty(xf.size, np.uint16)
+        _split(_forward, xf.size, xf, out, outb, _C, _A)
+        ctx.xf, ctx.shape = xf, x.shape
         out = out.reshape(x.shape)
         precision.offer_copy(out, outb.reshape(x.shape))
         return out
@@ -81,7 +89,7 @@ class GELUBF16Numba:
         xf = ctx.xf
         dx, dxb = np.empty_like(xf), np.empty(xf.size, np.uint16)
         d = np.ascontiguousarray(dout, dtype=np.float32).reshape(-1)
-        _split(_backward, xf.size, xf, ctx.tanh, d, dx, dxb, _C, _A)
+        _split(_backward, xf.size, xf, d, dx, dxb, _C, _A)
         dx = dx.reshape(ctx.shape)
         precision.offer_copy(dx, dxb.reshape(ctx.shape))
         return dx
