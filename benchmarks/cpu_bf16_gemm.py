@@ -1,0 +1,102 @@
+"""MKL's bf16 GEMM on this CPU for the 6x384 step's products: which operand layout, whether the weight is packed,
+and how Linear's bias is best added. Needs a CPU with bf16 units and MKL (pip install -e ".[mkl]").
+
+    python benchmarks/cpu_bf16_gemm.py --part layouts     # one thread: every layout, packed B, torch's bf16 matmul
+    python benchmarks/cpu_bf16_gemm.py --part linear      # the threads of this process: plain vs packed weight,
+                                                          # the bias in a pass of its own vs by blocks, dx
+
+--part layouts multiplies at one thread (half the step's 16,384 rows: one thread's share of a product split
+over two): A and B each stored as read (N) or stored transposed and read so (T), B packed once by
+cblas_gemm_bf16bf16f32_pack (mkl.PackedB), and torch's bf16 matmul (oneDNN) at one thread as the anchor.
+--part linear times what LinearBF16Mkl does, at threads.THREADS threads: the forward with the weight as bf16 bits
+or packed, the bias added by a pass over the output or by mkl.gemm's blocks of 256 KiB / 1 MiB / 4 MiB, and dx
+with w^T plain or packed. Medians of 7 after 2 warm-ups; GFLOP/s in brackets.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tinygrad_llm.kernels.cpu import mkl, threads  # noqa: E402
+from tinygrad_llm.kernels.cpu.mixed import to_bf16  # noqa: E402
+
+SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]   # (in, out) of c_attn, attn c_proj, c_fc, mlp c_proj
+ROWS = 16384                                                    # B * T of the 6x384 step
+
+
+def median_ms(fn, n=7):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bf16(rng, shape):
+    return to_bf16(rng.standard_normal(shape).astype(np.float32))
+
+
+def layouts(rng):
+    import torch
+    torch.set_num_threads(1)
+    print("| product | M,K,N | NN | NT | TN | TT | B packed | torch bf16 |\n|---|---|---|---|---|---|---|---|")
+    R = ROWS // 2
+    for K, M in SHAPES:
+        for name, (m, k, n) in (("fwd x w", (R, K, M)), ("dx dout w^T", (R, M, K)), ("dw x^T dout", (K, ROWS, M))):
+            out, mflop = np.empty((m, n), np.float32), 2 * m * n * k / 1e6
+            a, b = bf16(rng, (m, k)), bf16(rng, (k, n))
+            forms_a = {"N": a, "T": np.ascontiguousarray(a.T).T}
+            forms_b = {"N": b, "T": np.ascontiguousarray(b.T).T}
+            rates = [mflop / median_ms(lambda: mkl.gemm(forms_a[x], forms_b[y], out, parallel=False))
+                     for x, y in ("NN", "NT", "TN", "TT")]
+            packed = mkl.PackedB(b)
+            rates.append(mflop / median_ms(lambda: mkl.gemm(a, packed, out, parallel=False)))
+            ta = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            tb = torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)
+            rates.append(mflop / median_ms(lambda: ta @ tb))
+            print(f"| {name} | {m},{k},{n} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
+
+
+def linear(rng):
+    print(f"threads: {threads.THREADS}")
+    print("| N,K,M | plain w + bias pass | packed w + bias pass | packed, bias blocks 256K | 1M | 4M | dx plain | "
+          "dx packed |\n|---|---|---|---|---|---|---|---|")
+    for K, M in SHAPES:
+        x, d = bf16(rng, (ROWS, K)), bf16(rng, (ROWS, M))
+        wb, bias = bf16(rng, (K, M)), rng.standard_normal(M).astype(np.float32)
+        packed, packed_t = mkl.PackedB(wb), mkl.PackedB(wb.T)
+        out, dx, mflop = np.empty((ROWS, M), np.float32), np.empty((ROWS, K), np.float32), 2 * ROWS * K * M / 1e6
+
+        def then_bias(w):
+            mkl.gemm(x, w, out)
+            out.__iadd__(bias)
+
+        times = [median_ms(lambda: then_bias(wb)), median_ms(lambda: then_bias(packed))]
+        saved = mkl.BIAS_BLOCK_BYTES
+        for block in (1 << 18, 1 << 20, 1 << 22):
+            mkl.BIAS_BLOCK_BYTES = block
+            times.append(median_ms(lambda: mkl.gemm(x, packed, out, bias=bias)))
+        mkl.BIAS_BLOCK_BYTES = saved
+        times += [median_ms(lambda: mkl.gemm(d, wb.T, dx)), median_ms(lambda: mkl.gemm(d, packed_t, dx))]
+        print(f"| {ROWS},{K},{M} | " + " | ".join(f"{t:.2f} ({mflop / t:.0f})" for t in times) + " |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("layouts", "linear"), default="linear", help="(default %(default)s)")
+    args = parser.parse_args()
+    if mkl.missing_reason() is not None:
+        sys.exit(f"cpu_bf16_gemm.py: needs MKL's bf16 GEMM: {mkl.missing_reason()}")
+    rng = np.random.default_rng(0)
+    layouts(rng) if args.part == "layouts" else linear(rng)
+
+
+if __name__ == "__main__":
+    main()
