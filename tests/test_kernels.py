@@ -379,3 +379,42 @@ def test_our_own_programs_ask_for_the_short_blas_spin_and_nothing_else_does():
     assert env_after(["python", "-m", "tinygrad_llm.train"], modules=["numpy"]) == {}
     assert env_after(["python", "-m", "tinygrad_llm.train"], environ={"OPENBLAS_THREAD_TIMEOUT": "0"}) == {
         "OPENBLAS_THREAD_TIMEOUT": "0"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size,threshold", [((1 << 20) + 3, None), (1001, 1), (1, 1)])
+def test_threaded_add_equals_numpys_add_bitwise(monkeypatch, dtype, size, threshold):
+    """Add's CPU kernel (the residual adds and the autograd's gradient sums) splits x + y over threads: the same
+    additions, so the same bits; broadcasting, strided or mixed-dtype operands take the op."""
+    from tinygrad_llm.kernels.cpu import elementwise, threads
+    if threshold is not None:
+        monkeypatch.setattr(elementwise, "ADD_PARALLEL_MIN_VALUES", threshold)
+    monkeypatch.setattr(threads, "THREADS", 2)
+    rng = np.random.default_rng(size)
+    x, y = (rng.standard_normal(size) * 1e3).astype(dtype), rng.standard_normal(size).astype(dtype)
+    x[0] = np.nan
+    ctx = Context((True, True))
+    out = elementwise.AddThreads.forward(ctx, x.reshape(1, -1), y.reshape(1, -1))
+    np.testing.assert_array_equal(out, (x + y).reshape(1, -1))
+    dx, dy = elementwise.AddThreads.backward(ctx, out)
+    assert dx is out and dy is out
+    for a, b in ((x, y[:1]), (x[::2], y[::2]), (x, y.astype(np.float16))):
+        ctx = Context((True, True))
+        np.testing.assert_array_equal(elementwise.AddThreads.forward(ctx, a, b), a + b)
+        assert [g.shape for g in elementwise.AddThreads.backward(ctx, np.ones_like(a + b))] == [a.shape, b.shape]
+
+
+def test_model_with_threaded_adds_equals_model_without(monkeypatch):
+    """The whole float32 model and its gradients with every add threaded (threshold 1) and with none."""
+    from tinygrad_llm.kernels.cpu import elementwise, threads
+    monkeypatch.setattr(threads, "THREADS", 2)
+    results = []
+    for threshold in (1, 1 << 62):
+        monkeypatch.setattr(elementwise, "ADD_PARALLEL_MIN_VALUES", threshold)
+        model = GPT(GPTConfig(vocab_size=31, block_size=8, n_layer=2, n_head=2, n_embd=16), rng=np.random.default_rng(0))
+        idx = np.random.default_rng(1).integers(0, 31, (2, 8))
+        _, loss = model(idx, idx)
+        loss.backward()
+        results.append([loss.data] + [p.grad for _, p in model.named_parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

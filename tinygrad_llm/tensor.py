@@ -376,7 +376,7 @@ def where(condition, a, b):
 # Primitive ops. Shapes: x, y broadcast together to out; every backward reduces to its input's shape.
 
 class Add(Function):
-    kernels = {"cuda": "elementwise.AddCuda"}
+    kernels = {"cpu": "elementwise.AddThreads", "cuda": "elementwise.AddCuda"}
 
     @staticmethod
     def forward(ctx, x, y):

@@ -1,5 +1,5 @@
 """GELU (tanh form and exact erf form) and SwiGLU on NumPy arrays, forward and backward, in one to three
-passes (ops: functional.GELU, functional.SwiGLU).
+passes (ops: functional.GELU, functional.SwiGLU); and large same-shape adds spread over threads (tensor.Add).
 
 The ops evaluate a NumPy expression per operation and save a second array (tanh(u), Phi(x) or
 sigmoid(gate)) for backward. Here the exact form and SwiGLU save only their inputs and backward
@@ -24,6 +24,8 @@ import numpy as np
 from numba import njit
 
 from ...functional import GELU, SwiGLU
+from ...tensor import Add
+from . import threads
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True)
@@ -211,3 +213,28 @@ class SwiGLUNumba:
         swiglu_backward(ctx.gf, ctx.uf, _flat(dout), dgate, dup, ctx.gf.dtype.type(1))
         need = ctx.needs_input_grad
         return (dgate.reshape(ctx.shape) if need[0] else None), (dup.reshape(ctx.shape) if need[1] else None)
+
+
+ADD_PARALLEL_MIN_VALUES = 1 << 20   # below this an add stays on one thread: the hand-off costs more
+
+
+class AddThreads:
+    """tensor.Add (the residual stream's adds, and the autograd's sums of two gradients meeting at a tensor)
+    with both operands float arrays of one shape and dtype, C-contiguous, of at least ADD_PARALLEL_MIN_VALUES
+    values: np.add over threads.THREADS contiguous parts at once (each part's np.add lets go of the GIL).
+    The same additions, so the same bits. Anything else (broadcasting, small arrays): the op's x + y."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        if not (type(x) is np.ndarray and type(y) is np.ndarray and x.shape == y.shape and x.dtype == y.dtype
+                and x.dtype.kind == "f" and x.size >= ADD_PARALLEL_MIN_VALUES and threads.THREADS > 1
+                and x.flags.c_contiguous and y.flags.c_contiguous):
+            return Add.forward(ctx, x, y)
+        ctx.shapes = x.shape, y.shape
+        out, xf, yf = np.empty_like(x), x.reshape(-1), y.reshape(-1)
+        of, cuts = out.reshape(-1), [x.size * i // threads.THREADS for i in range(threads.THREADS + 1)]
+        threads.run_items(lambda a, b: np.add(xf[a:b], yf[a:b], out=of[a:b]), list(zip(cuts, cuts[1:])), True,
+                          blas=False)
+        return out
+
+    backward = staticmethod(Add.backward)
