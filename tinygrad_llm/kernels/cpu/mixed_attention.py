@@ -31,8 +31,12 @@ from .mixed import PARALLEL_MIN_VALUES
 from .mixed_attention_passes import grad_bits, softmax_bits, split_heads
 
 # A work item's buffers: (forward) a row block's float32 scores and their bf16 bits, (backward) the item's bf16
-# P and dS and a row block's float32 scores and dP, every head of a run of batch entries.
-CHUNK_BYTES = 4 << 20
+# P and dS and a row block's float32 scores and dP, every head of a run of batch entries. Each item costs ~20
+# Python calls (products, passes), so few large items beat cache-sized ones: with null products at 6x384 on
+# this project's 2-core EPYC (benchmarks/attention_bf16.py --null-gemm --chunk-kib), backward 144-156 ms a call
+# at 4 MiB (64 items), 95-108 at 8, 82-100 at 16, 87-98 at 32; forward flat from 4 MiB. The row passes are
+# compute-bound (about 2 ns a score here), so their data coming from L3 rather than L2 costs little.
+CHUNK_BYTES = 16 << 20
 _local = threading.local()
 
 
