@@ -404,7 +404,8 @@ def test_softmax_pass_equals_separate_passes(r0, R, K, first):
     rng = np.random.default_rng(K)
     s = (rng.standard_normal((6, R, K)) * 4).astype(np.float32)
     e_ref, m = rows_reference(s, first, r0)
-    total = np.array([[row_sum(row, min(K, r0 + i + first)) for i, row in enumerate(rows)] for rows in e_ref], np.float32)
+    seen = [min(K, r0 + i + first) for i in range(R)]
+    total = np.array([[row_sum(row, n) for row, n in zip(rows, seen)] for rows in e_ref], np.float32)
     np.testing.assert_allclose(total, e_ref.astype(np.float64).sum(axis=2), rtol=1e-6)
     e, lse = np.full(s.shape, 7, np.uint16), np.zeros((6, r0 + R + 2), np.float32)
     softmax_bits(s.copy(), e, lse, r0, first)
