@@ -129,9 +129,10 @@ def bf16_peak():
 
 def conversion_ms(step, batch):
     """One more step, its float32 -> bf16 conversion passes timed (ms, summed over threads): what fusing them
-    into the kernels that write their inputs could save at most."""
+    into the kernels that write their inputs could save at most. Attention's head split (qkv and dO to bf16
+    head-major arrays) counts; its P and dS conversions happen inside its row passes and do not."""
     from tinygrad_llm.kernels.cpu import mixed, mixed_attention
-    spent, originals = [], (mixed._to_bf16_flat, mixed_attention._to_bf16_3d)
+    spent, originals = [], (mixed._to_bf16_flat, mixed_attention.split_heads)
 
     def timed(fn):
         def run(*args):
@@ -140,11 +141,11 @@ def conversion_ms(step, batch):
             spent.append(time.perf_counter() - t0)
         return run
 
-    mixed._to_bf16_flat, mixed_attention._to_bf16_3d = (timed(fn) for fn in originals)
+    mixed._to_bf16_flat, mixed_attention.split_heads = (timed(fn) for fn in originals)
     try:
         step(*batch)
     finally:
-        mixed._to_bf16_flat, mixed_attention._to_bf16_3d = originals
+        mixed._to_bf16_flat, mixed_attention.split_heads = originals
     return sum(spent) * 1e3
 
 

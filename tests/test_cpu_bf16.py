@@ -349,24 +349,120 @@ def test_attention_over_all_heads_equals_each_head_alone(B, T, causal):
             np.testing.assert_array_equal(dqkv[:, :, c], d1[:, :, part * HS:(part + 1) * HS])
 
 
-@pytest.mark.parametrize("r0,r1,kend,first", [(0, 16, 16, 1), (16, 40, 40, 1), (0, 40, 40, 40)])
-def test_softmax_gradient_pass_with_bf16_bits_equals_separate_passes(r0, r1, kend, first):
-    """Attention's backward computes dS from dP and writes the bf16 bits of P and dS in the same pass:
-    dS bitwise the float pass's (attention.softmax_grad_rows), the bits bitwise a separate conversion."""
-    from tinygrad_llm.kernels.cpu.attention import softmax_grad_rows
+def test_attention_exp_against_float64():
+    """The attention passes' float32 exp (mixed_attention_passes.exp32, a polynomial LLVM vectorises) against
+    float64 exp: within 1.5e-7 relative (NumPy's own float32 exp: 1.9e-7 on these values), exact at 0, 0 below
+    -88 (exact exp: under 6e-39), inf above 88, NaN kept. Attention's exponents are <= 0."""
+    from tinygrad_llm.kernels.cpu.mixed_attention_passes import exp_into
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-87.3, 88, 200_000), rng.uniform(-1, 1, 100_000), -np.arange(0, 87, 1 / 64),
+                        [0, -0.0, 1e-30, -1e-30]]).astype(np.float32)
+    y = np.empty_like(x)
+    exp_into(x, y)
+    ref = np.exp(x.astype(np.float64))
+    assert np.abs(y / ref - 1).max() < 1.5e-7
+    special = np.array([-np.inf, -88.5, -200, 88.5, np.inf, np.nan, 0], np.float32)
+    out = np.empty_like(special)
+    exp_into(special, out)
+    np.testing.assert_array_equal(out, [0, 0, 0, np.inf, np.inf, np.nan, 1])
+
+
+@pytest.mark.parametrize("shape,parts,NH", [((2, 5, 3 * 2 * 4), 3, 2), ((3, 7, 8), 1, 2), ((4, 256, 3 * 6 * 64), 3, 6)])
+def test_head_split_equals_conversion_then_head_views(shape, parts, NH):
+    """Attention's one pass from the packed float32 (B, T, parts*C) to contiguous bf16 (B, NH, T, HS) arrays
+    equals, bitwise, the flat conversion (mixed.to_bf16) followed by head views; (4, 256, 1152) is split
+    over the threads."""
     from tinygrad_llm.kernels.cpu.mixed import to_bf16
-    from tinygrad_llm.kernels.cpu.mixed_attention import _softmax_grad_bits
-    rng = np.random.default_rng(r1)
-    p = rng.random((6, 40, 48)).astype(np.float32)
-    dp = rng.standard_normal(p.shape).astype(np.float32)
-    ds_ref, ds = dp.copy(), dp.copy()
-    softmax_grad_rows(ds_ref, p, r0, r1, kend, first)
-    pb, dsb = np.zeros(p.shape, np.uint16), np.zeros(p.shape, np.uint16)
-    _softmax_grad_bits(ds, p, dsb, pb, r0, r1, kend, first)
-    np.testing.assert_array_equal(ds, ds_ref)
-    np.testing.assert_array_equal(pb[:, r0:r1, :kend], to_bf16(p[:, r0:r1, :kend]))
-    np.testing.assert_array_equal(dsb[:, r0:r1, :kend], to_bf16(ds_ref[:, r0:r1, :kend]))
-    assert not pb[:, r1:].any() and not dsb[:, :, kend:].any()   # only the block's rows and keys
+    from tinygrad_llm.kernels.cpu.mixed_attention import _heads, _split
+    rng = np.random.default_rng(shape[1])
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[:4] = [np.nan, np.inf, -np.inf, 3.4e38]
+    ours, ref = _split(x, parts, NH), _heads(to_bf16(x), parts, NH)
+    for a, r in zip(ours, ref):
+        assert a.flags.c_contiguous and a.shape == r.shape
+        np.testing.assert_array_equal(a, r)
+
+
+def rows_reference(s, first, r0):
+    """mask, row max and exp as separate passes (attention.max_shift_rows, then the same exp32): (P numerators, max)"""
+    from tinygrad_llm.kernels.cpu.attention import max_shift_rows
+    from tinygrad_llm.kernels.cpu.mixed_attention_passes import exp_into
+    e, m = s.copy(), np.empty(s.shape[:2], np.float32)
+    max_shift_rows(e, 0, s.shape[1], s.shape[2], r0 + first, m)
+    exp_into(e.reshape(-1), e.reshape(-1))
+    return e, m
+
+
+@pytest.mark.parametrize("r0,R,K,first", [(0, 16, 16, 1), (16, 24, 40, 1), (0, 40, 40, 40), (3, 5, 7, 1)])
+def test_softmax_pass_equals_separate_passes(r0, R, K, first):
+    """The forward's one row pass (softmax_bits: mask, max, exp, sum, normalise, bf16 bits, log-sum-exp) against
+    the same steps as separate passes: the bits bitwise (the same float32 operations on each value), the
+    log-sum-exp within 2^-23 of its terms' magnitudes (Numba's logf against NumPy's log); the row sums (float32,
+    eight chains) within 1e-6 of float64 sums."""
+    from tinygrad_llm.kernels.cpu.mixed import to_bf16
+    from tinygrad_llm.kernels.cpu.mixed_attention_passes import row_sum, softmax_bits
+    rng = np.random.default_rng(K)
+    s = (rng.standard_normal((6, R, K)) * 4).astype(np.float32)
+    e_ref, m = rows_reference(s, first, r0)
+    seen = [min(K, r0 + i + first) for i in range(R)]
+    total = np.array([[row_sum(row, n) for row, n in zip(rows, seen)] for rows in e_ref], np.float32)
+    np.testing.assert_allclose(total, e_ref.astype(np.float64).sum(axis=2), rtol=1e-6)
+    e, lse = np.full(s.shape, 7, np.uint16), np.zeros((6, r0 + R + 2), np.float32)
+    softmax_bits(s.copy(), e, lse, r0, first)
+    np.testing.assert_array_equal(e, to_bf16(e_ref * (np.float32(1) / total)[:, :, None]))
+    log_total = np.log(total)   # lse = max + log(sum): the log to an ulp, the sum rounded once
+    assert (np.abs(lse[:, r0:r0 + R] - (m + log_total)) <= 1.2e-7 * (np.abs(m) + np.abs(log_total))).all()
+    assert not lse[:, :r0].any() and not lse[:, r0 + R:].any()   # only the block's rows
+
+
+@pytest.mark.parametrize("r0,R,K,first", [(0, 16, 16, 1), (16, 24, 40, 1), (0, 40, 40, 40), (3, 5, 7, 1)])
+def test_softmax_gradient_pass_equals_separate_passes(r0, R, K, first):
+    """The backward's one row pass (grad_bits: P = exp(S - lse), dS = P (dP - rowsum(P dP)), the bf16 bits of
+    both) against attention.shift_rows, the same exp32, attention.softmax_grad_rows and mixed.to_bf16 run one
+    after the other: bitwise, and only the block's rows and keys written."""
+    from tinygrad_llm.kernels.cpu.attention import shift_rows, softmax_grad_rows
+    from tinygrad_llm.kernels.cpu.mixed import to_bf16
+    from tinygrad_llm.kernels.cpu.mixed_attention_passes import exp_into, grad_bits
+    rng = np.random.default_rng(R)
+    TQ, TK = r0 + R + 3, K + 5
+    s = (rng.standard_normal((6, R, K)) * 4).astype(np.float32)
+    dp = rng.standard_normal(s.shape).astype(np.float32)
+    lse = (rng.standard_normal((6, TQ)) + 4).astype(np.float32)
+    p_ref = np.zeros((6, TQ, K), np.float32)
+    p_ref[:, r0:r0 + R] = s
+    shift_rows(p_ref, r0, r0 + R, K, first, lse)
+    exp_into(p_ref.reshape(-1), p_ref.reshape(-1))
+    ds_ref = np.zeros_like(p_ref)
+    ds_ref[:, r0:r0 + R] = dp
+    softmax_grad_rows(ds_ref, p_ref, r0, r0 + R, K, first)
+    pb, dsb = np.zeros((6, TQ, TK), np.uint16), np.zeros((6, TQ, TK), np.uint16)
+    grad_bits(s.copy(), dp.copy(), lse, pb, dsb, r0, first)
+    np.testing.assert_array_equal(pb[:, r0:r0 + R, :K], to_bf16(p_ref[:, r0:r0 + R]))
+    np.testing.assert_array_equal(dsb[:, r0:r0 + R, :K], to_bf16(ds_ref[:, r0:r0 + R]))
+    for a in (pb, dsb):
+        assert not a[:, :r0].any() and not a[:, r0 + R:].any() and not a[:, :, K:].any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_work_items_and_reused_buffers_change_nothing(monkeypatch, causal):
+    """The bf16 attention split into many work items (a small CHUNK_BYTES: one batch entry each, the threads'
+    scratch buffers reused, holding the last call's values) gives bitwise the results of one item per call."""
+    from tinygrad_llm.kernels.cpu import mixed_attention
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(1)
+    B, T, NH, HS = 6, 128, 2, 16
+    qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)
+    dout = rng.standard_normal((B, T, NH * HS)).astype(np.float32)
+    results = []
+    for chunk in (1 << 30, 1, 1 << 30, 1):
+        monkeypatch.setattr(mixed_attention, "CHUNK_BYTES", chunk)
+        ctx = Context((True,))
+        y = mixed_attention.SelfAttentionBF16Mkl.forward(ctx, qkv, NH, causal=causal, scale=HS ** -0.5)
+        results.append((y, ctx.lse, mixed_attention.SelfAttentionBF16Mkl.backward(ctx, dout)))
+        assert np.isfinite(results[-1][2]).all()
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("n", [1, 1000, (1 << 20) + 7])   # one thread; split over threads

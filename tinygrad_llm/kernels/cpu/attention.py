@@ -82,6 +82,24 @@ def shift_rows(s, r0, r1, kend, first, shift):
 
 
 @njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
+def grad_row(prow, drow, n, kend):
+    """One row of softmax_grad_rows: drow[:kend] = dP -> prow (drow - rowsum(P dP)), the sum over keys [0, n)."""
+    d0, d1, d2, d3 = 0.0, 0.0, 0.0, 0.0  # float64, four chains
+    j = 0
+    while j + 4 <= n:
+        d0 += prow[j] * drow[j]
+        d1 += prow[j + 1] * drow[j + 1]
+        d2 += prow[j + 2] * drow[j + 2]
+        d3 += prow[j + 3] * drow[j + 3]
+        j += 4
+    for jj in range(j, n):
+        d0 += prow[jj] * drow[jj]
+    d = (d0 + d1) + (d2 + d3)
+    for jj in range(kend):
+        drow[jj] = prow[jj] * (drow[jj] - d)
+
+
+@njit(parallel=False, fastmath=False, error_model="numpy", cache=True, nogil=True)
 def softmax_grad_rows(ds, p, r0, r1, kend, first):
     """ds: dP = dO V^T -> dS = P (dP - rowsum(P dP)) for rows [r0, r1), keys [0, kend) (P is 0 on masked keys).
 
@@ -90,21 +108,7 @@ def softmax_grad_rows(ds, p, r0, r1, kend, first):
     C = ds.shape[0]
     for c in range(C):
         for i in range(r0, r1):
-            drow, prow = ds[c, i], p[c, i]
-            n = min(kend, i + first)
-            d0, d1, d2, d3 = 0.0, 0.0, 0.0, 0.0  # float64, four chains
-            j = 0
-            while j + 4 <= n:
-                d0 += prow[j] * drow[j]
-                d1 += prow[j + 1] * drow[j + 1]
-                d2 += prow[j + 2] * drow[j + 2]
-                d3 += prow[j + 3] * drow[j + 3]
-                j += 4
-            for jj in range(j, n):
-                d0 += prow[jj] * drow[jj]
-            d = (d0 + d1) + (d2 + d3)
-            for jj in range(kend):
-                drow[jj] = prow[jj] * (drow[jj] - d)
+            grad_row(p[c, i], ds[c, i], min(kend, i + first), kend)
 
 
 # ---- the passes over one work item: batch entries [b0, b1) of head h ---------------------------------
