@@ -120,16 +120,16 @@ def _bench_elementwise(shapes):
         x, y = elementwise_inputs(shape, np.float32)
         cases = [("gelu tanh", F.GELU, GELUNumba, (x,), dict(approximate="tanh")),
                  ("gelu exact", F.GELU, GELUNumba, (x,), dict(approximate="none")),
-                 ("swiglu", F.SwiGLU, SwiGLUNumba, (x, y), {})]
+                 ("swiglu", F.SwiGLU, SwiGLUNumba, (x, y), {}), ("add", Add, AddThreads, (x, y), {})]
         for name, reference, kernel, arrays, attrs in cases:
             t_numba = median_ms(forward_backward(kernel, arrays, attrs), repeat=5)
             t_numpy = median_ms(forward_backward(reference, arrays, attrs), repeat=5)
             t_torch = None
             if torch is not None:
                 tx, ty = torch.from_numpy(x).requires_grad_(), torch.from_numpy(y).requires_grad_()
-                F = torch.nn.functional
-                fn = {"gelu tanh": lambda: F.gelu(tx, approximate="tanh"), "gelu exact": lambda: F.gelu(tx),
-                      "swiglu": lambda: F.silu(tx) * ty}[name]
+                tf = torch.nn.functional
+                fn = {"gelu tanh": lambda: tf.gelu(tx, approximate="tanh"), "gelu exact": lambda: tf.gelu(tx),
+                      "swiglu": lambda: tf.silu(tx) * ty, "add": lambda: tx + ty}[name]
                 t_torch = median_ms(lambda: fn().backward(torch.ones(shape)), repeat=5)
             rows.append(table_row(f"{name} fwd+bwd", shape, np.float32, t_numba, t_numpy, t_torch))
     return rows
@@ -198,7 +198,7 @@ def bench_matmul():
 
 def _import_kernels():
     """The kernels and the tests' input makers, as globals of this module (after the Numba check)."""
-    global F, ScaledDotProductAttentionNumba, CrossEntropyNumba, GELUNumba, SwiGLUNumba, exact_served
+    global F, ScaledDotProductAttentionNumba, CrossEntropyNumba, GELUNumba, SwiGLUNumba, exact_served, Add, AddThreads
     global EmbeddingNumba, LayerNormNumba, RMSNormNumba, adamw_update_numba, adamw_update
     global attention_inputs, cross_entropy_inputs, elementwise_inputs, embedding_inputs, norm_inputs, adamw_state
     from kernel_checks import (adamw_state, attention_inputs, cross_entropy_inputs, elementwise_inputs,
@@ -206,7 +206,8 @@ def _import_kernels():
     from tinygrad_llm import functional as F
     from tinygrad_llm.kernels.cpu.attention import ScaledDotProductAttentionNumba
     from tinygrad_llm.kernels.cpu.cross_entropy import CrossEntropyNumba
-    from tinygrad_llm.kernels.cpu.elementwise import GELUNumba, SwiGLUNumba, exact_served
+    from tinygrad_llm.kernels.cpu.elementwise import AddThreads, GELUNumba, SwiGLUNumba, exact_served
+    from tinygrad_llm.tensor import Add
     from tinygrad_llm.kernels.cpu.embedding import EmbeddingNumba
     from tinygrad_llm.kernels.cpu.layer_norm import LayerNormNumba, RMSNormNumba
     from tinygrad_llm.kernels.cpu.optim import adamw_update_numba
