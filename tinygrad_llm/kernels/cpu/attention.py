@@ -40,12 +40,13 @@ def _covered(q, k, v, mask, causal):
             and k.shape[-2] > 0 and (not causal or k.shape[-2] >= q.shape[-2]))
 
 
-def _row_blocks(TQ, TK, causal):
+def _row_blocks(TQ, TK, causal, min_rows=None):
     """(r0, r1, kend): query rows [r0, r1) see keys [0, kend). Causal: row i sees keys <= i + TK - TQ, so
-    a block needs keys up to r1 + TK - TQ; keys [kend of the block before, kend) are seen only by rows >= r0."""
+    a block needs keys up to r1 + TK - TQ; keys [kend of the block before, kend) are seen only by rows >= r0.
+    ROW_BLOCKS blocks of at least min_rows rows (default MIN_ROW_BLOCK)."""
     if not causal:
         return [(0, TQ, TK)]
-    offset, size = TK - TQ, max(MIN_ROW_BLOCK, -(-TQ // ROW_BLOCKS))
+    offset, size = TK - TQ, max(MIN_ROW_BLOCK if min_rows is None else min_rows, -(-TQ // ROW_BLOCKS))
     return [(r0, min(r0 + size, TQ), min(r0 + size, TQ) + offset) for r0 in range(0, TQ, size)]
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ...functional import SelfAttention
 from . import mkl, threads
-from .attention import PARALLEL_MIN_SCORES, _row_blocks
+from .attention import MIN_ROW_BLOCK, PARALLEL_MIN_SCORES, _row_blocks
 from .mixed import PARALLEL_MIN_VALUES
 from .mixed_attention_passes import grad_bits, softmax_bits, split_heads
 
@@ -136,7 +136,7 @@ class SelfAttentionBF16Mkl:
         q, k, v = _split(qkv, 3, n_head)
         y = np.empty((B, T, C3 // 3), np.float32)
         lse = np.empty((B, n_head, T), np.float32)
-        blocks = _row_blocks(T, T, causal)
+        blocks = _row_blocks(T, T, causal, MIN_ROW_BLOCK)
         first = 1 if causal else T
         rows = max(r1 - r0 for r0, r1, _ in blocks)
         yh = _heads(y, 1, n_head)[0]
@@ -156,7 +156,7 @@ class SelfAttentionBF16Mkl:
         do = _split(np.reshape(dout, (B, T, NH * HS)), 1, NH)[0]
         dqkv = np.empty((B, T, 3 * NH * HS), np.float32)
         dq, dk, dv = _heads(dqkv, 3, NH)
-        blocks = _row_blocks(T, T, ctx.causal)
+        blocks = _row_blocks(T, T, ctx.causal, MIN_ROW_BLOCK)
         first = 1 if ctx.causal else T
         rows = max(r1 - r0 for r0, r1, _ in blocks)
         parallel = T * T >= PARALLEL_MIN_SCORES
