@@ -72,7 +72,8 @@ def test_conversion_equals_torch_rounding():
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 5, 3), (300, 70, 50), (512, 384, 256)])
-def test_bf16_gemm_equals_float64_product_of_rounded_inputs(M, N, K, trans_a, trans_b):
+def test_bf16_gemm_equals_float64_product_of_rounded_inputs(monkeypatch, M, N, K, trans_a, trans_b):
+    monkeypatch.setattr(mkl, "PARALLEL_MIN_FLOPS", 1 << 20)     # the largest case is split over threads
     rng = np.random.default_rng(M + N + K)
     a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
     ab, bb = bits(a), bits(b)
@@ -90,9 +91,10 @@ def test_bf16_gemm_equals_float64_product_of_rounded_inputs(M, N, K, trans_a, tr
 @pytest.mark.skipif(mkl.missing_reason() is None and mkl._packing is None, reason="this MKL cannot pack bf16")
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("K,N", [(1, 1), (50, 70), (384, 1152)])
-def test_packed_b_serves_products_of_any_row_count(K, N, trans_b):
+def test_packed_b_serves_products_of_any_row_count(monkeypatch, K, N, trans_b):
     """One PackedB (packed once, as a weight is once a step) used by products of 1 to 1,100 rows, split
     over threads or not: each equals the float64 product of the same bf16 values, as the unpacked gemm does."""
+    monkeypatch.setattr(mkl, "PARALLEL_MIN_FLOPS", 0)            # parallel=True splits every product
     rng = np.random.default_rng(K + N)
     b = rng.standard_normal((K, N)).astype(np.float32)
     bb = np.ascontiguousarray(bits(b).T).T if trans_b else bits(b)
@@ -116,6 +118,7 @@ def test_gemm_with_bias_equals_gemm_then_bias_added(monkeypatch, M, N, K, block_
     rows; with blocks of a few rows MKL takes its small-product kernels, whose sums round otherwise, so
     there the float64 product of the same bf16 values is the reference."""
     monkeypatch.setattr(mkl, "BIAS_BLOCK_BYTES", block_bytes)   # 1000: blocks of a few rows, many of them
+    monkeypatch.setattr(mkl, "PARALLEL_MIN_FLOPS", 0)            # parallel=True splits every product
     rng = np.random.default_rng(M + N)
     a, b = bits(rng.standard_normal((M, K)).astype(np.float32)), bits(rng.standard_normal((K, N)).astype(np.float32))
     bias = rng.standard_normal(N).astype(np.float32)

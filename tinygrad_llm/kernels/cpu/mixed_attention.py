@@ -26,7 +26,7 @@ import numpy as np
 
 from ...functional import SelfAttention
 from . import mkl, threads
-from .attention import MIN_ROW_BLOCK, PARALLEL_MIN_SCORES, _row_blocks
+from .attention import PARALLEL_MIN_SCORES, _row_blocks
 from .mixed import PARALLEL_MIN_VALUES
 from .mixed_attention_passes import grad_bits, softmax_bits, split_heads
 
@@ -37,6 +37,9 @@ from .mixed_attention_passes import grad_bits, softmax_bits, split_heads
 # at 4 MiB (64 items), 95-108 at 8, 82-100 at 16, 87-98 at 32; forward flat from 4 MiB. The row passes are
 # compute-bound (about 2 ns a score here), so their data coming from L3 rather than L2 costs little.
 CHUNK_BYTES = 16 << 20
+# Causal row blocks of at least 64 rows (the float32 kernel's: 16): at T=64 one block, four times fewer MKL and
+# Python calls for the masked quarter's flops, which the AMX Xeon's 4x128 step measured faster (RESULTS.md).
+MIN_ROW_BLOCK = 64
 _local = threading.local()
 
 

@@ -27,7 +27,8 @@ ENV_PATH = "TINYGRAD_LLM_MKL"
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS_LAYOUT, CBLAS_TRANSPOSE
 _PACKED, _B_MATRIX = 151, 162                     # CblasPacked (a transb value), CBLAS_IDENTIFIER's CblasBMatrix
 _SEQUENTIAL = 1                                   # MKL_THREADING_SEQUENTIAL
-PARALLEL_MIN_FLOPS = 1 << 23                      # below this a product runs on one thread: the hand-off costs more
+PARALLEL_MIN_FLOPS = 1 << 28                      # below this a product runs on one thread: the hand-off costs more
+                                                  # (AMX Xeon, 4x128 step: 2^23 against 2^28, benchmarks/RESULTS.md)
 BIAS_BLOCK_BYTES = 4 << 20                        # gemm(bias=...): rows of out a product block, by their bytes
                                                   # (AMX Xeon, 2 threads: 256K, 1M, 4M blocks measured; 4M fastest)
 _state = None                                     # (function, None) once loaded, (None, reason) once failed
