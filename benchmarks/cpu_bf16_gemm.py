@@ -12,7 +12,6 @@ cblas_gemm_bf16bf16f32_pack (mkl.PackedB), and torch's bf16 matmul (oneDNN) at o
 or packed, the bias added by a pass over the output or by mkl.gemm's blocks of 256 KiB / 1 MiB / 4 MiB, and dx
 with w^T plain or packed. Medians of 7 after 2 warm-ups; GFLOP/s in brackets.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_args import Parser  # noqa: E402
 from tinygrad_llm.kernels.cpu import mkl, threads  # noqa: E402
 from tinygrad_llm.kernels.cpu.mixed import to_bf16  # noqa: E402
 
@@ -88,10 +88,14 @@ def linear(rng):
         print(f"| {ROWS},{K},{M} | " + " | ".join(f"{t:.2f} ({mflop / t:.0f})" for t in times) + " |", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = Parser(__doc__)
     parser.add_argument("--part", choices=("layouts", "linear"), default="linear", help="(default %(default)s)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     if mkl.missing_reason() is not None:
         sys.exit(f"cpu_bf16_gemm.py: needs MKL's bf16 GEMM: {mkl.missing_reason()}")
     rng = np.random.default_rng(0)

@@ -13,6 +13,8 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # script -> (its count options, whether it reads a text file and how that is named on its command line)
 SCRIPTS = {
+    "cpu_bf16_gemm": ([], None),
+    "cpu_bf16_step": (["--rounds", "--per"], None),
     "flash_attention": (["--warmup", "--repeats"], None),
     "gpu_train": (["--steps", "--iters", "--eval_interval", "--eval_iters", "--profile"], "--data"),
     "lora_step": (["--steps", "--blocks", "--rank"], None),
