@@ -12,31 +12,20 @@ cblas_gemm_bf16bf16f32_pack (mkl.PackedB), and torch's bf16 matmul (oneDNN) at o
 or packed, the bias added by a pass over the output or by mkl.gemm's blocks of 256 KiB / 1 MiB / 4 MiB, and dx
 with w^T plain or packed. Medians of 7 after 2 warm-ups; GFLOP/s in brackets.
 """
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import Parser  # noqa: E402
+from kernels import median_ms  # noqa: E402
 from tinygrad_llm.kernels.cpu import mkl, threads  # noqa: E402
 from tinygrad_llm.kernels.cpu.mixed import to_bf16  # noqa: E402
 
 SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]   # (in, out) of c_attn, attn c_proj, c_fc, mlp c_proj
 ROWS = 16384                                                    # B * T of the 6x384 step
-
-
-def median_ms(fn, n=7):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def bf16(rng, shape):

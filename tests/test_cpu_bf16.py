@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bf16_curves import training_curve
 import torch
 
 from tinygrad_llm import precision
 from tinygrad_llm import functional as F
 from tinygrad_llm.kernels.cpu import mkl
 from tinygrad_llm.model import GPT, GPTConfig
-from tinygrad_llm.optim import AdamW, clip_grad_norm, param_groups
 from tinygrad_llm.tensor import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,24 +222,6 @@ def test_model_loss_and_gradients_against_float32():
     assert all(g.dtype == np.float32 for g in grads[0].values())
 
 
-def _curve(model, data, steps, B=8, T=64):
-    opt = AdamW(param_groups(model, 0.1), lr=2e-3, betas=(0.9, 0.99))
-    rng, losses = np.random.default_rng(0), []
-    model.train()
-    for _ in range(steps):
-        starts = rng.integers(0, len(data) - T - 1, B)
-        x = np.stack([data[s:s + T] for s in starts]).astype(np.int64)
-        y = np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64)
-        with precision.weight_copies():
-            _, loss = model(x, y)
-            loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return np.array(losses)
-
-
 @pytest.mark.slow
 def test_short_training_run_follows_the_float32_curve():
     text = (ROOT / "examples" / "data" / "tinyshakespeare.txt").read_text()[:200000]
@@ -247,7 +229,7 @@ def test_short_training_run_follows_the_float32_curve():
     data = np.array([chars.index(c) for c in text], dtype=np.int64) % 65
     m32 = small_model("float32")
     m16 = small_model("bfloat16", m32.state_dict())
-    c16, c32 = _curve(m16, data, 100), _curve(m32, data, 100)
+    c16, c32 = training_curve(m16, data, 100, B=8), training_curve(m32, data, 100, B=8)
     assert c32[-20:].mean() < c32[0] - 1.0             # the run learned
     assert abs(c16[-20:].mean() - c32[-20:].mean()) < 0.03
     assert np.abs((c16 - c32).reshape(-1, 10).mean(1)).max() < 0.08

@@ -14,11 +14,11 @@ silently ran in float32 fails.
 """
 import numpy as np
 import pytest
+from bf16_curves import training_curve
 
 from tinygrad_llm import backend, precision
 from tinygrad_llm import functional as F
 from tinygrad_llm.model import GPT, GPTConfig
-from tinygrad_llm.optim import AdamW, clip_grad_norm, param_groups
 from tinygrad_llm.tensor import Tensor
 
 pytestmark = [pytest.mark.gpu,
@@ -175,24 +175,6 @@ def test_model_loss_and_gradients_against_float32():
     assert all(g.dtype == np.float32 for g in grads[0].values())
 
 
-def _curve(model, data, steps, B=16, T=64):
-    opt = AdamW(param_groups(model, 0.1), lr=2e-3, betas=(0.9, 0.99))
-    rng, losses = np.random.default_rng(0), []
-    model.train()
-    for _ in range(steps):
-        starts = rng.integers(0, len(data) - T - 1, B)
-        x = np.stack([data[s:s + T] for s in starts]).astype(np.int64)
-        y = np.stack([data[s + 1:s + T + 1] for s in starts]).astype(np.int64)
-        with precision.weight_copies():
-            _, loss = model(x, y)
-            loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return np.array(losses)
-
-
 def test_short_training_run_follows_the_float32_curve():
     from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt").read_text()[:200000]
@@ -200,7 +182,7 @@ def test_short_training_run_follows_the_float32_curve():
     data = np.array([chars.index(c) for c in text], dtype=np.int64) % 65
     m32 = small_model("float32")
     m16 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m32.state_dict().items()})
-    c16, c32 = _curve(m16, data, 150), _curve(m32, data, 150)
+    c16, c32 = training_curve(m16, data, 150, B=16), training_curve(m32, data, 150, B=16)
     print(f"\nbf16 vs float32 loss: first {c16[0]:.4f} / {c32[0]:.4f}, last-20 mean {c16[-20:].mean():.4f} / "
           f"{c32[-20:].mean():.4f}, max 10-step-mean gap {np.abs(c16 - c32).reshape(-1, 10).mean(1).max():.4f}")
     assert c32[-20:].mean() < c32[0] - 1.0             # the run learned
