@@ -11,7 +11,8 @@ written), and the peak GPU memory of one forward + backward above what the input
 mark of a CuPy memory pool made for that one run (what it needed at once, in the pool's 512-byte rounding)
 against torch.cuda.max_memory_allocated less what was allocated before. Both keep y and the qkv gradient
 alive to the end. Our bf16 runs store bfloat16 bits in uint16 arrays (the flash kernels only: the cuBLAS
-path here has no bf16); torch's are torch.bfloat16. TF32 stays off in both (torch's float32 SDPA picks its
+path here has no bf16); torch's are torch.bfloat16. "ours mma" (bf16 only) is flash_mma.py, the tensor-core
+kernels, bf16 in and out as torch's; "ours flash" in bf16 is flash_attention.py's float32 arithmetic on bf16 bits. TF32 stays off in both (torch's float32 SDPA picks its
 own kernel). A check row compares our flash output with torch's (relative to the largest element).
 """
 import json
@@ -87,7 +88,7 @@ def ours(cp, shape, dtype, path, dropout, args):
     dK/dV kernel), 'flash, dQ separate' (its own kernel) or 'stored' (the cuBLAS path)."""
     import numpy as np
 
-    from tinygrad_llm.kernels.cuda import attention, flash_attention as flash
+    from tinygrad_llm.kernels.cuda import attention, flash_attention as flash, flash_mma
     from tinygrad_llm.tensor import Context
     B, T, NH, HS = shape
     rng = np.random.default_rng(0)
@@ -100,6 +101,8 @@ def ours(cp, shape, dtype, path, dropout, args):
     flash.FUSED_DQ = path != "flash, dQ separate"
 
     def forward():
+        if path == "mma":
+            return None, flash_mma.self_attention_forward(qkv, NH, True, scale, 12345, dropout, output="bfloat16")
         if dtype == "bfloat16":
             return None, flash.self_attention_forward(qkv, NH, True, scale, 12345, dropout, storage="bfloat16")
         ctx = Context((True,))
@@ -107,6 +110,9 @@ def ours(cp, shape, dtype, path, dropout, args):
 
     def step():
         ctx, out = forward()
+        if path == "mma":
+            return out[0], flash_mma.self_attention_backward(qkv, *out, dout, NH, True, scale, 12345, dropout,
+                                                             output="bfloat16")
         if dtype == "bfloat16":
             return out[0], flash.self_attention_backward(qkv, *out, dout, NH, True, scale, 12345, dropout,
                                                          storage="bfloat16")
@@ -177,13 +183,13 @@ def main():
         for dtype in args.dtypes:
             t_fwd, t_both, t_peak, t_y = sdpa(torch, shape, dtype, args.dropout, args)
             rows = [("torch SDPA", t_fwd, t_both, t_peak)]
-            for path in ("flash", "flash, dQ separate") + (("stored",) if dtype == "float32" else ()):
+            for path in ("flash", "flash, dQ separate") + (("stored",) if dtype == "float32" else ("mma",)):
                 fwd, both, peak, y = ours(cp, shape, dtype, path, args.dropout, args)
                 rows.append((f"ours {path}", fwd, both, peak))
-                if path == "flash" and args.dropout == 0:
+                if path in ("flash", "mma") and args.dropout == 0:
                     err = float(np.abs(y - t_y).max() / np.abs(t_y).max())
-                    results["rows"].append({"shape": shape, "dtype": dtype, "check_flash_vs_torch": err})
-                    print(f"| {','.join(map(str, shape))} | {dtype} | check: flash vs torch rel err {err:.1e} | | | | | |")
+                    results["rows"].append({"shape": shape, "dtype": dtype, f"check_{path}_vs_torch": err})
+                    print(f"| {','.join(map(str, shape))} | {dtype} | check: {path} vs torch rel err {err:.1e} | | | | | |")
             for name, fwd, both, peak in rows:
                 print(f"| {','.join(map(str, shape))} | {dtype} | {name} | {fwd:.3f} | {both:.3f} | {peak:.0f} | "
                       f"{both / t_both:.2f} | {peak / t_peak:.2f} |")

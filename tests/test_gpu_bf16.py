@@ -99,9 +99,13 @@ def test_linear_under_autocast_against_rounded_and_float32(shape):
     assert all(t.grad.dtype == np.float32 for t in tensors)
 
 
+@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor_core_flash", "cublas"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("B,T,NH,HS", [(2, 7, 2, 4), (4, 128, 6, 64)])
-def test_self_attention_under_autocast_against_float32(B, T, NH, HS, dropout_p):
+def test_self_attention_under_autocast_against_float32(B, T, NH, HS, dropout_p, mma, monkeypatch):
+    """(The head size 4 is never the tensor-core flash kernels': both ids run the cuBLAS path there.)"""
+    import importlib
+    monkeypatch.setattr(importlib.import_module("tinygrad_llm.kernels.cuda.flash_mma"), "MMA", mma)
     rng = np.random.default_rng(T)
     qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)
     dout = rng.standard_normal((B, T, NH * HS)).astype(np.float32)
@@ -126,6 +130,7 @@ def test_self_attention_under_autocast_the_same_whatever_it_keeps(causal, monkey
     import importlib
     attention = importlib.import_module("tinygrad_llm.kernels.cuda.attention")
     monkeypatch.setattr(attention, "FLASH", "0")
+    monkeypatch.setattr(importlib.import_module("tinygrad_llm.kernels.cuda.flash_mma"), "MMA", "0")   # the cuBLAS path
     B, T, NH, HS = 4, 128, 6, 64
     rng = np.random.default_rng(9)
     qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(np.float32)

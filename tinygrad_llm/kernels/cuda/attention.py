@@ -23,9 +23,9 @@ import cupy as cp
 import numpy as np
 
 from ...functional import ScaledDotProductAttention, SelfAttention
-from . import flash_attention
+from . import flash_attention, flash_mma
 from .attention_softmax import dropout_probs, softmax_backward, softmax_backward_lse, softmax_forward
-from .cublas import gemm_heads
+from .cublas import compute_type, gemm_heads
 from .runtime import dropout_seed_args, served
 
 # TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash wherever the head size
@@ -77,6 +77,13 @@ def use_flash(B, NH, T, HS, dtype, buffers=None):
     if device not in _device_bytes:
         _device_bytes[device] = cp.cuda.runtime.getDeviceProperties(device)["totalGlobalMem"]
     return (tt_buffers() if buffers is None else buffers) * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MEMORY_SHARE * _device_bytes[device]
+
+
+def tf32_on():
+    """True while float32 products run in TF32 (backend.set_tf32, CuPy's compute type): attention may then
+    multiply on the tensor cores in TF32 too (flash_mma.py)."""
+    from cupy.cuda import cublas
+    return compute_type(np.float32) == cublas.CUBLAS_COMPUTE_32F_FAST_TF32
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
@@ -145,10 +152,14 @@ ROW_BLOCKS = 2
 
 def _blocks(T, causal):
     """[(r0, r1)]: query rows [r0, r1) see keys [0, r1) when causal (keys [0, T) when not); causally the
-    keys [r0, r1) are seen only by the rows [r0, T)."""
+    keys [r0, r1) are seen only by the rows [r0, T). Every r0 is a multiple of 8, so a block's first element
+    of a (T, T) array starts 16 bytes into it times a whole number (bf16 or wider): cuBLAS's pointer-array
+    batched GEMM cannot see the pointers' alignment, and a bf16 block starting 4 bytes off (T=150: row 75)
+    was seen failing with a misaligned address on the H200."""
     if not causal:
         return [(0, T)]
     size = -(-T // ROW_BLOCKS)
+    size = -(-size // 8) * 8
     return [(r0, min(r0 + size, T)) for r0 in range(0, T, size)]
 
 
@@ -178,6 +189,12 @@ class SelfAttentionCuda:
         B, T, C3 = qkv.shape
         C, NH = C3 // 3, n_head
         HS = C // NH
+        ctx.mma = qkv.dtype == np.float32 and tf32_on() and flash_mma.enabled() and flash_mma.packed_supported(qkv, NH)
+        if ctx.mma:   # TF32 products on the tensor cores, no (T, T) array (flash_mma.py)
+            _draw_seed(ctx, causal, scale, dropout_p, rng)
+            y, ctx.lse = flash_mma.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
+            ctx.qkv, ctx.y, ctx.n_head, ctx.flash = qkv, y, NH, False
+            return y
         ctx.flash = use_flash(B, NH, T, HS, qkv.dtype)
         if ctx.flash:
             _draw_seed(ctx, causal, scale, dropout_p, rng)
@@ -223,6 +240,9 @@ class SelfAttentionCuda:
     def backward(ctx, dout):
         if ctx.reference:
             return SelfAttention.backward(ctx, dout)
+        if ctx.mma:
+            return flash_mma.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
+                                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, ctx.seed_ptr)
         if ctx.flash:
             return flash_attention.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
                                                            ctx.causal, ctx.scale, ctx.seed, ctx.drop_p,

@@ -17,7 +17,8 @@ import cupy as cp
 import numpy as np
 
 from ... import precision
-from .attention import SelfAttentionCuda, _blocks, save_mode
+from . import flash_mma
+from .attention import SelfAttentionCuda, _blocks, _draw_seed, save_mode
 from .attention_softmax import LSE_BACKWARD_ROW, dropout_probs, softmax_backward, softmax_forward
 from .columns import column_sums
 from .gemm_bf16 import bf16_matmul, gemm_heads_bf16
@@ -194,6 +195,12 @@ class SelfAttentionBF16Cuda:
         C, NH = C3 // 3, n_head
         HS = C // NH
         qb = to_bf16(qkv)
+        ctx.mma = flash_mma.enabled() and flash_mma.packed_supported(qb, NH)
+        if ctx.mma:
+            _draw_seed(ctx, causal, scale, dropout_p, rng)
+            y, ctx.lse = flash_mma.self_attention_forward(qb, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
+            ctx.qb, ctx.y, ctx.n_head = qb, y, NH
+            return y
         s = cp.empty((B, NH, T, T), dtype=np.float32)
         y = cp.empty((B, T, C), dtype=np.float32)
         q0, s0, blocks = qb.data.ptr, s.data.ptr, _blocks(T, causal)
@@ -221,6 +228,9 @@ class SelfAttentionBF16Cuda:
     def backward(ctx, dout):
         if ctx.reference:
             return SelfAttentionCuda.backward(ctx, dout)
+        if ctx.mma:
+            return flash_mma.self_attention_backward(ctx.qb, ctx.y, ctx.lse, cp.ascontiguousarray(dout, dtype=np.float32),
+                                                     ctx.n_head, ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, ctx.seed_ptr)
         qb, NH, causal = ctx.qb, ctx.n_head, ctx.causal
         B, T, C3 = qb.shape
         C = C3 // 3

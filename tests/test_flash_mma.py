@@ -1,0 +1,221 @@
+"""Flash attention on the tensor cores (kernels/cuda/flash_mma.py), bf16 and TF32: against torch's attention in
+float64 on the same inputs, against the cuBLAS path it replaces (SelfAttentionBF16Cuda under bf16 autocast,
+SelfAttentionCuda with TF32 on: the same dropout mask from the same seed), bf16 outputs against float32
+outputs, the dropout seed read from device memory, a CUDA graph's replay, and what it keeps.
+
+Skipped (cleanly, at collection) where CuPy or a GPU is missing. Tolerances, relative to the largest element:
+bf16 2e-2, as tests/test_flash_attention.py's bf16 storage (P, Pd and dS rounded to bf16, 2^-9 relative each,
+as the operands of their products; a bf16 output adds one rounding); TF32 5e-3 (q, k, v, dy, P, Pd, dS rounded
+to tf32's 10-bit fraction, 2^-11 each, summed over 64-term products).
+"""
+import importlib
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend
+from tinygrad_llm.tensor import Context
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")]
+
+TOL = {"bfloat16": 2e-2, "float32": 5e-3}
+SHAPES = [(2, 33, 3, 32), (1, 130, 2, 64), (3, 1, 2, 64), (2, 200, 2, 64), (1, 64, 1, 32)]   # B, T, NH, HS
+KINDS = ["bfloat16", "float32"]   # the kernels' inputs: bf16 bits, or float32 multiplied in TF32
+
+
+def modules():
+    return importlib.import_module("tinygrad_llm.kernels.cuda.flash_mma"), \
+        importlib.import_module("tinygrad_llm.kernels.cuda.mixed")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(backend.to_device(a, "cpu"), np.float64), np.asarray(backend.to_device(b, "cpu"), np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.isfinite(a).all()
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def inputs(B, T, NH, HS, kind, seed=0):
+    """(qkv float32 (on the bf16 grid for kind bfloat16), what the kernels take (bf16 bits or that float32),
+    dout float32)."""
+    import cupy as cp
+    _, mixed = modules()
+    rng = np.random.default_rng(seed)
+    qkv = cp.asarray((rng.standard_normal((B, T, 3 * NH * HS)) * 1.5).astype(np.float32))
+    dout = cp.asarray(rng.standard_normal((B, T, NH * HS)).astype(np.float32))
+    if kind == "float32":
+        return qkv, qkv, dout
+    bits = mixed.to_bf16(qkv)
+    return mixed.from_bf16(bits), bits, dout
+
+
+def torch_reference(qkv, dout, NH, causal, scale):
+    torch = pytest.importorskip("torch")
+    B, T, C3 = qkv.shape
+    HS = C3 // 3 // NH
+    x = torch.tensor(qkv.get().astype(np.float64), requires_grad=True)
+    q, k, v = [t.view(B, T, NH, HS).transpose(1, 2) for t in x.split(NH * HS, dim=2)]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    out = out.transpose(1, 2).reshape(B, T, -1)
+    out.backward(torch.tensor(dout.get().astype(np.float64)))
+    return out.detach().numpy(), x.grad.numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B, T, NH, HS", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_mma_flash_equals_torch(B, T, NH, HS, causal, kind):
+    import cupy as cp
+    mma, _ = modules()
+    qkv, taken, dout = inputs(B, T, NH, HS, kind, seed=T + HS)
+    poison = cp.full(8 * qkv.size + 4096, np.nan, dtype=np.float32)   # NaN in the pool: every output must be written
+    del poison
+    assert mma.packed_supported(taken, NH)
+    y, lse = mma.self_attention_forward(taken, NH, causal, 0.3, 0, 0.0)
+    dqkv = mma.self_attention_backward(taken, y, lse, dout, NH, causal, 0.3, 0, 0.0)
+    assert y.dtype == dqkv.dtype == lse.dtype == np.float32
+    y_ref, dqkv_ref = torch_reference(qkv, dout, NH, causal, 0.3)
+    assert rel_err(y, y_ref) < TOL[kind]
+    assert rel_err(dqkv, dqkv_ref) < TOL[kind]
+    q, k = (qkv.get().astype(np.float64).reshape(B, T, 3, NH, HS)[:, :, i] for i in (0, 1))
+    s = np.einsum("bthd,bshd->bhts", q, k) * 0.3
+    if causal:
+        s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    lse_ref = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+    assert np.abs(lse.get().reshape(B, NH, T) - lse_ref).max() < TOL[kind] * max(1.0, np.abs(lse_ref).max())
+
+
+def _op(kind, ctx, qkv, NH, **kw):
+    """The op the kernels serve for `kind`: bf16 autocast's attention, or float32 attention with TF32 on."""
+    attention = importlib.import_module("tinygrad_llm.kernels.cuda.attention")
+    _, mixed = modules()
+    op = mixed.SelfAttentionBF16Cuda if kind == "bfloat16" else attention.SelfAttentionCuda
+    return op, op.forward(ctx, qkv, NH, causal=True, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("B, T, NH, HS", [(2, 97, 3, 64), (1, 150, 2, 32)], ids=str)
+def test_mma_path_equals_the_cublas_path(B, T, NH, HS, dropout_p, kind, monkeypatch):
+    """The op with MMA on and off: one seed (the generator's first draw), one hash index, one mask."""
+    mma, _ = modules()
+    qkv, _, dout = inputs(B, T, NH, HS, kind, seed=5)
+    results = {}
+    try:
+        backend.set_tf32(kind == "float32")
+        for mode in ("1", "0"):
+            monkeypatch.setattr(mma, "MMA", mode)
+            ctx = Context((True,))
+            op, y = _op(kind, ctx, qkv, NH, scale=HS ** -0.5, dropout_p=dropout_p, rng=np.random.default_rng(3))
+            assert ctx.mma == (mode == "1")
+            results[mode] = (y, op.backward(ctx, dout))
+        if dropout_p:
+            monkeypatch.setattr(mma, "MMA", "1")
+            _, y_plain = _op(kind, Context((True,)), qkv, NH, scale=HS ** -0.5)
+    finally:
+        backend.set_tf32(False)
+    for a, b in zip(results["1"], results["0"]):
+        assert rel_err(a, b) < TOL[kind]
+    if dropout_p:
+        assert rel_err(results["1"][0], y_plain) > 5e-2   # dropout did something
+
+
+def test_float32_attention_without_tf32_never_takes_them():
+    attention = importlib.import_module("tinygrad_llm.kernels.cuda.attention")
+    qkv, _, _ = inputs(2, 64, 2, 64, "float32")
+    ctx = Context((True,))
+    attention.SelfAttentionCuda.forward(ctx, qkv, 2)
+    assert not ctx.mma and not attention.tf32_on()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_bf16_outputs_equal_float32_outputs(dropout_p):
+    """output="bfloat16" (dy in, y, dq, dk, dv out as bf16 bits) == the float32 outputs to bf16 rounding."""
+    mma, mixed = modules()
+    B, T, NH, HS = 2, 140, 3, 64
+    _, bits, dout = inputs(B, T, NH, HS, "bfloat16", seed=11)
+    dout = mixed.from_bf16(mixed.to_bf16(dout))
+    y32, lse32 = mma.self_attention_forward(bits, NH, True, 0.125, 99, dropout_p)
+    g32 = mma.self_attention_backward(bits, y32, lse32, dout, NH, True, 0.125, 99, dropout_p)
+    y16, lse16 = mma.self_attention_forward(bits, NH, True, 0.125, 99, dropout_p, output="bfloat16")
+    g16 = mma.self_attention_backward(bits, y16, lse16, mixed.to_bf16(dout), NH, True, 0.125, 99, dropout_p,
+                                      output="bfloat16")
+    assert y16.dtype == g16.dtype == np.uint16
+    assert bool((lse16 == lse32).all())   # the same float32 arithmetic up to the outputs
+    assert rel_err(mixed.from_bf16(y16), y32) < TOL["bfloat16"]
+    assert rel_err(mixed.from_bf16(g16), g32) < TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_seed_from_device_memory(kind):
+    """seed_ptr set: the kernels hash with HEADER's dropout_seed(base in device memory, seed), the same mask as
+    that mixed seed handed over from the host (what a replayed CUDA graph reads anew each step)."""
+    import cupy as cp
+    mma, _ = modules()
+    _, taken, dout = inputs(1, 70, 2, 32, kind, seed=9)
+    base, k, mask64 = 0x123456789ABCDEF, 3, (1 << 64) - 1
+    z = (base + (k + 1) * 0xD1B54A32D192ED03) & mask64
+    z = ((z ^ (z >> 32)) * 0xBF58476D1CE4E5B9) & mask64
+    mixed_seed = (z ^ (z >> 29)) & 0x7FFFFFFFFFFFFFFF
+    words = cp.asarray(np.array([base], np.uint64))
+    y_dev, lse_dev = mma.self_attention_forward(taken, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr)
+    y_host, lse_host = mma.self_attention_forward(taken, 2, True, 0.2, mixed_seed, 0.3)
+    y_other, _ = mma.self_attention_forward(taken, 2, True, 0.2, k, 0.3)
+    assert bool((y_dev == y_host).all()) and not bool((y_dev == y_other).all())
+    g_dev = mma.self_attention_backward(taken, y_dev, lse_dev, dout, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr)
+    g_host = mma.self_attention_backward(taken, y_host, lse_host, dout, 2, True, 0.2, mixed_seed, 0.3)
+    assert rel_err(g_dev, g_host) < 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replays_from_a_cuda_graph(kind):
+    """Launches only, into buffers made beforehand: the captured forward + backward replays the eager results
+    (y bit for bit; dq to rounding: its sums are atomic, in no fixed order)."""
+    import cupy as cp
+    mma, _ = modules()
+    B, T, NH, HS = 2, 100, 2, 64
+    _, taken, dout = inputs(B, T, NH, HS, kind, seed=3)
+    layout = mma._layout(*mma._packed(B, T, NH * HS, NH))
+    C, size = NH * HS, taken.dtype.itemsize
+    y, dqkv, work = cp.empty_like(dout), cp.empty(taken.shape, np.float32), cp.empty(B * NH * T * HS, np.float32)
+    lse, D = cp.empty(B * NH * T, np.float32), cp.empty(B * NH * T, np.float32)
+    p, g = taken.data.ptr, dqkv.data.ptr
+
+    def step():
+        mma.forward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, lse.data.ptr, True, 0.2, 5, 0.1, inputs=kind)
+        mma.backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dout.data.ptr, lse.data.ptr, D.data.ptr,
+                     g, g + 4 * C, g + 8 * C, work.data.ptr, True, 0.2, 5, 0.1, inputs=kind)
+
+    step()
+    eager = (y.copy(), dqkv.copy())
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        step()
+        graph = stream.end_capture()
+    y.fill(0)
+    dqkv.fill(0)
+    graph.launch(stream)
+    stream.synchronize()
+    assert bool((y == eager[0]).all())
+    assert rel_err(dqkv, eager[1]) < 1e-6
+
+
+def test_keeps_no_square_array_and_the_switch(monkeypatch):
+    import cupy as cp
+    mma, _ = modules()
+    _, bits, _ = inputs(4, 512, 2, 64, "bfloat16")
+    pool = cp.get_default_memory_pool()
+    before = pool.used_bytes()
+    y, lse = mma.self_attention_forward(bits, 2, True, 0.125, 0, 0.0)
+    assert pool.used_bytes() - before <= y.nbytes + lse.nbytes + 1024   # the pool rounds to 512 bytes
+    assert not mma.packed_supported(bits[..., :3 * 2 * 48].copy(), 2)     # head size 48: not taken
+    assert not mma.packed_supported(bits, 1)                              # head size 128: not taken
+    assert not mma.packed_supported(bits.astype(np.float64), 2)           # float64: never
+    assert not mma.supported(64, output="bfloat16", inputs="float32")     # TF32 writes float32 only
+    monkeypatch.setattr(mma, "MMA", "0")
+    assert not mma.enabled()
+    monkeypatch.setattr(mma, "MMA", "yes")
+    with pytest.raises(ValueError, match="TINYGRAD_LLM_FLASH_MMA must be 1 or 0"):
+        mma.enabled()
