@@ -2,7 +2,8 @@
 
 The same algorithm as flash_attention.py (an online softmax forward keeping only y and each row's
 log-sum-exp; a backward that recomputes the probabilities tile by tile, one block per key tile, dQ added
-atomically into a zeroed float32 scratch), with every tile product on the tensor cores: the warp-level
+atomically into float32 sums zeroed by the pass that computes rowsum(dy * y): dq itself when it is float32),
+with every tile product on the tensor cores: the warp-level
 `mma.sync.m16n8k16` instruction on bf16 operands with float32 accumulators, fed from shared memory by
 `ldmatrix`. A block is 4 warps; each warp owns 16 rows of a 64-row tile (queries forward, keys backward).
 The scores' accumulator fragments are laid out as the next product's operand fragments, so P (forward),
@@ -71,6 +72,34 @@ __device__ __forceinline__ uint4 eight_bf16(const float* p) {
 }
 __device__ __forceinline__ void store2(float* p, float a, float b) { *(float2*)p = make_float2(a, b); }
 __device__ __forceinline__ void store2(unsigned short* p, float a, float b) { *(unsigned*)p = pack_bf16(a, b); }
+
+__device__ __forceinline__ float4 four(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 four(const unsigned short* p) {
+    uint2 u = *(const uint2*)p;
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+// Backward's first pass, HD / 4 threads a row (b, h, t): D[(b NH + h) T + t] = sum_d dy y (4 elements a thread), and
+// the row of dq_acc (strides ab, ah, at) zeroed for the backward kernel's atomic sums.
+template<typename O, int HD>
+__global__ void mma_rowdot_zero(const O* y, const O* dy, float* D, float* dq_acc, int NH, int T, long long ob,
+                                long long oh, long long ot, long long ab, long long ah, long long at, long long rows) {
+    constexpr int L = HD / 4;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x, r = i / L;
+    int c = (int)(i % L) * 4;
+    bool live = r < rows;
+    long long bh = live ? r / T : 0, tt = live ? r % T : 0;
+    float total = 0.f;
+    if (live) {
+        long long o = (bh / NH) * ob + (bh % NH) * oh + tt * ot + c;
+        float4 a = four(y + o), b = four(dy + o);
+        total = a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        *(float4*)(dq_acc + (bh / NH) * ab + (bh % NH) * ah + tt * at + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int m = L / 2; m > 0; m >>= 1) total += __shfl_xor_sync(0xffffffff, total, m);
+    if (live && c == 0) D[r] = total;
+}
 
 // rows [r0, r0 + 64) of a (T, HD) head matrix (row stride st elements) into dst[64][HD + 8] as bf16; zeros past T
 template<int HD, typename S>
@@ -189,10 +218,12 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
 }
 
 // dK, dV of 64 keys of one (b, h) (warp w: keys 16w..16w+15), looping over the query tiles that see them; dQ's part
-// from these keys added atomically to dq_acc ((B NH T, HD) float32, zeroed before). D = rowsum(dy * y).
+// from these keys added atomically to dq_acc (float32, zeroed before; element (b, h, t, d) at b ab + h ah + t at + d:
+// dq itself when it is float32, else a scratch). D = rowsum(dy * y).
 template<typename O, int HD>
 __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy, const float* lse, const float* D,
-                                                          O* dk, O* dv, float* dq_acc) {
+                                                          O* dk, O* dv, float* dq_acc, long long ab, long long ah,
+                                                          long long at) {
     MMA_SETUP
     constexpr int LDS = HD + 8, KS = HD / 16, LDT = 64 + 8;
     unsigned short *Ks = sm, *Vs = Ks + 64 * LDS, *Qs = Vs + 64 * LDS, *Ys = Qs + 64 * LDS, *St = Ys + 64 * LDS;
@@ -299,7 +330,7 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
         for (int r = 0; r < 2; r++) {
             int qi = q0 + warp * 16 + g + 8 * r;
             if (qi >= T) continue;
-            float* acc = dq_acc + (bh * T + qi) * HD + 2 * t;
+            float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
 #pragma unroll
             for (int j = 0; j < HD / 8; j++) {
                 atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
@@ -452,7 +483,8 @@ __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, f
 // The backward of mma_flash_backward with float32 q, k, v, dy, dq, dk, dv in tf32 products (m16n8k8).
 template<int HD>
 __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const float* dy, const float* lse, const float* D,
-                                                           float* dk, float* dv, float* dq_acc) {
+                                                           float* dk, float* dv, float* dq_acc, long long ab,
+                                                           long long ah, long long at) {
     TF32_SETUP
     constexpr int LD = HD + 4, LDT = 64 + 4;
     unsigned *Ks = smw, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *Ys = Qs + 64 * LD, *St = Ys + 64 * LD;
@@ -537,7 +569,7 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
         for (int r = 0; r < 2; r++) {
             int qi = q0 + warp * 16 + g + 8 * r;
             if (qi >= T) continue;
-            float* acc = dq_acc + (bh * T + qi) * HD + 2 * t;
+            float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
 #pragma unroll
             for (int j = 0; j < HD / 8; j++) {
                 atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
@@ -578,7 +610,7 @@ def _kernels(inputs, output, HD):
             exprs = {"forward": f"tf32_flash_forward<{HD}>", "backward": f"tf32_flash_backward<{HD}>"}
         else:
             exprs = {"forward": f"mma_flash_forward<{ctype}, {HD}>", "backward": f"mma_flash_backward<{ctype}, {HD}>"}
-        exprs.update(rowdot=f"flash_rowdot<{ctype}>", dq_store=f"flash_dq_store<{ctype}>")
+        exprs.update(rowdot=f"mma_rowdot_zero<{ctype}, {HD}>", dq_store=f"flash_dq_store<{ctype}>")
         module = cp.RawModule(code=SOURCE, options=("-std=c++17",), name_expressions=list(exprs.values()))
         found = {}
         for name, expr in exprs.items():
@@ -635,21 +667,32 @@ def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0
 def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scale=1.0, seed=0, dropout_p=0.0,
              seed_ptr=0, output="float32", inputs="bfloat16"):
     """dq, dk, dv (`output` storage, the input strides) from dy and the forward's y and lse; D: scratch of
-    B NH T float32 (gets rowsum(dy * y)); work: scratch of B NH T HS float32 (dQ's sums; zeroed here). The same
-    arguments as the forward, or the mask differs. Launches only."""
+    B NH T float32 (gets rowsum(dy * y)); work: with bfloat16 outputs, scratch of B NH T HS float32 for dQ's
+    sums (float32 dq is summed into in place; work may be None then). The same arguments as the forward, or
+    the mask differs. Launches only: a first pass writes D and zeroes dQ's sums, the kernel adds into them,
+    and with bfloat16 outputs a last pass rounds them into dq."""
     found = _kernels(inputs, output, layout.HS)
-    rows = layout.B * layout.NH * layout.T
-    shape = (np.int32(layout.NH), np.int32(layout.T), np.int32(layout.HS))
-    found["rowdot"][0]((-(-rows * 32 // 256),), (256,), (*_pointers(y, dy, D), *shape,
-                                                         *(np.int64(s) for s in layout.outputs), np.int64(rows)))
-    n = rows * layout.HS
-    cp.cuda.runtime.memsetAsync(int(work), 0, n * 4, cp.cuda.get_current_stream().ptr)
+    B, NH, T, HS = layout.B, layout.NH, layout.T, layout.HS
+    rows = B * NH * T
+    if output == "float32":
+        acc, acc_strides = dq, layout.inputs
+    elif work is None:
+        raise ValueError("flash_mma: backward with bfloat16 outputs needs work, scratch of B NH T HS float32")
+    else:
+        acc, acc_strides = work, (NH * T * HS, T * HS, HS)
+    acc_strides = tuple(np.int64(s) for s in acc_strides)
+    threads = rows * (HS // 4)
+    found["rowdot"][0]((-(-threads // 256),), (256,), (*_pointers(y, dy, D, acc), np.int32(NH), np.int32(T),
+                                                       *(np.int64(s) for s in layout.outputs), *acc_strides,
+                                                       np.int64(rows)))
     fn, smem = found["backward"]
-    fn((-(-layout.T // TILE), layout.B * layout.NH), (THREADS,),
-       layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(dy, lse, D, dk, dv, work),
+    fn((-(-T // TILE), B * NH), (THREADS,),
+       layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(dy, lse, D, dk, dv, acc) + acc_strides,
        shared_mem=smem)
-    found["dq_store"][0]((-(-n // 256),), (256,), (*_pointers(work, dq), *shape,
-                                                   *(np.int64(s) for s in layout.inputs), np.int64(n)))
+    if output != "float32":
+        n = rows * HS
+        found["dq_store"][0]((-(-n // 256),), (256,), (*_pointers(work, dq), np.int32(NH), np.int32(T), np.int32(HS),
+                                                       *(np.int64(s) for s in layout.inputs), np.int64(n)))
 
 
 def _inputs(qkv):
@@ -678,11 +721,11 @@ def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropou
     out_size = 4 if output == "float32" else 2
     dqkv = cp.empty((B, T, C3), dtype=np.float32 if output == "float32" else np.uint16)
     D = cp.empty_like(lse)
-    work = cp.empty(lse.size * (C // n_head), dtype=np.float32)
+    work = None if output == "float32" else cp.empty(lse.size * (C // n_head), dtype=np.float32)
     p, g = qkv.data.ptr, dqkv.data.ptr
     backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dy.data.ptr, lse.data.ptr, D.data.ptr, g,
-             g + C * out_size, g + 2 * C * out_size, work.data.ptr, causal, scale, seed, dropout_p, seed_ptr, output,
-             inputs)
+             g + C * out_size, g + 2 * C * out_size, None if work is None else work.data.ptr, causal, scale, seed,
+             dropout_p, seed_ptr, output, inputs)
     return dqkv
 
 
