@@ -11,9 +11,11 @@ written), and the peak GPU memory of one forward + backward above what the input
 mark of a CuPy memory pool made for that one run (what it needed at once, in the pool's 512-byte rounding)
 against torch.cuda.max_memory_allocated less what was allocated before. Both keep y and the qkv gradient
 alive to the end. Our bf16 runs store bfloat16 bits in uint16 arrays (the flash kernels only: the cuBLAS
-path here has no bf16); torch's are torch.bfloat16. "ours mma" (bf16 only) is flash_mma.py, the tensor-core
-kernels, bf16 in and out as torch's; "ours flash" in bf16 is flash_attention.py's float32 arithmetic on bf16 bits. TF32 stays off in both (torch's float32 SDPA picks its
-own kernel). A check row compares our flash output with torch's (relative to the largest element).
+path here has no bf16); torch's are torch.bfloat16. Our paths: "mma" the tensor-core kernels (flash_mma.py;
+bf16 in and out in bf16, 3xTF32 in float32: what SelfAttentionCuda's flash path runs on heads of 32 or 64),
+"CUDA cores" flash_attention.py's float32 FMA kernels (on bf16 bits in bf16) with dQ fused or separate, and
+"stored" the cuBLAS path (float32). TF32 stays off in both (torch's float32 SDPA picks its own kernel). Check
+rows compare our flash outputs with torch's (relative to the largest element).
 """
 import json
 import statistics
@@ -84,8 +86,9 @@ def timed(fn, sync_events, warmup, repeats):
 
 
 def ours(cp, shape, dtype, path, dropout, args):
-    """Our forward and forward + backward (ms), peak MiB, and y as float32, for path 'flash' (dQ fused into the
-    dK/dV kernel), 'flash, dQ separate' (its own kernel) or 'stored' (the cuBLAS path)."""
+    """Our forward and forward + backward (ms), peak MiB, and y as float32, for path 'mma' (flash_mma.py),
+    'CUDA cores' (flash_attention.py, dQ fused into the dK/dV kernel), 'CUDA cores, dQ separate' (its own
+    kernel) or 'stored' (the cuBLAS path)."""
     import numpy as np
 
     from tinygrad_llm.kernels.cuda import attention, flash_attention as flash, flash_mma
@@ -98,10 +101,11 @@ def ours(cp, shape, dtype, path, dropout, args):
         qkv, dout = flash.to_bfloat16_bits(qkv), flash.to_bfloat16_bits(dout)
     scale, gen = HS ** -0.5, np.random.default_rng(1)
     attention.FLASH = "0" if path == "stored" else "1"
-    flash.FUSED_DQ = path != "flash, dQ separate"
+    flash.FUSED_DQ = path != "CUDA cores, dQ separate"
+    flash_mma.MMA = "1" if path == "mma" else "0"
 
     def forward():
-        if path == "mma":
+        if path == "mma" and dtype == "bfloat16":
             return None, flash_mma.self_attention_forward(qkv, NH, True, scale, 12345, dropout, output="bfloat16")
         if dtype == "bfloat16":
             return None, flash.self_attention_forward(qkv, NH, True, scale, 12345, dropout, storage="bfloat16")
@@ -110,7 +114,7 @@ def ours(cp, shape, dtype, path, dropout, args):
 
     def step():
         ctx, out = forward()
-        if path == "mma":
+        if path == "mma" and dtype == "bfloat16":
             return out[0], flash_mma.self_attention_backward(qkv, *out, dout, NH, True, scale, 12345, dropout,
                                                              output="bfloat16")
         if dtype == "bfloat16":
@@ -183,10 +187,10 @@ def main():
         for dtype in args.dtypes:
             t_fwd, t_both, t_peak, t_y = sdpa(torch, shape, dtype, args.dropout, args)
             rows = [("torch SDPA", t_fwd, t_both, t_peak)]
-            for path in ("flash", "flash, dQ separate") + (("stored",) if dtype == "float32" else ("mma",)):
+            for path in ("mma", "CUDA cores", "CUDA cores, dQ separate") + (("stored",) if dtype == "float32" else ()):
                 fwd, both, peak, y = ours(cp, shape, dtype, path, args.dropout, args)
                 rows.append((f"ours {path}", fwd, both, peak))
-                if path in ("flash", "mma") and args.dropout == 0:
+                if path in ("mma", "CUDA cores") and args.dropout == 0:
                     err = float(np.abs(y - t_y).max() / np.abs(t_y).max())
                     results["rows"].append({"shape": shape, "dtype": dtype, f"check_{path}_vs_torch": err})
                     print(f"| {','.join(map(str, shape))} | {dtype} | check: {path} vs torch rel err {err:.1e} | | | | | |")

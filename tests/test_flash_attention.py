@@ -55,6 +55,13 @@ def self_attention(monkeypatch, flash, qkv, dout, NH, causal=True, scale=0.3, dr
     return y, attention.SelfAttentionCuda.backward(ctx, dout)
 
 
+@pytest.fixture(autouse=True)
+def cuda_core_kernels(monkeypatch):
+    """These tests are the CUDA-core kernels' (flash_attention.py): float32 flash attention on heads of 32 or 64
+    would otherwise take the tensor-core kernels (flash_mma.py, tests/test_flash_mma.py)."""
+    monkeypatch.setattr(importlib.import_module("tinygrad_llm.kernels.cuda.flash_mma"), "MMA", "0")
+
+
 @pytest.fixture(params=[True, False], ids=["dq_fused", "dq_separate"])
 def fused_dq(request, monkeypatch):
     """Both ways of computing dQ (flash_attention.FUSED_DQ)."""

@@ -6,7 +6,9 @@ outputs, the dropout seed read from device memory, a CUDA graph's replay, and wh
 Skipped (cleanly, at collection) where CuPy or a GPU is missing. Tolerances, relative to the largest element:
 bf16 2e-2, as tests/test_flash_attention.py's bf16 storage (P, Pd and dS rounded to bf16, 2^-9 relative each,
 as the operands of their products; a bf16 output adds one rounding); TF32 5e-3 (q, k, v, dy, P, Pd, dS rounded
-to tf32's 10-bit fraction, 2^-11 each, summed over 64-term products).
+to tf32's 10-bit fraction, 2^-11 each, summed over 64-term products); 3xTF32 ("float32") 5e-5, float32's
+level: the rounding of float32 sums over a few hundred terms (2^-24 each), a hundred times under TF32's
+errors on the same inputs (test_3xtf32_is_float32_accurate checks both sides).
 """
 import importlib
 
@@ -19,9 +21,9 @@ from tinygrad_llm.tensor import Context
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")]
 
-TOL = {"bfloat16": 2e-2, "float32": 5e-3}
+TOL = {"bfloat16": 2e-2, "tf32": 5e-3, "float32": 5e-5}
 SHAPES = [(2, 33, 3, 32), (1, 130, 2, 64), (3, 1, 2, 64), (2, 200, 2, 64), (1, 64, 1, 32)]   # B, T, NH, HS
-KINDS = ["bfloat16", "float32"]   # the kernels' inputs: bf16 bits, or float32 multiplied in TF32
+KINDS = ["bfloat16", "tf32", "float32"]   # flash_mma.KINDS: bf16 bits; float32 in TF32 products; float32 in 3xTF32
 
 
 def modules():
@@ -44,7 +46,7 @@ def inputs(B, T, NH, HS, kind, seed=0):
     rng = np.random.default_rng(seed)
     qkv = cp.asarray((rng.standard_normal((B, T, 3 * NH * HS)) * 1.5).astype(np.float32))
     dout = cp.asarray(rng.standard_normal((B, T, NH * HS)).astype(np.float32))
-    if kind == "float32":
+    if kind != "bfloat16":
         return qkv, qkv, dout
     bits = mixed.to_bf16(qkv)
     return mixed.from_bf16(bits), bits, dout
@@ -71,9 +73,9 @@ def test_mma_flash_equals_torch(B, T, NH, HS, causal, kind):
     qkv, taken, dout = inputs(B, T, NH, HS, kind, seed=T + HS)
     poison = cp.full(8 * qkv.size + 4096, np.nan, dtype=np.float32)   # NaN in the pool: every output must be written
     del poison
-    assert mma.packed_supported(taken, NH)
-    y, lse = mma.self_attention_forward(taken, NH, causal, 0.3, 0, 0.0)
-    dqkv = mma.self_attention_backward(taken, y, lse, dout, NH, causal, 0.3, 0, 0.0)
+    assert mma.packed_supported(taken, NH, kind=kind)
+    y, lse = mma.self_attention_forward(taken, NH, causal, 0.3, 0, 0.0, kind=kind)
+    dqkv = mma.self_attention_backward(taken, y, lse, dout, NH, causal, 0.3, 0, 0.0, kind=kind)
     assert y.dtype == dqkv.dtype == lse.dtype == np.float32
     y_ref, dqkv_ref = torch_reference(qkv, dout, NH, causal, 0.3)
     assert rel_err(y, y_ref) < TOL[kind]
@@ -87,7 +89,8 @@ def test_mma_flash_equals_torch(B, T, NH, HS, causal, kind):
 
 
 def _op(kind, ctx, qkv, NH, **kw):
-    """The op the kernels serve for `kind`: bf16 autocast's attention, or float32 attention with TF32 on."""
+    """The op the kernels serve for `kind`: bf16 autocast's attention, or float32 attention (TF32 on for tf32;
+    flash attention chosen for float32)."""
     attention = importlib.import_module("tinygrad_llm.kernels.cuda.attention")
     _, mixed = modules()
     op = mixed.SelfAttentionBF16Cuda if kind == "bfloat16" else attention.SelfAttentionCuda
@@ -100,15 +103,17 @@ def _op(kind, ctx, qkv, NH, **kw):
 def test_mma_path_equals_the_cublas_path(B, T, NH, HS, dropout_p, kind, monkeypatch):
     """The op with MMA on and off: one seed (the generator's first draw), one hash index, one mask."""
     mma, _ = modules()
+    attention = importlib.import_module("tinygrad_llm.kernels.cuda.attention")
+    monkeypatch.setattr(attention, "FLASH", "1" if kind == "float32" else "0")   # float32: against the CUDA-core flash
     qkv, _, dout = inputs(B, T, NH, HS, kind, seed=5)
     results = {}
     try:
-        backend.set_tf32(kind == "float32")
+        backend.set_tf32(kind == "tf32")
         for mode in ("1", "0"):
             monkeypatch.setattr(mma, "MMA", mode)
             ctx = Context((True,))
             op, y = _op(kind, ctx, qkv, NH, scale=HS ** -0.5, dropout_p=dropout_p, rng=np.random.default_rng(3))
-            assert ctx.mma == (mode == "1")
+            assert bool(ctx.mma) == (mode == "1")
             results[mode] = (y, op.backward(ctx, dout))
         if dropout_p:
             monkeypatch.setattr(mma, "MMA", "1")
@@ -121,12 +126,39 @@ def test_mma_path_equals_the_cublas_path(B, T, NH, HS, dropout_p, kind, monkeypa
         assert rel_err(results["1"][0], y_plain) > 5e-2   # dropout did something
 
 
-def test_float32_attention_without_tf32_never_takes_them():
+def test_float32_attention_takes_them_where_flash_is_chosen(monkeypatch):
+    """Without TF32, float32 attention takes the 3xTF32 kernels only where use_flash picks flash attention."""
     attention = importlib.import_module("tinygrad_llm.kernels.cuda.attention")
     qkv, _, _ = inputs(2, 64, 2, 64, "float32")
+    for flash, kind in (("auto", None), ("1", "float32"), ("0", None)):
+        monkeypatch.setattr(attention, "FLASH", flash)
+        ctx = Context((True,))
+        attention.SelfAttentionCuda.forward(ctx, qkv, 2)
+        assert ctx.mma == kind and not attention.tf32_on()
+    monkeypatch.setattr(attention, "FLASH", "1")
     ctx = Context((True,))
-    attention.SelfAttentionCuda.forward(ctx, qkv, 2)
-    assert not ctx.mma and not attention.tf32_on()
+    attention.SelfAttentionCuda.forward(ctx, qkv.astype(np.float64), 2)   # float64: the CUDA-core kernels
+    assert ctx.mma is None and ctx.flash
+
+
+def test_3xtf32_is_float32_accurate():
+    """The float32 kind's error against float64 sits at the CUDA-core flash kernels' level (float32 FMA), and far
+    under the tf32 kind's on the same inputs: the three products do recover float32's accuracy."""
+    mma, _ = modules()
+    flash = importlib.import_module("tinygrad_llm.kernels.cuda.flash_attention")
+    B, T, NH, HS = 2, 300, 2, 64
+    qkv, _, dout = inputs(B, T, NH, HS, "float32", seed=21)
+    y_ref, g_ref = torch_reference(qkv, dout, NH, True, 0.125)
+    errors = {}
+    for kind in ("float32", "tf32"):
+        y, lse = mma.self_attention_forward(qkv, NH, True, 0.125, 0, 0.0, kind=kind)
+        g = mma.self_attention_backward(qkv, y, lse, dout, NH, True, 0.125, 0, 0.0, kind=kind)
+        errors[kind] = max(rel_err(y, y_ref), rel_err(g, g_ref))
+    y, lse = flash.self_attention_forward(qkv, NH, True, 0.125, 0, 0.0)
+    g = flash.self_attention_backward(qkv, y, lse, dout, NH, True, 0.125, 0, 0.0)
+    fma = max(rel_err(y, y_ref), rel_err(g, g_ref))
+    assert errors["float32"] < max(4 * fma, 1e-6)
+    assert errors["tf32"] > 30 * errors["float32"]
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
@@ -159,12 +191,13 @@ def test_dropout_seed_from_device_memory(kind):
     z = ((z ^ (z >> 32)) * 0xBF58476D1CE4E5B9) & mask64
     mixed_seed = (z ^ (z >> 29)) & 0x7FFFFFFFFFFFFFFF
     words = cp.asarray(np.array([base], np.uint64))
-    y_dev, lse_dev = mma.self_attention_forward(taken, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr)
-    y_host, lse_host = mma.self_attention_forward(taken, 2, True, 0.2, mixed_seed, 0.3)
-    y_other, _ = mma.self_attention_forward(taken, 2, True, 0.2, k, 0.3)
+    y_dev, lse_dev = mma.self_attention_forward(taken, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr, kind=kind)
+    y_host, lse_host = mma.self_attention_forward(taken, 2, True, 0.2, mixed_seed, 0.3, kind=kind)
+    y_other, _ = mma.self_attention_forward(taken, 2, True, 0.2, k, 0.3, kind=kind)
     assert bool((y_dev == y_host).all()) and not bool((y_dev == y_other).all())
-    g_dev = mma.self_attention_backward(taken, y_dev, lse_dev, dout, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr)
-    g_host = mma.self_attention_backward(taken, y_host, lse_host, dout, 2, True, 0.2, mixed_seed, 0.3)
+    g_dev = mma.self_attention_backward(taken, y_dev, lse_dev, dout, 2, True, 0.2, k, 0.3, seed_ptr=words.data.ptr,
+                                        kind=kind)
+    g_host = mma.self_attention_backward(taken, y_host, lse_host, dout, 2, True, 0.2, mixed_seed, 0.3, kind=kind)
     assert rel_err(g_dev, g_host) < 1e-6
 
 
@@ -183,9 +216,9 @@ def test_replays_from_a_cuda_graph(kind):
     p, g = taken.data.ptr, dqkv.data.ptr
 
     def step():
-        mma.forward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, lse.data.ptr, True, 0.2, 5, 0.1, inputs=kind)
+        mma.forward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, lse.data.ptr, True, 0.2, 5, 0.1, kind=kind)
         mma.backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dout.data.ptr, lse.data.ptr, D.data.ptr,
-                     g, g + 4 * C, g + 8 * C, work.data.ptr, True, 0.2, 5, 0.1, inputs=kind)
+                     g, g + 4 * C, g + 8 * C, work.data.ptr, True, 0.2, 5, 0.1, kind=kind)
 
     step()
     eager = (y.copy(), dqkv.copy())
@@ -213,7 +246,8 @@ def test_keeps_no_square_array_and_the_switch(monkeypatch):
     assert not mma.packed_supported(bits[..., :3 * 2 * 48].copy(), 2)     # head size 48: not taken
     assert not mma.packed_supported(bits, 1)                              # head size 128: not taken
     assert not mma.packed_supported(bits.astype(np.float64), 2)           # float64: never
-    assert not mma.supported(64, output="bfloat16", inputs="float32")     # TF32 writes float32 only
+    assert not mma.supported(64, output="bfloat16", kind="tf32")          # TF32 writes float32 only
+    assert not mma.packed_supported(bits, 2, kind="tf32")                 # bf16 bits are no tf32 input
     monkeypatch.setattr(mma, "MMA", "0")
     assert not mma.enabled()
     monkeypatch.setattr(mma, "MMA", "yes")

@@ -86,6 +86,16 @@ def tf32_on():
     return compute_type(np.float32) == cublas.CUBLAS_COMPUTE_32F_FAST_TF32
 
 
+def _mma_kind(qkv, B, NH, T, HS):
+    """The flash_mma kind SelfAttentionCuda takes for a float32 qkv, or None: "tf32" while TF32 is on (the
+    cuBLAS path would multiply in TF32 too), "float32" (3xTF32, float32's accuracy) where use_flash picks
+    flash attention; where flash_mma takes the heads and TINYGRAD_LLM_FLASH_MMA allows."""
+    if qkv.dtype != np.float32 or not flash_mma.enabled():
+        return None
+    kind = "tf32" if tf32_on() else "float32" if use_flash(B, NH, T, HS, qkv.dtype) else None
+    return kind if kind and flash_mma.packed_supported(qkv, NH, kind=kind) else None
+
+
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
     """The flash path's attributes; the seed drawn as softmax_forward draws it (a device seed in a step)."""
     ctx.causal, ctx.scale, ctx.drop_p, (ctx.seed_ptr, ctx.seed) = causal, scale, dropout_p, (
@@ -189,10 +199,11 @@ class SelfAttentionCuda:
         B, T, C3 = qkv.shape
         C, NH = C3 // 3, n_head
         HS = C // NH
-        ctx.mma = qkv.dtype == np.float32 and tf32_on() and flash_mma.enabled() and flash_mma.packed_supported(qkv, NH)
-        if ctx.mma:   # TF32 products on the tensor cores, no (T, T) array (flash_mma.py)
+        ctx.mma = _mma_kind(qkv, B, NH, T, HS)
+        if ctx.mma:   # on the tensor cores, no (T, T) array (flash_mma.py)
             _draw_seed(ctx, causal, scale, dropout_p, rng)
-            y, ctx.lse = flash_mma.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
+            y, ctx.lse = flash_mma.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr,
+                                                          kind=ctx.mma)
             ctx.qkv, ctx.y, ctx.n_head, ctx.flash = qkv, y, NH, False
             return y
         ctx.flash = use_flash(B, NH, T, HS, qkv.dtype)
@@ -242,7 +253,8 @@ class SelfAttentionCuda:
             return SelfAttention.backward(ctx, dout)
         if ctx.mma:
             return flash_mma.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
-                                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, ctx.seed_ptr)
+                                                     ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, ctx.seed_ptr,
+                                                     kind=ctx.mma)
         if ctx.flash:
             return flash_attention.self_attention_backward(ctx.qkv, ctx.y, ctx.lse, cp.ascontiguousarray(dout), ctx.n_head,
                                                            ctx.causal, ctx.scale, ctx.seed, ctx.drop_p,

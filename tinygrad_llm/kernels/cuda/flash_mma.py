@@ -33,7 +33,12 @@ from .flash_kernels import SOURCE as _FLASH_SOURCE
 # kernels wherever they take the heads (supported()), keeping no (T, T) array; "0": never (the cuBLAS
 # products around the softmax passes, or flash_attention.py where that path's rule picks it).
 MMA = os.environ.get("TINYGRAD_LLM_FLASH_MMA", "1")
-HEAD_SIZES = (32, 64)     # exact: the head size is a template argument (no padding)
+HEAD_SIZES = (32, 64)
+# what the products take: "bfloat16" q, k, v (bf16 bits; m16n8k16); "tf32": float32 q, k, v rounded to tf32
+# (m16n8k8); "float32": float32 q, k, v split as hi + lo tf32 parts, three tf32 products for each (a_lo b_hi +
+# a_hi b_lo + a_hi b_hi, "3xTF32"), float32's accuracy on the tensor cores (the dropped a_lo b_lo is under 2^-22
+# of the product)
+KINDS = ("bfloat16", "tf32", "float32")     # exact: the head size is a template argument (no padding)
 TILE = 64                 # queries (forward) or keys (backward) a block; 16 a warp
 THREADS = 128
 OUTPUTS = {"float32": "float", "bfloat16": "unsigned short"}
@@ -135,7 +140,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
     unsigned qa[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) ldsm4(qa[kk], Qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
+    float m[2] = {(float)NEG_INF, (float)NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
@@ -357,32 +362,66 @@ __device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], u
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// rows [r0, r0 + 64) of a float32 (T, HD) head matrix into dst[64][HD + 4] as tf32 bits; zeros past T
-template<int HD>
+// x = hi + lo + (under 2^-22 |x|): hi = tf32(x), lo = tf32(x - hi) (x - hi is exact in float32)
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+    hi = to_tf32(x);
+    lo = to_tf32(x - __uint_as_float(hi));
+}
+// the operand words of a tile: float32 bits kept whole for SPLIT (split where read), else rounded to tf32 once
+template<bool SPLIT> __device__ __forceinline__ unsigned tile_word(float x) { return SPLIT ? __float_as_uint(x) : to_tf32(x); }
+// c += a b: SPLIT (3xTF32, float32's accuracy): a_lo b_hi + a_hi b_lo + a_hi b_hi, b's words split here; else one
+// tf32 product (a_lo unused)
+template<bool SPLIT>
+__device__ __forceinline__ void mma_t(float (&c)[4], const unsigned (&ah)[4], const unsigned (&al)[4], unsigned b0, unsigned b1) {
+    if constexpr (SPLIT) {
+        unsigned h0, l0, h1, l1;
+        split_tf32(__uint_as_float(b0), h0, l0);
+        split_tf32(__uint_as_float(b1), h1, l1);
+        mma1688(c, al, h0, h1);
+        mma1688(c, ah, l0, l1);
+        mma1688(c, ah, h0, h1);
+    } else {
+        mma1688(c, ah, b0, b1);
+    }
+}
+// four operand values as (hi, lo) fragments (SPLIT) or tf32 fragments in hi
+template<bool SPLIT>
+__device__ __forceinline__ void operand(unsigned (&hi)[4], unsigned (&lo)[4], float x0, float x1, float x2, float x3) {
+    float x[4] = {x0, x1, x2, x3};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if constexpr (SPLIT) split_tf32(x[i], hi[i], lo[i]); else hi[i] = to_tf32(x[i]);
+    }
+}
+// rows [r0, r0 + 64) of a float32 (T, HD) head matrix into dst[64][HD + 4] as tile_word<SPLIT>; zeros past T
+template<int HD, bool SPLIT>
 __device__ __forceinline__ void load_tile32(unsigned* dst, const float* src, long long st, int r0, int T) {
     constexpr int CH = HD / 4;
     for (int e = threadIdx.x; e < 64 * CH; e += 128) {
         int r = e / CH, c = e % CH;
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
         if (r0 + r < T) x = *(const float4*)(src + (long long)(r0 + r) * st + c * 4);
-        *(uint4*)(dst + r * (HD + 4) + c * 4) = make_uint4(to_tf32(x.x), to_tf32(x.y), to_tf32(x.z), to_tf32(x.w));
+        *(uint4*)(dst + r * (HD + 4) + c * 4) = make_uint4(tile_word<SPLIT>(x.x), tile_word<SPLIT>(x.y),
+                                                           tile_word<SPLIT>(x.z), tile_word<SPLIT>(x.w));
     }
 }
-// row fragment (16 rows from r, 8 columns from c) of a row-major tile with row stride ld
-__device__ __forceinline__ void frag_a(unsigned (&a)[4], const unsigned* m, int ld, int r, int c, int g, int t) {
-    a[0] = m[(r + g) * ld + c + t]; a[1] = m[(r + g + 8) * ld + c + t];
-    a[2] = m[(r + g) * ld + c + t + 4]; a[3] = m[(r + g + 8) * ld + c + t + 4];
+// row fragment (16 rows from r, 8 columns from c) of a row-major tile of tile_word<SPLIT> with row stride ld
+template<bool SPLIT>
+__device__ __forceinline__ void frag_a(unsigned (&hi)[4], unsigned (&lo)[4], const unsigned* m, int ld, int r, int c, int g, int t) {
+    unsigned w[4] = {m[(r + g) * ld + c + t], m[(r + g + 8) * ld + c + t], m[(r + g) * ld + c + t + 4], m[(r + g + 8) * ld + c + t + 4]};
+    if constexpr (SPLIT) operand<true>(hi, lo, __uint_as_float(w[0]), __uint_as_float(w[1]), __uint_as_float(w[2]), __uint_as_float(w[3]));
+    else for (int i = 0; i < 4; i++) hi[i] = w[i];
 }
 // the 16x8 accumulator fragment c (rows g, g + 8; columns 2t, 2t + 1) as a row fragment of tf32 operands:
 // element (row, column j) moves from lane 4 row + j / 2
-__device__ __forceinline__ void acc_to_frag(unsigned (&a)[4], const float (&c)[4], int lane, int t) {
-    int lo = (lane & ~3) | (t >> 1), hi = lo + 2;
-    float x0 = __shfl_sync(0xffffffff, c[0], lo), x1 = __shfl_sync(0xffffffff, c[1], lo);
-    float y0 = __shfl_sync(0xffffffff, c[2], lo), y1 = __shfl_sync(0xffffffff, c[3], lo);
-    float z0 = __shfl_sync(0xffffffff, c[0], hi), z1 = __shfl_sync(0xffffffff, c[1], hi);
-    float w0 = __shfl_sync(0xffffffff, c[2], hi), w1 = __shfl_sync(0xffffffff, c[3], hi);
-    a[0] = to_tf32(t & 1 ? x1 : x0); a[1] = to_tf32(t & 1 ? y1 : y0);
-    a[2] = to_tf32(t & 1 ? z1 : z0); a[3] = to_tf32(t & 1 ? w1 : w0);
+template<bool SPLIT>
+__device__ __forceinline__ void acc_to_frag(unsigned (&hi)[4], unsigned (&lo)[4], const float (&c)[4], int lane, int t) {
+    int from = (lane & ~3) | (t >> 1), from2 = from + 2;
+    float x0 = __shfl_sync(0xffffffff, c[0], from), x1 = __shfl_sync(0xffffffff, c[1], from);
+    float y0 = __shfl_sync(0xffffffff, c[2], from), y1 = __shfl_sync(0xffffffff, c[3], from);
+    float z0 = __shfl_sync(0xffffffff, c[0], from2), z1 = __shfl_sync(0xffffffff, c[1], from2);
+    float w0 = __shfl_sync(0xffffffff, c[2], from2), w1 = __shfl_sync(0xffffffff, c[3], from2);
+    operand<SPLIT>(hi, lo, t & 1 ? x1 : x0, t & 1 ? y1 : y0, t & 1 ? z1 : z0, t & 1 ? w1 : w0);
 }
 
 #define TF32_ARGS const float* q, const float* k, const float* v, int NH, int T, int HS, \
@@ -394,26 +433,26 @@ __device__ __forceinline__ void acc_to_frag(unsigned (&a)[4], const float (&c)[4
     const float sl2 = scale * 1.4426950408889634f; \
     extern __shared__ __align__(16) unsigned smw[];
 
-// The forward of mma_flash_forward with float32 q, k, v, y in tf32 products (m16n8k8).
-template<int HD>
+// The forward of mma_flash_forward with float32 q, k, v, y in tf32 products (m16n8k8); SPLIT: 3xTF32 products.
+template<int HD, bool SPLIT>
 __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, float* lse) {
     TF32_SETUP
     constexpr int LD = HD + 4;
     unsigned *Qs = smw, *Ks = Qs + 64 * LD, *Vs = Ks + 64 * LD;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * 64;
-    load_tile32<HD>(Qs, q + in0, st, q0, T);
+    load_tile32<HD, SPLIT>(Qs, q + in0, st, q0, T);
     __syncthreads();
-    unsigned qa[HD / 8][4];
+    unsigned qa[HD / 8][4], ql[SPLIT ? HD / 8 : 1][4];
 #pragma unroll
-    for (int kk = 0; kk < HD / 8; kk++) frag_a(qa[kk], Qs, LD, warp * 16, kk * 8, g, t);
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
+    for (int kk = 0; kk < HD / 8; kk++) frag_a<SPLIT>(qa[kk], ql[SPLIT ? kk : 0], Qs, LD, warp * 16, kk * 8, g, t);
+    float m[2] = {(float)NEG_INF, (float)NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
     for (int k0 = 0; k0 < kend; k0 += 64) {
         __syncthreads();
-        load_tile32<HD>(Ks, k + in0, st, k0, T);
-        load_tile32<HD>(Vs, v + in0, st, k0, T);
+        load_tile32<HD, SPLIT>(Ks, k + in0, st, k0, T);
+        load_tile32<HD, SPLIT>(Vs, v + in0, st, k0, T);
         __syncthreads();
         float s[8][4];
 #pragma unroll
@@ -422,7 +461,7 @@ __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, f
         for (int kk = 0; kk < HD / 8; kk++)
 #pragma unroll
             for (int n = 0; n < 8; n++)   // keys 8n..8n+7: b = K[key][d]
-                mma1688(s[n], qa[kk], Ks[(8 * n + g) * LD + 8 * kk + t], Ks[(8 * n + g) * LD + 8 * kk + t + 4]);
+                mma_t<SPLIT>(s[n], qa[kk], ql[SPLIT ? kk : 0], Ks[(8 * n + g) * LD + 8 * kk + t], Ks[(8 * n + g) * LD + 8 * kk + t + 4]);
         float mx[2] = {m[0], m[1]};
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -459,11 +498,11 @@ __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, f
         for (int j = 0; j < HD / 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {   // keys 8kk..8kk+7
-            unsigned pa[4];
-            acc_to_frag(pa, s[kk], lane, t);
+            unsigned pa[4], pl[4];
+            acc_to_frag<SPLIT>(pa, pl, s[kk], lane, t);
 #pragma unroll
             for (int n = 0; n < HD / 8; n++)   // b = V[key][d]
-                mma1688(o[n], pa, Vs[(8 * kk + t) * LD + 8 * n + g], Vs[(8 * kk + t + 4) * LD + 8 * n + g]);
+                mma_t<SPLIT>(o[n], pa, pl, Vs[(8 * kk + t) * LD + 8 * n + g], Vs[(8 * kk + t + 4) * LD + 8 * n + g]);
         }
     }
 #pragma unroll
@@ -480,8 +519,8 @@ __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, f
     }
 }
 
-// The backward of mma_flash_backward with float32 q, k, v, dy, dq, dk, dv in tf32 products (m16n8k8).
-template<int HD>
+// The backward of mma_flash_backward with float32 q, k, v, dy, dq, dk, dv in tf32 products (m16n8k8); SPLIT: 3xTF32.
+template<int HD, bool SPLIT>
 __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const float* dy, const float* lse, const float* D,
                                                            float* dk, float* dv, float* dq_acc, long long ab,
                                                            long long ah, long long at) {
@@ -490,8 +529,8 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
     unsigned *Ks = smw, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *Ys = Qs + 64 * LD, *St = Ys + 64 * LD;
     float *Ls = (float*)(St + 64 * LDT), *Ds = Ls + 64;
     const int k0 = blockIdx.x * 64;
-    load_tile32<HD>(Ks, k + in0, st, k0, T);
-    load_tile32<HD>(Vs, v + in0, st, k0, T);
+    load_tile32<HD, SPLIT>(Ks, k + in0, st, k0, T);
+    load_tile32<HD, SPLIT>(Vs, v + in0, st, k0, T);
     float gk[HD / 8][4], gv[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++)
@@ -500,8 +539,8 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
     const int key0 = k0 + warp * 16 + g;
     for (int q0 = causal ? k0 : 0; q0 < T; q0 += 64) {
         __syncthreads();
-        load_tile32<HD>(Qs, q + in0, st, q0, T);
-        load_tile32<HD>(Ys, dy + out0, ot, q0, T);
+        load_tile32<HD, SPLIT>(Qs, q + in0, st, q0, T);
+        load_tile32<HD, SPLIT>(Ys, dy + out0, ot, q0, T);
         if (threadIdx.x < 64) {
             int qi = q0 + threadIdx.x;
             Ls[threadIdx.x] = qi < T ? lse[bh * T + qi] * 1.4426950408889634f : 0.f;
@@ -515,13 +554,13 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < HD / 8; kk++) {
-            unsigned ka[4], va[4];
-            frag_a(ka, Ks, LD, warp * 16, kk * 8, g, t);
-            frag_a(va, Vs, LD, warp * 16, kk * 8, g, t);
+            unsigned ka[4], kl[4], va[4], vl[4];
+            frag_a<SPLIT>(ka, kl, Ks, LD, warp * 16, kk * 8, g, t);
+            frag_a<SPLIT>(va, vl, Vs, LD, warp * 16, kk * 8, g, t);
 #pragma unroll
             for (int n = 0; n < 8; n++) {   // queries 8n..8n+7
-                mma1688(s[n], ka, Qs[(8 * n + g) * LD + 8 * kk + t], Qs[(8 * n + g) * LD + 8 * kk + t + 4]);
-                mma1688(dp[n], va, Ys[(8 * n + g) * LD + 8 * kk + t], Ys[(8 * n + g) * LD + 8 * kk + t + 4]);
+                mma_t<SPLIT>(s[n], ka, kl, Qs[(8 * n + g) * LD + 8 * kk + t], Qs[(8 * n + g) * LD + 8 * kk + t + 4]);
+                mma_t<SPLIT>(dp[n], va, vl, Ys[(8 * n + g) * LD + 8 * kk + t], Ys[(8 * n + g) * LD + 8 * kk + t + 4]);
             }
         }
 #pragma unroll
@@ -541,16 +580,16 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
             }
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {   // queries 8kk..8kk+7: dV += Pd^T dy, dK += dS^T q
-            unsigned pa[4], da[4];
-            acc_to_frag(pa, s[kk], lane, t);
-            acc_to_frag(da, dp[kk], lane, t);
+            unsigned pa[4], pl[4], da[4], dl[4];
+            acc_to_frag<SPLIT>(pa, pl, s[kk], lane, t);
+            acc_to_frag<SPLIT>(da, dl, dp[kk], lane, t);
 #pragma unroll
             for (int n = 0; n < HD / 8; n++) {
-                mma1688(gv[n], pa, Ys[(8 * kk + t) * LD + 8 * n + g], Ys[(8 * kk + t + 4) * LD + 8 * n + g]);
-                mma1688(gk[n], da, Qs[(8 * kk + t) * LD + 8 * n + g], Qs[(8 * kk + t + 4) * LD + 8 * n + g]);
+                mma_t<SPLIT>(gv[n], pa, pl, Ys[(8 * kk + t) * LD + 8 * n + g], Ys[(8 * kk + t + 4) * LD + 8 * n + g]);
+                mma_t<SPLIT>(gk[n], da, dl, Qs[(8 * kk + t) * LD + 8 * n + g], Qs[(8 * kk + t + 4) * LD + 8 * n + g]);
             }
-            *(uint2*)(St + (warp * 16 + g) * LDT + 8 * kk + 2 * t) = make_uint2(to_tf32(dp[kk][0]), to_tf32(dp[kk][1]));
-            *(uint2*)(St + (warp * 16 + g + 8) * LDT + 8 * kk + 2 * t) = make_uint2(to_tf32(dp[kk][2]), to_tf32(dp[kk][3]));
+            *(uint2*)(St + (warp * 16 + g) * LDT + 8 * kk + 2 * t) = make_uint2(tile_word<SPLIT>(dp[kk][0]), tile_word<SPLIT>(dp[kk][1]));
+            *(uint2*)(St + (warp * 16 + g + 8) * LDT + 8 * kk + 2 * t) = make_uint2(tile_word<SPLIT>(dp[kk][2]), tile_word<SPLIT>(dp[kk][3]));
         }
         __syncthreads();
         float gq[HD / 8][4];
@@ -560,10 +599,11 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
         for (int kc = 0; kc < 8; kc++) {   // keys 8kc..8kc+7: a = dS[query][key] = St[key][query]
             int r = warp * 16 + g;
             unsigned a[4] = {St[(8 * kc + t) * LDT + r], St[(8 * kc + t) * LDT + r + 8],
-                             St[(8 * kc + t + 4) * LDT + r], St[(8 * kc + t + 4) * LDT + r + 8]};
+                             St[(8 * kc + t + 4) * LDT + r], St[(8 * kc + t + 4) * LDT + r + 8]}, al[4];
+            if constexpr (SPLIT) operand<true>(a, al, __uint_as_float(a[0]), __uint_as_float(a[1]), __uint_as_float(a[2]), __uint_as_float(a[3]));
 #pragma unroll
             for (int n = 0; n < HD / 8; n++)
-                mma1688(gq[n], a, Ks[(8 * kc + t) * LD + 8 * n + g], Ks[(8 * kc + t + 4) * LD + 8 * n + g]);
+                mma_t<SPLIT>(gq[n], a, al, Ks[(8 * kc + t) * LD + 8 * n + g], Ks[(8 * kc + t + 4) * LD + 8 * n + g]);
         }
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -600,14 +640,15 @@ def shared_bytes(name, HD, tf32=False):
     return 3 * tile if name == "forward" else 4 * tile + square + 2 * TILE * 4
 
 
-def _kernels(inputs, output, HD):
-    """{name: (function, shared bytes)} for bf16 or float32 (tf32 products) inputs, the output storage and
-    the head size, compiled on first use."""
-    key = (inputs, output, HD)
+def _kernels(kind, output, HD):
+    """{name: (function, shared bytes)} for the kind (KINDS), the output storage and the head size, compiled on
+    first use."""
+    key = (kind, output, HD)
     if key not in _modules:
-        ctype, tf32 = OUTPUTS[output], inputs == "float32"
+        ctype, tf32 = OUTPUTS[output], kind != "bfloat16"
         if tf32:
-            exprs = {"forward": f"tf32_flash_forward<{HD}>", "backward": f"tf32_flash_backward<{HD}>"}
+            split = "true" if kind == "float32" else "false"
+            exprs = {"forward": f"tf32_flash_forward<{HD}, {split}>", "backward": f"tf32_flash_backward<{HD}, {split}>"}
         else:
             exprs = {"forward": f"mma_flash_forward<{ctype}, {HD}>", "backward": f"mma_flash_backward<{ctype}, {HD}>"}
         exprs.update(rowdot=f"mma_rowdot_zero<{ctype}, {HD}>", dq_store=f"flash_dq_store<{ctype}>")
@@ -631,24 +672,25 @@ def enabled():
     return mode == "1"
 
 
-def supported(HS, pointers=(), strides=(), output="float32", inputs="bfloat16"):
-    """True when these kernels take heads of size HS whose inputs (bf16 bits, or float32 for tf32 products)
-    and `output` arrays start at `pointers` (byte addresses) with `strides` (element strides): every row of
-    a head must start 16 bytes aligned (the tiles load 16 bytes a thread)."""
-    if HS not in HEAD_SIZES or output not in OUTPUTS or inputs not in ("bfloat16", "float32"):
+def supported(HS, pointers=(), strides=(), output="float32", kind="bfloat16"):
+    """True when the `kind` kernels (KINDS) take heads of size HS whose inputs and `output` arrays start at
+    `pointers` (byte addresses) with `strides` (element strides): every row of a head must start 16 bytes
+    aligned (the tiles load 16 bytes a thread). The tf32 and float32 kinds write float32 only."""
+    if HS not in HEAD_SIZES or output not in OUTPUTS or kind not in KINDS:
         return False
-    if inputs == "float32" and output != "float32":
+    if kind != "bfloat16" and output != "float32":
         return False
     return all(int(p) % 16 == 0 for p in pointers) and all(int(s) % 8 == 0 for s in strides)
 
 
-def packed_supported(qkv, n_head, output="float32"):
-    """supported() for the packed (B, T, 3C) qkv (C-contiguous: uint16 bf16 bits, or float32 for tf32
-    products) and (B, T, C) outputs."""
+def packed_supported(qkv, n_head, output="float32", kind=None):
+    """supported() for the packed (B, T, 3C) qkv (C-contiguous: uint16 bf16 bits, or float32) and (B, T, C)
+    outputs; kind (default: _kind(qkv)) must suit qkv's dtype."""
     B, T, C3 = qkv.shape
-    C = C3 // 3
-    inputs = "bfloat16" if qkv.dtype == np.uint16 else str(qkv.dtype)
-    return C % n_head == 0 and supported(C // n_head, (qkv.data.ptr,), (C3, C), output, inputs)
+    C, kind = C3 // 3, kind or _kind(qkv)
+    if (qkv.dtype == np.uint16) != (kind == "bfloat16") or qkv.dtype not in (np.uint16, np.float32):
+        return False
+    return C % n_head == 0 and supported(C // n_head, (qkv.data.ptr,), (C3, C), output, kind)
 
 
 def _layout(B, NH, T, HS, inputs, outputs):
@@ -656,22 +698,22 @@ def _layout(B, NH, T, HS, inputs, outputs):
 
 
 def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0.0, seed_ptr=0, output="float32",
-            inputs="bfloat16"):
-    """y (layout's output strides, `output` storage) and lse (B NH T float32) from q, k, v (pointers to bf16,
-    or with inputs="float32" to float32 multiplied in tf32)."""
-    fn, smem = _kernels(inputs, output, layout.HS)["forward"]
+            kind="bfloat16"):
+    """y (layout's output strides, `output` storage) and lse (B NH T float32) from q, k, v (pointers to bf16
+    for kind bfloat16, else to float32)."""
+    fn, smem = _kernels(kind, output, layout.HS)["forward"]
     fn((-(-layout.T // TILE), layout.B * layout.NH), (THREADS,),
        layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(y, lse), shared_mem=smem)
 
 
 def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scale=1.0, seed=0, dropout_p=0.0,
-             seed_ptr=0, output="float32", inputs="bfloat16"):
+             seed_ptr=0, output="float32", kind="bfloat16"):
     """dq, dk, dv (`output` storage, the input strides) from dy and the forward's y and lse; D: scratch of
     B NH T float32 (gets rowsum(dy * y)); work: with bfloat16 outputs, scratch of B NH T HS float32 for dQ's
     sums (float32 dq is summed into in place; work may be None then). The same arguments as the forward, or
     the mask differs. Launches only: a first pass writes D and zeroes dQ's sums, the kernel adds into them,
     and with bfloat16 outputs a last pass rounds them into dq."""
-    found = _kernels(inputs, output, layout.HS)
+    found = _kernels(kind, output, layout.HS)
     B, NH, T, HS = layout.B, layout.NH, layout.T, layout.HS
     rows = B * NH * T
     if output == "float32":
@@ -695,28 +737,31 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scal
                                                        *(np.int64(s) for s in layout.inputs), np.int64(n)))
 
 
-def _inputs(qkv):
-    return "bfloat16" if qkv.dtype == np.uint16 else "float32"
+def _kind(qkv):
+    """The kind a qkv's dtype takes by default: bfloat16 for uint16 bits, tf32 for float32."""
+    return "bfloat16" if qkv.dtype == np.uint16 else "tf32"
 
 
-def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, seed_ptr=0, output="float32"):
-    """The packed (B, T, 3C) qkv (a C-contiguous CuPy array: uint16 bf16 bits, or float32 for tf32 products)
-    -> (y (B, T, C) of `output` (uint16 bits for bfloat16), lse (B NH T float32))."""
+def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, seed_ptr=0, output="float32", kind=None):
+    """The packed (B, T, 3C) qkv (a C-contiguous CuPy array: uint16 bf16 bits, or float32) -> (y (B, T, C) of
+    `output` (uint16 bits for bfloat16), lse (B NH T float32)); kind (KINDS) defaults to _kind(qkv)."""
     B, T, C3 = qkv.shape
-    C, inputs = C3 // 3, _inputs(qkv)
+    C, kind = C3 // 3, kind or _kind(qkv)
     layout, size = _layout(*_packed(B, T, C, n_head)), qkv.dtype.itemsize
     y = cp.empty((B, T, C), dtype=np.float32 if output == "float32" else np.uint16)
     lse = cp.empty(B * n_head * T, dtype=np.float32)
     p = qkv.data.ptr
     forward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, lse.data.ptr, causal, scale, seed, dropout_p,
-            seed_ptr, output, inputs)
+            seed_ptr, output, kind)
     return y, lse
 
 
-def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropout_p, seed_ptr=0, output="float32"):
-    """dqkv (B, T, 3C) of `output` from the forward's qkv, y, lse and dy (B, T, C) of `output`, contiguous."""
+def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropout_p, seed_ptr=0, output="float32",
+                            kind=None):
+    """dqkv (B, T, 3C) of `output` from the forward's qkv, y, lse and dy (B, T, C) of `output`, contiguous; the
+    forward's kind."""
     B, T, C3 = qkv.shape
-    C, inputs = C3 // 3, _inputs(qkv)
+    C, kind = C3 // 3, kind or _kind(qkv)
     layout, size = _layout(*_packed(B, T, C, n_head)), qkv.dtype.itemsize
     out_size = 4 if output == "float32" else 2
     dqkv = cp.empty((B, T, C3), dtype=np.float32 if output == "float32" else np.uint16)
@@ -725,7 +770,7 @@ def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropou
     p, g = qkv.data.ptr, dqkv.data.ptr
     backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dy.data.ptr, lse.data.ptr, D.data.ptr, g,
              g + C * out_size, g + 2 * C * out_size, None if work is None else work.data.ptr, causal, scale, seed,
-             dropout_p, seed_ptr, output, inputs)
+             dropout_p, seed_ptr, output, kind)
     return dqkv
 
 
