@@ -232,7 +232,8 @@ class _Primitive:
         else:
             self.mds[1] = _desc(lib, dt, b_dims, b_strides)
         nd = len(c_dims)
-        self.bias_md = _desc(lib, _F32, (1,) * (nd - 1) + c_dims[-1:], (c_dims[-1],) * (nd - 1) + (1,)) if bias else None
+        bias_dims = (1,) * (nd - 1) + c_dims[-1:]
+        self.bias_md = _desc(lib, _F32, bias_dims, (c_dims[-1],) * (nd - 1) + (1,)) if bias else None
         attr, post = _VP(), _VP()
         _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
         try:
