@@ -114,7 +114,7 @@ def onednn(rng, config):
                 rates.append(mflop / median_ms(lambda: dnnl.gemm(a, b, out, parallel=False)))
                 rates.append(mflop / median_ms(lambda: dnnl.gemm(a, dpacked, out, parallel=False)))
                 rates.append(mflop / median_ms(lambda: dnnl.gemm(a, dpacked, out, parallel=False, bias=bias)))
-                impl = "; ".join(sorted({p.impl for key, p in dnnl._primitives.items() if key[3][-2:] == (m, k)}))
+                impl = "; ".join(sorted({p.impl for key, p in dnnl.api._primitives.items() if key[3][-2:] == (m, k)}))
             else:
                 rates += [float("nan")] * 3
             ta = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)

@@ -22,7 +22,8 @@ from tinygrad_llm.kernels.cpu import dnnl, mixed, threads  # noqa: E402
 def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--omp", choices=("one", "team"), default="one",
-                        help="oneDNN's OpenMP threads: one (dnnl.py's setting) or threads.THREADS (default %(default)s)")
+                        help="oneDNN's OpenMP threads: one (dnnl.py's setting) or threads.THREADS "
+                             "(default %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default %(default)s)")
     return parser.parse_args(argv)
 
@@ -33,8 +34,8 @@ def main():
     if reason is not None:
         sys.exit(f"onednn_threads.py: needs oneDNN ({dnnl.HINT}): {reason}")
     if args.omp == "team":   # this thread's OpenMP count back up: oneDNN then runs a team of its own
-        dnnl._local.omp_set = True
-        dnnl._omp_set_num_threads(threads.THREADS)
+        dnnl.api._local.omp_set = True
+        dnnl.api._omp_set_num_threads(threads.THREADS)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(8 << 20).astype(np.float32)
     sq = rng.standard_normal((1024, 1024)).astype(np.float32)

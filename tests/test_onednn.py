@@ -31,7 +31,8 @@ from tinygrad_llm.kernels.cpu.mixed import from_bf16
 
 BF16_REASON = dnnl.missing_reason()
 needs_bf16 = pytest.mark.skipif(BF16_REASON is not None, reason=f"needs oneDNN's bf16 matmul: {BF16_REASON}")
-needs_lib = pytest.mark.skipif(dnnl.f32_reason() is not None, reason=f"needs libdnnl ('.[onednn]'): {dnnl.f32_reason()}")
+needs_lib = pytest.mark.skipif(dnnl.f32_reason() is not None,
+                               reason=f"needs libdnnl ('.[onednn]'): {dnnl.f32_reason()}")
 needs_mkl = pytest.mark.skipif(mkl.missing_reason() is not None, reason=f"needs MKL ('.[mkl]'): {mkl.missing_reason()}")
 
 
@@ -143,11 +144,11 @@ def test_primitives_are_made_once_per_shape():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((9, 11)).astype(np.float32), rng.standard_normal((11, 13)).astype(np.float32)
     dnnl.gemm(a, b, np.empty((9, 13), np.float32))
-    before = len(dnnl._primitives)
+    before = len(dnnl.api._primitives)
     for _ in range(3):
         dnnl.gemm(a, b, np.empty((9, 13), np.float32))
         dnnl.gemm(a + 1, b, np.empty((9, 13), np.float32))
-    assert len(dnnl._primitives) == before
+    assert len(dnnl.api._primitives) == before
     packed = dnnl.PackedB(b)
     for rows in (9, 9, 9):
         dnnl.gemm(a[:rows], packed, np.empty((rows, 13), np.float32))
@@ -247,7 +248,7 @@ def test_choice_reads_the_environment(monkeypatch):
 
 def test_missing_onednn_is_named_in_one_line(monkeypatch, tmp_path):
     missing = str(tmp_path / "libdnnl.so.3")
-    monkeypatch.setattr(dnnl, "_state", None)
+    monkeypatch.setattr(dnnl.api, "_state", None)
     monkeypatch.setenv(dnnl.ENV_PATH, missing)
     assert dnnl.candidates() == [missing]
     reason = dnnl.missing_reason()
