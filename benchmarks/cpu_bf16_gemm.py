@@ -4,13 +4,21 @@ and how Linear's bias is best added. Needs a CPU with bf16 units and MKL (pip in
     python benchmarks/cpu_bf16_gemm.py --part layouts     # one thread: every layout, packed B, torch's bf16 matmul
     python benchmarks/cpu_bf16_gemm.py --part linear      # the threads of this process: plain vs packed weight,
                                                           # the bias in a pass of its own vs by blocks, dx
+    python benchmarks/cpu_bf16_gemm.py --part onednn --config small   # one thread: MKL against oneDNN
+    python benchmarks/cpu_bf16_gemm.py --part onednn --config large
 
 --part layouts multiplies at one thread (half the step's 16,384 rows: one thread's share of a product split
 over two): A and B each stored as read (N) or stored transposed and read so (T), B packed once by
 cblas_gemm_bf16bf16f32_pack (mkl.PackedB), and torch's bf16 matmul (oneDNN) at one thread as the anchor.
 --part linear times what LinearBF16Mkl does, at threads.THREADS threads: the forward with the weight as bf16 bits
 or packed, the bias added by a pass over the output or by mkl.gemm's blocks of 256 KiB / 1 MiB / 4 MiB, and dx
-with w^T plain or packed. Medians of 7 after 2 warm-ups; GFLOP/s in brackets.
+with w^T plain or packed. --part onednn times, at one thread, the step's Linear products (forward x w, dx =
+dout w^T, dw = x^T dout; rows: half of B*T, one thread's share) of --config small (4x128) or large (6x384) in
+MKL (w as bits, w packed) and in oneDNN (kernels/cpu/dnnl.py: w as bits, w in the layout oneDNN picks, and the
+forward with the bias added by oneDNN), with torch's bf16 matmul as the anchor; oneDNN's implementation is
+named (brg:avx512_core_amx... on an AMX CPU; ref or gemm:... means a slow path). Without oneDNN's bf16 matmul
+(not installed, or a CPU without AVX-512) its columns read n/a and the reason is printed. Medians of 7 after 2
+warm-ups; GFLOP/s in brackets (--part onednn: GFLOP/s alone).
 """
 import sys
 from pathlib import Path
@@ -21,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_args import Parser  # noqa: E402
 from kernels import median_ms  # noqa: E402
-from tinygrad_llm.kernels.cpu import mkl, threads  # noqa: E402
+from tinygrad_llm.kernels.cpu import dnnl, mkl, threads  # noqa: E402
 from tinygrad_llm.kernels.cpu.mixed import to_bf16  # noqa: E402
 
 SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]   # (in, out) of c_attn, attn c_proj, c_fc, mlp c_proj
@@ -77,9 +85,51 @@ def linear(rng):
         print(f"| {ROWS},{K},{M} | " + " | ".join(f"{t:.2f} ({mflop / t:.0f})" for t in times) + " |", flush=True)
 
 
+def onednn(rng, config):
+    import torch
+    torch.set_num_threads(1)
+    C, rows = {"small": (128, 12 * 64), "large": (384, 64 * 256)}[config]
+    reason = dnnl.missing_reason()
+    if reason is not None:
+        print(f"oneDNN's columns: n/a ({reason})")
+    print(f"# {config}: one thread; GFLOP/s, medians of 7")
+    print("| product | M,K,N | MKL w bits | MKL w packed | oneDNN w bits | oneDNN w packed | oneDNN packed + bias | "
+          "torch bf16 | oneDNN implementation |\n|---|---|---|---|---|---|---|---|---|")
+    R = rows // 2
+    for K, M in [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]:
+        for name, (m, k, n) in (("fwd x w", (R, K, M)), ("dx dout w^T", (R, M, K)), ("dw x^T dout", (K, rows, M))):
+            out, mflop = np.empty((m, n), np.float32), 2 * m * n * k / 1e6
+            if name == "dw x^T dout":    # x^T: x (rows, K) stored, read transposed, as LinearBF16Mkl does
+                a, b = bf16(rng, (k, m)).T, bf16(rng, (k, n))
+            else:                        # dx: w^T read in place from w (n, k) stored
+                a = bf16(rng, (m, k))
+                b = bf16(rng, (k, n)) if name == "fwd x w" else bf16(rng, (n, k)).T
+            bias = rng.standard_normal(n).astype(np.float32)
+            rates = [mflop / median_ms(lambda: mkl.gemm(a, b, out, parallel=False))]
+            packed = mkl.packed_b(b)
+            rates.append(mflop / median_ms(lambda: mkl.gemm(a, packed, out, parallel=False)))
+            impl = "n/a"
+            if reason is None:
+                dpacked = dnnl.PackedB(b)
+                rates.append(mflop / median_ms(lambda: dnnl.gemm(a, b, out, parallel=False)))
+                rates.append(mflop / median_ms(lambda: dnnl.gemm(a, dpacked, out, parallel=False)))
+                rates.append(mflop / median_ms(lambda: dnnl.gemm(a, dpacked, out, parallel=False, bias=bias)))
+                impl = "; ".join(sorted({p.impl for key, p in dnnl.api._primitives.items() if key[3][-2:] == (m, k)}))
+            else:
+                rates += [float("nan")] * 3
+            ta = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+            tb = torch.from_numpy(np.ascontiguousarray(b).view(np.int16)).view(torch.bfloat16)
+            rates.append(mflop / median_ms(lambda: ta @ tb))
+            print(f"| {name} | {m},{k},{n} | " + " | ".join("n/a" if r != r else f"{r:.0f}" for r in rates)
+                  + f" | {impl} |", flush=True)
+
+
 def parse_args(argv=None):
     parser = Parser(__doc__)
-    parser.add_argument("--part", choices=("layouts", "linear"), default="linear", help="(default %(default)s)")
+    parser.add_argument("--part", choices=("layouts", "linear", "onednn"), default="linear",
+                        help="(default %(default)s)")
+    parser.add_argument("--config", choices=("small", "large"), default="large",
+                        help="--part onednn: the step whose shapes are timed (default %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -88,7 +138,10 @@ def main():
     if mkl.missing_reason() is not None:
         sys.exit(f"cpu_bf16_gemm.py: needs MKL's bf16 GEMM: {mkl.missing_reason()}")
     rng = np.random.default_rng(0)
-    layouts(rng) if args.part == "layouts" else linear(rng)
+    if args.part == "onednn":
+        onednn(rng, args.config)
+    else:
+        layouts(rng) if args.part == "layouts" else linear(rng)
 
 
 if __name__ == "__main__":

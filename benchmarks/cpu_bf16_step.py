@@ -4,13 +4,16 @@ units and MKL (pip install -e ".[mkl]").
 
     python benchmarks/cpu_bf16_step.py --config large --rounds 5 --per 2     # 6x384: 10 timed steps each
     python benchmarks/cpu_bf16_step.py --config small --rounds 4 --per 10 --settings "16,23;64,28"
+    python benchmarks/cpu_bf16_step.py --config large --rounds 5 --per 2 --gemm mkl,onednn   # MKL vs oneDNN
 
 A round runs each step for one warm-up and --per timed steps, the steps alternating, so that the host's load
 changes hit both alike; printed: each round's ratio of medians and the ratio of all timed steps' medians.
 --settings compares the bf16 kernels' size choices in the same process, as extra steps of ours: each
 "rows,log2" is mixed_attention.MIN_ROW_BLOCK (the causal row blocks' minimum rows) and mkl.PARALLEL_MIN_FLOPS
-= 2**log2 (the products split over threads), set before each of its blocks. The steps are train_step.py's
-(ours_training_step, torch_autocast_step on our model's PyTorch mirror, same weights).
+= 2**log2 (the products split over threads), set before each of its blocks. --gemm times our step with its bf16
+products in each named library (TINYGRAD_LLM_CPU_BF16_GEMM set before each block: mkl, onednn; every setting
+under every library). The steps are train_step.py's (ours_training_step, torch_autocast_step on our model's
+PyTorch mirror, same weights).
 """
 import argparse
 import os
@@ -25,7 +28,7 @@ import numpy as np  # noqa: E402
 from cli_args import Parser  # noqa: E402
 
 import train_step as ts  # noqa: E402
-from tinygrad_llm.kernels.cpu import mixed_attention, mkl  # noqa: E402
+from tinygrad_llm.kernels.cpu import bf16_gemm, dnnl, mixed_attention, mkl  # noqa: E402
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -39,6 +42,13 @@ def parse_settings(text):
     return pairs
 
 
+def parse_gemm(text):
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if not names or any(n not in ("mkl", "onednn") for n in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"--gemm wants a comma list of mkl and onednn, got {text!r}")
+    return names
+
+
 def parse_args(argv=None):
     parser = Parser(__doc__)
     parser.add_argument("--config", choices=sorted(ts.CONFIGS), default="large", help="(default %(default)s)")
@@ -46,11 +56,16 @@ def parse_args(argv=None):
     parser.add_argument("--per", type=ts.positive_int, default=2, help="timed steps a block (default %(default)s)")
     parser.add_argument("--settings", type=parse_settings, default=None,
                         help="our step under each 'rows,log2' setting (default: the tree's own)")
+    parser.add_argument("--gemm", type=parse_gemm, default=["mkl"],
+                        help="our step with its bf16 products in each of these libraries, e.g. mkl,onednn "
+                             "(default: mkl)")
     return parser.parse_args(argv)
 
 
 def main():
     args = parse_args()
+    if "onednn" in args.gemm and dnnl.missing_reason() is not None:
+        sys.exit(f"cpu_bf16_step.py: --gemm onednn needs oneDNN's bf16 matmul ({dnnl.HINT}): {dnnl.missing_reason()}")
     ts.refuse_without_bf16_units()
     import torch
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -60,7 +75,8 @@ def main():
     model16 = GPT(GPTConfig(vocab_size=ts.VOCAB, dtype="bfloat16", **spec), rng=np.random.default_rng(0))
     ours, theirs = ts.ours_training_step(model16), ts.torch_autocast_step(ts.torch_mirror(model32))
     settings = args.settings or [(mixed_attention.MIN_ROW_BLOCK, mkl.PARALLEL_MIN_FLOPS.bit_length() - 1)]
-    names = [f"ours bf16 (rows {r}, split at 2^{f})" for r, f in settings]
+    runs = [(lib, r, f) for lib in args.gemm for r, f in settings]
+    names = [f"ours bf16 {lib} (rows {r}, split at 2^{f})" for lib, r, f in runs]
     rng = np.random.default_rng(1)
     batches = [(rng.integers(0, ts.VOCAB, (B, T)), rng.integers(0, ts.VOCAB, (B, T))) for _ in range(3)]
     times = {name: [] for name in names + ["PyTorch autocast bf16"]}
@@ -68,8 +84,9 @@ def main():
         medians = {}
         for name in times:
             if name in names:
-                mixed_attention.MIN_ROW_BLOCK, log2 = settings[names.index(name)]
-                mkl.PARALLEL_MIN_FLOPS, step = 1 << log2, ours
+                os.environ[bf16_gemm.ENV], mixed_attention.MIN_ROW_BLOCK, log2 = runs[names.index(name)]
+                mkl.PARALLEL_MIN_FLOPS = dnnl.PARALLEL_MIN_FLOPS = 1 << log2
+                step = ours
             else:
                 step = theirs
             block = []

@@ -88,7 +88,8 @@ def test_unsupported_reason_says_what_is_missing(monkeypatch):
     monkeypatch.delenv(precision.EMULATION_ENV, raising=False)
     assert precision.unsupported_reason("float32", "cpu") is None
     assert precision.unsupported_reason("bfloat16", "cuda") is None
-    units, no_units, mkl_missing = {"avx512_bf16", "amx_bf16"}, {"avx2", "avx512f"}, "not found (libmkl_rt.so.3: no such file)"
+    units, no_units = {"avx512_bf16", "amx_bf16"}, {"avx2", "avx512f"}
+    mkl_missing = "MKL's bf16 GEMM (pip install 'tinygrad_llm[mkl]'): not found (libmkl_rt.so.3: no such file)"
     lacking = precision.unsupported_reason("bfloat16", "cpu", flags=no_units, library_reason=None)
     assert "avx512_bf16 or amx_bf16" in lacking and "lacks" in lacking and "\n" not in lacking and "MKL" not in lacking
     assert precision.unsupported_reason("bfloat16", "cpu", flags=units, library_reason=None) is None

@@ -21,7 +21,8 @@ on. GPT.forward turns it on for a bfloat16 model. A weight is rounded to bf16 on
 which a training step opens around its micro-batches: once per optimizer step, not once per use.
 
 Nothing here imports a kernel or an array library beyond NumPy: the CPU and GPU backends share it. Only
-unsupported_reason asks the CPU's MKL loader (kernels/cpu/mkl.py), by name, whether MKL's bf16 GEMM loads.
+unsupported_reason asks the CPU's bf16 GEMM choice (kernels/cpu/bf16_gemm.py: MKL or oneDNN), by name,
+whether the chosen library loads.
 """
 import contextlib
 import functools
@@ -166,7 +167,6 @@ def cpu_flags(cpuinfo="/proc/cpuinfo"):
 # Tests only: run the CPU's bf16 path on a CPU without bf16 units (MKL emulates the bf16 products: the
 # same results, several times slower than float32). Users are refused there; see unsupported_reason.
 EMULATION_ENV = "TINYGRAD_LLM_CPU_BF16_EMULATION"
-MKL_HINT = "pip install 'tinygrad_llm[mkl]'"
 
 
 def cpu_emulation_allowed():
@@ -175,19 +175,21 @@ def cpu_emulation_allowed():
 
 
 def _cpu_library_reason():
-    """None when the CPU's bf16 GEMM (MKL's, kernels/cpu/mkl.py) loads, else why not; asked by name on first use,
-    as backend.py asks for kernels, so that importing this module never loads a library."""
-    return importlib.import_module("tinygrad_llm.kernels.cpu.mkl").missing_reason()
+    """None when the CPU's bf16 GEMM loads (MKL's or oneDNN's, as TINYGRAD_LLM_CPU_BF16_GEMM picks:
+    kernels/cpu/bf16_gemm.py), else one line naming the library and why not; asked by name on first use, as
+    backend.py asks for kernels, so that importing this module never loads a library."""
+    return importlib.import_module("tinygrad_llm.kernels.cpu.bf16_gemm").missing_reason()
 
 
 def unsupported_reason(dtype, device, flags=None, library_reason=_UNSET):
     """None when `device` can train in `dtype`, else one line saying what is missing.
 
-    bfloat16 on the CPU needs bf16 matrix units (CPU_BF16_FLAGS) and MKL's bf16 GEMM: where either is missing
-    it is refused, never run on a slow path (a CPU without the units would emulate every product). With
-    EMULATION_ENV=1 (tests only) the units are not asked for; MKL still is.
-    flags: the CPU's flags (default: read from /proc/cpuinfo); library_reason: why MKL is missing, or None
-    where it loads (default: ask the loader)."""
+    bfloat16 on the CPU needs bf16 matrix units (CPU_BF16_FLAGS) and a bf16 GEMM library (MKL's, or oneDNN's
+    under TINYGRAD_LLM_CPU_BF16_GEMM=onednn): where either is missing it is refused, never run on a slow path
+    (a CPU without the units would emulate every product). With EMULATION_ENV=1 (tests only) the units are
+    not asked for; the library still is.
+    flags: the CPU's flags (default: read from /proc/cpuinfo); library_reason: one line naming the missing
+    library and why (kernels/cpu/bf16_gemm.missing_reason's), or None where it loads (default: ask it)."""
     if not is_mixed(dtype) or device != "cpu":
         return None
     flags = cpu_flags() if flags is None else flags
@@ -200,7 +202,7 @@ def unsupported_reason(dtype, device, flags=None, library_reason=_UNSET):
         elif not any(f in flags for f in CPU_BF16_FLAGS):
             missing.append(f"bf16 matrix units ({names}), which this CPU lacks")
     if library_reason is not None:
-        missing.append(f"MKL's bf16 GEMM ({MKL_HINT}): {library_reason}")
+        missing.append(library_reason)
     if not missing:
         return None
     return f"dtype bfloat16 on the CPU needs {'; and '.join(missing)}; use --dtype float32, or --device cuda"

@@ -1,5 +1,6 @@
 """bf16 products with float32 sums on NumPy arrays (precision.py's policy): Linear (and so the LM head) under
-precision.autocast("bfloat16"), its GEMMs in MKL (mkl.py); attention's are in mixed_attention.py.
+precision.autocast("bfloat16"), its GEMMs in MKL (mkl.py) or oneDNN (dnnl.py), as TINYGRAD_LLM_CPU_BF16_GEMM
+picks (bf16_gemm.py); attention's are in mixed_attention.py.
 
 How bf16 is held: as NumPy uint16 arrays of the bits, made by one Numba pass (round to nearest even, NaN
 kept a quiet NaN), as the GPU's kernels hold it. ml_dtypes' bfloat16 dtype would give the same bits at
@@ -17,7 +18,7 @@ from numba import njit
 
 from ... import precision
 from ...functional import Linear
-from . import mkl, threads
+from . import bf16_gemm, threads
 
 PARALLEL_MIN_VALUES = 1 << 20   # a conversion of at least this many values is split over threads.THREADS
 
@@ -113,12 +114,14 @@ def from_bf16(y):
 
 
 class LinearBF16Mkl:
-    """functional.Linear with bf16 operands: out = x w (+ b), dx = dout w^T, dw = x^T dout, each one MKL
-    bf16 GEMM with float32 sums and float32 results; b added in float32 (mkl.gemm's bias: a block of rows
-    at a time, right after its product), db = sum(dout) summed in float64 in
+    """functional.Linear with bf16 operands: out = x w (+ b), dx = dout w^T, dw = x^T dout, each one bf16 GEMM
+    with float32 sums and float32 results, in MKL or oneDNN (bf16_gemm.library(), chosen at the forward; the
+    backward uses the same); b added in float32 (mkl.gemm's bias: a block of rows at a time, right after its
+    product; oneDNN's: in its matmul), db = sum(dout) summed in float64 in
     the pass that converts dout (column_sums) where no producer handed its copy over. Saves the bf16
-    x and w for backward. w enters its two products packed (mkl.PackedB: w for the forward, w^T for dx),
-    each packing made once per weight_copies region. Anything but float32 inputs takes the op itself."""
+    x and w for backward. w enters its two products packed (mkl.PackedB, or dnnl.PackedB: oneDNN's preferred
+    layout; w for the forward, w^T for dx), each packing made once per weight_copies region. Anything but
+    float32 inputs takes the op itself."""
 
     @staticmethod
     def forward(ctx, x, w, b=None):
@@ -126,12 +129,13 @@ class LinearBF16Mkl:
                              and w.ndim == 2 and x.ndim >= 1 and x.shape[-1] == w.shape[0] and x.size > 0)
         if ctx.reference:
             return Linear.forward(ctx, x, w, b)
+        lib = bf16_gemm.library()   # mkl or dnnl, or a one-line error saying what is missing
         K, M = w.shape
         xb = operand(x).reshape(-1, K)
         wb = precision.weight_copy(w, to_bf16)
-        out = mkl.gemm(xb, precision.weight_copy(w, lambda _: mkl.packed_b(wb), "mkl packed"),
+        out = lib.gemm(xb, precision.weight_copy(w, lambda _: lib.packed_b(wb), f"{lib.NAME} packed"),
                        np.empty((xb.shape[0], M), np.float32), bias=b)
-        ctx.w, ctx.xb, ctx.wb, ctx.x_shape, ctx.has_b = w, xb, wb, x.shape, b is not None
+        ctx.w, ctx.xb, ctx.wb, ctx.x_shape, ctx.has_b, ctx.lib = w, xb, wb, x.shape, b is not None, lib
         return out.reshape(x.shape[:-1] + (M,))
 
     # derivation: docs/backward/linear.md
@@ -139,7 +143,7 @@ class LinearBF16Mkl:
     def backward(ctx, dout):
         if ctx.reference:
             return Linear.backward(ctx, dout)
-        xb, wb = ctx.xb, ctx.wb
+        xb, wb, lib = ctx.xb, ctx.wb, ctx.lib
         (N, K), M = xb.shape, wb.shape[1]
         need = ctx.needs_input_grad
         dob, db = precision.take_copy(dout), None
@@ -149,9 +153,9 @@ class LinearBF16Mkl:
         dob = (dob if dob is not None else to_bf16(dout)).reshape(N, M)
         # dx = dout w^T, dw = x^T dout (summed over every leading axis)
         if need[0]:   # w^T packed once a region too (from the copy the forward used)
-            wt = precision.weight_copy(ctx.w, lambda _: mkl.packed_b(wb.T), "mkl packed, transposed")
-            dx = mkl.gemm(dob, wt, np.empty((N, K), np.float32)).reshape(ctx.x_shape)
+            wt = precision.weight_copy(ctx.w, lambda _: lib.packed_b(wb.T), f"{lib.NAME} packed, transposed")
+            dx = lib.gemm(dob, wt, np.empty((N, K), np.float32)).reshape(ctx.x_shape)
         else:
             dx = None
-        dw = mkl.gemm(xb.T, dob, np.empty((K, M), np.float32)) if need[1] else None
+        dw = lib.gemm(xb.T, dob, np.empty((K, M), np.float32)) if need[1] else None
         return dx, dw, db

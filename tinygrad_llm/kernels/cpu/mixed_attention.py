@@ -1,6 +1,7 @@
 """functional.SelfAttention with bf16 products and float32 softmax on NumPy arrays (precision.py's policy),
 under precision.autocast("bfloat16"): the float kernel's plan (attention.py: causal row blocks), with its four
-products made MKL bf16 GEMMs with float32 sums (mkl.py) and its row passes fused (mixed_attention_passes.py):
+products made bf16 GEMMs with float32 sums (MKL's, mkl.py, or oneDNN's, dnnl.py: bf16_gemm.py picks) and its
+row passes fused (mixed_attention_passes.py):
 
   forward   qkv -> bf16 q, k, v as contiguous (B, NH, T, HS) arrays in one pass (split_heads; the products
             then read rows of stride HS, not head views of the packed qkv with row stride 3C); per row block:
@@ -13,9 +14,9 @@ products made MKL bf16 GEMMs with float32 sums (mkl.py) and its row passes fused
             the (B, T, 3C) gradient's columns
 
 A work item is a run of batch entries with every head: each row block's Python calls (the batched products,
-the Numba pass) cover all heads at once (mkl.batched steps over both leading axes), which at 4x128 (T=64) cut
-the calls per step fourfold. The float32 scores live for one row block only (the backward keeps the item's
-bf16 P and dS for the key-block products).
+the Numba pass) cover all heads at once (mkl.batched steps over both leading axes; dnnl.batched is one oneDNN
+call), which at 4x128 (T=64) cut the calls per step fourfold. The float32 scores live for one row block only
+(the backward keeps the item's bf16 P and dS for the key-block products).
 
 Saved for backward: the bf16 q, k, v (half the bytes of the float32 qkv) and the per-row log-sum-exp.
 Attention dropout (dropout_p > 0) is not covered: it runs the float32 attention, products included.
@@ -25,7 +26,7 @@ import threading
 import numpy as np
 
 from ...functional import SelfAttention
-from . import mkl, threads
+from . import bf16_gemm, threads
 from .attention import PARALLEL_MIN_SCORES, _row_blocks
 from .mixed import PARALLEL_MIN_VALUES
 from .mixed_attention_passes import grad_bits, softmax_bits, split_heads
@@ -88,8 +89,9 @@ def _batch_items(B, entry_bytes, parallel):
     return list(zip(cuts, cuts[1:]))
 
 
-def _forward_item(q, k, v, y, lse, b0, b1, blocks, first, scale):
-    """Batch entries [b0, b1), every head: the Python calls of a row block cover all heads at once."""
+def _forward_item(batched, q, k, v, y, lse, b0, b1, blocks, first, scale):
+    """Batch entries [b0, b1), every head: the Python calls of a row block cover all heads at once; batched is
+    mkl.batched or dnnl.batched (bf16_gemm.library())."""
     qh, kh, vh = q[b0:b1], k[b0:b1], v[b0:b1]
     nb, NH, TQ, TK = b1 - b0, kh.shape[1], qh.shape[2], kh.shape[2]
     lc = lse[b0:b1].reshape(nb * NH, TQ)
@@ -98,12 +100,12 @@ def _forward_item(q, k, v, y, lse, b0, b1, blocks, first, scale):
     for r0, r1, kend in blocks:
         shape = (nb, NH, r1 - r0, kend)
         s4, e4 = buf[:np.prod(shape)].reshape(shape), bbuf[:np.prod(shape)].reshape(shape)
-        mkl.batched(qh[:, :, r0:r1], kh[:, :, :kend].swapaxes(2, 3), s4, alpha=scale)
+        batched(qh[:, :, r0:r1], kh[:, :, :kend].swapaxes(2, 3), s4, alpha=scale)
         softmax_bits(s4.reshape(nb * NH, r1 - r0, kend), e4.reshape(nb * NH, r1 - r0, kend), lc, r0, first)
-        mkl.batched(e4, vh[:, :, :kend], y[b0:b1, :, r0:r1])
+        batched(e4, vh[:, :, :kend], y[b0:b1, :, r0:r1])
 
 
-def _backward_item(q, k, v, lse, do, dq, dk, dv, b0, b1, blocks, first, scale):
+def _backward_item(batched, q, k, v, lse, do, dq, dk, dv, b0, b1, blocks, first, scale):
     """Batch entries [b0, b1), every head; the Numba pass sees the (entries x heads) as one axis."""
     qc, kc, vc, doc = q[b0:b1], k[b0:b1], v[b0:b1], do[b0:b1]
     nb, NH, TQ, TK = b1 - b0, qc.shape[1], qc.shape[2], kc.shape[2]
@@ -114,14 +116,14 @@ def _backward_item(q, k, v, lse, do, dq, dk, dv, b0, b1, blocks, first, scale):
     for r0, r1, kend in blocks:  # P = exp(S - lse), dS = P (dP - rowsum(P dP)), dq = scale dS K
         shape = (nb, NH, r1 - r0, kend)
         s4, dp4 = buf[0, :np.prod(shape)].reshape(shape), buf[1, :np.prod(shape)].reshape(shape)
-        mkl.batched(qc[:, :, r0:r1], kc[:, :, :kend].swapaxes(2, 3), s4, alpha=scale)
-        mkl.batched(doc[:, :, r0:r1], vc[:, :, :kend].swapaxes(2, 3), dp4)
+        batched(qc[:, :, r0:r1], kc[:, :, :kend].swapaxes(2, 3), s4, alpha=scale)
+        batched(doc[:, :, r0:r1], vc[:, :, :kend].swapaxes(2, 3), dp4)
         grad_bits(s4.reshape(nb * NH, r1 - r0, kend), dp4.reshape(nb * NH, r1 - r0, kend), lc, pb3, dsb3, r0, first)
-        mkl.batched(dsb[:, :, r0:r1, :kend], kc[:, :, :kend], dq[b0:b1, :, r0:r1], alpha=scale)
+        batched(dsb[:, :, r0:r1, :kend], kc[:, :, :kend], dq[b0:b1, :, r0:r1], alpha=scale)
     k0 = 0
     for r0, r1, kend in blocks:  # keys [k0, kend) are seen by rows r0.. only, all written above
-        mkl.batched(pb[:, :, r0:, k0:kend].swapaxes(2, 3), doc[:, :, r0:], dv[b0:b1, :, k0:kend])
-        mkl.batched(dsb[:, :, r0:, k0:kend].swapaxes(2, 3), qc[:, :, r0:], dk[b0:b1, :, k0:kend], alpha=scale)
+        batched(pb[:, :, r0:, k0:kend].swapaxes(2, 3), doc[:, :, r0:], dv[b0:b1, :, k0:kend])
+        batched(dsb[:, :, r0:, k0:kend].swapaxes(2, 3), qc[:, :, r0:], dk[b0:b1, :, k0:kend], alpha=scale)
         k0 = kend
 
 
@@ -136,6 +138,7 @@ class SelfAttentionBF16Mkl:
         if ctx.reference:
             return SelfAttention.forward(ctx, qkv, n_head, causal=causal, scale=scale, dropout_p=dropout_p, rng=rng)
         B, T, C3 = qkv.shape
+        batched = bf16_gemm.library().batched   # MKL's or oneDNN's (TINYGRAD_LLM_CPU_BF16_GEMM), or why neither
         q, k, v = _split(qkv, 3, n_head)
         y = np.empty((B, T, C3 // 3), np.float32)
         lse = np.empty((B, n_head, T), np.float32)
@@ -144,9 +147,10 @@ class SelfAttentionBF16Mkl:
         rows = max(r1 - r0 for r0, r1, _ in blocks)
         yh = _heads(y, 1, n_head)[0]
         parallel = T * T >= PARALLEL_MIN_SCORES
-        threads.run_items(lambda b0, b1: _forward_item(q, k, v, yh, lse, b0, b1, blocks, first, scale),
+        threads.run_items(lambda b0, b1: _forward_item(batched, q, k, v, yh, lse, b0, b1, blocks, first, scale),
                           _batch_items(B, n_head * rows * T * 6, parallel), parallel, blas=False)
         ctx.qkv_heads, ctx.lse, ctx.n_head, ctx.causal, ctx.scale = (q, k, v), lse, n_head, causal, scale
+        ctx.batched = batched
         return y
 
     # derivation: docs/backward/self_attention.md (and docs/backward/attention.md)
@@ -163,7 +167,7 @@ class SelfAttentionBF16Mkl:
         first = 1 if ctx.causal else T
         rows = max(r1 - r0 for r0, r1, _ in blocks)
         parallel = T * T >= PARALLEL_MIN_SCORES
-        threads.run_items(lambda b0, b1: _backward_item(q, k, v, ctx.lse, do, dq, dk, dv, b0, b1, blocks, first,
-                                                        ctx.scale),
+        threads.run_items(lambda b0, b1: _backward_item(ctx.batched, q, k, v, ctx.lse, do, dq, dk, dv, b0, b1, blocks,
+                                                        first, ctx.scale),
                           _batch_items(B, NH * T * (4 * T + 8 * rows), parallel), parallel, blas=False)
         return dqkv

@@ -23,6 +23,7 @@ from numba import njit
 
 from . import threads
 
+NAME = "mkl"                                      # bf16_gemm.py's name for this library
 ENV_PATH = "TINYGRAD_LLM_MKL"
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # CBLAS_LAYOUT, CBLAS_TRANSPOSE
 _PACKED, _B_MATRIX = 151, 162                     # CblasPacked (a transb value), CBLAS_IDENTIFIER's CblasBMatrix
