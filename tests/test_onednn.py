@@ -277,3 +277,12 @@ def test_train_cli_refuses_onednn_when_missing_in_one_line(tmp_path):
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "oneDNN" in lines[0] and missing in lines[0] and "tinygrad_llm[onednn]" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_loader_lock_is_reentrant():
+    """_load runs under _lock and makes its probe primitive, which takes _lock again: a plain Lock deadlocked
+    there on the AMX Xeon, the first CPU where the bf16 probe got as far as that (here it is refused before)."""
+    from tinygrad_llm.kernels.cpu import dnnl_api
+    with dnnl_api._lock:
+        assert dnnl_api._lock.acquire(timeout=1)
+        dnnl_api._lock.release()

@@ -54,7 +54,7 @@ _loaded_lib = None            # the library, also where it loaded but its bf16 m
 _engine = _stream = None
 _omp_set_num_threads = None   # libgomp's, found through libdnnl's dependencies; None for other builds
 _primitives = {}              # key -> _Primitive
-_lock = threading.Lock()
+_lock = threading.RLock()   # reentrant: _load (under it) makes its probe primitive, which takes it too
 _local = threading.local()    # .omp_set: this thread's OpenMP thread count is set to one
 
 
