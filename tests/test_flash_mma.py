@@ -134,7 +134,7 @@ def test_float32_attention_takes_them_where_flash_is_chosen(monkeypatch):
         monkeypatch.setattr(attention, "FLASH", flash)
         ctx = Context((True,))
         attention.SelfAttentionCuda.forward(ctx, qkv, 2)
-        assert ctx.mma == kind and not attention.tf32_on()
+        assert ctx.mma == kind and not modules()[0].tf32_on()
     monkeypatch.setattr(attention, "FLASH", "1")
     ctx = Context((True,))
     attention.SelfAttentionCuda.forward(ctx, qkv.astype(np.float64), 2)   # float64: the CUDA-core kernels

@@ -1,9 +1,11 @@
 """Attention on CUDA arrays: cuBLAS products around one fused masked-softmax pass each way (ops:
 functional.ScaledDotProductAttention, and SelfAttention on the packed (B, T, 3C) qkv without unpacking).
 
-Two paths (use_flash picks): cuBLAS products around the softmax passes of attention_softmax.py (fastest at
-short T), and flash_attention.py, keeping only the output and each row's log-sum-exp and recomputing the
-probabilities in backward tile by tile (memory linear in T; used from long T on).
+Three paths: cuBLAS products around the softmax passes of attention_softmax.py (fastest at short T in strict
+float32), and flash attention, keeping only the output and each row's log-sum-exp and recomputing the
+probabilities in backward tile by tile (memory linear in T; use_flash picks it from long T on): on the tensor
+cores (flash_mma.py: with TF32 on at every T, and 3xTF32 where flash is picked; heads of 32 or 64) or on the
+CUDA cores (flash_attention.py: other head sizes, float64, split heads).
 
 What the cuBLAS path keeps for backward (SAVE, SelfAttentionCuda): by default ("lse") only each row's
 log-sum-exp: backward multiplies S = Q K^T again (the same cuBLAS calls on the same inputs) and one fused
@@ -25,7 +27,7 @@ import numpy as np
 from ...functional import ScaledDotProductAttention, SelfAttention
 from . import flash_attention, flash_mma
 from .attention_softmax import dropout_probs, softmax_backward, softmax_backward_lse, softmax_forward
-from .cublas import compute_type, gemm_heads
+from .cublas import gemm_heads
 from .runtime import dropout_seed_args, served
 
 # TINYGRAD_LLM_FLASH (read at import, or set FLASH): "auto" (the rule), "1" (flash wherever the head size
@@ -77,23 +79,6 @@ def use_flash(B, NH, T, HS, dtype, buffers=None):
     if device not in _device_bytes:
         _device_bytes[device] = cp.cuda.runtime.getDeviceProperties(device)["totalGlobalMem"]
     return (tt_buffers() if buffers is None else buffers) * B * NH * T * T * np.dtype(dtype).itemsize > FLASH_MEMORY_SHARE * _device_bytes[device]
-
-
-def tf32_on():
-    """True while float32 products run in TF32 (backend.set_tf32, CuPy's compute type): attention may then
-    multiply on the tensor cores in TF32 too (flash_mma.py)."""
-    from cupy.cuda import cublas
-    return compute_type(np.float32) == cublas.CUBLAS_COMPUTE_32F_FAST_TF32
-
-
-def _mma_kind(qkv, B, NH, T, HS):
-    """The flash_mma kind SelfAttentionCuda takes for a float32 qkv, or None: "tf32" while TF32 is on (the
-    cuBLAS path would multiply in TF32 too), "float32" (3xTF32, float32's accuracy) where use_flash picks
-    flash attention; where flash_mma takes the heads and TINYGRAD_LLM_FLASH_MMA allows."""
-    if qkv.dtype != np.float32 or not flash_mma.enabled():
-        return None
-    kind = "tf32" if tf32_on() else "float32" if use_flash(B, NH, T, HS, qkv.dtype) else None
-    return kind if kind and flash_mma.packed_supported(qkv, NH, kind=kind) else None
 
 
 def _draw_seed(ctx, causal, scale, dropout_p, rng):
@@ -199,14 +184,15 @@ class SelfAttentionCuda:
         B, T, C3 = qkv.shape
         C, NH = C3 // 3, n_head
         HS = C // NH
-        ctx.mma = _mma_kind(qkv, B, NH, T, HS)
+        flash = use_flash(B, NH, T, HS, qkv.dtype)
+        ctx.mma = flash_mma.float32_kind(qkv, NH, flash)
         if ctx.mma:   # on the tensor cores, no (T, T) array (flash_mma.py)
             _draw_seed(ctx, causal, scale, dropout_p, rng)
             y, ctx.lse = flash_mma.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr,
                                                           kind=ctx.mma)
             ctx.qkv, ctx.y, ctx.n_head, ctx.flash = qkv, y, NH, False
             return y
-        ctx.flash = use_flash(B, NH, T, HS, qkv.dtype)
+        ctx.flash = flash
         if ctx.flash:
             _draw_seed(ctx, causal, scale, dropout_p, rng)
             y, ctx.lse = flash_attention.self_attention_forward(qkv, NH, causal, scale, ctx.seed, dropout_p,

@@ -1,0 +1,233 @@
+"""The bf16 kernels of flash_mma.py (bf16 q, k, v; m16n8k16 products fed by ldmatrix; float32 or bf16 outputs).
+Derivation: docs/backward/flash_attention.md; the helpers they use: flash_mma_common.py.
+"""
+
+SOURCE = r"""
+// Forward: a block per 64 queries of one (b, h); warp w owns rows 16w..16w+15. y = softmax(scale q k^T) (dropped) v,
+// lse = each row's log-sum-exp of its scaled scores (natural log).
+template<typename O, int HD>
+__global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* lse) {
+    MMA_SETUP
+    constexpr int LDS = HD + 8, KS = HD / 16;
+    unsigned short *Qs = sm, *Ks = Qs + 64 * LDS, *Vs = Ks + 64 * LDS;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * 64;   // the longest causal rows first
+    load_tile<HD>(Qs, q + in0, st, q0, T);
+    __syncthreads();
+    unsigned qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) ldsm4(qa[kk], Qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+    float m[2] = {(float)NEG_INF, (float)NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
+    for (int k0 = 0; k0 < kend; k0 += 64) {
+        __syncthreads();
+        load_tile<HD>(Ks, k + in0, st, k0, T);
+        load_tile<HD>(Vs, v + in0, st, k0, T);
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+            for (int n = 0; n < 4; n++) {   // keys 16n..16n+15 of the tile
+                unsigned b[4];
+                ldsm4(b, Ks + (n * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma16816(s[2 * n], qa[kk], b[0], b[1]);
+                mma16816(s[2 * n + 1], qa[kk], b[2], b[3]);
+            }
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {   // element (row0 + 8 (e / 2), k0 + 8 j + 2 t + e % 2)
+                int kj = k0 + 8 * j + 2 * t + (e & 1), qi = row0 + 8 * (e >> 1);
+                float x = s[j][e] * sl2;
+                if (kj >= T || (causal && kj > qi)) x = NEG_INF;
+                s[j][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+            alpha[r] = mx[r] == NEG_INF ? 1.f : exp2f(m[r] - mx[r]);
+            m[r] = mx[r];
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - m[e >> 1]);
+                l[e >> 1] += p;
+                if (has_drop) {
+                    long long index = (bh * T + row0 + 8 * (e >> 1)) * (long long)T + k0 + 8 * j + 2 * t + (e & 1);
+                    p = dropout_keep(seed, index, drop_p) ? p * drop_scale : 0.f;
+                }
+                s[j][e] = p;
+            }
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {   // keys 16kk..16kk+15: P's fragments are the scores' accumulators
+            unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < HD / 16; n++) {
+                unsigned b[4];
+                ldsm4t(b, Vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + n * 16 + (lane >> 4) * 8);
+                mma16816(o[2 * n], pa, b[0], b[1]);
+                mma16816(o[2 * n + 1], pa, b[2], b[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        int qi = row0 + 8 * r;
+        if (qi >= T) continue;
+        float inv = 1.f / l[r];
+        O* yr = y + out0 + qi * ot;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) store2(yr + 8 * j + 2 * t, o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+        if (t == 0) lse[bh * T + qi] = m[r] * 0.6931471805599453f + logf(l[r]);
+    }
+}
+
+// dK, dV of 64 keys of one (b, h) (warp w: keys 16w..16w+15), looping over the query tiles that see them; dQ's part
+// from these keys added atomically to dq_acc (float32, zeroed before; element (b, h, t, d) at b ab + h ah + t at + d:
+// dq itself when it is float32, else a scratch). D = rowsum(dy * y).
+template<typename O, int HD>
+__global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy, const float* lse, const float* D,
+                                                          O* dk, O* dv, float* dq_acc, long long ab, long long ah,
+                                                          long long at) {
+    MMA_SETUP
+    constexpr int LDS = HD + 8, KS = HD / 16, LDT = 64 + 8;
+    unsigned short *Ks = sm, *Vs = Ks + 64 * LDS, *Qs = Vs + 64 * LDS, *Ys = Qs + 64 * LDS, *St = Ys + 64 * LDS;
+    float *Ls = (float*)(St + 64 * LDT), *Ds = Ls + 64;
+    const int k0 = blockIdx.x * 64;
+    load_tile<HD>(Ks, k + in0, st, k0, T);
+    load_tile<HD>(Vs, v + in0, st, k0, T);
+    __syncthreads();
+    unsigned ka[KS][4], va[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        ldsm4(ka[kk], Ks + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+        ldsm4(va[kk], Vs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+    }
+    float gk[HD / 8][4], gv[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) gk[j][e] = gv[j][e] = 0.f;
+    const int key0 = k0 + warp * 16 + g;
+    for (int q0 = causal ? k0 : 0; q0 < T; q0 += 64) {
+        __syncthreads();
+        load_tile<HD>(Qs, q + in0, st, q0, T);
+        load_tile<HD>(Ys, dy + out0, ot, q0, T);
+        if (threadIdx.x < 64) {
+            int qi = q0 + threadIdx.x;
+            Ls[threadIdx.x] = qi < T ? lse[bh * T + qi] * 1.4426950408889634f : 0.f;
+            Ds[threadIdx.x] = qi < T ? D[bh * T + qi] : 0.f;
+        }
+        __syncthreads();
+        float s[8][4], dp[8][4];   // S^T = K Q^T and dPd^T = V dy^T: rows = this warp's keys, columns = queries
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+                int at = (n * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8;
+                unsigned b[4];
+                ldsm4(b, Qs + at);
+                mma16816(s[2 * n], ka[kk], b[0], b[1]);
+                mma16816(s[2 * n + 1], ka[kk], b[2], b[3]);
+                ldsm4(b, Ys + at);
+                mma16816(dp[2 * n], va[kk], b[0], b[1]);
+                mma16816(dp[2 * n + 1], va[kk], b[2], b[3]);
+            }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {   // element (key key0 + 8 (e / 2), query q0 + 8 j + 2 t + e % 2)
+                int kj = key0 + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1), qi = q0 + c;
+                bool ok = qi < T && kj < T && !(causal && kj > qi);
+                float p = ok ? exp2f(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
+                if (has_drop && ok) {
+                    bool keep = dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
+                    pd = keep ? p * drop_scale : 0.f;
+                    dpd = keep ? dpd * drop_scale : 0.f;
+                }
+                dp[j][e] = p * (dpd - Ds[c]);   // dS^T
+                s[j][e] = pd;                   // Pd^T
+            }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {   // queries 16kk..16kk+15: dV += Pd^T dy, dK += dS^T q
+            unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned da[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
+                              pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < HD / 16; n++) {
+                int at = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + n * 16 + (lane >> 4) * 8;
+                unsigned b[4];
+                ldsm4t(b, Ys + at);
+                mma16816(gv[2 * n], pa, b[0], b[1]);
+                mma16816(gv[2 * n + 1], pa, b[2], b[3]);
+                ldsm4t(b, Qs + at);
+                mma16816(gk[2 * n], da, b[0], b[1]);
+                mma16816(gk[2 * n + 1], da, b[2], b[3]);
+            }
+            // dS^T as bf16 into St[key][query], for dQ below
+            *(unsigned*)(St + (warp * 16 + g) * LDT + 16 * kk + 2 * t) = da[0];
+            *(unsigned*)(St + (warp * 16 + g + 8) * LDT + 16 * kk + 2 * t) = da[1];
+            *(unsigned*)(St + (warp * 16 + g) * LDT + 16 * kk + 8 + 2 * t) = da[2];
+            *(unsigned*)(St + (warp * 16 + g + 8) * LDT + 16 * kk + 8 + 2 * t) = da[3];
+        }
+        __syncthreads();
+        float gq[HD / 8][4];   // dQ rows q0 + 16w.. of this warp += dS (these 64 keys) k
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) gq[j][0] = gq[j][1] = gq[j][2] = gq[j][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < 4; kc++) {
+            unsigned a[4];
+            ldsm4t(a, St + (kc * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDT + warp * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int n = 0; n < HD / 16; n++) {
+                unsigned b[4];
+                ldsm4t(b, Ks + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + n * 16 + (lane >> 4) * 8);
+                mma16816(gq[2 * n], a, b[0], b[1]);
+                mma16816(gq[2 * n + 1], a, b[2], b[3]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int qi = q0 + warp * 16 + g + 8 * r;
+            if (qi >= T) continue;
+            float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
+                atomicAdd(acc + 8 * j + 1, gq[j][2 * r + 1] * scale);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int kj = key0 + 8 * r;
+        if (kj >= T) continue;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            store2(dk + in0 + kj * st + 8 * j + 2 * t, gk[j][2 * r] * scale, gk[j][2 * r + 1] * scale);
+            store2(dv + in0 + kj * st + 8 * j + 2 * t, gv[j][2 * r], gv[j][2 * r + 1]);
+        }
+    }
+}
+"""

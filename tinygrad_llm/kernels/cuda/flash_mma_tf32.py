@@ -1,0 +1,202 @@
+"""The TF32 and 3xTF32 kernels of flash_mma.py (float32 q, k, v; m16n8k8 products; float32 outputs): one tf32
+product per tile product, or with SPLIT three (a_lo b_hi + a_hi b_lo + a_hi b_hi: float32's accuracy).
+Derivation: docs/backward/flash_attention.md; the helpers they use: flash_mma_common.py.
+"""
+
+SOURCE = r"""
+// The forward of mma_flash_forward with float32 q, k, v, y in tf32 products (m16n8k8); SPLIT: 3xTF32 products.
+template<int HD, bool SPLIT>
+__global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, float* lse) {
+    TF32_SETUP
+    constexpr int LD = HD + 4;
+    unsigned *Qs = smw, *Ks = Qs + 64 * LD, *Vs = Ks + 64 * LD;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * 64;
+    load_tile32<HD, SPLIT>(Qs, q + in0, st, q0, T);
+    __syncthreads();
+    unsigned qa[HD / 8][4], ql[SPLIT ? HD / 8 : 1][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 8; kk++) frag_a<SPLIT>(qa[kk], ql[SPLIT ? kk : 0], Qs, LD, warp * 16, kk * 8, g, t);
+    float m[2] = {(float)NEG_INF, (float)NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
+    for (int k0 = 0; k0 < kend; k0 += 64) {
+        __syncthreads();
+        load_tile32<HD, SPLIT>(Ks, k + in0, st, k0, T);
+        load_tile32<HD, SPLIT>(Vs, v + in0, st, k0, T);
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 8; kk++)
+#pragma unroll
+            for (int n = 0; n < 8; n++)   // keys 8n..8n+7: b = K[key][d]
+                mma_t<SPLIT>(s[n], qa[kk], ql[SPLIT ? kk : 0], Ks[(8 * n + g) * LD + 8 * kk + t], Ks[(8 * n + g) * LD + 8 * kk + t + 4]);
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int kj = k0 + 8 * j + 2 * t + (e & 1), qi = row0 + 8 * (e >> 1);
+                float x = s[j][e] * sl2;
+                if (kj >= T || (causal && kj > qi)) x = NEG_INF;
+                s[j][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+            alpha[r] = mx[r] == NEG_INF ? 1.f : exp2f(m[r] - mx[r]);
+            m[r] = mx[r];
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - m[e >> 1]);
+                l[e >> 1] += p;
+                if (has_drop) {
+                    long long index = (bh * T + row0 + 8 * (e >> 1)) * (long long)T + k0 + 8 * j + 2 * t + (e & 1);
+                    p = dropout_keep(seed, index, drop_p) ? p * drop_scale : 0.f;
+                }
+                s[j][e] = p;
+            }
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {   // keys 8kk..8kk+7
+            unsigned pa[4], pl[4];
+            acc_to_frag<SPLIT>(pa, pl, s[kk], lane, t);
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++)   // b = V[key][d]
+                mma_t<SPLIT>(o[n], pa, pl, Vs[(8 * kk + t) * LD + 8 * n + g], Vs[(8 * kk + t + 4) * LD + 8 * n + g]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        int qi = row0 + 8 * r;
+        if (qi >= T) continue;
+        float inv = 1.f / l[r];
+        float* yr = y + out0 + qi * ot;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) store2(yr + 8 * j + 2 * t, o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+        if (t == 0) lse[bh * T + qi] = m[r] * 0.6931471805599453f + logf(l[r]);
+    }
+}
+
+// The backward of mma_flash_backward with float32 q, k, v, dy, dq, dk, dv in tf32 products (m16n8k8); SPLIT: 3xTF32.
+template<int HD, bool SPLIT>
+__global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const float* dy, const float* lse, const float* D,
+                                                           float* dk, float* dv, float* dq_acc, long long ab,
+                                                           long long ah, long long at) {
+    TF32_SETUP
+    constexpr int LD = HD + 4, LDT = 64 + 4;
+    unsigned *Ks = smw, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *Ys = Qs + 64 * LD, *St = Ys + 64 * LD;
+    float *Ls = (float*)(St + 64 * LDT), *Ds = Ls + 64;
+    const int k0 = blockIdx.x * 64;
+    load_tile32<HD, SPLIT>(Ks, k + in0, st, k0, T);
+    load_tile32<HD, SPLIT>(Vs, v + in0, st, k0, T);
+    float gk[HD / 8][4], gv[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) gk[j][e] = gv[j][e] = 0.f;
+    const int key0 = k0 + warp * 16 + g;
+    for (int q0 = causal ? k0 : 0; q0 < T; q0 += 64) {
+        __syncthreads();
+        load_tile32<HD, SPLIT>(Qs, q + in0, st, q0, T);
+        load_tile32<HD, SPLIT>(Ys, dy + out0, ot, q0, T);
+        if (threadIdx.x < 64) {
+            int qi = q0 + threadIdx.x;
+            Ls[threadIdx.x] = qi < T ? lse[bh * T + qi] * 1.4426950408889634f : 0.f;
+            Ds[threadIdx.x] = qi < T ? D[bh * T + qi] : 0.f;
+        }
+        __syncthreads();
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 8; kk++) {
+            unsigned ka[4], kl[4], va[4], vl[4];
+            frag_a<SPLIT>(ka, kl, Ks, LD, warp * 16, kk * 8, g, t);
+            frag_a<SPLIT>(va, vl, Vs, LD, warp * 16, kk * 8, g, t);
+#pragma unroll
+            for (int n = 0; n < 8; n++) {   // queries 8n..8n+7
+                mma_t<SPLIT>(s[n], ka, kl, Qs[(8 * n + g) * LD + 8 * kk + t], Qs[(8 * n + g) * LD + 8 * kk + t + 4]);
+                mma_t<SPLIT>(dp[n], va, vl, Ys[(8 * n + g) * LD + 8 * kk + t], Ys[(8 * n + g) * LD + 8 * kk + t + 4]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int kj = key0 + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1), qi = q0 + c;
+                bool ok = qi < T && kj < T && !(causal && kj > qi);
+                float p = ok ? exp2f(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
+                if (has_drop && ok) {
+                    bool keep = dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
+                    pd = keep ? p * drop_scale : 0.f;
+                    dpd = keep ? dpd * drop_scale : 0.f;
+                }
+                dp[j][e] = p * (dpd - Ds[c]);
+                s[j][e] = pd;
+            }
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {   // queries 8kk..8kk+7: dV += Pd^T dy, dK += dS^T q
+            unsigned pa[4], pl[4], da[4], dl[4];
+            acc_to_frag<SPLIT>(pa, pl, s[kk], lane, t);
+            acc_to_frag<SPLIT>(da, dl, dp[kk], lane, t);
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                mma_t<SPLIT>(gv[n], pa, pl, Ys[(8 * kk + t) * LD + 8 * n + g], Ys[(8 * kk + t + 4) * LD + 8 * n + g]);
+                mma_t<SPLIT>(gk[n], da, dl, Qs[(8 * kk + t) * LD + 8 * n + g], Qs[(8 * kk + t + 4) * LD + 8 * n + g]);
+            }
+            *(uint2*)(St + (warp * 16 + g) * LDT + 8 * kk + 2 * t) = make_uint2(tile_word<SPLIT>(dp[kk][0]), tile_word<SPLIT>(dp[kk][1]));
+            *(uint2*)(St + (warp * 16 + g + 8) * LDT + 8 * kk + 2 * t) = make_uint2(tile_word<SPLIT>(dp[kk][2]), tile_word<SPLIT>(dp[kk][3]));
+        }
+        __syncthreads();
+        float gq[HD / 8][4];
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) gq[j][0] = gq[j][1] = gq[j][2] = gq[j][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < 8; kc++) {   // keys 8kc..8kc+7: a = dS[query][key] = St[key][query]
+            int r = warp * 16 + g;
+            unsigned a[4] = {St[(8 * kc + t) * LDT + r], St[(8 * kc + t) * LDT + r + 8],
+                             St[(8 * kc + t + 4) * LDT + r], St[(8 * kc + t + 4) * LDT + r + 8]}, al[4];
+            if constexpr (SPLIT) operand<true>(a, al, __uint_as_float(a[0]), __uint_as_float(a[1]), __uint_as_float(a[2]), __uint_as_float(a[3]));
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++)
+                mma_t<SPLIT>(gq[n], a, al, Ks[(8 * kc + t) * LD + 8 * n + g], Ks[(8 * kc + t + 4) * LD + 8 * n + g]);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int qi = q0 + warp * 16 + g + 8 * r;
+            if (qi >= T) continue;
+            float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
+                atomicAdd(acc + 8 * j + 1, gq[j][2 * r + 1] * scale);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int kj = key0 + 8 * r;
+        if (kj >= T) continue;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            store2(dk + in0 + kj * st + 8 * j + 2 * t, gk[j][2 * r] * scale, gk[j][2 * r + 1] * scale);
+            store2(dv + in0 + kj * st + 8 * j + 2 * t, gv[j][2 * r], gv[j][2 * r + 1]);
+        }
+    }
+}
+"""
