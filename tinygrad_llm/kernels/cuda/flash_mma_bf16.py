@@ -37,40 +37,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
                 mma16816(s[2 * n], qa[kk], b[0], b[1]);
                 mma16816(s[2 * n + 1], qa[kk], b[2], b[3]);
             }
-        float mx[2] = {m[0], m[1]};
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {   // element (row0 + 8 (e / 2), k0 + 8 j + 2 t + e % 2)
-                int kj = k0 + 8 * j + 2 * t + (e & 1), qi = row0 + 8 * (e >> 1);
-                float x = s[j][e] * sl2;
-                if (kj >= T || (causal && kj > qi)) x = NEG_INF;
-                s[j][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-            alpha[r] = mx[r] == NEG_INF ? 1.f : exp2f(m[r] - mx[r]);
-            m[r] = mx[r];
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - m[e >> 1]);
-                l[e >> 1] += p;
-                if (has_drop) {
-                    long long index = (bh * T + row0 + 8 * (e >> 1)) * (long long)T + k0 + 8 * j + 2 * t + (e & 1);
-                    p = dropout_keep(seed, index, drop_p) ? p * drop_scale : 0.f;
-                }
-                s[j][e] = p;
-            }
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+        softmax_tile<HD>(s, m, l, o, k0, row0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {   // keys 16kk..16kk+15: P's fragments are the scores' accumulators
             unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
@@ -84,18 +51,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-        int qi = row0 + 8 * r;
-        if (qi >= T) continue;
-        float inv = 1.f / l[r];
-        O* yr = y + out0 + qi * ot;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) store2(yr + 8 * j + 2 * t, o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-        if (t == 0) lse[bh * T + qi] = m[r] * 0.6931471805599453f + logf(l[r]);
-    }
+    finish_rows<O, HD>(o, m, l, y, out0, ot, lse, bh, row0, t, T);
 }
 
 // dK, dV of 64 keys of one (b, h) (warp w: keys 16w..16w+15), looping over the query tiles that see them; dQ's part
@@ -153,21 +109,7 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
                 mma16816(dp[2 * n], va[kk], b[0], b[1]);
                 mma16816(dp[2 * n + 1], va[kk], b[2], b[3]);
             }
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {   // element (key key0 + 8 (e / 2), query q0 + 8 j + 2 t + e % 2)
-                int kj = key0 + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1), qi = q0 + c;
-                bool ok = qi < T && kj < T && !(causal && kj > qi);
-                float p = ok ? exp2f(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
-                if (has_drop && ok) {
-                    bool keep = dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
-                    pd = keep ? p * drop_scale : 0.f;
-                    dpd = keep ? dpd * drop_scale : 0.f;
-                }
-                dp[j][e] = p * (dpd - Ds[c]);   // dS^T
-                s[j][e] = pd;                   // Pd^T
-            }
+        grad_tile(s, dp, Ls, Ds, key0, q0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {   // queries 16kk..16kk+15: dV += Pd^T dy, dK += dS^T q
             unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
@@ -207,27 +149,8 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
                 mma16816(gq[2 * n + 1], a, b[2], b[3]);
             }
         }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            int qi = q0 + warp * 16 + g + 8 * r;
-            if (qi >= T) continue;
-            float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
-#pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
-                atomicAdd(acc + 8 * j + 1, gq[j][2 * r + 1] * scale);
-            }
-        }
+        add_dq<HD>(gq, dq_acc, bh, NH, ab, ah, at, q0, warp, g, t, T, scale);
     }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int kj = key0 + 8 * r;
-        if (kj >= T) continue;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            store2(dk + in0 + kj * st + 8 * j + 2 * t, gk[j][2 * r] * scale, gk[j][2 * r + 1] * scale);
-            store2(dv + in0 + kj * st + 8 * j + 2 * t, gv[j][2 * r], gv[j][2 * r + 1]);
-        }
-    }
+    store_kv<O, HD>(gk, gv, dk, dv, in0, st, key0, t, T, scale);
 }
 """

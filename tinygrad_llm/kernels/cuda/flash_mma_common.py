@@ -1,8 +1,9 @@
 """The C++ helpers of flash_mma.py's kernels: shared-memory matrix loads (ldmatrix), the tensor-core
 products (mma.sync: bf16 m16n8k16, tf32 m16n8k8), bf16 and tf32 rounding, the split of a float32 into two
-tf32 parts (3xTF32), the tiles' loaders, the backward's first pass (rowsum(dy * y), dQ's sums zeroed) and the
-kernels' argument lists. Kept apart from the launchers so each file stays short; the kernels are in
-flash_mma_bf16.py and flash_mma_tf32.py.
+tf32 parts (3xTF32), the tiles' loaders, the backward's first pass (rowsum(dy * y), dQ's sums zeroed), the
+kernels' argument lists, and the steps the bf16 and tf32 kernels share (the online softmax of a score tile,
+the output rows, Pd and dS of a tile, dQ's atomic sums, dk and dv). Kept apart from the launchers so each file
+stays short; the kernels are in flash_mma_bf16.py and flash_mma_tf32.py.
 """
 
 SOURCE = r"""
@@ -168,4 +169,116 @@ __device__ __forceinline__ void acc_to_frag(unsigned (&hi)[4], unsigned (&lo)[4]
     const float sl2 = scale * 1.4426950408889634f; \
     extern __shared__ __align__(16) unsigned smw[];
 
+// ---- what the bf16 and tf32 kernels share ----
+// The online softmax step of one 16 x 64 score tile s (accumulator layout: a lane holds rows row0 and row0 + 8,
+// keys k0 + 8 j + 2 t and + 1): masks, scales to base 2, moves the rows' maxima m and sums l on, rescales o, and
+// leaves P (dropped) in s for the product with V.
+template<int HD>
+__device__ __forceinline__ void softmax_tile(float (&s)[8][4], float (&m)[2], float (&l)[2], float (&o)[HD / 8][4], int k0,
+        int row0, int t, int T, int causal, float sl2, long long bh, int has_drop, unsigned long long seed, float drop_p,
+        float drop_scale) {
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {   // element (row0 + 8 (e / 2), k0 + 8 j + 2 t + e % 2)
+            int kj = k0 + 8 * j + 2 * t + (e & 1), qi = row0 + 8 * (e >> 1);
+            float x = s[j][e] * sl2;
+            if (kj >= T || (causal && kj > qi)) x = NEG_INF;
+            s[j][e] = x;
+            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+        alpha[r] = mx[r] == NEG_INF ? 1.f : exp2f(m[r] - mx[r]);
+        m[r] = mx[r];
+        l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - m[e >> 1]);
+            l[e >> 1] += p;
+            if (has_drop) {
+                long long index = (bh * T + row0 + 8 * (e >> 1)) * (long long)T + k0 + 8 * j + 2 * t + (e & 1);
+                p = dropout_keep(seed, index, drop_p) ? p * drop_scale : 0.f;
+            }
+            s[j][e] = p;
+        }
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+}
+// After the last key tile: y's rows row0 and row0 + 8 = o / l, and their log-sum-exp (natural log).
+template<typename O, int HD>
+__device__ __forceinline__ void finish_rows(const float (&o)[HD / 8][4], const float (&m)[2], float (&l)[2], O* y,
+        long long out0, long long ot, float* lse, long long bh, int row0, int t, int T) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        int qi = row0 + 8 * r;
+        if (qi >= T) continue;
+        float inv = 1.f / l[r];
+        O* yr = y + out0 + qi * ot;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) store2(yr + 8 * j + 2 * t, o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+        if (t == 0) lse[bh * T + qi] = m[r] * 0.6931471805599453f + logf(l[r]);
+    }
+}
+// Pd^T and dS^T of one 16 keys x 64 queries tile, in place of S^T (s) and dPd^T (dp): element (key0 + 8 (e / 2),
+// q0 + 8 j + 2 t + e % 2); Ls, Ds: the 64 queries' log-sum-exp (base 2) and rowsum(dy * y).
+__device__ __forceinline__ void grad_tile(float (&s)[8][4], float (&dp)[8][4], const float* Ls, const float* Ds, int key0,
+        int q0, int t, int T, int causal, float sl2, long long bh, int has_drop, unsigned long long seed, float drop_p,
+        float drop_scale) {
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {   // element (key key0 + 8 (e / 2), query q0 + 8 j + 2 t + e % 2)
+            int kj = key0 + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1), qi = q0 + c;
+            bool ok = qi < T && kj < T && !(causal && kj > qi);
+            float p = ok ? exp2f(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
+            if (has_drop && ok) {
+                bool keep = dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
+                pd = keep ? p * drop_scale : 0.f;
+                dpd = keep ? dpd * drop_scale : 0.f;
+            }
+            dp[j][e] = p * (dpd - Ds[c]);   // dS^T
+            s[j][e] = pd;                   // Pd^T
+        }
+}
+// dQ's rows q0 + 16 warp + g (and + 8) += gq scale, atomically (dq_acc's strides ab, ah, at)
+template<int HD>
+__device__ __forceinline__ void add_dq(const float (&gq)[HD / 8][4], float* dq_acc, long long bh, int NH, long long ab,
+        long long ah, long long at, int q0, int warp, int g, int t, int T, float scale) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int qi = q0 + warp * 16 + g + 8 * r;
+        if (qi >= T) continue;
+        float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
+            atomicAdd(acc + 8 * j + 1, gq[j][2 * r + 1] * scale);
+        }
+    }
+}
+// At the end: dk (times scale) and dv of the keys key0 and key0 + 8
+template<typename O, int HD>
+__device__ __forceinline__ void store_kv(const float (&gk)[HD / 8][4], const float (&gv)[HD / 8][4], O* dk, O* dv,
+        long long in0, long long st, int key0, int t, int T, float scale) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int kj = key0 + 8 * r;
+        if (kj >= T) continue;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            store2(dk + in0 + kj * st + 8 * j + 2 * t, gk[j][2 * r] * scale, gk[j][2 * r + 1] * scale);
+            store2(dv + in0 + kj * st + 8 * j + 2 * t, gv[j][2 * r], gv[j][2 * r + 1]);
+        }
+    }
+}
 """

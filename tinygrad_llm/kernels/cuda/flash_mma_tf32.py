@@ -33,40 +33,7 @@ __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, f
 #pragma unroll
             for (int n = 0; n < 8; n++)   // keys 8n..8n+7: b = K[key][d]
                 mma_t<SPLIT>(s[n], qa[kk], ql[SPLIT ? kk : 0], Ks[(8 * n + g) * LD + 8 * kk + t], Ks[(8 * n + g) * LD + 8 * kk + t + 4]);
-        float mx[2] = {m[0], m[1]};
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int kj = k0 + 8 * j + 2 * t + (e & 1), qi = row0 + 8 * (e >> 1);
-                float x = s[j][e] * sl2;
-                if (kj >= T || (causal && kj > qi)) x = NEG_INF;
-                s[j][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-            alpha[r] = mx[r] == NEG_INF ? 1.f : exp2f(m[r] - mx[r]);
-            m[r] = mx[r];
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - m[e >> 1]);
-                l[e >> 1] += p;
-                if (has_drop) {
-                    long long index = (bh * T + row0 + 8 * (e >> 1)) * (long long)T + k0 + 8 * j + 2 * t + (e & 1);
-                    p = dropout_keep(seed, index, drop_p) ? p * drop_scale : 0.f;
-                }
-                s[j][e] = p;
-            }
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+        softmax_tile<HD>(s, m, l, o, k0, row0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {   // keys 8kk..8kk+7
             unsigned pa[4], pl[4];
@@ -76,18 +43,7 @@ __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, f
                 mma_t<SPLIT>(o[n], pa, pl, Vs[(8 * kk + t) * LD + 8 * n + g], Vs[(8 * kk + t + 4) * LD + 8 * n + g]);
         }
     }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-        int qi = row0 + 8 * r;
-        if (qi >= T) continue;
-        float inv = 1.f / l[r];
-        float* yr = y + out0 + qi * ot;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) store2(yr + 8 * j + 2 * t, o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-        if (t == 0) lse[bh * T + qi] = m[r] * 0.6931471805599453f + logf(l[r]);
-    }
+    finish_rows<float, HD>(o, m, l, y, out0, ot, lse, bh, row0, t, T);
 }
 
 // The backward of mma_flash_backward with float32 q, k, v, dy, dq, dk, dv in tf32 products (m16n8k8); SPLIT: 3xTF32.
@@ -134,21 +90,7 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
                 mma_t<SPLIT>(dp[n], va, vl, Ys[(8 * n + g) * LD + 8 * kk + t], Ys[(8 * n + g) * LD + 8 * kk + t + 4]);
             }
         }
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int kj = key0 + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1), qi = q0 + c;
-                bool ok = qi < T && kj < T && !(causal && kj > qi);
-                float p = ok ? exp2f(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
-                if (has_drop && ok) {
-                    bool keep = dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
-                    pd = keep ? p * drop_scale : 0.f;
-                    dpd = keep ? dpd * drop_scale : 0.f;
-                }
-                dp[j][e] = p * (dpd - Ds[c]);
-                s[j][e] = pd;
-            }
+        grad_tile(s, dp, Ls, Ds, key0, q0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {   // queries 8kk..8kk+7: dV += Pd^T dy, dK += dS^T q
             unsigned pa[4], pl[4], da[4], dl[4];
@@ -176,27 +118,8 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
             for (int n = 0; n < HD / 8; n++)
                 mma_t<SPLIT>(gq[n], a, al, Ks[(8 * kc + t) * LD + 8 * n + g], Ks[(8 * kc + t + 4) * LD + 8 * n + g]);
         }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            int qi = q0 + warp * 16 + g + 8 * r;
-            if (qi >= T) continue;
-            float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
-#pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
-                atomicAdd(acc + 8 * j + 1, gq[j][2 * r + 1] * scale);
-            }
-        }
+        add_dq<HD>(gq, dq_acc, bh, NH, ab, ah, at, q0, warp, g, t, T, scale);
     }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int kj = key0 + 8 * r;
-        if (kj >= T) continue;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            store2(dk + in0 + kj * st + 8 * j + 2 * t, gk[j][2 * r] * scale, gk[j][2 * r + 1] * scale);
-            store2(dv + in0 + kj * st + 8 * j + 2 * t, gv[j][2 * r], gv[j][2 * r + 1]);
-        }
-    }
+    store_kv<float, HD>(gk, gv, dk, dv, in0, st, key0, t, T, scale);
 }
 """
