@@ -18,6 +18,8 @@ import pytest
 from tinygrad_llm import backend
 from tinygrad_llm.tensor import Context
 
+from cuda_replay import eager_then_replayed
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")]
 
@@ -224,17 +226,7 @@ def test_replays_from_a_cuda_graph(kind):
         mma.backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dout.data.ptr, lse.data.ptr, D.data.ptr,
                      g, g + 4 * C, g + 8 * C, work.data.ptr, True, 0.2, 5, 0.1, kind=kind)
 
-    step()
-    eager = (y.copy(), dqkv.copy())
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        stream.begin_capture()
-        step()
-        graph = stream.end_capture()
-    y.fill(0)
-    dqkv.fill(0)
-    graph.launch(stream)
-    stream.synchronize()
+    eager = eager_then_replayed(step, (y, dqkv))
     assert bool((y == eager[0]).all())
     assert rel_err(dqkv, eager[1]) < 1e-6
 

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from . import dnnl_api as api, threads
+from . import dnnl_api as api, libraries, threads
 from .dnnl_api import ENV_PATH, HINT, candidates, f32_reason, missing_reason  # noqa: F401 (this module's interface)
 
 NAME = "onednn"
@@ -161,18 +161,10 @@ def batched(a, b, out, alpha=1.0, beta=0.0):
     """mkl.batched's contract in one oneDNN call: out[i] = alpha a[i] b[i] + beta out[i] for every leading index
     of a (..., M, K), b (..., K, N), out (..., M, N), one or two leading axes each with strides of its own (views
     into attention's heads), on this thread."""
-    if a.ndim not in (3, 4) or b.ndim != a.ndim or out.ndim != a.ndim:
-        raise ValueError(f"bf16 batched GEMM needs 3-D or 4-D operands, not {a.shape} x {b.shape} -> {out.shape}")
-    lead = a.shape[:-2]
-    M, K = a.shape[-2:]
-    N = b.shape[-1]
-    if out.strides[-1] != 4 or out.dtype != np.float32 or b.shape[:-1] != lead + (K,) or out.shape != lead + (M, N):
-        raise ValueError(f"bf16 batched GEMM shapes {a.shape} x {b.shape} -> {out.shape}")
-    if 0 in lead or M == 0 or N == 0:
+    shapes = libraries.batched_shapes(a, b, out, beta)
+    if shapes is None:
         return out
-    if K == 0:
-        out[...] = 0 if beta == 0 else out * np.float32(beta)
-        return out
+    lead, M, K, N = shapes
     dt, item = _dtype_of(a, b), a.itemsize
     (ad, ast), (bd, bst), (cd, cst) = _batch(a, item), _batch(b, item), _batch(out, 4)
     prim = api.primitive(dt, len(lead), ad, ast, bd, bst, cd, cst, False, float(alpha), float(beta))

@@ -17,12 +17,12 @@ more than running a small one), with one engine and stream. Scratchpads are the 
 call: the same primitive may run on two threads at once.
 """
 import ctypes
-import ctypes.util
 import os
-import sys
 import threading
 
 import numpy as np
+
+from . import libraries
 
 ENV_PATH = "TINYGRAD_LLM_ONEDNN"
 HINT = "pip install 'tinygrad_llm[onednn]'"
@@ -60,23 +60,7 @@ _local = threading.local()    # .omp_set: this thread's OpenMP thread count is s
 
 def candidates():
     """The paths tried for libdnnl, in order (TINYGRAD_LLM_ONEDNN alone when it is set)."""
-    given = os.environ.get(ENV_PATH)
-    if given:
-        return [given]
-    paths = []
-    try:
-        from importlib import metadata
-        dist = metadata.distribution("onednn-cpu-gomp")
-        paths += [str(dist.locate_file(f)) for f in dist.files or [] if f.name.startswith("libdnnl.so")]
-        paths.sort(key=lambda p: not p.endswith(".so.3"))
-    except Exception:   # PackageNotFoundError, or a distribution without a file list
-        pass
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        paths += [os.path.join(prefix, "lib", name) for name in ("libdnnl.so.3", "libdnnl.so")]
-    found = ctypes.util.find_library("dnnl")
-    if found:
-        paths.append(found)
-    return list(dict.fromkeys(os.path.normpath(p) if os.sep in p else p for p in paths))
+    return libraries.candidates(ENV_PATH, "onednn-cpu-gomp", ("libdnnl.so.3", "libdnnl.so"), "dnnl")
 
 
 def _declare(lib):

@@ -14,14 +14,12 @@ split by rows of its output over threads.THREADS Python threads instead, each ca
 (ctypes lets go of the GIL during the call).
 """
 import ctypes
-import ctypes.util
 import os
-import sys
 
 import numpy as np
 from numba import njit
 
-from . import threads
+from . import libraries, threads
 
 NAME = "mkl"                                      # bf16_gemm.py's name for this library
 ENV_PATH = "TINYGRAD_LLM_MKL"
@@ -39,22 +37,7 @@ _by_address = {}                                  # function address -> the same
 
 def candidates():
     """The paths tried for libmkl_rt, in order (TINYGRAD_LLM_MKL alone when it is set)."""
-    given = os.environ.get(ENV_PATH)
-    if given:
-        return [given]
-    paths = []
-    try:
-        from importlib import metadata
-        files = metadata.distribution("mkl").files or []
-        paths += [str(metadata.distribution("mkl").locate_file(f)) for f in files if f.name.startswith("libmkl_rt.so")]
-    except Exception:   # PackageNotFoundError, or a distribution without a file list
-        pass
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        paths += [os.path.join(prefix, "lib", name) for name in ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")]
-    found = ctypes.util.find_library("mkl_rt")
-    if found:
-        paths.append(found)
-    return list(dict.fromkeys(paths))
+    return libraries.candidates(ENV_PATH, "mkl", ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"), "mkl_rt")
 
 
 _GEMM_ARGS = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
@@ -241,18 +224,10 @@ def batched(a, b, out, alpha=1.0, beta=0.0):
     loop that calls MKL by its address without the GIL: attention makes thousands of small products a step,
     and a ctypes call from a Python loop cost about 6.5 us a product on this project's loaded 2-core machine."""
     fn = _function()
-    if a.ndim not in (3, 4) or b.ndim != a.ndim or out.ndim != a.ndim:
-        raise ValueError(f"bf16 batched GEMM needs 3-D or 4-D operands, not {a.shape} x {b.shape} -> {out.shape}")
-    lead = a.shape[:-2]
-    M, K = a.shape[-2:]
-    N = b.shape[-1]
-    if out.strides[-1] != 4 or out.dtype != np.float32 or b.shape[:-1] != lead + (K,) or out.shape != lead + (M, N):
-        raise ValueError(f"bf16 batched GEMM shapes {a.shape} x {b.shape} -> {out.shape}")
-    if 0 in lead or M == 0 or N == 0:
+    shapes = libraries.batched_shapes(a, b, out, beta)
+    if shapes is None:
         return out
-    if K == 0:
-        out[...] = 0 if beta == 0 else out * np.float32(beta)
-        return out
+    lead, M, K, N = shapes
     first = (0,) * len(lead)
     (ta, lda), (tb, ldb) = _operand(a[first]), _operand(b[first])
     L1, L2 = (1,) + lead if len(lead) == 1 else lead
