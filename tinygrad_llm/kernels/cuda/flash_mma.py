@@ -110,7 +110,8 @@ def packed_supported(qkv, n_head, output="float32", kind=None):
     C, kind = C3 // 3, kind or _kind(qkv)
     if (qkv.dtype == np.uint16) != (kind == "bfloat16") or qkv.dtype not in (np.uint16, np.float32):
         return False
-    return C % n_head == 0 and supported(C // n_head, (qkv.data.ptr,), (C3, C), output, kind)
+    return (C % n_head == 0 and B * n_head <= 65535   # one grid row a (batch, head): CUDA's grid y limit
+            and supported(C // n_head, (qkv.data.ptr,), (C3, C), output, kind))
 
 
 def tf32_on():
