@@ -193,7 +193,8 @@ def main():
                 if path in ("mma", "CUDA cores") and args.dropout == 0:
                     err = float(np.abs(y - t_y).max() / np.abs(t_y).max())
                     results["rows"].append({"shape": shape, "dtype": dtype, f"check_{path}_vs_torch": err})
-                    print(f"| {','.join(map(str, shape))} | {dtype} | check: {path} vs torch rel err {err:.1e} | | | | | |")
+                    print(f"| {','.join(map(str, shape))} | {dtype} | check: {path} vs torch rel err {err:.1e} "
+                          "| | | | | |")
             for name, fwd, both, peak in rows:
                 print(f"| {','.join(map(str, shape))} | {dtype} | {name} | {fwd:.3f} | {both:.3f} | {peak:.0f} | "
                       f"{both / t_both:.2f} | {peak / t_peak:.2f} |")

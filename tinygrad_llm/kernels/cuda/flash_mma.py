@@ -7,18 +7,19 @@ atomically into float32 sums zeroed by the pass that computes rowsum(dy * y): dq
 with every tile product on the tensor cores: the warp-level `mma.sync` instruction with float32
 accumulators, m16n8k16 on bf16 operands fed from shared memory by `ldmatrix`, or m16n8k8 on tf32 operands
 (KINDS: "tf32" rounds float32 q, k, v to tf32; "float32" splits each operand x into tf32 parts hi + lo and
-multiplies a_lo b_hi + a_hi b_lo + a_hi b_hi, "3xTF32", float32's accuracy). A block is 4 warps; each warp owns 16 rows of a 64-row tile (queries forward, keys backward).
-The scores' accumulator fragments are laid out as the next product's operand fragments (bf16; the tf32 kernels
-move two values a fragment between the lanes of a quad), so P (forward), Pd and dS (backward) become operands
-without touching shared memory; only dS^T is written to shared memory once per tile pair, for dQ.
+multiplies a_lo b_hi + a_hi b_lo + a_hi b_hi, "3xTF32", float32's accuracy). A block is 4 warps; each warp
+owns 16 rows of a 64-row tile (queries forward, keys backward). The scores' accumulator fragments are laid out
+as the next product's operand fragments (bf16; the tf32 kernels move two values a fragment between the lanes of
+a quad), so P (forward), Pd and dS (backward) become operands without touching shared memory; only dS^T is
+written to shared memory once per tile pair, for dQ.
 
 Numbers (bf16 kind): q, k, v are bf16 (the products' operands under precision.py's bf16 policy); S, the
 softmax, the log-sum-exp, dPd - D and every accumulator are float32; P, Pd and dS are rounded to bf16 (round to
 nearest even) as the operands of their products, as the cuBLAS bf16 path (mixed.py) rounds them (the tf32
 kinds: to tf32, or split). y, dy, dq, dk and dv are float32 ("float32" outputs: the autograd's tensors) or,
-for the bf16 kind, bf16 ("bfloat16": bf16 in and out, as a bf16 framework's attention). Head sizes: HEAD_SIZES; every row 16-byte aligned
-(supported() checks the pointers and strides). Dropout: the same element index and hash as every other
-attention path (flash_attention.py's docstring), so one seed gives one mask.
+for the bf16 kind, bf16 ("bfloat16": bf16 in and out, as a bf16 framework's attention). Head sizes:
+HEAD_SIZES; every row 16-byte aligned (supported() checks the pointers and strides). Dropout: the same element
+index and hash as every other attention path (flash_attention.py's docstring), so one seed gives one mask.
 
 Launches only: nothing allocated inside forward/backward and no sync, so they capture in a CUDA graph.
 """
@@ -166,8 +167,8 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scal
                                                        np.int64(rows)))
     fn, smem = found["backward"]
     fn((-(-T // TILE), B * NH), (THREADS,),
-       layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(dy, lse, D, dk, dv, acc) + acc_strides,
-       shared_mem=smem)
+       layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(dy, lse, D, dk, dv, acc)
+       + acc_strides, shared_mem=smem)
     if output != "float32":
         n = rows * HS
         found["dq_store"][0]((-(-n // 256),), (256,), (*_pointers(work, dq), np.int32(NH), np.int32(T), np.int32(HS),

@@ -183,7 +183,8 @@ class SelfAttentionBF16Cuda:
     rounded to bf16 for the four products (each one batched GEMM over every (batch, head) pair, float32
     sums, float32 results). Saves the bf16 qkv and, as attention.SAVE says, the rows' log-sum-exp ("lse":
     backward multiplies the same bf16 q k^T again), or the float32 P ("p"), or the float32 P and the bf16
-    Pd ("p+pd")."""
+    Pd ("p+pd"). Where flash_mma.py takes the heads (32 or 64 wide; TINYGRAD_LLM_FLASH_MMA), its tensor-core
+    flash kernels do all of it instead (the same mask from the same seed), keeping the bf16 qkv, y and lse."""
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -229,8 +230,9 @@ class SelfAttentionBF16Cuda:
         if ctx.reference:
             return SelfAttentionCuda.backward(ctx, dout)
         if ctx.mma:
-            return flash_mma.self_attention_backward(ctx.qb, ctx.y, ctx.lse, cp.ascontiguousarray(dout, dtype=np.float32),
-                                                     ctx.n_head, ctx.causal, ctx.scale, ctx.seed, ctx.drop_p, ctx.seed_ptr)
+            dout = cp.ascontiguousarray(dout, dtype=np.float32)
+            return flash_mma.self_attention_backward(ctx.qb, ctx.y, ctx.lse, dout, ctx.n_head, ctx.causal, ctx.scale,
+                                                     ctx.seed, ctx.drop_p, ctx.seed_ptr)
         qb, NH, causal = ctx.qb, ctx.n_head, ctx.causal
         B, T, C3 = qb.shape
         C = C3 // 3
