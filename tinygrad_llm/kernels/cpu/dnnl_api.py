@@ -17,7 +17,6 @@ more than running a small one), with one engine and stream. Scratchpads are the 
 call: the same primitive may run on two threads at once.
 """
 import ctypes
-import os
 import threading
 
 import numpy as np
@@ -107,36 +106,26 @@ def _check(status, what):
 
 def _load():
     global _state, _engine, _stream, _omp_set_num_threads, _loaded_lib
-    errors = []
-    for path in candidates():
-        if os.sep in path and not os.path.exists(path):
-            errors.append(f"{path}: no such file")
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-            _declare(lib)
-        except (OSError, AttributeError) as e:
-            errors.append(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            continue
-        try:
-            _omp_set_num_threads = lib.omp_set_num_threads   # libgomp, a dependency of the gomp build
-            _omp_set_num_threads.argtypes, _omp_set_num_threads.restype = [ctypes.c_int], None
-        except AttributeError:
-            _omp_set_num_threads = None
-        _one_omp_thread()
-        engine, stream = _VP(), _VP()
-        _check(lib.dnnl_engine_create(ctypes.byref(engine), _CPU, 0), "CPU engine")
-        _check(lib.dnnl_stream_create(ctypes.byref(stream), engine, _STREAM_DEFAULT), "stream")
-        _engine, _stream, _loaded_lib = engine, stream, lib
-        _state = (lib, None)
-        version = ".".join(map(str, lib.dnnl_version().contents))
-        try:   # a 2x2x2 bf16 product: oneDNN without a bf16 matmul for this CPU refuses it
-            primitive(_BF16, 1, (2, 2), (2, 1), (2, 2), (2, 1), (2, 2), (2, 1), False, 1.0, 0.0)
-        except RuntimeError as e:
-            _state = (None, f"oneDNN {version} at {path} has no bf16 matmul on this CPU ({e}; it needs AVX-512)")
+    lib, path, reason = libraries.open_first(candidates(), _declare, "no libdnnl on the library path")
+    if lib is None:
+        _state = (None, reason)
         return
-    tried = "; ".join(errors[-2:]) if errors else "no libdnnl on the library path"
-    _state = (None, f"not found ({tried})")
+    try:
+        _omp_set_num_threads = lib.omp_set_num_threads   # libgomp, a dependency of the gomp build
+        _omp_set_num_threads.argtypes, _omp_set_num_threads.restype = [ctypes.c_int], None
+    except AttributeError:
+        _omp_set_num_threads = None
+    _one_omp_thread()
+    engine, stream = _VP(), _VP()
+    _check(lib.dnnl_engine_create(ctypes.byref(engine), _CPU, 0), "CPU engine")
+    _check(lib.dnnl_stream_create(ctypes.byref(stream), engine, _STREAM_DEFAULT), "stream")
+    _engine, _stream, _loaded_lib = engine, stream, lib
+    _state = (lib, None)
+    version = ".".join(map(str, lib.dnnl_version().contents))
+    try:   # a 2x2x2 bf16 product: oneDNN without a bf16 matmul for this CPU refuses it
+        primitive(_BF16, 1, (2, 2), (2, 1), (2, 2), (2, 1), (2, 2), (2, 1), False, 1.0, 0.0)
+    except RuntimeError as e:
+        _state = (None, f"oneDNN {version} at {path} has no bf16 matmul on this CPU ({e}; it needs AVX-512)")
 
 
 def missing_reason():

@@ -1,5 +1,6 @@
 """What the CPU's two ctypes libraries (MKL: mkl.py; oneDNN: dnnl_api.py and dnnl.py) share: where each is looked
-for, and the checks of a batched bf16 GEMM's operands."""
+for, how the first that loads is found, and the checks of a batched bf16 GEMM's operands."""
+import ctypes
 import ctypes.util
 import os
 import sys
@@ -29,6 +30,25 @@ def candidates(env, distribution, names, short):
     if found:
         paths.append(found)
     return list(dict.fromkeys(os.path.normpath(p) if os.sep in p else p for p in paths))
+
+
+def open_first(paths, setup, nothing_tried):
+    """The first of `paths` that loads and passes setup(lib) (which raises OSError or AttributeError where the
+    library lacks what is needed): (lib, path, None); else (None, None, "not found (...)") naming the last two
+    failures, or `nothing_tried` when there was no path."""
+    errors = []
+    for path in paths:
+        if os.sep in path and not os.path.exists(path):
+            errors.append(f"{path}: no such file")
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            setup(lib)
+        except (OSError, AttributeError) as e:
+            errors.append(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        return lib, path, None
+    return None, None, f"not found ({'; '.join(errors[-2:]) if errors else nothing_tried})"
 
 
 def batched_shapes(a, b, out, beta):

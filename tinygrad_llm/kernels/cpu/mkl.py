@@ -14,7 +14,6 @@ split by rows of its output over threads.THREADS Python threads instead, each ca
 (ctypes lets go of the GIL during the call).
 """
 import ctypes
-import os
 
 import numpy as np
 from numba import njit
@@ -61,25 +60,20 @@ def _load_packing(lib):
 
 def _load():
     global _state
-    errors = []
-    for path in candidates():
-        if os.sep in path and not os.path.exists(path):
-            errors.append(f"{path}: no such file")
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-            lib.MKL_Set_Threading_Layer(ctypes.c_int(_SEQUENTIAL))   # before any other call into MKL
-            gemm = lib.cblas_gemm_bf16bf16f32
-        except (OSError, AttributeError) as e:
-            errors.append(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            continue
-        gemm.restype = None
-        gemm.argtypes = _GEMM_ARGS
-        _state = (gemm, None)
-        _load_packing(lib)
+
+    def setup(lib):
+        lib.MKL_Set_Threading_Layer(ctypes.c_int(_SEQUENTIAL))   # before any other call into MKL
+        lib.cblas_gemm_bf16bf16f32
+
+    lib, _, reason = libraries.open_first(candidates(), setup, "no libmkl_rt on the library path")
+    if lib is None:
+        _state = (None, reason)
         return
-    tried = "; ".join(errors[-2:]) if errors else "no libmkl_rt on the library path"
-    _state = (None, f"not found ({tried})")
+    gemm = lib.cblas_gemm_bf16bf16f32
+    gemm.restype = None
+    gemm.argtypes = _GEMM_ARGS
+    _state = (gemm, None)
+    _load_packing(lib)
 
 
 def missing_reason():
