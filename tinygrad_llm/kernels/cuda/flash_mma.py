@@ -9,9 +9,9 @@ accumulators, m16n8k16 on bf16 operands fed from shared memory by `ldmatrix`, or
 (KINDS: "tf32" rounds float32 q, k, v to tf32; "float32" splits each operand x into tf32 parts hi + lo and
 multiplies a_lo b_hi + a_hi b_lo + a_hi b_hi, "3xTF32", float32's accuracy). A block is 4 warps; each warp
 owns 16 rows of a 64-row tile (queries forward, keys backward). The scores' accumulator fragments are laid out
-as the next product's operand fragments (bf16; the tf32 kernels move two values a fragment between the lanes of
-a quad), so P (forward), Pd and dS (backward) become operands without touching shared memory; only dS^T is
-written to shared memory once per tile pair, for dQ.
+as the next product's operand fragments (bf16 directly; tf32 by taking each 8-wide k block in the order 2t, 2t + 1,
+flash_mma_common.py's sw32), so P (forward), Pd and dS (backward) become operands without touching shared memory
+or moving between lanes; only dS^T is written to shared memory once per tile pair, for dQ.
 
 Numbers (bf16 kind): q, k, v are bf16 (the products' operands under precision.py's bf16 policy); S, the
 softmax, the log-sum-exp, dPd - D and every accumulator are float32; P, Pd and dS are rounded to bf16 (round to
@@ -54,10 +54,10 @@ _modules = {}
 
 
 def shared_bytes(name, HD, tf32=False):
-    """Dynamic shared memory of a kernel: 64-row tiles of bf16 (row stride HD + 8) or tf32 (HD + 4), plus
+    """Dynamic shared memory of a kernel: 64-row tiles of bf16 or tf32 words (row stride HD + 8), plus
     backward's dS^T tile and its 64 log-sum-exps and D values."""
-    tile = TILE * (HD + 4) * 4 if tf32 else TILE * (HD + 8) * 2
-    square = TILE * (TILE + 4) * 4 if tf32 else TILE * (TILE + 8) * 2
+    tile = TILE * (HD + 8) * (4 if tf32 else 2)
+    square = TILE * (TILE + 8) * (4 if tf32 else 2)
     return 3 * tile if name == "forward" else 4 * tile + square + 2 * TILE * 4
 
 
@@ -124,7 +124,9 @@ def tf32_on():
 def float32_kind(qkv, n_head, flash):
     """The kind attention.SelfAttentionCuda takes for a packed qkv, or None: for float32, "tf32" while TF32 is on
     (the cuBLAS path would multiply in TF32 too), else "float32" (3xTF32) where flash attention is picked
-    (`flash`: use_flash's answer); where these kernels take the heads and MMA allows."""
+    (`flash`: use_flash's answer); where these kernels take the heads and MMA allows. (Without dropout 3xTF32
+    beat the cuBLAS path at every T measured, 64 to 2048; the 6x384 step with attention dropout 0.2 ran 0.5 ms
+    slower with it: benchmarks/RESULTS.md.)"""
     if qkv.dtype != np.float32 or not enabled():
         return None
     kind = "tf32" if tf32_on() else "float32" if flash else None

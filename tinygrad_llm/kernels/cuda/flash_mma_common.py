@@ -129,7 +129,14 @@ __device__ __forceinline__ void operand(unsigned (&hi)[4], unsigned (&lo)[4], fl
         if constexpr (SPLIT) split_tf32(x[i], hi[i], lo[i]); else hi[i] = to_tf32(x[i]);
     }
 }
-// rows [r0, r0 + 64) of a float32 (T, HD) head matrix into dst[64][HD + 4] as tile_word<SPLIT>; zeros past T
+// The tf32 tiles: 64 rows of HD tile words at row stride HD + 8 words, 8-word column blocks swapped in pairs on rows
+// with bit 2 set (sw32). The kernels take each 8-wide k block of a product in the order k = 2t, 2t + 1 for the
+// fragments' slots t, t + 4 (a sum over k does not depend on its order, as long as both operands agree), so
+// that a lane's two words of a row fragment are neighbours (one 8-byte load), and an accumulator's columns 2t,
+// 2t + 1 are already the lane's operand slots (no shuffles). With the stride (8 mod 32 banks) and the swap,
+// both ways of reading a tile (8-byte row pairs; single words from rows 2t and 2t + 1) hit 32 distinct banks.
+__device__ __forceinline__ int sw32(int row, int col, int ld) { return row * ld + (col ^ ((row & 4) << 1)); }
+// rows [r0, r0 + 64) of a float32 (T, HD) head matrix into dst (sw32, stride HD + 8) as tile_word<SPLIT>; zeros past T
 template<int HD, bool SPLIT>
 __device__ __forceinline__ void load_tile32(unsigned* dst, const float* src, long long st, int r0, int T) {
     constexpr int CH = HD / 4;
@@ -137,27 +144,30 @@ __device__ __forceinline__ void load_tile32(unsigned* dst, const float* src, lon
         int r = e / CH, c = e % CH;
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
         if (r0 + r < T) x = *(const float4*)(src + (long long)(r0 + r) * st + c * 4);
-        *(uint4*)(dst + r * (HD + 4) + c * 4) = make_uint4(tile_word<SPLIT>(x.x), tile_word<SPLIT>(x.y),
-                                                           tile_word<SPLIT>(x.z), tile_word<SPLIT>(x.w));
+        *(uint4*)(dst + sw32(r, c * 4, HD + 8)) = make_uint4(tile_word<SPLIT>(x.x), tile_word<SPLIT>(x.y),
+                                                             tile_word<SPLIT>(x.z), tile_word<SPLIT>(x.w));
     }
 }
-// row fragment (16 rows from r, 8 columns from c) of a row-major tile of tile_word<SPLIT> with row stride ld
+// row fragment (16 rows from r, the 8 k columns from c) of a sw32 tile: slots t, t + 4 are columns c + 2t, c + 2t + 1
 template<bool SPLIT>
 __device__ __forceinline__ void frag_a(unsigned (&hi)[4], unsigned (&lo)[4], const unsigned* m, int ld, int r, int c, int g, int t) {
-    unsigned w[4] = {m[(r + g) * ld + c + t], m[(r + g + 8) * ld + c + t], m[(r + g) * ld + c + t + 4], m[(r + g + 8) * ld + c + t + 4]};
-    if constexpr (SPLIT) operand<true>(hi, lo, __uint_as_float(w[0]), __uint_as_float(w[1]), __uint_as_float(w[2]), __uint_as_float(w[3]));
-    else for (int i = 0; i < 4; i++) hi[i] = w[i];
+    uint2 x = *(const uint2*)(m + sw32(r + g, c + 2 * t, ld)), y = *(const uint2*)(m + sw32(r + g + 8, c + 2 * t, ld));
+    if constexpr (SPLIT) operand<true>(hi, lo, __uint_as_float(x.x), __uint_as_float(y.x), __uint_as_float(x.y), __uint_as_float(y.y));
+    else { hi[0] = x.x; hi[1] = y.x; hi[2] = x.y; hi[3] = y.y; }
 }
-// the 16x8 accumulator fragment c (rows g, g + 8; columns 2t, 2t + 1) as a row fragment of tf32 operands:
-// element (row, column j) moves from lane 4 row + j / 2
+// column fragment of B = M^T (b[k][n] = M[n][k]): n row of the tile, the 8 k columns from c (slots as frag_a)
+__device__ __forceinline__ uint2 frag_bt(const unsigned* m, int ld, int n, int c, int t) {
+    return *(const uint2*)(m + sw32(n, c + 2 * t, ld));
+}
+// column fragment of B = M (b[k][n] = M[k][n]): k rows c + 2t and c + 2t + 1 of the tile, column n
+__device__ __forceinline__ uint2 frag_b(const unsigned* m, int ld, int c, int n, int t) {
+    return make_uint2(m[sw32(c + 2 * t, n, ld)], m[sw32(c + 2 * t + 1, n, ld)]);
+}
+// the 16x8 accumulator fragment c (rows g, g + 8; columns 2t, 2t + 1) as a row fragment of tf32 operands in the
+// k order above: slot t is column 2t, slot t + 4 column 2t + 1
 template<bool SPLIT>
-__device__ __forceinline__ void acc_to_frag(unsigned (&hi)[4], unsigned (&lo)[4], const float (&c)[4], int lane, int t) {
-    int from = (lane & ~3) | (t >> 1), from2 = from + 2;
-    float x0 = __shfl_sync(0xffffffff, c[0], from), x1 = __shfl_sync(0xffffffff, c[1], from);
-    float y0 = __shfl_sync(0xffffffff, c[2], from), y1 = __shfl_sync(0xffffffff, c[3], from);
-    float z0 = __shfl_sync(0xffffffff, c[0], from2), z1 = __shfl_sync(0xffffffff, c[1], from2);
-    float w0 = __shfl_sync(0xffffffff, c[2], from2), w1 = __shfl_sync(0xffffffff, c[3], from2);
-    operand<SPLIT>(hi, lo, t & 1 ? x1 : x0, t & 1 ? y1 : y0, t & 1 ? z1 : z0, t & 1 ? w1 : w0);
+__device__ __forceinline__ void acc_to_frag(unsigned (&hi)[4], unsigned (&lo)[4], const float (&c)[4]) {
+    operand<SPLIT>(hi, lo, c[0], c[2], c[1], c[3]);
 }
 
 #define TF32_ARGS const float* q, const float* k, const float* v, int NH, int T, int HS, \

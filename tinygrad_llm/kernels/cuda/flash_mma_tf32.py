@@ -5,10 +5,11 @@ Derivation: docs/backward/flash_attention.md; the helpers they use: flash_mma_co
 
 SOURCE = r"""
 // The forward of mma_flash_forward with float32 q, k, v, y in tf32 products (m16n8k8); SPLIT: 3xTF32 products.
+// TF32: three blocks a multiprocessor (at most 168 registers; 178 unbounded, which left room for two)
 template<int HD, bool SPLIT>
-__global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, float* lse) {
+__global__ void __launch_bounds__(128, SPLIT ? 1 : 3) tf32_flash_forward(TF32_ARGS, float* y, float* lse) {
     TF32_SETUP
-    constexpr int LD = HD + 4;
+    constexpr int LD = HD + 8;   // the tiles: sw32 layout (flash_mma_common.py)
     unsigned *Qs = smw, *Ks = Qs + 64 * LD, *Vs = Ks + 64 * LD;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * 64;
     load_tile32<HD, SPLIT>(Qs, q + in0, st, q0, T);
@@ -31,16 +32,20 @@ __global__ void __launch_bounds__(128) tf32_flash_forward(TF32_ARGS, float* y, f
 #pragma unroll
         for (int kk = 0; kk < HD / 8; kk++)
 #pragma unroll
-            for (int n = 0; n < 8; n++)   // keys 8n..8n+7: b = K[key][d]
-                mma_t<SPLIT>(s[n], qa[kk], ql[SPLIT ? kk : 0], Ks[(8 * n + g) * LD + 8 * kk + t], Ks[(8 * n + g) * LD + 8 * kk + t + 4]);
+            for (int n = 0; n < 8; n++) {   // keys 8n..8n+7: b = K^T, b[d][key] = K[key][d]
+                uint2 b = frag_bt(Ks, LD, 8 * n + g, 8 * kk, t);
+                mma_t<SPLIT>(s[n], qa[kk], ql[SPLIT ? kk : 0], b.x, b.y);
+            }
         softmax_tile<HD>(s, m, l, o, k0, row0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {   // keys 8kk..8kk+7
             unsigned pa[4], pl[4];
-            acc_to_frag<SPLIT>(pa, pl, s[kk], lane, t);
+            acc_to_frag<SPLIT>(pa, pl, s[kk]);
 #pragma unroll
-            for (int n = 0; n < HD / 8; n++)   // b = V[key][d]
-                mma_t<SPLIT>(o[n], pa, pl, Vs[(8 * kk + t) * LD + 8 * n + g], Vs[(8 * kk + t + 4) * LD + 8 * n + g]);
+            for (int n = 0; n < HD / 8; n++) {   // b = V[key][d]
+                uint2 b = frag_b(Vs, LD, 8 * kk, 8 * n + g, t);
+                mma_t<SPLIT>(o[n], pa, pl, b.x, b.y);
+            }
         }
     }
     finish_rows<float, HD>(o, m, l, y, out0, ot, lse, bh, row0, t, T);
@@ -52,7 +57,7 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
                                                            float* dk, float* dv, float* dq_acc, long long ab,
                                                            long long ah, long long at) {
     TF32_SETUP
-    constexpr int LD = HD + 4, LDT = 64 + 4;
+    constexpr int LD = HD + 8, LDT = 64 + 8;   // every tile, St included: sw32 layout (flash_mma_common.py)
     unsigned *Ks = smw, *Vs = Ks + 64 * LD, *Qs = Vs + 64 * LD, *Ys = Qs + 64 * LD, *St = Ys + 64 * LD;
     float *Ls = (float*)(St + 64 * LDT), *Ds = Ls + 64;
     const int k0 = blockIdx.x * 64;
@@ -85,38 +90,42 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
             frag_a<SPLIT>(ka, kl, Ks, LD, warp * 16, kk * 8, g, t);
             frag_a<SPLIT>(va, vl, Vs, LD, warp * 16, kk * 8, g, t);
 #pragma unroll
-            for (int n = 0; n < 8; n++) {   // queries 8n..8n+7
-                mma_t<SPLIT>(s[n], ka, kl, Qs[(8 * n + g) * LD + 8 * kk + t], Qs[(8 * n + g) * LD + 8 * kk + t + 4]);
-                mma_t<SPLIT>(dp[n], va, vl, Ys[(8 * n + g) * LD + 8 * kk + t], Ys[(8 * n + g) * LD + 8 * kk + t + 4]);
+            for (int n = 0; n < 8; n++) {   // queries 8n..8n+7: b = Q^T, then dy^T
+                uint2 bq = frag_bt(Qs, LD, 8 * n + g, 8 * kk, t), by = frag_bt(Ys, LD, 8 * n + g, 8 * kk, t);
+                mma_t<SPLIT>(s[n], ka, kl, bq.x, bq.y);
+                mma_t<SPLIT>(dp[n], va, vl, by.x, by.y);
             }
         }
         grad_tile(s, dp, Ls, Ds, key0, q0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {   // queries 8kk..8kk+7: dV += Pd^T dy, dK += dS^T q
             unsigned pa[4], pl[4], da[4], dl[4];
-            acc_to_frag<SPLIT>(pa, pl, s[kk], lane, t);
-            acc_to_frag<SPLIT>(da, dl, dp[kk], lane, t);
+            acc_to_frag<SPLIT>(pa, pl, s[kk]);
+            acc_to_frag<SPLIT>(da, dl, dp[kk]);
 #pragma unroll
             for (int n = 0; n < HD / 8; n++) {
-                mma_t<SPLIT>(gv[n], pa, pl, Ys[(8 * kk + t) * LD + 8 * n + g], Ys[(8 * kk + t + 4) * LD + 8 * n + g]);
-                mma_t<SPLIT>(gk[n], da, dl, Qs[(8 * kk + t) * LD + 8 * n + g], Qs[(8 * kk + t + 4) * LD + 8 * n + g]);
+                uint2 by = frag_b(Ys, LD, 8 * kk, 8 * n + g, t), bq = frag_b(Qs, LD, 8 * kk, 8 * n + g, t);
+                mma_t<SPLIT>(gv[n], pa, pl, by.x, by.y);
+                mma_t<SPLIT>(gk[n], da, dl, bq.x, bq.y);
             }
-            *(uint2*)(St + (warp * 16 + g) * LDT + 8 * kk + 2 * t) = make_uint2(tile_word<SPLIT>(dp[kk][0]), tile_word<SPLIT>(dp[kk][1]));
-            *(uint2*)(St + (warp * 16 + g + 8) * LDT + 8 * kk + 2 * t) = make_uint2(tile_word<SPLIT>(dp[kk][2]), tile_word<SPLIT>(dp[kk][3]));
+            *(uint2*)(St + sw32(warp * 16 + g, 8 * kk + 2 * t, LDT)) = make_uint2(tile_word<SPLIT>(dp[kk][0]), tile_word<SPLIT>(dp[kk][1]));
+            *(uint2*)(St + sw32(warp * 16 + g + 8, 8 * kk + 2 * t, LDT)) = make_uint2(tile_word<SPLIT>(dp[kk][2]), tile_word<SPLIT>(dp[kk][3]));
         }
         __syncthreads();
         float gq[HD / 8][4];
 #pragma unroll
         for (int j = 0; j < HD / 8; j++) gq[j][0] = gq[j][1] = gq[j][2] = gq[j][3] = 0.f;
 #pragma unroll
-        for (int kc = 0; kc < 8; kc++) {   // keys 8kc..8kc+7: a = dS[query][key] = St[key][query]
-            int r = warp * 16 + g;
-            unsigned a[4] = {St[(8 * kc + t) * LDT + r], St[(8 * kc + t) * LDT + r + 8],
-                             St[(8 * kc + t + 4) * LDT + r], St[(8 * kc + t + 4) * LDT + r + 8]}, al[4];
+        for (int kc = 0; kc < 8; kc++) {   // keys 8kc..8kc+7: a = dS[query][key] = St[key][query] (slots as frag_a)
+            int r = warp * 16 + g, k0 = 8 * kc + 2 * t;
+            unsigned a[4] = {St[sw32(k0, r, LDT)], St[sw32(k0, r + 8, LDT)], St[sw32(k0 + 1, r, LDT)],
+                             St[sw32(k0 + 1, r + 8, LDT)]}, al[4];
             if constexpr (SPLIT) operand<true>(a, al, __uint_as_float(a[0]), __uint_as_float(a[1]), __uint_as_float(a[2]), __uint_as_float(a[3]));
 #pragma unroll
-            for (int n = 0; n < HD / 8; n++)
-                mma_t<SPLIT>(gq[n], a, al, Ks[(8 * kc + t) * LD + 8 * n + g], Ks[(8 * kc + t + 4) * LD + 8 * n + g]);
+            for (int n = 0; n < HD / 8; n++) {   // b = K[key][d]
+                uint2 b = frag_b(Ks, LD, 8 * kc, 8 * n + g, t);
+                mma_t<SPLIT>(gq[n], a, al, b.x, b.y);
+            }
         }
         add_dq<HD>(gq, dq_acc, bh, NH, ab, ah, at, q0, warp, g, t, T, scale);
     }
