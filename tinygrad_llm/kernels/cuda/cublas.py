@@ -104,7 +104,7 @@ def _may_time(stream):
     (cuda_graph.py sets it), or the current stream itself capturing."""
     if runtime.capturing:
         return False
-    if stream.ptr == 0:   # (the legacy default stream is never captured)
+    if stream.ptr in (0, 1):   # (the legacy default stream is never captured)
         return True
     try:
         return not stream.is_capturing()
