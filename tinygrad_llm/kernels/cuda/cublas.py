@@ -59,6 +59,18 @@ _LT_WORKSPACE_BYTES = 32 << 20
 LT_CANDIDATES = 8     # algorithms asked of cuBLASLt's heuristic for each plan
 TUNE_RUNS = 5         # timed runs of each candidate (after one warm-up); the median counts
 
+SPIN_CYCLES = 2_000_000   # the delay kernel's length (about 1 ms): longer than the host takes to issue the timed runs
+
+# One thread that spins for `cycles` clock cycles. Launched before a candidate's timed runs, it holds the GPU
+# while the host issues them, so the runs execute back to back and the events time the GPU, not the host's
+# issue rate (a product of ~20 us is shorter than issuing one cublasLtMatmul from Python).
+_spin = cp.RawKernel(r"""
+extern "C" __global__ void tinygrad_llm_spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}
+""", "tinygrad_llm_spin")
+
 _tune = None          # the TINYGRAD_LLM_GEMM_TUNE setting once read (gemm_tune), or set by set_gemm_tune
 tunings = 0           # plans whose candidates were timed so far (tests read it)
 
@@ -227,9 +239,10 @@ class _Lt:
 
     def choose(self, plan, a, b, c, alpha, zero_beta, stream):
         """The index of the candidate this plan keeps. Timing on (gemm_tune), beta == 0 and no graph being
-        captured: each candidate once to warm up, then TUNE_RUNS times between CUDA events on the current
-        stream, on the call's own operands (C is overwritten by the call that follows); the lowest median
-        wins, a candidate cuBLASLt refuses is skipped. Otherwise the heuristic's first."""
+        captured: each candidate once to warm up, then, behind the delay kernel (_spin), TUNE_RUNS times
+        between CUDA events on the current stream, on the call's own operands (C is overwritten by the call
+        that follows); the lowest median wins, a candidate cuBLASLt refuses is skipped. Otherwise the
+        heuristic's first."""
         global tunings
         tune = gemm_tune()
         if not (tune and zero_beta and len(plan.results) > 1 and _may_time(stream)):
@@ -242,6 +255,10 @@ class _Lt:
             if self._matmul(plan, index, a, b, c, alpha, beta, stream) != 0:
                 continue
             failed = False
+            try:
+                _spin((1,), (1,), (np.int64(SPIN_CYCLES),))   # (on the current stream: `stream`)
+            except Exception:   # (no delay kernel: the runs are timed as issued)
+                pass
             events[0].record(stream)
             for r in range(TUNE_RUNS):
                 failed = self._matmul(plan, index, a, b, c, alpha, beta, stream) != 0 or failed
