@@ -8,8 +8,8 @@ cuBLASLt's algorithms are chosen per plan (one product's shape, strides, transpo
 alignment): its heuristic offers up to LT_CANDIDATES, and on the plan's first call each is timed on that
 call's own operands (CUDA events, median of TUNE_RUNS after a warm-up) and the fastest kept, as
 cudnn.benchmark does: the heuristic's first pick is not always the fastest (for one of the 6x384 GPT step's
-TF32 weight gradients on an H200, 0.149 ms against 0.109 for the best). TINYGRAD_LLM_GEMM_TUNE=0 (or set_gemm_tune(False)) keeps the heuristic's first
-instead; 1 (the default) times. The trade: within one process a plan always gets the same algorithm (so
+TF32 weight gradients on an H200, 0.149 ms against 0.109 for the best). TINYGRAD_LLM_GEMM_TUNE=0 (or
+set_gemm_tune(False)) keeps the heuristic's first instead; 1 (the default) times. The trade: within one process a plan always gets the same algorithm (so
 eager and graph-replayed steps agree), but across processes the timing may pick another one, and other
 algorithms sum in other orders (float32 rounding); with 0, runs are bitwise reproducible across processes
 on one GPU and library version. No timing runs while a CUDA graph is being captured (runtime.capturing):
