@@ -9,12 +9,13 @@ alignment): its heuristic offers up to LT_CANDIDATES, and on the plan's first ca
 call's own operands (CUDA events, median of TUNE_RUNS after a warm-up) and the fastest kept, as
 cudnn.benchmark does: the heuristic's first pick is not always the fastest (for one of the 6x384 GPT step's
 TF32 weight gradients on an H200, 0.149 ms against 0.109 for the best). TINYGRAD_LLM_GEMM_TUNE=0 (or
-set_gemm_tune(False)) keeps the heuristic's first instead; 1 (the default) times. The trade: within one process a plan always gets the same algorithm (so
-eager and graph-replayed steps agree), but across processes the timing may pick another one, and other
-algorithms sum in other orders (float32 rounding); with 0, runs are bitwise reproducible across processes
-on one GPU and library version. No timing runs while a CUDA graph is being captured (runtime.capturing):
-a plan first used there keeps the heuristic's first; cuda_graph.py's eager warm-up steps normally choose
-every algorithm before. A call with beta != 0 (it would add into C at every timed run) is not timed either.
+set_gemm_tune(False)) keeps the heuristic's first instead; 1 (the default) times. The trade: within one
+process a plan always gets the same algorithm (so eager and graph-replayed steps agree), but across
+processes the timing may pick another one, and other algorithms sum in other orders (float32 rounding);
+with 0, runs are bitwise reproducible across processes on one GPU and library version. No timing runs while
+a CUDA graph is being captured (runtime.capturing): a plan first used there keeps the heuristic's first;
+cuda_graph.py's eager warm-up steps normally choose every algorithm before. A call with beta != 0 (it would
+add into C at every timed run) is not timed either.
 """
 import ctypes
 import os
