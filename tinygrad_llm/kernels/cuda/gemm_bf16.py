@@ -3,21 +3,22 @@ cuBLASLt's matmul (Linear, with the bias in the epilogue) and the pointer-array 
 products for every (batch, head) pair).
 
 bf16 arrays are CuPy uint16 arrays holding the bits (mixed.py says why). Every call goes through the
-project's ctypes handles (cublas.lt's and cublas.batched_gemm's), never CuPy's cuBLAS, so that a CUDA
+project's ctypes handles (cublaslt.lt's and cublas.batched_gemm's), never CuPy's cuBLAS, so that a CUDA
 graph can capture it. A library that cannot be loaded, or a shape cuBLASLt has no algorithm for, makes a
 call return False, having done nothing: the caller then takes another path.
 """
 import numpy as np
 
-from .cublas import CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_TYPE, ONE, ZERO, batched_gemm, lt, pointer_table
+from .cublas import batched_gemm, pointer_table
+from .cublaslt import CUBLAS_COMPUTE_32F, CUDA_R_16BF, CUDA_TYPE, ONE, ZERO, lt
 
 
 def bf16_matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a=False, trans_b=False, bias=None):
     """Row-major C (M, N) = op(A) op(B) (+ bias (N,)): a, b device pointers to bf16 (uint16) matrices, c to
     float32, bias a float32 CuPy array or None; op(A) is M x K (A stored K x M when trans_a), op(B) K x N
     (stored N x K when trans_b); lda, ldb, ldc row strides in elements. One cuBLASLt matmul, float32 sums
-    (bias added in the epilogue), on cublas.lt's plans (the algorithm timed on a plan's first use, as
-    cublas.py says). Returns False, having done nothing, where cuBLASLt is missing or offers no algorithm
+    (bias added in the epilogue), on cublaslt.lt's plans (the algorithm timed on a plan's first use, as
+    cublaslt.py says). Returns False, having done nothing, where cuBLASLt is missing or offers no algorithm
     (or an address is not 16-byte aligned): the caller takes another path."""
     lib = lt()
     if lib is None:

@@ -12,7 +12,8 @@ import cupy as cp
 import numpy as np
 
 from ...functional import Linear
-from .cublas import alignment, blas, lt, matmul, sum_rows_cuda
+from .cublas import blas, matmul, sum_rows_cuda
+from .cublaslt import alignment, lt
 from .runtime import served
 
 
