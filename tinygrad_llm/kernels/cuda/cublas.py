@@ -1,8 +1,9 @@
-"""cuBLAS through ctypes: cuBLASLt's matmul with a bias epilogue (Linear), the pointer-array batched GEMM
-(every (batch, head) product of attention in one call), and plain and strided-batched GEMMs on raw pointers
-on a handle of the project's own. CuPy's cuBLAS calls cannot be captured into a CUDA graph; these can, so
-every GEMM of a training step on the GPU comes through here. A library that cannot be loaded makes its
-wrapper None: the callers then take another path.
+"""cuBLAS through ctypes: the pointer-array batched GEMM (every (batch, head) product of attention in one
+call), plain and strided-batched GEMMs on raw pointers on a handle of the project's own, and, from
+cublaslt.py, cuBLASLt's plans (Linear with the bias in the epilogue, every single float32 product: their
+algorithms timed on first use, TINYGRAD_LLM_GEMM_TUNE). CuPy's cuBLAS calls cannot be captured into a CUDA
+graph; these can, so every GEMM of a training step on the GPU comes through here. A library that cannot be
+loaded makes its wrapper None: the callers then take another path.
 """
 import ctypes
 
@@ -11,108 +12,8 @@ import numpy as np
 from cupy.cuda import cublas
 
 from . import runtime
+from .cublaslt import CUDA_TYPE, ONE, ZERO, _Lt, compute_type, lt
 from .runtime import OnFirstUse, default_pool, load_library, register_cache
-
-
-ONE = {np.dtype(np.float32): np.array(1, np.float32), np.dtype(np.float64): np.array(1, np.float64)}
-ZERO = {np.dtype(np.float32): np.array(0, np.float32), np.dtype(np.float64): np.array(0, np.float64)}
-CUDA_TYPE = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}   # cudaDataType CUDA_R_32F, CUDA_R_64F
-
-
-def compute_type(dtype):
-    """cuBLAS compute type of CuPy's own float32/float64 matmuls (so backend.set_tf32 applies here too)."""
-    if np.dtype(dtype) == np.float64:
-        return cublas.CUBLAS_COMPUTE_64F
-    from cupy._core import _routines_linalg as linalg
-    tf32 = linalg.get_compute_type(np.dtype(np.float32)) == linalg.COMPUTE_TYPE_TF32
-    return cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else cublas.CUBLAS_COMPUTE_32F
-
-
-# ---- cuBLASLt: D = W X + bias in one matmul ---------------------------------------------------------
-
-class _HeuristicResult(ctypes.Structure):   # cublasLtMatmulHeuristicResult_t
-    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
-                ("waves_count", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
-
-
-_LT_DESC_EPILOGUE, _LT_DESC_BIAS_POINTER = 7, 8          # cublasLtMatmulDescAttributes_t
-_LT_EPILOGUE_BIAS = 4                                     # cublasLtEpilogue_t
-_LT_PREF_MAX_WORKSPACE_BYTES = 1                          # cublasLtMatmulPreferenceAttributes_t
-_LT_WORKSPACE_BYTES = 32 << 20
-
-
-class _Lt:
-    """A cuBLASLt handle and, per (rows, in, out, dtype, compute type), a descriptor and an algorithm."""
-
-    def __init__(self):
-        self.lib = load_library("cublasLt")
-        self.handle = ctypes.c_void_p()
-        self._check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
-        with default_pool():
-            self.workspace = cp.empty(_LT_WORKSPACE_BYTES, dtype=np.uint8)
-        self.plans = {}
-
-    @staticmethod
-    def _check(status, what):
-        if status != 0:
-            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
-
-    def _layout(self, dtype, rows, cols, ld):
-        layout = ctypes.c_void_p()
-        self._check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), ctypes.c_int(CUDA_TYPE[dtype]),
-                                                        ctypes.c_uint64(rows), ctypes.c_uint64(cols), ctypes.c_int64(ld)),
-                    "cublasLtMatrixLayoutCreate")
-        return layout
-
-    def plan(self, N, K, M, dtype):
-        """Column-major D (M, N) = W (M, K) X (K, N) + bias (M,): row-major out (N, M) = x (N, K) w (K, M) + b."""
-        compute = compute_type(dtype)
-        key = (N, K, M, dtype, compute)
-        if key not in self.plans:
-            if len(self.plans) >= 256:   # e.g. generation without a KV cache: a new N every token
-                self.plans.clear()       # (the descriptors are a few hundred bytes of host memory each)
-            try:
-                self.plans[key] = self._make_plan(N, K, M, dtype, compute)
-            except RuntimeError:         # a shape cuBLASLt will not describe: the reference takes it
-                self.plans[key] = None
-        return self.plans[key]
-
-    def _make_plan(self, N, K, M, dtype, compute):
-        lib, desc, pref = self.lib, ctypes.c_void_p(), ctypes.c_void_p()
-        self._check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), ctypes.c_int(compute),
-                                                 ctypes.c_int(CUDA_TYPE[dtype])), "cublasLtMatmulDescCreate")
-        epilogue = ctypes.c_uint32(_LT_EPILOGUE_BIAS)
-        self._check(lib.cublasLtMatmulDescSetAttribute(desc, _LT_DESC_EPILOGUE, ctypes.byref(epilogue),
-                                                       ctypes.c_size_t(4)),
-                    "cublasLtMatmulDescSetAttribute(EPILOGUE)")
-        a, b, d = self._layout(dtype, M, K, M), self._layout(dtype, K, N, K), self._layout(dtype, M, N, M)
-        self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "cublasLtMatmulPreferenceCreate")
-        size = ctypes.c_uint64(_LT_WORKSPACE_BYTES)
-        self._check(lib.cublasLtMatmulPreferenceSetAttribute(pref, _LT_PREF_MAX_WORKSPACE_BYTES,
-                                                             ctypes.byref(size), ctypes.c_size_t(8)),
-                    "cublasLtMatmulPreferenceSetAttribute")
-        result, count = _HeuristicResult(), ctypes.c_int(0)
-        status = lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, d, d, pref, 1, ctypes.byref(result),
-                                                    ctypes.byref(count))
-        lib.cublasLtMatmulPreferenceDestroy(pref)
-        return (desc, a, b, d, result) if status == 0 and count.value > 0 else None
-
-    def linear(self, x2, w, bias, out, plan):
-        desc, a, b, d, result = plan
-        pointer = ctypes.c_void_p(bias.data.ptr)
-        self._check(self.lib.cublasLtMatmulDescSetAttribute(desc, _LT_DESC_BIAS_POINTER, ctypes.byref(pointer),
-                                                            ctypes.c_size_t(ctypes.sizeof(pointer))),
-                    "cublasLtMatmulDescSetAttribute(BIAS)")
-        dtype = np.dtype(x2.dtype)
-        self._check(self.lib.cublasLtMatmul(
-            self.handle, desc, ctypes.c_void_p(ONE[dtype].ctypes.data), ctypes.c_void_p(w.data.ptr), a,
-            ctypes.c_void_p(x2.data.ptr), b, ctypes.c_void_p(ZERO[dtype].ctypes.data), ctypes.c_void_p(out.data.ptr), d,
-            ctypes.c_void_p(out.data.ptr), d, ctypes.byref(result.algo), ctypes.c_void_p(self.workspace.data.ptr),
-            ctypes.c_size_t(_LT_WORKSPACE_BYTES), ctypes.c_void_p(cp.cuda.get_current_stream().ptr)), "cublasLtMatmul")
-
-
-
-lt = OnFirstUse(_Lt)
 
 
 # ---- GEMMs on raw pointers, through the project's own cuBLAS handle ---------------------------------------
@@ -184,9 +85,16 @@ def gemm(dtype, batch, M, N, K, a, lda, stride_a, b, ldb, stride_b, c, ldc, stri
     (ld) and its own batch stride, all in elements; a, b, c are device pointers. op(A) is M x K (A stored
     K x M when trans_a), op(B) K x N (B stored N x K when trans_b), C M x N. Row-major C = A B is
     column-major C^T = B^T A^T, so B goes first. Strided views (a head's columns inside qkv) are read in
-    place. Through the project's ctypes handle (capturable); CuPy's cuBLAS where that library is missing."""
+    place. A single float32 product (batch 1: Linear's backward, the LM head, sum_rows) goes to cuBLASLt's
+    plans (lt().matmul: the algorithm timed on first use) where the library loads and the addresses are
+    16-byte aligned; the rest, and anything cuBLASLt declines, to cublasGemmEx / GemmStridedBatchedEx on the
+    project's ctypes handle (capturable); CuPy's cuBLAS where that library is missing."""
     dtype = np.dtype(dtype)
     t = CUDA_TYPE[dtype]
+    if batch == 1 and dtype == np.float32:   # cuBLASLt's plan (its algorithm timed once), where it takes the product
+        plans = lt()
+        if plans is not None and plans.matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a, trans_b, in_type=t, beta=beta):
+            return
     lib = blas()
     op_a, op_b = (1 if trans_a else 0), (1 if trans_b else 0)   # CUBLAS_OP_T, CUBLAS_OP_N
     scale = ONE[dtype] if beta == 1 else ZERO[dtype] if beta == 0 else np.array(beta, dtype)

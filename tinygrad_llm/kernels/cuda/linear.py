@@ -2,15 +2,18 @@
 
 out = x w + b as one cuBLASLt matmul with the BIAS epilogue (the bias is added to each tile of the
 product before it is stored), as torch's addmm does, instead of a GEMM and then a pass over out reading
-and writing it again. Backward: the op's two GEMMs and column sum, on the project's own cuBLAS handle
-(cublas.matmul, cublas.sum_rows_cuda), which a CUDA graph can capture and CuPy's cannot. Anything missing
-(the library, an algorithm for the shape, a misaligned array) takes the op's path.
+and writing it again. Backward: the op's two GEMMs and column sum through cublas.matmul and
+cublas.sum_rows_cuda (cuBLASLt's plans for float32, cublasGemmEx otherwise), which a CUDA graph can
+capture and CuPy's cannot. Every cuBLASLt plan's algorithm is timed on its first use (cublas.py says how,
+and TINYGRAD_LLM_GEMM_TUNE=0 turns that off). Anything missing (the library, an algorithm for the shape,
+a misaligned array) takes the op's path.
 """
 import cupy as cp
 import numpy as np
 
 from ...functional import Linear
-from .cublas import blas, lt, matmul, sum_rows_cuda
+from .cublas import blas, matmul, sum_rows_cuda
+from .cublaslt import alignment, lt
 from .runtime import served
 
 
@@ -32,11 +35,12 @@ class LinearCuda:
             w, b = cp.ascontiguousarray(w), cp.ascontiguousarray(b)
             K, M = w.shape
             x2 = x.reshape(-1, K)
-            if x2.shape[0] > 0 and all(a.data.ptr % 16 == 0 for a in (x2, w, b)):
-                plan = lib.plan(x2.shape[0], K, M, np.dtype(x.dtype))
+            out = cp.empty(x.shape[:-1] + (M,), dtype=x.dtype)
+            align = alignment(x2.data.ptr, w.data.ptr, out.data.ptr)
+            if x2.shape[0] > 0 and align >= 16 and b.data.ptr % 16 == 0:
+                plan = lib.plan(x2.shape[0], K, M, np.dtype(x.dtype), align)
         if plan is None:
             return Linear.forward(ctx, x, w, b)
-        out = cp.empty(x.shape[:-1] + (M,), dtype=x.dtype)
         lib.linear(x2, w, b, out, plan)
         ctx.x, ctx.w, ctx.has_b = x, w, True
         return out
