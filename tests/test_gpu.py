@@ -321,6 +321,37 @@ def test_multi_tensor_adamw_and_clip_equal_references(dtype):
     assert backend.accelerated(adamw_update_group, grads_gpu[0]) is cuda.optim.adamw_update_group_cuda
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_copy_arrays_in_one_launch_equals_copies(dtype):
+    """The leaves' first gradients copied in one multi-tensor launch: the same bits in new memory; what the
+    kernel does not take (one array, mixed dtypes, a strided view) is copied array by array."""
+    import cupy as cp
+    from tinygrad_llm.tensor import copy_arrays
+    cuda = kernels()
+    rng = np.random.default_rng(9)
+    sources = [cp.asarray(randn(rng, *s, dtype=dtype)) for s in [(33, 17), (5,), (1,), (0, 4), (64, 3, 2), (1000,)]]
+    copies = cuda.optim.copy_arrays_cuda(sources)
+    for a, c in zip(sources, copies):
+        assert c.dtype == a.dtype and c.shape == a.shape and (a.size == 0 or c.data.ptr != a.data.ptr)
+        np.testing.assert_array_equal(c.get(), a.get())
+    copies[0][...] = 0   # new memory: the source is untouched
+    assert float(abs(sources[0]).max()) > 0
+    view = cp.asarray(randn(rng, 6, 8, dtype=dtype))[:, ::2]
+    mixed = [sources[0], sources[1].astype(np.float32 if dtype == np.float64 else np.float64), view]
+    for group in ([sources[0]], mixed, [sources[0], view]):
+        for a, c in zip(group, cuda.optim.copy_arrays_cuda(group)):
+            assert c.dtype == a.dtype and c.data.ptr != a.data.ptr
+            np.testing.assert_array_equal(c.get(), a.get())
+    assert backend.accelerated(copy_arrays, sources[0]) is cuda.optim.copy_arrays_cuda
+    # through the autograd: two leaves fed one array (Add's backward) get two gradients in separate memory
+    x, y = (Tensor(cp.asarray(randn(rng, 4, 3, dtype=dtype)), requires_grad=True) for _ in range(2))
+    (x + y).sum().backward()
+    assert x.grad.data.ptr != y.grad.data.ptr
+    x.grad += 1
+    np.testing.assert_array_equal(x.grad.get(), np.full((4, 3), 2, dtype))
+    np.testing.assert_array_equal(y.grad.get(), np.ones((4, 3), dtype))
+
+
 def test_clip_grad_norm_on_gpu_returns_a_device_scalar_without_syncing():
     import math
     import cupy as cp

@@ -1,5 +1,5 @@
 """The AdamW update and gradient clipping on CUDA arrays (ops: optim.adamw_update, adamw_update_group,
-clip_grads).
+clip_grads), and the copies of the leaves' first gradients (tensor.copy_arrays).
 
 One parameter: an ElementwiseKernel over p, g, m, v. A parameter group, and clipping: multi-tensor
 kernels that walk every array of the group in one launch, from a device table of the arrays' pointers
@@ -106,7 +106,20 @@ __global__ void multi_adamw(const unsigned long long* ptrs, const long long* off
                    decay, one_minus_beta1, b2, one_minus_beta2, sqrt_bias_correction2, e, step_size);
     }
 }
-""", ["multi_sum_squares", "multi_scale", "multi_adamw"])
+
+// ptrs[n + t][k] = ptrs[t][k] for every tensor: tensor.copy_arrays (the leaves' first gradients) in one launch.
+template<typename T>
+__global__ void multi_copy(const unsigned long long* ptrs, const long long* offsets, int n) {
+    extern __shared__ long long off_s[];
+    for (int t = threadIdx.x; t <= n; t += blockDim.x) off_s[t] = offsets[t];
+    __syncthreads();
+    long long total = off_s[n];
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        int t = find_tensor(off_s, n, i);
+        reinterpret_cast<T*>(ptrs[n + t])[i - off_s[t]] = reinterpret_cast<const T*>(ptrs[t])[i - off_s[t]];
+    }
+}
+""", ["multi_sum_squares", "multi_scale", "multi_adamw", "multi_copy"])
 
 _adamw = cp.ElementwiseKernel(
     "T g, T decay, T one_minus_beta1, T beta2, T one_minus_beta2, T sqrt_bias_correction2, T eps, T step_size",
@@ -230,3 +243,20 @@ def clip_grads_cuda(grads, max_norm):
     _multi_launch("multi_scale", dtype, total, n, (ptrs, offsets, np.int32(n), coef))
     return norm
 
+
+
+def copy_arrays_cuda(arrays):
+    """tensor.copy_arrays: C-contiguous CUDA arrays of one float dtype copied in one multi-tensor launch (the
+    autograd's first gradients of every parameter: one kernel a step instead of one a parameter); anything
+    else array by array."""
+    from ...tensor import copy_arrays
+    device = cp.cuda.Device().id
+    if (len(arrays) < 2 or not all(isinstance(a, cp.ndarray) and a.device.id == device and served(a) for a in arrays)
+            or not _multi_served(arrays)):
+        return copy_arrays(arrays)
+    copies = [cp.empty_like(a) for a in arrays]
+    ptrs, offsets = _table(arrays, copies)
+    total = sum(a.size for a in arrays)
+    if total:
+        _multi_launch("multi_copy", arrays[0].dtype, total, len(arrays), (ptrs, offsets, np.int32(len(arrays))))
+    return copies
