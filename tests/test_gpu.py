@@ -322,11 +322,12 @@ def test_multi_tensor_adamw_and_clip_equal_references(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_copy_arrays_in_one_launch_equals_copies(dtype):
-    """The leaves' first gradients copied in one multi-tensor launch: the same bits in new memory; what the
-    kernel does not take (one array, mixed dtypes, a strided view) is copied array by array."""
+def test_leaf_gradients_copied_added_and_zeroed_in_one_launch(dtype):
+    """The leaves' gradients in one multi-tensor launch each way: first ones copied (the same bits in new memory),
+    later ones added in place, a graph's kept ones zeroed; what the kernels do not take (one array, mixed dtypes,
+    a strided view) goes array by array, with the same results."""
     import cupy as cp
-    from tinygrad_llm.tensor import copy_arrays
+    from tinygrad_llm.leaf_grads import add_arrays, copy_arrays
     cuda = kernels()
     rng = np.random.default_rng(9)
     sources = [cp.asarray(randn(rng, *s, dtype=dtype)) for s in [(33, 17), (5,), (1,), (0, 4), (64, 3, 2), (1000,)]]
@@ -343,6 +344,22 @@ def test_copy_arrays_in_one_launch_equals_copies(dtype):
             assert c.dtype == a.dtype and c.data.ptr != a.data.ptr
             np.testing.assert_array_equal(c.get(), a.get())
     assert backend.accelerated(copy_arrays, sources[0]) is cuda.optim.copy_arrays_cuda
+    assert backend.accelerated(add_arrays, sources[0]) is cuda.optim.add_arrays_cuda
+    others = [cp.asarray(randn(rng, *a.shape, dtype=dtype)) for a in sources]
+    for group in (list(range(len(sources))), [0], [0, 1]):
+        targets = [sources[i].copy() for i in group]
+        expected = [(sources[i] + others[i]).get() for i in group]
+        adds = [others[i] for i in group]
+        if group == [0, 1]:
+            adds[1] = cp.asarray(randn(rng, 12, 10, dtype=dtype))[::2, ::2]   # a strided view: array by array
+            expected[1] = (sources[1] + adds[1]).get()
+        cuda.optim.add_arrays_cuda(targets, adds)
+        for t, e in zip(targets, expected):
+            np.testing.assert_array_equal(t.get(), e)
+    cuda.optim.zero_arrays(others)
+    assert not any(bool((a != 0).any()) for a in others)
+    cuda.optim.zero_arrays([view])
+    assert not bool((view != 0).any())
     # through the autograd: two leaves fed one array (Add's backward) get two gradients in separate memory
     x, y = (Tensor(cp.asarray(randn(rng, 4, 3, dtype=dtype)), requires_grad=True) for _ in range(2))
     (x + y).sum().backward()
@@ -350,6 +367,9 @@ def test_copy_arrays_in_one_launch_equals_copies(dtype):
     x.grad += 1
     np.testing.assert_array_equal(x.grad.get(), np.full((4, 3), 2, dtype))
     np.testing.assert_array_equal(y.grad.get(), np.ones((4, 3), dtype))
+    (x * 3 + y).sum().backward()   # accumulated: added into both, in one launch
+    np.testing.assert_array_equal(x.grad.get(), np.full((4, 3), 5, dtype))
+    np.testing.assert_array_equal(y.grad.get(), np.full((4, 3), 2, dtype))
 
 
 def test_clip_grad_norm_on_gpu_returns_a_device_scalar_without_syncing():

@@ -202,8 +202,7 @@ class CudaGraphStep:
         """Zero the gradients, forward and backward every micro-batch, clip, AdamW: kernels only, no host sync."""
         from .kernels.cuda import optim as cuda_optim
         runtime, model = self.runtime, self.model
-        for p in self.params:
-            p.grad.fill(0)
+        cuda_optim.zero_arrays([p.grad for p in self.params])
         total = None
         with precision.weight_copies():   # bf16: each weight rounded once a step, inside the graph
             for micro in range(self.A):

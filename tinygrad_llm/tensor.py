@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from . import backend, grad_mode
+from . import backend, grad_mode, leaf_grads
 from .grad_mode import _check_finite, detect_anomaly, is_grad_enabled, leaf_grad_hook, no_grad  # noqa: F401
 
 
@@ -228,16 +228,7 @@ class Tensor:
                     Context((False, False)), grads[key], dparent)
             if not retain_graph:
                 ctx.__dict__ = {"freed": True, "op_name": ctx.op_name}
-        # leaves are written last, so an error above leaves every .grad as it was. A first gradient is a copy
-        # (dout may be shared: the root's gradient, one array for two inputs, a view); the copies of one dtype
-        # are made together (copy_arrays: one launch on the GPU instead of one a leaf)
-        first = [dout for leaf, dout in leaves if leaf.grad is None and dout.dtype == leaf.dtype]
-        copies = iter(backend.accelerated(copy_arrays, *first)(first) if first else ())
-        for leaf, dout in leaves:
-            if leaf.grad is None:
-                leaf.grad = next(copies) if dout.dtype == leaf.dtype else dout.astype(leaf.dtype)
-            else:
-                leaf.grad += dout
+        leaf_grads.write(leaves)   # last, so an error above leaves every .grad as it was
 
     # ---- operators -----------------------------------------------------------------------------
     def __add__(self, other): return Add.apply(self, _operand(other, self))
@@ -307,12 +298,6 @@ class Tensor:
             pieces.append(self[tuple(index)])
             start += size
         return pieces
-
-
-@backend.kernels(cuda="optim.copy_arrays_cuda")
-def copy_arrays(arrays):
-    """Copies of `arrays` (new memory, same values, dtypes and layouts); a kernel may serve it."""
-    return [a.astype(a.dtype, copy=True) for a in arrays]
 
 
 def _operand(x, like):
