@@ -87,7 +87,7 @@ def kernels():
     """The CuPy kernel modules, by op family (importing them needs CuPy)."""
     import importlib
     import types
-    names = ("attention", "cross_entropy", "cublas", "elementwise", "layer_norm", "linear", "optim")
+    names = ("attention", "cross_entropy", "cublas", "elementwise", "grads", "layer_norm", "linear", "optim")
     return types.SimpleNamespace(**{n: importlib.import_module(f"tinygrad_llm.kernels.cuda.{n}") for n in names})
 
 
@@ -331,7 +331,7 @@ def test_leaf_gradients_copied_added_and_zeroed_in_one_launch(dtype):
     cuda = kernels()
     rng = np.random.default_rng(9)
     sources = [cp.asarray(randn(rng, *s, dtype=dtype)) for s in [(33, 17), (5,), (1,), (0, 4), (64, 3, 2), (1000,)]]
-    copies = cuda.optim.copy_arrays_cuda(sources)
+    copies = cuda.grads.copy_arrays_cuda(sources)
     for a, c in zip(sources, copies):
         assert c.dtype == a.dtype and c.shape == a.shape and (a.size == 0 or c.data.ptr != a.data.ptr)
         np.testing.assert_array_equal(c.get(), a.get())
@@ -340,11 +340,11 @@ def test_leaf_gradients_copied_added_and_zeroed_in_one_launch(dtype):
     view = cp.asarray(randn(rng, 6, 8, dtype=dtype))[:, ::2]
     mixed = [sources[0], sources[1].astype(np.float32 if dtype == np.float64 else np.float64), view]
     for group in ([sources[0]], mixed, [sources[0], view]):
-        for a, c in zip(group, cuda.optim.copy_arrays_cuda(group)):
+        for a, c in zip(group, cuda.grads.copy_arrays_cuda(group)):
             assert c.dtype == a.dtype and c.data.ptr != a.data.ptr
             np.testing.assert_array_equal(c.get(), a.get())
-    assert backend.accelerated(copy_arrays, sources[0]) is cuda.optim.copy_arrays_cuda
-    assert backend.accelerated(add_arrays, sources[0]) is cuda.optim.add_arrays_cuda
+    assert backend.accelerated(copy_arrays, sources[0]) is cuda.grads.copy_arrays_cuda
+    assert backend.accelerated(add_arrays, sources[0]) is cuda.grads.add_arrays_cuda
     others = [cp.asarray(randn(rng, *a.shape, dtype=dtype)) for a in sources]
     for group in (list(range(len(sources))), [0], [0, 1]):
         targets = [sources[i].copy() for i in group]
@@ -353,12 +353,20 @@ def test_leaf_gradients_copied_added_and_zeroed_in_one_launch(dtype):
         if group == [0, 1]:
             adds[1] = cp.asarray(randn(rng, 10, dtype=dtype))[::2]   # a strided view: array by array
             expected[1] = (sources[1] + adds[1]).get()
-        cuda.optim.add_arrays_cuda(targets, adds)
+        cuda.grads.add_arrays_cuda(targets, adds)
         for t, e in zip(targets, expected):
             np.testing.assert_array_equal(t.get(), e)
-    cuda.optim.zero_arrays(others)
+    shared = cp.zeros(4, dtype)   # one array as two targets (threads would race): array by array, both added
+    cuda.grads.add_arrays_cuda([shared, shared], [cp.ones(4, dtype), cp.full(4, 2, dtype)])
+    np.testing.assert_array_equal(shared.get(), np.full(4, 3, dtype))
+    flat = cp.zeros(12, dtype)    # separate views of one buffer (a flat gradient buffer): one launch, right sums
+    cuda.grads.add_arrays_cuda([flat[:5], flat[5:]], [cp.ones(5, dtype), cp.full(7, 2, dtype)])
+    np.testing.assert_array_equal(flat.get(), np.array([1] * 5 + [2] * 7, dtype))
+    assert cuda.grads._sharing([flat[:6], flat[5:]], []) and cuda.grads._sharing([flat[:5]], [flat[4:6]])
+    assert not cuda.grads._sharing([flat[:5], flat[5:]], []) and not cuda.grads._sharing([flat[:5]], [flat[5:]])
+    cuda.grads.zero_arrays(others)
     assert not any(bool((a != 0).any()) for a in others)
-    cuda.optim.zero_arrays([view])
+    cuda.grads.zero_arrays([view])
     assert not bool((view != 0).any())
     # through the autograd: two leaves fed one array (Add's backward) get two gradients in separate memory
     x, y = (Tensor(cp.asarray(randn(rng, 4, 3, dtype=dtype)), requires_grad=True) for _ in range(2))

@@ -200,9 +200,9 @@ class CudaGraphStep:
     # ---- device side: what is captured -----------------------------------------------------------------
     def _body(self):
         """Zero the gradients, forward and backward every micro-batch, clip, AdamW: kernels only, no host sync."""
-        from .kernels.cuda import optim as cuda_optim
+        from .kernels.cuda import grads as cuda_grads, optim as cuda_optim
         runtime, model = self.runtime, self.model
-        cuda_optim.zero_arrays([p.grad for p in self.params])
+        cuda_grads.zero_arrays([p.grad for p in self.params])
         total = None
         with precision.weight_copies():   # bf16: each weight rounded once a step, inside the graph
             for micro in range(self.A):

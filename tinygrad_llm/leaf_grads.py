@@ -8,13 +8,13 @@ multi-tensor kernel instead of one launch a parameter).
 from . import backend
 
 
-@backend.kernels(cuda="optim.copy_arrays_cuda")
+@backend.kernels(cuda="grads.copy_arrays_cuda")
 def copy_arrays(arrays):
     """Copies of `arrays` (new memory, same values, dtypes and layouts)."""
     return [a.astype(a.dtype, copy=True) for a in arrays]
 
 
-@backend.kernels(cuda="optim.add_arrays_cuda")
+@backend.kernels(cuda="grads.add_arrays_cuda")
 def add_arrays(targets, sources):
     """targets[i] += sources[i] for every i, in place (same shapes)."""
     for t, s in zip(targets, sources):

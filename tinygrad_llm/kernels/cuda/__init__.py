@@ -1,4 +1,4 @@
-"""CuPy kernels for CUDA arrays, one module per op family (attention, cross_entropy, elementwise,
+"""CuPy kernels for CUDA arrays, one module per op family (attention, cross_entropy, elementwise, grads,
 layer_norm, linear, optim), plus runtime.py (compiling, launching, the C helpers every kernel shares),
 cublas.py and cublaslt.py (the cuBLAS and cuBLASLt calls CuPy does not bind).
 

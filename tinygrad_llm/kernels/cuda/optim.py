@@ -1,5 +1,5 @@
 """The AdamW update and gradient clipping on CUDA arrays (ops: optim.adamw_update, adamw_update_group,
-clip_grads), and the leaves' gradients copied, added or zeroed together (leaf_grads.py).
+clip_grads).
 
 One parameter: an ElementwiseKernel over p, g, m, v. A parameter group, and clipping: multi-tensor
 kernels that walk every array of the group in one launch, from a device table of the arrays' pointers
@@ -34,7 +34,7 @@ __device__ __forceinline__ void adamw_step(T& p, T g, T& m, T& v, T decay, T one
 }
 """
 
-_SOURCE = Source(_ADAMW_STEP + r"""
+FIND_TENSOR = r"""
 // Multi-tensor kernels (one launch for a whole parameter group). ptrs: n device pointers per operand,
 // operand-major (ptrs[a * n + t]); offsets: (n + 1,) running element counts. Each thread finds its
 // tensor by binary search over the offsets (held in shared memory).
@@ -43,7 +43,9 @@ __device__ __forceinline__ int find_tensor(const long long* off, int n, long lon
     while (lo < hi) { int mid = (lo + hi + 1) >> 1; if (off[mid] <= i) lo = mid; else hi = mid - 1; }
     return lo;
 }
+"""
 
+_SOURCE = Source(_ADAMW_STEP + FIND_TENSOR + r"""
 // partial[block] = sum of g^2 over the block's elements of every tensor (accumulated in double).
 template<typename T>
 __global__ void multi_sum_squares(const unsigned long long* ptrs, const long long* offsets, int n, double* partial) {
@@ -106,31 +108,7 @@ __global__ void multi_adamw(const unsigned long long* ptrs, const long long* off
                    decay, one_minus_beta1, b2, one_minus_beta2, sqrt_bias_correction2, e, step_size);
     }
 }
-
-// The leaves' gradients (leaf_grads.py) in one launch: MODE 0: ptrs[n + t][k] = ptrs[t][k] (copy_arrays: operands
-// source, copy); 1: ptrs[t][k] += ptrs[n + t][k] (add_arrays: target, source); 2: ptrs[t][k] = 0 (zero_arrays).
-template<typename T, int MODE>
-__device__ __forceinline__ void multi_grads(const unsigned long long* ptrs, const long long* offsets, int n) {
-    extern __shared__ long long off_s[];
-    for (int t = threadIdx.x; t <= n; t += blockDim.x) off_s[t] = offsets[t];
-    __syncthreads();
-    long long total = off_s[n];
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        int t = find_tensor(off_s, n, i);
-        long long k = i - off_s[t];
-        T* first = reinterpret_cast<T*>(ptrs[t]);   // MODE 0: the source; else the target
-        if (MODE == 0) reinterpret_cast<T*>(ptrs[n + t])[k] = first[k];
-        else if (MODE == 1) first[k] += reinterpret_cast<const T*>(ptrs[n + t])[k];
-        else first[k] = (T)0;
-    }
-}
-template<typename T>
-__global__ void multi_copy(const unsigned long long* ptrs, const long long* offsets, int n) { multi_grads<T, 0>(ptrs, offsets, n); }
-template<typename T>
-__global__ void multi_add(const unsigned long long* ptrs, const long long* offsets, int n) { multi_grads<T, 1>(ptrs, offsets, n); }
-template<typename T>
-__global__ void multi_zero(const unsigned long long* ptrs, const long long* offsets, int n) { multi_grads<T, 2>(ptrs, offsets, n); }
-""", ["multi_sum_squares", "multi_scale", "multi_adamw", "multi_copy", "multi_add", "multi_zero"])
+""", ["multi_sum_squares", "multi_scale", "multi_adamw"])
 
 _adamw = cp.ElementwiseKernel(
     "T g, T decay, T one_minus_beta1, T beta2, T one_minus_beta2, T sqrt_bias_correction2, T eps, T step_size",
@@ -201,9 +179,9 @@ def _table(*lists):
     return entry[0], entry[2]
 
 
-def _multi_launch(name, dtype, total, n, args, max_blocks=None):
+def _multi_launch(name, dtype, total, n, args, max_blocks=None, source=None):
     blocks = max(1, min(-(-total // _MT_BLOCK), max_blocks or 132 * 16))
-    _SOURCE(name, dtype)((blocks,), (_MT_BLOCK,), args, shared_mem=(n + 1) * 8)
+    (source or _SOURCE)(name, dtype)((blocks,), (_MT_BLOCK,), args, shared_mem=(n + 1) * 8)
     return blocks
 
 
@@ -254,47 +232,3 @@ def clip_grads_cuda(grads, max_norm):
     _multi_launch("multi_scale", dtype, total, n, (ptrs, offsets, np.int32(n), coef))
     return norm
 
-
-
-
-def _grads_served(*lists):
-    """Two or more C-contiguous float arrays of one dtype a list, all CuPy arrays on the current device, lists of
-    one length and sizes: one multi-tensor launch takes them."""
-    device, first = cp.cuda.Device().id, lists[0]
-    return (len(first) >= 2 and all(len(arrays) == len(first) for arrays in lists)
-            and all(isinstance(a, cp.ndarray) and a.device.id == device for arrays in lists for a in arrays)
-            and all(a.size == b.size for arrays in lists[1:] for a, b in zip(first, arrays)) and _multi_served(*lists))
-
-
-def _grads_launch(name, *lists):
-    ptrs, offsets = _table(*lists)
-    total, n = sum(a.size for a in lists[0]), len(lists[0])
-    if total:
-        _multi_launch(name, lists[0][0].dtype, total, n, (ptrs, offsets, np.int32(n)))
-
-
-def copy_arrays_cuda(arrays):
-    """leaf_grads.copy_arrays in one launch (the first gradients of every parameter); other lists array by array."""
-    from ...leaf_grads import copy_arrays
-    if not _grads_served(arrays):
-        return copy_arrays(arrays)
-    copies = [cp.empty_like(a) for a in arrays]
-    _grads_launch("multi_copy", arrays, copies)
-    return copies
-
-
-def add_arrays_cuda(targets, sources):
-    """leaf_grads.add_arrays in one launch (gradients added into kept or accumulated ones); other lists array
-    by array."""
-    from ...leaf_grads import add_arrays
-    if not (_grads_served(targets, sources) and all(t.shape == s.shape for t, s in zip(targets, sources))):
-        return add_arrays(targets, sources)
-    _grads_launch("multi_add", targets, sources)
-
-
-def zero_arrays(arrays):
-    """a[...] = 0 for every array, in one launch where one takes them (a CUDA graph's kept gradients)."""
-    if _grads_served(arrays):
-        return _grads_launch("multi_zero", arrays)
-    for a in arrays:
-        a.fill(0)
