@@ -207,11 +207,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[8][4], float (&m)[2], fl
         m[r] = mx[r];
         l[r] *= alpha[r];
     }
+    const float mb[2] = {m[0] == NEG_INF ? 0.f : m[0], m[1] == NEG_INF ? 0.f : m[1]};   // a masked score's x - mb: -inf
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            float p = s[j][e] == NEG_INF ? 0.f : exp2f(s[j][e] - m[e >> 1]);
+            float p = exp2_ftz(s[j][e] - mb[e >> 1]);
             l[e >> 1] += p;
             if (has_drop) {
                 long long index = (bh * T + row0 + 8 * (e >> 1)) * (long long)T + k0 + 8 * j + 2 * t + (e & 1);
@@ -250,7 +251,7 @@ __device__ __forceinline__ void grad_tile(float (&s)[8][4], float (&dp)[8][4], c
         for (int e = 0; e < 4; e++) {   // element (key key0 + 8 (e / 2), query q0 + 8 j + 2 t + e % 2)
             int kj = key0 + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1), qi = q0 + c;
             bool ok = qi < T && kj < T && !(causal && kj > qi);
-            float p = ok ? exp2f(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
+            float p = ok ? exp2_ftz(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
             if (has_drop && ok) {
                 bool keep = dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
                 pd = keep ? p * drop_scale : 0.f;

@@ -32,6 +32,14 @@ __device__ __forceinline__ double warp_max(double x) {
     return x;
 }
 
+// 2^x on the special-function unit, results under 2^-126 flushed to zero, 2^-inf = 0. exp2f computes the same
+// unit's value, and for x < -126 squares 2^(x/2) to return a subnormal: four more instructions on every score
+// of the flash kernels.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 // float32 -> bf16 bits, rounded to nearest even; NaN stays a (quiet) NaN
 __device__ __forceinline__ unsigned short f32_to_bf16(float f) {
     unsigned int u = __float_as_uint(f);
@@ -40,15 +48,22 @@ __device__ __forceinline__ unsigned short f32_to_bf16(float f) {
     return (unsigned short)(u >> 16);
 }
 
-// Dropout's keep decision for element i under seed: splitmix64 of (seed, i), 24 bits to a uniform u in
-// [0, 1), keep when u >= p. Recomputable from (seed, i): backward draws the forward's mask again. Used by
-// attention's softmax passes and by every dropout kernel, so one seed gives one mask everywhere.
+// Dropout's keep decision for element i under seed, recomputable from (seed, i): backward draws the forward's
+// mask again. Used by attention's softmax passes, the flash kernels and every dropout kernel, so one seed gives
+// one mask everywhere. 32-bit arithmetic only (a 64-bit multiply costs the GPU three instructions, and the
+// flash kernels decide every score): i's low word offset by the seed goes through two xorshift-multiply
+// rounds (the constants of Wellons's "lowbias32", each round a bijection of 32 bits), i's high word (zero
+// below 2^32 elements) added between them, so each run of 2^32 elements gets a distinct mask. The top 24
+// bits are a uniform k / 2^24, kept when k / 2^24 >= p, i.e. k >= ceil(p 2^24).
 __device__ __forceinline__ bool dropout_keep(unsigned long long seed, long long i, float p) {
-    unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    return (float)(z >> 40) * (1.0f / 16777216.0f) >= p;
+    unsigned int x = ((unsigned int)i ^ (unsigned int)seed) + (unsigned int)(seed >> 32) * 0x9E3779B9U;
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x += (unsigned int)((unsigned long long)i >> 32) * 0x9E3779B9U;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return (x >> 8) >= (unsigned int)ceilf(p * 16777216.0f);
 }
 
 // The seed a dropout call hashes with. seed_ptr null: `seed` itself (drawn on the host from the caller's
