@@ -4,7 +4,11 @@
     python benchmarks/profile_step.py --config large --steps 2 --warmup 1
     TINYGRAD_LLM_CPU_BF16_EMULATION=1 python benchmarks/profile_step.py --dtype bfloat16 --null-gemm --no-torch
 
---dtype bfloat16 profiles our bf16 step (precision.py's policy; PyTorch's stays float32). --null-gemm makes
+--dtype bfloat16 profiles our bf16 step (precision.py's policy; PyTorch's stays float32), and times every call
+of the bf16 GEMM library's gemm and batched (MKL's or oneDNN's, with real data; inside the ops above): the
+main thread's sum is wall time, the worker threads' is thread time (a product split over threads, attention's
+work items). The step minus the main thread's GEMM time bounds the bf16 step from below for any GEMM speed,
+when the GEMMs run on the main thread (the 4x128 step's products, each under mkl.PARALLEL_MIN_FLOPS). --null-gemm makes
 every MKL bf16 GEMM call a call of a C function that does no work (libc's labs, through the same ctypes or Numba
 call): what is left is the step's time outside the bf16 GEMMs (conversions, Python per product, softmax,
 norms...). Their outputs are then garbage, so only the times mean anything. On a CPU without bf16 units,
@@ -146,6 +150,30 @@ def null_gemm():
         mkl._packing = (size, pack, fake(compute))
 
 
+GEMM_TIME = {"main": 0.0, "workers": 0.0, "calls": 0}
+
+
+def time_gemms():
+    """Wrap the bf16 libraries' gemm and batched (both modules: bf16_gemm.library() picks one per call) so
+    that their calls add their time to GEMM_TIME, split by the calling thread."""
+    import threading
+    from tinygrad_llm.kernels.cpu import dnnl, mkl
+
+    def timer(fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                where = "main" if threading.current_thread() is threading.main_thread() else "workers"
+                GEMM_TIME[where] += time.perf_counter() - t0
+                GEMM_TIME["calls"] += 1
+        return call
+
+    for module in (mkl, dnnl):
+        module.gemm, module.batched = timer(module.gemm), timer(module.batched)
+
+
 def profile_ours(spec, batches, warmup, steps, dtype="float32"):
     B = spec.pop("batch_size")
     cfg = GPTConfig(vocab_size=VOCAB, dtype=dtype, **spec)
@@ -168,6 +196,7 @@ def profile_ours(spec, batches, warmup, steps, dtype="float32"):
             x, y = batches[i % len(batches)]
             rec.step.clear()
             rec.flops.clear()
+            GEMM_TIME.update(main=0.0, workers=0.0, calls=0)
             with precision.weight_copies():   # bf16: each weight rounded once a step, as train.py does
                 t0 = time.perf_counter()
                 _, loss = model(x, y)
@@ -191,6 +220,9 @@ def profile_ours(spec, batches, warmup, steps, dtype="float32"):
             ops[("engine: optimizer (Python around the update)", "")] = (t3 - t2) - opt_ops
             ops[("engine: zero_grad", "")] = t4 - t3
             ops[("step", "")] = t4 - t0
+            if GEMM_TIME["calls"]:
+                ops[("(bf16 GEMM calls, main thread: wall time inside the ops above)", "")] = GEMM_TIME["main"]
+                ops[("(bf16 GEMM calls, worker threads: thread time inside the ops above)", "")] = GEMM_TIME["workers"]
             per_step.append(ops)
             flops = dict(rec.flops)
     finally:
@@ -214,7 +246,7 @@ def print_ours(per_step, flops, calls, name):
         print(f"| {k[0]} | {k[1]} | {n} | {med[k]:.2f} | {med[k] / total:.1%} | {rate} |")
     by_cat = collections.defaultdict(float)
     for k in keys:
-        if k != ("step", "") and " > " not in k[0]:   # an inner op's time is inside its outer op's
+        if k != ("step", "") and " > " not in k[0] and not k[0].startswith("("):   # an inner op's time is inside its outer op's
             by_cat["Python overhead (engine)" if k[0].startswith("engine") else category(k[0])] += med[k]
     print_categories(by_cat, total)
 
@@ -285,6 +317,7 @@ def main():
         reason = precision.unsupported_reason("bfloat16", "cpu")
         if reason is not None:
             sys.exit(f"profile_step.py: {reason}")
+        time_gemms()
         if args.null_gemm:
             null_gemm()
             print("# --null-gemm: MKL's bf16 GEMM calls do nothing; times are the step outside them")
