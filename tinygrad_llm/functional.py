@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend
 from .backend import add_at, array_module, sum_rows
-from .tensor import Context, Function, Tensor, matmul, unbroadcast
+from .tensor import Add, Context, Function, Tensor, matmul, unbroadcast
 
 
 def _data(x, like=None):
@@ -554,6 +554,52 @@ def dropout(x, p=0.5, training=True, rng=None):
     return Dropout.apply(x, p=float(p), rng=rng)
 
 
+
+class DropoutAdd(Function):
+    """(...), (...) -> (...): x + dropout(y), the residual add and the branch's dropout in one op.
+
+    x (the residual stream) and y (the branch) have one shape and dtype. The mask is Dropout's for the
+    same generator state (one rng.random draw of y's shape), so dropout_add(x, y) == x + dropout(y) bit
+    for bit, values and gradients."""
+    kernels = {"cuda": "elementwise.DropoutAddCuda"}
+
+    @staticmethod
+    def forward(ctx, x, y, p=0.5, rng=None):
+        xp = array_module(y)
+        if p == 1:
+            ctx.mask = xp.zeros_like(y)
+        else:  # Dropout.forward's draw, from the caller's generator, reused by backward
+            keep = xp.asarray(rng.random(y.shape, dtype=np.float32) >= p)
+            ctx.mask = keep.astype(y.dtype) * y.dtype.type(1 / (1 - p))
+        dropped = y * ctx.mask
+        # the sum by Add's kernel for the device (threads on the CPU): the unfused x + dropout(y)'s additions
+        return backend.accelerated(Add, x, dropped).forward(Context((False, False)), x, dropped)
+
+    # derivation: docs/backward/dropout.md
+    @staticmethod
+    def backward(ctx, dout):
+        # out = x + y * mask: dx = dout, dy = dout * mask
+        need = ctx.needs_input_grad
+        return dout if need[0] else None, dout * ctx.mask if need[1] else None
+
+
+def dropout_add(x, y, p=0.5, training=True, rng=None):
+    """(...), (...) -> (...): x + dropout(y, p) for x and y of one shape and dtype (a residual add of a
+    dropped-out branch). training=False or p=0 returns x + y (the plain Add). rng: np.random.Generator."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout_add: p must be in [0, 1], got {p}")
+    if tuple(x.shape) != tuple(y.shape):
+        raise ValueError(f"dropout_add: x has shape {tuple(x.shape)}, y has shape {tuple(y.shape)}; expected one shape")
+    if np.dtype(x.dtype) != np.dtype(y.dtype):
+        raise ValueError(f"dropout_add: x has dtype {x.dtype}, y has dtype {y.dtype}; expected one dtype")
+    if not training or p == 0:
+        return Add.apply(x, y)
+    _require_float("dropout_add", "y", y)
+    if p < 1 and not isinstance(rng, np.random.Generator):
+        raise ValueError("dropout_add: training with p > 0 needs rng, an np.random.Generator "
+                         "(e.g. np.random.default_rng(seed))")
+    return DropoutAdd.apply(x, y, p=float(p), rng=rng)
+
 # ---- attention -----------------------------------------------------------------------------------
 
 def _check_attention_shapes(q, k, v, mask):
@@ -832,6 +878,6 @@ def lora_linear(x, w, b, A, B, scale=1.0):
 
 
 __all__ = ["linear", "embedding", "layer_norm", "rms_norm", "gelu", "silu", "swiglu", "softmax", "log_softmax",
-           "cross_entropy", "dropout", "scaled_dot_product_attention", "rope", "lora_linear",
+           "cross_entropy", "dropout", "dropout_add", "scaled_dot_product_attention", "rope", "lora_linear",
            "Linear", "Embedding", "LayerNorm", "RMSNorm", "GELU", "SiLU", "SwiGLU", "Softmax", "LogSoftmax",
-           "CrossEntropy", "Dropout", "ScaledDotProductAttention", "RoPE", "LoRALinear"]
+           "CrossEntropy", "Dropout", "DropoutAdd", "ScaledDotProductAttention", "RoPE", "LoRALinear"]

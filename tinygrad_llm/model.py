@@ -123,8 +123,8 @@ class CausalSelfAttention(Module):
         self.attn_dropout = config.dropout   # on the attention probabilities (nanoGPT's attn_dropout)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x, rng=None, kv_cache=None, layer=0):
-        """(B, T, C) -> (B, T, C)."""
+    def forward(self, x, rng=None, kv_cache=None, layer=0, residual=None):
+        """(B, T, C) -> (B, T, C); with `residual` (B, T, C), residual + the output (one dropout-add op)."""
         B, T, C = x.shape
         NH, KVH, HS = self.n_head, self.n_kv_head, C // self.n_head
         qkv = self.c_attn(x)                                           # (B, T, C + 2 KVH HS)
@@ -132,7 +132,7 @@ class CausalSelfAttention(Module):
         if self.rope_theta is None and kv_cache is None and KVH == NH:
             # one node for split heads -> attention -> merge heads (F.self_attention says why)
             y = F.self_attention(qkv, NH, causal=True, dropout_p=dropout_p, rng=rng)  # (B, T, C)
-            return self.resid_dropout(self.c_proj(y), rng)
+            return self.resid_dropout(self.c_proj(y), rng, residual=residual)
         q, k, v = qkv.split([C, KVH * HS, KVH * HS], axis=2)
         q = q.reshape(B, T, NH, HS).permute(0, 2, 1, 3)                 # (B, NH, T, HS)
         k, v = [t.reshape(B, T, KVH, HS).permute(0, 2, 1, 3) for t in (k, v)]  # (B, KVH, T, HS)
@@ -159,7 +159,7 @@ class CausalSelfAttention(Module):
             y = Tensor(F.ScaledDotProductAttention.forward(Context((False,) * 4), q.data, k.data, v.data,
                                                            causal=True, scale=1 / math.sqrt(HS)))
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y), rng)
+        return self.resid_dropout(self.c_proj(y), rng, residual=residual)
 
 
 class MLP(Module):
@@ -172,13 +172,13 @@ class MLP(Module):
         self.c_proj = Linear(H, C, bias=config.bias, rng=rng, std=0.02 / math.sqrt(2 * L), dtype=dtype)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x, rng=None):
-        """(B, T, C) -> (B, T, C)."""
+    def forward(self, x, rng=None, residual=None):
+        """(B, T, C) -> (B, T, C); with `residual` (B, T, C), residual + the output (one dropout-add op)."""
         if self.kind == "swiglu":
             h = F.swiglu(self.c_fc(x), self.c_fc2(x))                  # silu(x Wg) * (x Wu), (B, T, H)
         else:
             h = F.gelu(self.c_fc(x), approximate=self.gelu_approximate)  # (B, T, 4C)
-        return self.dropout(self.c_proj(h), rng)
+        return self.dropout(self.c_proj(h), rng, residual=residual)
 
 
 def _norm(config):
@@ -197,8 +197,9 @@ class Block(Module):
         self.mlp = MLP(config, rng)
 
     def forward(self, x, rng=None, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rng, kv_cache, layer)
-        return x + self.mlp(self.ln_2(x), rng)
+        # each branch's dropout and the residual add are one op (F.dropout_add; a plain add in eval)
+        x = self.attn(self.ln_1(x), rng, kv_cache, layer, residual=x)
+        return self.mlp(self.ln_2(x), rng, residual=x)
 
 
 class LMHead(Module):

@@ -218,7 +218,8 @@ class Dropout(Module):
     """(...) -> (...): in training, zero each element with probability p and scale the rest by 1/(1-p).
 
     The random generator is passed at call time (one seeded np.random.Generator drives a whole run).
-    In eval mode, or with p == 0, it is the identity and needs no generator.
+    In eval mode, or with p == 0, it is the identity and needs no generator. With `residual` (a tensor of
+    x's shape and dtype) it returns residual + dropout(x) as one op (F.dropout_add: the same mask).
     """
 
     def __init__(self, p=0.0):
@@ -226,5 +227,7 @@ class Dropout(Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
 
-    def forward(self, x, rng=None):
+    def forward(self, x, rng=None, residual=None):
+        if residual is not None:
+            return F.dropout_add(residual, x, self.p, self.training, rng)
         return F.dropout(x, self.p, self.training, rng)

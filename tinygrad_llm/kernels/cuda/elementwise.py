@@ -1,15 +1,16 @@
-"""Elementwise ops on CUDA arrays (ops: tensor.Add, functional.GELU, functional.Dropout).
+"""Elementwise ops on CUDA arrays (ops: tensor.Add, functional.GELU, functional.Dropout, functional.DropoutAdd).
 
 Each formula is a device function in _FORMULAS, written once and used twice: by the 16-byte vector
 kernels (float4 / double2 loads and stores, for C-contiguous arrays on a 16-byte boundary; CuPy's
 ElementwiseKernel moves one element a thread with generic indexing and measured several times slower on
 the model's activations) and, through their preamble, by the ElementwiseKernels that serve every other
-layout. Element e of the flat array gets the same result either way (dropout: the same hash of (seed, e)).
+layout. Element e of the flat array gets the same result either way (dropout: the same hash of (seed, e)),
+so DropoutAdd's x + mask * y is, bit for bit, Add of x and Dropout of y under the same seed.
 """
 import cupy as cp
 import numpy as np
 
-from ...functional import GELU, Dropout
+from ...functional import GELU, Dropout, DropoutAdd
 from ...tensor import Add
 from .runtime import HEADER, Source, dropout_seed_args, served
 
@@ -33,6 +34,14 @@ template<typename T> __device__ __forceinline__ T normal_cdf(T x) { return (T)0.
 template<typename T> __device__ __forceinline__ T dropout_apply(T x, unsigned long long seed, float p, T scale,
                                                                  long long e) {
     return dropout_keep(seed, e, p) ? x * scale : (T)0;
+}
+// x + dropout_apply(y): the product rounded on its own (__fmul_rn / __dmul_rn are never fused with the add
+// into an FMA), so the sum is the unfused Dropout-then-Add's bit for bit
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+template<typename T> __device__ __forceinline__ T dropout_add_apply(T x, T y, unsigned long long seed, float p,
+                                                                     T scale, long long e) {
+    return x + (dropout_keep(seed, e, p) ? mul_rn(y, scale) : (T)0);
 }
 """
 
@@ -78,6 +87,10 @@ template<typename T> struct DropoutMask {
     unsigned long long seed; float p; T scale;
     __device__ T operator()(T x, T, long long e) const { return dropout_apply(x, seed, p, scale, e); }
 };
+template<typename T> struct DropoutAddMask {
+    unsigned long long seed; float p; T scale;
+    __device__ T operator()(T x, T y, long long e) const { return dropout_add_apply(x, y, seed, p, scale, e); }
+};
 
 template<typename T>
 __global__ void gelu_tanh_forward_v(const T* x, T* y, long long n) { map16<false>(x, x, y, n, GeluTanh()); }
@@ -90,7 +103,12 @@ __global__ void dropout_v(const T* x, T* y, long long n, const unsigned long lon
                           float p, T scale) {
     map16<false>(x, x, y, n, DropoutMask<T>{dropout_seed(seed_ptr, seed), p, scale});
 }
-""", ["gelu_tanh_forward_v", "gelu_tanh_backward_v", "dropout_v", "add_v"])
+template<typename T>
+__global__ void dropout_add_v(const T* x, const T* y, T* out, long long n, const unsigned long long* seed_ptr,
+                              unsigned long long seed, float p, T scale) {
+    map16<true>(x, y, out, n, DropoutAddMask<T>{dropout_seed(seed_ptr, seed), p, scale});
+}
+""", ["gelu_tanh_forward_v", "gelu_tanh_backward_v", "dropout_v", "add_v", "dropout_add_v"])
 
 _PREAMBLE = HEADER + _FORMULAS
 _gelu_tanh_forward = cp.ElementwiseKernel("T x", "T y", "T t, du; y = gelu_tanh(x, &t, &du);",
@@ -105,8 +123,11 @@ _gelu_exact_backward = cp.ElementwiseKernel(   # dx = dout * (Phi(x) + x phi(x))
 _dropout_apply = cp.ElementwiseKernel(   # seed_ptr: 0, or runtime.DeviceSeeds' base (then seed is the call's index)
     "T x, uint64 seed, float32 p, T scale, uint64 seed_ptr", "T y",
     "y = dropout_apply(x, dropout_seed((const unsigned long long*)seed_ptr, seed), p, scale, (long long)i);",
-    "tinygrad_llm_dropout",
-                                      preamble=_PREAMBLE)
+    "tinygrad_llm_dropout", preamble=_PREAMBLE)
+_dropout_add_apply = cp.ElementwiseKernel(
+    "T x, T y, uint64 seed, float32 p, T scale, uint64 seed_ptr", "T out",
+    "out = dropout_add_apply(x, y, dropout_seed((const unsigned long long*)seed_ptr, seed), p, scale, (long long)i);",
+    "tinygrad_llm_dropout_add", preamble=_PREAMBLE)
 
 _VEC_BLOCK = 256
 
@@ -196,3 +217,29 @@ class DropoutCuda:
         return _dropout(dout, ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale)
 
 
+class DropoutAddCuda:
+    """x + dropout(y) in one pass: DropoutCuda's seed (drawn the same way, one draw a call) and mask on y,
+    added to x as the element is written, so the result is AddCuda(x, DropoutCuda(y)) bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, y, p=0.5, rng=None):
+        ctx.reference = p == 1 or not served(x, y) or x.shape != y.shape or x.dtype != y.dtype
+        if ctx.reference:
+            return DropoutAdd.forward(ctx, x, y, p=p, rng=rng)
+        (ctx.seed_ptr, ctx.seed), ctx.p = dropout_seed_args(rng), np.float32(p)
+        ctx.scale = y.dtype.type(1 / (1 - p))
+        if not _vectorized(x, y):
+            return _dropout_add_apply(x, y, ctx.seed, ctx.p, ctx.scale, ctx.seed_ptr)
+        out = cp.empty_like(y)
+        _vector_launch("dropout_add_v", y.size, y.dtype,
+                       (x, y, out, np.int64(y.size), ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference:
+            return DropoutAdd.backward(ctx, dout)
+        # dx = dout; dy = dout * mask, DropoutCuda.backward's kernel with the forward's seed
+        need = ctx.needs_input_grad
+        return (dout if need[0] else None,
+                _dropout(dout, ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale) if need[1] else None)
