@@ -85,6 +85,30 @@ def test_dropout_seeded_from_device_memory_follows_the_base_and_the_call():
     np.testing.assert_array_equal(elementwise.DropoutCuda.backward(ctx, x).get(), y.get())   # backward: same mask
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")
+def test_dropout_add_is_one_dropout_call_of_the_step():
+    """Inside device_seeds, DropoutAddCuda takes the call's index as DropoutCuda does (one index a call), so the
+    fused block's k-th residual dropout hashes with the same seed as the unfused block's k-th dropout."""
+    import cupy as cp
+    from tinygrad_llm.tensor import Context
+    runtime, elementwise = _cuda("runtime"), _cuda("elementwise")
+    gen = np.random.default_rng(1)
+    x, y = (cp.asarray(gen.standard_normal((64, 1000)).astype(np.float32)) for _ in range(2))
+    seeds = runtime.DeviceSeeds(1)
+    seeds.words[:1].set(np.array([4242], np.uint64))
+    with runtime.device_seeds(seeds, 0):
+        fused = [elementwise.DropoutAddCuda.forward(Context((True, True)), x, y, p=0.25, rng=np.random.default_rng(0))
+                 for _ in range(2)]
+        assert seeds.calls == 2
+    with runtime.device_seeds(seeds, 0):
+        unfused = [x + elementwise.DropoutCuda.forward(Context((True,)), y, p=0.25, rng=np.random.default_rng(0))
+                   for _ in range(2)]
+    for a, b in zip(fused, unfused):
+        assert bool((a == b).all())
+    assert not bool((fused[0] == fused[1]).all())
+
 def _prepare(tmp_path):
     from tinygrad_llm.data import prepare
     text = tmp_path / "text.txt"

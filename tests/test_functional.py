@@ -67,6 +67,39 @@ def test_dropout_against_torch_with_the_same_mask(dtype):
     check_op([(3, 7)], lambda x: x * torch.tensor(keep) / (1 - p), lambda x: F.dropout(x, p, rng=np.random.default_rng(5)), dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_add_against_torch_with_the_same_mask(dtype):
+    p = 0.25
+    keep = np.random.default_rng(5).random((4, 3, 7), dtype=np.float32) >= p
+    check_op([(4, 3, 7), (4, 3, 7)], lambda x, y: x + y * torch.tensor(keep) / (1 - p),
+             lambda x, y: F.dropout_add(x, y, p, rng=np.random.default_rng(5)), dtype=dtype)
+
+
+@pytest.mark.parametrize("p", [0.3, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_add_is_add_of_dropout_bit_for_bit(dtype, p):
+    """The same generator state gives the same mask: output and both gradients equal x + dropout(y)'s exactly,
+    and the generator is left where dropout leaves it (one draw of y's shape)."""
+    rng = np.random.default_rng(21)
+    x, y = rng.standard_normal((2, 5, 33)).astype(dtype), rng.standard_normal((2, 5, 33)).astype(dtype)
+    dout = Tensor(rng.standard_normal((2, 5, 33)).astype(dtype))
+    results = []
+    for fused in (True, False):
+        gen = np.random.default_rng(9)
+        tx, ty = Tensor(x, requires_grad=True), Tensor(y, requires_grad=True)
+        out = F.dropout_add(tx, ty, p, rng=gen) if fused else tx + F.dropout(ty, p, rng=gen)
+        (out * dout).sum().backward()
+        results.append((out.numpy(), tx.grad, ty.grad, gen.random()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    out, dx, dy, _ = results[0]
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(dx, dout.numpy())
+    dropped = dy == 0
+    np.testing.assert_array_equal(out[dropped], x[dropped])          # a dropped element leaves x as it was
+    assert dropped.all() if p == 1 else 0.15 < dropped.mean() < 0.45
+
+
 # ---- attention dropout ---------------------------------------------------------------------------
 
 def _attention_inputs(seed, shape=(2, 3, 6, 4), dtype="float64"):
@@ -355,6 +388,36 @@ def test_dropout_p_one_gives_zeros_and_p_outside_raises():
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match="p must be in"):
             F.dropout(x, p, rng=np.random.default_rng(0))
+
+
+def test_dropout_add_in_eval_or_at_p_zero_is_the_plain_add():
+    x, y = Tensor(rng0.standard_normal((3, 4)), requires_grad=True), Tensor(rng0.standard_normal((3, 4)), requires_grad=True)
+    gen = np.random.default_rng(0)
+    state = gen.bit_generator.state
+    for out in (F.dropout_add(x, y, 0.5, training=False, rng=gen), F.dropout_add(x, y, 0.0)):
+        assert out._ctx.op_name == "Add"
+        np.testing.assert_array_equal(out.numpy(), (x + y).numpy())
+    assert gen.bit_generator.state == state
+
+
+def test_dropout_add_rejects_bad_input_before_drawing():
+    gen = np.random.default_rng(0)
+    state = gen.bit_generator.state
+    x = Tensor(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3\), y has shape \(3, 2\)"):
+        F.dropout_add(x, Tensor(np.ones((3, 2))), 0.1, rng=gen)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3\), y has shape \(3,\)"):
+        F.dropout_add(x, Tensor(np.ones(3)), 0.1, training=False)   # no broadcasting, in eval either
+    with pytest.raises(ValueError, match="x has dtype float64, y has dtype float32"):
+        F.dropout_add(x, Tensor(np.ones((2, 3), np.float32)), 0.1, rng=gen)
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout_add: p must be in"):
+            F.dropout_add(x, x, p, rng=gen)
+    with pytest.raises(ValueError, match="Generator"):
+        F.dropout_add(x, x, 0.1)
+    with pytest.raises(TypeError, match="floating-point"):
+        F.dropout_add(Tensor(np.ones((2, 3), np.int64)), Tensor(np.ones((2, 3), np.int64)), 0.1, rng=gen)
+    assert gen.bit_generator.state == state
 
 
 def test_dropout_needs_a_generator_and_is_deterministic_per_seed():

@@ -426,6 +426,113 @@ def test_dropout_kernel_mask_is_shared_scaled_and_reproducible():
     assert float(abs(cuda.elementwise.DropoutCuda.forward(Context((True,)), x, p=1.0, rng=np.random.default_rng(0))).max()) == 0
 
 
+
+def _dropout_add_inputs(layout, dtype):
+    """x, y, dout on the GPU: 16-byte aligned C-contiguous (the vector kernel, with a tail), or an odd size, 4 or
+    8 bytes off a 16-byte boundary, or strided (the ElementwiseKernel), or only y strided."""
+    import cupy as cp
+    rng = np.random.default_rng(17)
+    base = [cp.asarray(randn(rng, 47, 1003 * 2 + 1, dtype=dtype)) for _ in range(3)]   # 47 x 1003: a tail
+    if layout == "aligned":
+        return [cp.ascontiguousarray(b[:, :1003]) for b in base]
+    if layout == "odd":
+        return [cp.ascontiguousarray(b[:7, :13]) for b in base]
+    if layout == "offset":
+        return [b.reshape(-1)[1:47 * 1003 + 1].reshape(47, 1003) for b in base]
+    if layout == "strided":
+        return [b[:, 1::2] for b in base]
+    return [cp.ascontiguousarray(base[0][:, ::2]), base[1][:, ::2], cp.ascontiguousarray(base[2][:, ::2])]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("layout", ["aligned", "odd", "offset", "strided", "y_strided"])
+def test_dropout_add_kernel_is_add_of_the_dropout_kernel_bit_for_bit(layout, dtype):
+    """DropoutAddCuda(x, y) == AddCuda(x, DropoutCuda(y)) with the same generator seed, bit for bit, forward and
+    both gradients (dx = dout; dy = DropoutCuda.backward's), on every layout."""
+    import cupy as cp
+    cuda = kernels()
+    x, y, dout = _dropout_add_inputs(layout, dtype)
+    ctx = Context((True, True))
+    out = cuda.elementwise.DropoutAddCuda.forward(ctx, x, y, p=0.3, rng=np.random.default_rng(4))
+    assert not ctx.reference and out.dtype == dtype and out.shape == y.shape
+    ctx_drop = Context((True,))
+    dropped = cuda.elementwise.DropoutCuda.forward(ctx_drop, y, p=0.3, rng=np.random.default_rng(4))
+    assert bool((out == cuda.elementwise.AddCuda.forward(Context((True, True)), x, dropped)).all())
+    assert bool((out == x + dropped).all())
+    kept = float((dropped != 0).mean())
+    assert 0.6 < kept < 0.8 if y.size > 1000 else 0 < kept < 1
+    dx, dy = cuda.elementwise.DropoutAddCuda.backward(ctx, dout)
+    assert dx is dout
+    assert bool((dy == cuda.elementwise.DropoutCuda.backward(ctx_drop, dout)).all())
+    only_y = Context((False, True))
+    cuda.elementwise.DropoutAddCuda.forward(only_y, x, y, p=0.3, rng=np.random.default_rng(4))
+    none, dy_only = cuda.elementwise.DropoutAddCuda.backward(only_y, dout)
+    assert none is None and bool((dy_only == dy).all())
+    # the functional op reaches the kernel, and with the same seed gives the same bits through the autograd
+    assert backend.accelerated(F.DropoutAdd, x, y) is cuda.elementwise.DropoutAddCuda
+    tx, ty = Tensor(x, requires_grad=True), Tensor(y, requires_grad=True)
+    fused = F.dropout_add(tx, ty, 0.3, rng=np.random.default_rng(4))
+    (fused * Tensor(dout)).sum().backward()
+    assert bool((fused.data == out).all()) and bool((ty.grad == dy).all()) and bool((tx.grad == dout).all())
+    assert cp.get_array_module(tx.grad) is cp
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16], ids=["float64", "float32", "float16"])
+def test_dropout_add_kernel_reference_paths_p_one_and_other_dtypes(dtype):
+    """p = 1 (both dtypes served) and float16 (not served) take the op's formula, as DropoutCuda does: the mask
+    drawn on the host from the generator, so the result equals the CPU op's with the same seed."""
+    import cupy as cp
+    cuda = kernels()
+    rng = np.random.default_rng(5)
+    x, y, dout = (randn(rng, 9, 31).astype(dtype) for _ in range(3))
+    for p in ([1.0, 0.3] if dtype == np.float16 else [1.0]):
+        ctx = Context((True, True))
+        out = cuda.elementwise.DropoutAddCuda.forward(ctx, cp.asarray(x), cp.asarray(y), p=p, rng=np.random.default_rng(6))
+        dx, dy = cuda.elementwise.DropoutAddCuda.backward(ctx, cp.asarray(dout))
+        assert ctx.reference and out.dtype == dtype
+        ctx_cpu = Context((True, True))
+        want = F.DropoutAdd.forward(ctx_cpu, x, y, p=p, rng=np.random.default_rng(6))
+        want_dx, want_dy = F.DropoutAdd.backward(ctx_cpu, dout)
+        np.testing.assert_array_equal(out.get(), want)
+        np.testing.assert_array_equal(dx.get(), want_dx)
+        np.testing.assert_array_equal(dy.get(), want_dy)
+        if p == 1:
+            np.testing.assert_array_equal(out.get(), x)
+            assert not bool(dy.any())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpt_on_gpu_with_fused_residual_dropout_equals_dropout_then_add(dtype, monkeypatch):
+    """The block's fused dropout-add against Dropout then Add (Block.forward as it was): the loss bit for bit
+    (every op's output is: DropoutAddCuda == AddCuda(x, DropoutCuda(y)) bit for bit and the seeds are drawn in
+    the same order), the gradients to 1e-5 relative in float32 and 1e-12 in float64, not bit for bit: the
+    embedding's scatter-add and the flash kernels' dq sum with atomics, in any order (two identical runs differ
+    as much; test_dropout_training_runs_on_gpu_and_is_reproducible)."""
+    from tinygrad_llm.model import Block
+    cuda = kernels()
+    cfg = GPTConfig(**SMALL, dropout=0.2, dtype=dtype)
+    runs, calls, forward = [], [], cuda.elementwise.DropoutAddCuda.forward
+
+    def counted(ctx, *args, **kwargs):
+        calls.append(1)
+        return forward(ctx, *args, **kwargs)
+    monkeypatch.setattr(cuda.elementwise.DropoutAddCuda, "forward", staticmethod(counted))
+    for fused in (True, False):
+        if not fused:
+            def unfused(self, x, rng=None, kv_cache=None, layer=0):
+                x = x + self.attn(self.ln_1(x), rng, kv_cache, layer)
+                return x + self.mlp(self.ln_2(x), rng)
+            monkeypatch.setattr(Block, "forward", unfused)
+        model = GPT(cfg, rng=np.random.default_rng(0)).to("cuda")
+        rng = np.random.default_rng(3)
+        _, loss = model(*batch(0), rng=rng)
+        loss.backward()
+        runs.append((loss.item(), [p.grad.get() for p in model.parameters()], rng.random()))
+        assert len(calls) == 2 * cfg.n_layer   # the fused run's, and none from the unfused run
+    assert runs[0][0] == runs[1][0] and runs[0][2] == runs[1][2]
+    for (name, _), a, b in zip(model.named_parameters(), runs[0][1], runs[1][1]):
+        assert rel_err(a, b) < (1e-5 if dtype == "float32" else 1e-12), name
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("B, T, NH, HS", [(2, 33, 3, 5), (1, 64, 2, 32), (3, 1, 1, 4)], ids=str)
 @pytest.mark.parametrize("causal", [True, False])

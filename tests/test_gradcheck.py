@@ -58,7 +58,7 @@ def test_op_cases_cover_every_public_functional_op():
 
     names = " ".join(name for name, _, _ in gc.op_cases())
     for op in ["linear", "embedding", "layer_norm", "rms_norm", "gelu", "silu", "swiglu", "softmax", "log_softmax",
-               "cross_entropy", "dropout", "attention", "rope"]:
+               "cross_entropy", "dropout", "dropout_add", "attention", "rope"]:
         assert op in names, op
     assert all(callable(getattr(F, op)) for op in F.__all__)
 

@@ -328,6 +328,47 @@ def test_load_state_dict_with_or_without_tied_lm_head_and_hf_layout():
         model.load_state_dict(tampered)
 
 
+def _unfused_block_forward(self, x, rng=None, kv_cache=None, layer=0):
+    x = x + self.attn(self.ln_1(x), rng, kv_cache, layer)
+    return x + self.mlp(self.ln_2(x), rng)
+
+
+@pytest.mark.parametrize("switches", [{}, MODERN, dict(n_kv_head=1)], ids=["gpt2", "modern", "gqa"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_residual_dropout_changes_no_bit_of_training(switches, dtype, monkeypatch):
+    """The block's dropout-add ops give the losses and gradients of Dropout then Add, bit for bit, over AdamW
+    steps with dropout: the same masks drawn in the same order from the run's generator."""
+    from tinygrad_llm import functional as F
+    from tinygrad_llm.model import Block
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Block, "forward", _unfused_block_forward)
+        calls, apply = [], F.DropoutAdd.apply
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return apply(*args, **kwargs)
+        monkeypatch.setattr(F.DropoutAdd, "apply", counted)
+        model = make(**switches, dtype=dtype, dropout=0.2)
+        opt = AdamW(param_groups(model, 0.1), lr=1e-2)
+        rng, out = np.random.default_rng(3), []
+        for step in range(3):
+            _, loss = model(*batch(step), rng=rng)
+            loss.backward()
+            out.append([loss.item()] + [p.grad.copy() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad()
+        out.append(rng.random())   # the generator left at the same state
+        runs.append(out)
+        assert len(calls) == (3 * 2 * model.config.n_layer if fused else 0)
+    for a, b in zip(*runs):
+        if isinstance(a, float):
+            assert a == b
+        else:
+            assert a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1:], b[1:]))
+
+
 def test_dropout_needs_rng_in_training_and_is_off_in_eval():
     model = make(dropout=0.5)
     idx, targets = batch(5)

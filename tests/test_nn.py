@@ -132,3 +132,15 @@ def test_dropout_train_and_eval():
     assert drop.eval()(x) is x
     with pytest.raises(ValueError, match="dropout"):
         Dropout(1.0)
+
+
+def test_dropout_with_a_residual_adds_it_with_the_same_mask():
+    drop = Dropout(0.5)
+    x, r = (Tensor(np.random.default_rng(s).standard_normal((20, 30)), requires_grad=True) for s in (1, 2))
+    out = drop(x, np.random.default_rng(0), residual=r)
+    assert out._ctx.op_name == "DropoutAdd"
+    np.testing.assert_array_equal(out.numpy(), (r + drop(x, np.random.default_rng(0))).numpy())
+    assert 0.4 < (out.numpy() == r.numpy()).mean() < 0.6
+    out = drop.eval()(x, residual=r)
+    assert out._ctx.op_name == "Add"
+    np.testing.assert_array_equal(out.numpy(), r.numpy() + x.numpy())

@@ -44,7 +44,7 @@ def test_policy_table_and_the_ops_that_name_bf16_kernels_agree():
         assert functions[name].bf16_kernels["cuda"].startswith("mixed.")
         assert functions[name].bf16_kernels["cpu"].startswith("mixed")     # mixed.py, mixed_attention.py (MKL)
     # what stays float32 under the policy: the norms, softmax, the loss, the elementwise ops
-    for name in ("LayerNorm", "RMSNorm", "Softmax", "CrossEntropy", "GELU", "Dropout", "Embedding"):
+    for name in ("LayerNorm", "RMSNorm", "Softmax", "CrossEntropy", "GELU", "Dropout", "DropoutAdd", "Embedding"):
         assert name not in precision.BF16_OPS
 
 

@@ -176,6 +176,8 @@ _FUNCTIONAL = [
          op="CrossEntropy", composite=True),
     Case("dropout", lambda M, x: M.dropout(x, 0.3, rng=np.random.default_rng(1)), [(3, 4)], op="Dropout",
          devices_agree=False),
+    Case("dropout_add", lambda M, x, y: M.dropout_add(x, y, 0.3, rng=np.random.default_rng(1)), [(3, 4), (3, 4)],
+         op="DropoutAdd", composite=True, devices_agree=False),
     Case("attention (causal)", lambda M, q, k, v: M.scaled_dot_product_attention(q, k, v), [(2, 3, 5, 4)] * 3,
          lambda t, q, k, v: t.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
          op="ScaledDotProductAttention", composite=True),

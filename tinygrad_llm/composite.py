@@ -121,6 +121,10 @@ def dropout(x, p=0.5, training=True, rng=None):
     return x * _const(keep / (1 - p), x)
 
 
+def dropout_add(x, y, p=0.5, training=True, rng=None):
+    return x + dropout(y, p, training, rng)
+
+
 def scaled_dot_product_attention(q, k, v, causal=True, mask=None, scale=None, dropout_p=0.0, rng=None):
     TQ, TK, HS = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1 / math.sqrt(HS) if scale is None else scale

@@ -634,6 +634,7 @@ def property_cases():
         ("cross_entropy (none)", lambda x, t: F.cross_entropy(x, t, reduction="none"),
          [arrays(dims(B, T, 2)), token_ids(2, dims(B, T))]),
         ("dropout", lambda x: F.dropout(x, 0.3, rng=np.random.default_rng(1)), [arrays(s)]),
+        ("dropout_add", lambda x, y: F.dropout_add(x, y, 0.3, rng=np.random.default_rng(1)), [arrays(s), arrays(s)]),
         ("attention (causal)", F.scaled_dot_product_attention,
          [arrays(dims(B, H, T, HS), elements=elements(-3, 3)) for _ in range(3)]),
         ("attention (not causal, TQ != TK)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False),
