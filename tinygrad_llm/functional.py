@@ -554,7 +554,6 @@ def dropout(x, p=0.5, training=True, rng=None):
     return Dropout.apply(x, p=float(p), rng=rng)
 
 
-
 class DropoutAdd(Function):
     """(...), (...) -> (...): x + dropout(y), the residual add and the branch's dropout in one op.
 
@@ -599,6 +598,7 @@ def dropout_add(x, y, p=0.5, training=True, rng=None):
         raise ValueError("dropout_add: training with p > 0 needs rng, an np.random.Generator "
                          "(e.g. np.random.default_rng(seed))")
     return DropoutAdd.apply(x, y, p=float(p), rng=rng)
+
 
 # ---- attention -----------------------------------------------------------------------------------
 
