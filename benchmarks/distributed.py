@@ -5,8 +5,10 @@ exposed after backward, optimizer memory per rank with ZeRO-1, and the weights a
     mpiexec -n 2 python benchmarks/distributed.py --recipe small                      # 2 ranks x 1 thread
     mpirun -np 2 python benchmarks/distributed.py --recipe large --device cuda [--zero 1] [--no-overlap]
     python benchmarks/distributed.py --recipe large --device cuda --batch 128 --steps 3 --save one.npz   # the check
+    mpirun -np 2 python benchmarks/distributed.py --recipe gpt2 --device cuda
 
-Recipes: small = 4x128 (T=64, V=65, batch 12 per rank), large = 6x384 (T=256, V=65, batch 64 per rank);
+Recipes: small = 4x128 (T=64, V=65, batch 12 per rank), large = 6x384 (T=256, V=65, batch 64 per rank),
+gpt2 = GPT-2 small's shape (12x768, 12 heads, T=1024, the BPE vocabulary's 50,257 ids, batch 8 per rank);
 dropout 0, float32, AdamW (0.9, 0.99), weight decay 0.1, clipping at 1.0, lr 3e-4. Batches are random
 token ids drawn as train() draws them (one generator, the global batch, rank r's rows). Each step is timed
 to its end (a device sync on a GPU); the figures are medians over --steps after --warmup steps, and the
@@ -29,8 +31,9 @@ from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import param_groups  # noqa: E402
 
 RECIPES = {"small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch=12),
-           "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=64)}
-VOCAB = 65
+           "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=64),
+           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch=8, vocab=50257)}
+VOCAB = 65   # the character vocabulary of the Shakespeare recipes
 
 
 def main():
@@ -48,11 +51,12 @@ def main():
     recipe = dict(RECIPES[args.recipe])
     batch = args.batch or recipe.pop("batch")
     recipe.pop("batch", None)
+    vocab = recipe.pop("vocab", VOCAB)
 
     world = distributed.world()
     world.begin()
     world.setup(args.device)
-    model = GPT(GPTConfig(vocab_size=VOCAB, dropout=0.0, **recipe), rng=np.random.default_rng(0)).to(args.device)
+    model = GPT(GPTConfig(vocab_size=vocab, dropout=0.0, **recipe), rng=np.random.default_rng(0)).to(args.device)
     dp = distributed.DataParallel(world, model, zero=args.zero, overlap=not args.no_overlap,
                                   bucket_bytes=int(args.bucket_mb * 2**20) if args.bucket_mb else None)
     optimizer = dp.optimizer(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.99))
@@ -67,7 +71,7 @@ def main():
     for step in range(args.warmup + args.steps):
         sync()
         start, wait_before = time.perf_counter(), dp.comm_wait_s
-        ids = data_rng.integers(0, VOCAB, size=(batch * world.size, T + 1))
+        ids = data_rng.integers(0, vocab, size=(batch * world.size, T + 1))
         rows = ids[world.rank * batch:(world.rank + 1) * batch]
         x, y = np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
         _, loss = model(x, y)
@@ -92,6 +96,7 @@ def main():
               "blas_threads": world.cores if world.size > 1 else None}
     if args.device == "cuda":
         pool = backend.cupy_module().get_default_memory_pool()
+        # the pool keeps freed blocks for reuse, so its size after the steps is their high-water mark
         result["gpu_pool_MiB"] = round(pool.total_bytes() / 2**20)
     if world.is_main:
         print(json.dumps(result), flush=True)
