@@ -53,10 +53,10 @@ SOURCE = _FLASH_SOURCE + flash_mma_common.SOURCE + flash_mma_bf16.SOURCE + flash
 _modules = {}
 
 
-def shared_bytes(name, HD, tf32=False):
-    """Dynamic shared memory of a kernel: 64-row tiles of bf16 or tf32 words (row stride HD + 8), plus
-    backward's dS^T tile and its 64 log-sum-exps and D values."""
-    tile = TILE * (HD + 8) * (4 if tf32 else 2)
+def shared_bytes(name, HD, tf32=False, split=False):
+    """Dynamic shared memory of a kernel: 64-row tiles of bf16 or tf32 words (row stride HD + 8; split, 3xTF32:
+    two, the hi and the lo words), plus backward's dS^T tile and its 64 log-sum-exps and D values."""
+    tile = TILE * (HD + 8) * (4 if tf32 else 2) * (2 if split else 1)
     square = TILE * (TILE + 8) * (4 if tf32 else 2)
     return 3 * tile if name == "forward" else 4 * tile + square + 2 * TILE * 4
 
@@ -78,7 +78,7 @@ def _kernels(kind, output, HD):
         for name, expr in exprs.items():
             fn, smem = module.get_function(expr), 0
             if name in ("forward", "backward"):
-                smem = shared_bytes(name, HD, tf32)
+                smem = shared_bytes(name, HD, tf32, split=kind == "float32")
                 fn.max_dynamic_shared_size_bytes = smem
             found[name] = (fn, smem)
         _modules[key] = found

@@ -1,9 +1,9 @@
-"""The C++ helpers of flash_mma.py's kernels: shared-memory matrix loads (ldmatrix), the tensor-core
-products (mma.sync: bf16 m16n8k16, tf32 m16n8k8), bf16 and tf32 rounding, the split of a float32 into two
-tf32 parts (3xTF32), the tiles' loaders, the backward's first pass (rowsum(dy * y), dQ's sums zeroed), the
-kernels' argument lists, and the steps the bf16 and tf32 kernels share (the online softmax of a score tile,
-the output rows, Pd and dS of a tile, dQ's atomic sums, dk and dv). Kept apart from the launchers so each file
-stays short; the kernels are in flash_mma_bf16.py and flash_mma_tf32.py.
+"""The C++ helpers of flash_mma.py's kernels: shared-memory matrix loads (ldmatrix), the bf16 tensor-core
+product (mma.sync m16n8k16), bf16 rounding, the bf16 tiles' loader, the backward's first pass (rowsum(dy * y),
+dQ's sums zeroed), the bf16 kernels' argument list, and the steps the bf16 and tf32 kernels share (the online
+softmax of a score tile, the output rows, Pd and dS of a tile, dQ's atomic sums, dk and dv). Kept apart from
+the launchers so each file stays short; the kernels are in flash_mma_bf16.py and flash_mma_tf32.py (which
+holds the tf32 helpers: m16n8k8, tf32 rounding and the 3xTF32 split, the tf32 tiles and their fragments).
 """
 
 SOURCE = r"""
@@ -89,95 +89,6 @@ __device__ __forceinline__ void load_tile(unsigned short* dst, const S* src, lon
     const long long bh = blockIdx.y, in0 = (bh / NH) * sb + (bh % NH) * sh, out0 = (bh / NH) * ob + (bh % NH) * oh; \
     const float sl2 = scale * 1.4426950408889634f; \
     extern __shared__ __align__(16) unsigned short sm[];
-
-// ---- TF32: float32 q, k, v rounded to tf32 (round to nearest, ties away) as the mma operands ----
-__device__ __forceinline__ unsigned to_tf32(float x) { unsigned r; asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x)); return r; }
-// c (16x8 float32) += a (16x8 tf32, row fragments) b (8x8 tf32, column fragments b0 b1)
-__device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// x = hi + lo + (under 2^-22 |x|): hi = tf32(x), lo = tf32(x - hi) (x - hi is exact in float32)
-__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
-    hi = to_tf32(x);
-    lo = to_tf32(x - __uint_as_float(hi));
-}
-// the operand words of a tile: float32 bits kept whole for SPLIT (split where read), else rounded to tf32 once
-template<bool SPLIT> __device__ __forceinline__ unsigned tile_word(float x) { return SPLIT ? __float_as_uint(x) : to_tf32(x); }
-// c += a b: SPLIT (3xTF32, float32's accuracy): a_lo b_hi + a_hi b_lo + a_hi b_hi, b's words split here; else one
-// tf32 product (a_lo unused)
-template<bool SPLIT>
-__device__ __forceinline__ void mma_t(float (&c)[4], const unsigned (&ah)[4], const unsigned (&al)[4], unsigned b0, unsigned b1) {
-    if constexpr (SPLIT) {
-        unsigned h0, l0, h1, l1;
-        split_tf32(__uint_as_float(b0), h0, l0);
-        split_tf32(__uint_as_float(b1), h1, l1);
-        mma1688(c, al, h0, h1);
-        mma1688(c, ah, l0, l1);
-        mma1688(c, ah, h0, h1);
-    } else {
-        mma1688(c, ah, b0, b1);
-    }
-}
-// four operand values as (hi, lo) fragments (SPLIT) or tf32 fragments in hi
-template<bool SPLIT>
-__device__ __forceinline__ void operand(unsigned (&hi)[4], unsigned (&lo)[4], float x0, float x1, float x2, float x3) {
-    float x[4] = {x0, x1, x2, x3};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        if constexpr (SPLIT) split_tf32(x[i], hi[i], lo[i]); else hi[i] = to_tf32(x[i]);
-    }
-}
-// The tf32 tiles: 64 rows of HD tile words at row stride HD + 8 words, 8-word column blocks swapped in pairs on rows
-// with bit 2 set (sw32). The kernels take each 8-wide k block of a product in the order k = 2t, 2t + 1 for the
-// fragments' slots t, t + 4 (a sum over k does not depend on its order, as long as both operands agree), so
-// that a lane's two words of a row fragment are neighbours (one 8-byte load), and an accumulator's columns 2t,
-// 2t + 1 are already the lane's operand slots (no shuffles). With the stride (8 mod 32 banks) and the swap,
-// both ways of reading a tile (8-byte row pairs; single words from rows 2t and 2t + 1) hit 32 distinct banks.
-__device__ __forceinline__ int sw32(int row, int col, int ld) { return row * ld + (col ^ ((row & 4) << 1)); }
-// rows [r0, r0 + 64) of a float32 (T, HD) head matrix into dst (sw32, stride HD + 8) as tile_word<SPLIT>; zeros past T
-template<int HD, bool SPLIT>
-__device__ __forceinline__ void load_tile32(unsigned* dst, const float* src, long long st, int r0, int T) {
-    constexpr int CH = HD / 4;
-    for (int e = threadIdx.x; e < 64 * CH; e += 128) {
-        int r = e / CH, c = e % CH;
-        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (r0 + r < T) x = *(const float4*)(src + (long long)(r0 + r) * st + c * 4);
-        *(uint4*)(dst + sw32(r, c * 4, HD + 8)) = make_uint4(tile_word<SPLIT>(x.x), tile_word<SPLIT>(x.y),
-                                                             tile_word<SPLIT>(x.z), tile_word<SPLIT>(x.w));
-    }
-}
-// row fragment (16 rows from r, the 8 k columns from c) of a sw32 tile: slots t, t + 4 are columns c + 2t, c + 2t + 1
-template<bool SPLIT>
-__device__ __forceinline__ void frag_a(unsigned (&hi)[4], unsigned (&lo)[4], const unsigned* m, int ld, int r, int c, int g, int t) {
-    uint2 x = *(const uint2*)(m + sw32(r + g, c + 2 * t, ld)), y = *(const uint2*)(m + sw32(r + g + 8, c + 2 * t, ld));
-    if constexpr (SPLIT) operand<true>(hi, lo, __uint_as_float(x.x), __uint_as_float(y.x), __uint_as_float(x.y), __uint_as_float(y.y));
-    else { hi[0] = x.x; hi[1] = y.x; hi[2] = x.y; hi[3] = y.y; }
-}
-// column fragment of B = M^T (b[k][n] = M[n][k]): n row of the tile, the 8 k columns from c (slots as frag_a)
-__device__ __forceinline__ uint2 frag_bt(const unsigned* m, int ld, int n, int c, int t) {
-    return *(const uint2*)(m + sw32(n, c + 2 * t, ld));
-}
-// column fragment of B = M (b[k][n] = M[k][n]): k rows c + 2t and c + 2t + 1 of the tile, column n
-__device__ __forceinline__ uint2 frag_b(const unsigned* m, int ld, int c, int n, int t) {
-    return make_uint2(m[sw32(c + 2 * t, n, ld)], m[sw32(c + 2 * t + 1, n, ld)]);
-}
-// the 16x8 accumulator fragment c (rows g, g + 8; columns 2t, 2t + 1) as a row fragment of tf32 operands in the
-// k order above: slot t is column 2t, slot t + 4 column 2t + 1
-template<bool SPLIT>
-__device__ __forceinline__ void acc_to_frag(unsigned (&hi)[4], unsigned (&lo)[4], const float (&c)[4]) {
-    operand<SPLIT>(hi, lo, c[0], c[2], c[1], c[3]);
-}
-
-#define TF32_ARGS const float* q, const float* k, const float* v, int NH, int T, int HS, \
-    long long sb, long long sh, long long st, long long ob, long long oh, long long ot, float scale, int causal, \
-    const unsigned long long* seed_ptr, unsigned long long seed, float drop_p, float drop_scale, int has_drop
-#define TF32_SETUP if (has_drop) seed = dropout_seed(seed_ptr, seed); \
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3; \
-    const long long bh = blockIdx.y, in0 = (bh / NH) * sb + (bh % NH) * sh, out0 = (bh / NH) * ob + (bh % NH) * oh; \
-    const float sl2 = scale * 1.4426950408889634f; \
-    extern __shared__ __align__(16) unsigned smw[];
 
 // ---- what the bf16 and tf32 kernels share ----
 // The online softmax step of one 16 x 64 score tile s (accumulator layout: a lane holds rows row0 and row0 + 8,
