@@ -85,7 +85,6 @@ def test_dropout_seeded_from_device_memory_follows_the_base_and_the_call():
     np.testing.assert_array_equal(elementwise.DropoutCuda.backward(ctx, x).get(), y.get())   # backward: same mask
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not backend.cuda_available(), reason="needs CuPy and a CUDA GPU")
 def test_dropout_add_is_one_dropout_call_of_the_step():
@@ -108,6 +107,7 @@ def test_dropout_add_is_one_dropout_call_of_the_step():
     for a, b in zip(fused, unfused):
         assert bool((a == b).all())
     assert not bool((fused[0] == fused[1]).all())
+
 
 def _prepare(tmp_path):
     from tinygrad_llm.data import prepare
