@@ -27,9 +27,11 @@ def _cuda(name):
 
 
 @pytest.fixture
-def cublaslt():
-    """kernels/cuda/cublaslt.py; afterwards the choices made under the test's setting are forgotten and the
-    setting is what it was."""
+def cublaslt(monkeypatch):
+    """kernels/cuda/cublaslt.py, with strict float32 products kept on cuBLAS (gemm_3xtf32 off: these tests are
+    about cuBLASLt's plans); afterwards the choices made under the test's setting are forgotten and the setting
+    is what it was."""
+    monkeypatch.setattr(_cuda("gemm_3xtf32"), "MODE", "cublas")
     module = _cuda("cublaslt")
     assert module.lt() is not None, module.lt.error
     original = module._tune

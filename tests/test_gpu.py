@@ -87,7 +87,8 @@ def kernels():
     """The CuPy kernel modules, by op family (importing them needs CuPy)."""
     import importlib
     import types
-    names = ("attention", "cross_entropy", "cublas", "elementwise", "grads", "layer_norm", "linear", "optim")
+    names = ("attention", "cross_entropy", "cublas", "elementwise", "gemm_3xtf32", "grads", "layer_norm", "linear",
+             "optim")
     return types.SimpleNamespace(**{n: importlib.import_module(f"tinygrad_llm.kernels.cuda.{n}") for n in names})
 
 
@@ -675,17 +676,28 @@ def test_self_attention_kernel_follows_the_tf32_switch():
     assert rel_err(on, exact) > 3 * rel_err(off, exact)
 
 
+@pytest.mark.parametrize("fp32_gemm", ["cublas", "3xtf32"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("x_shape, M", [((3, 7, 10), 8), ((5,), 3), ((64, 256, 384), 1152), ((33, 13), 7)], ids=str)
-def test_linear_kernel_equals_reference(x_shape, M, dtype):
-    """x w + b with the bias in cuBLASLt's epilogue == matmul then add; the epilogue path really ran."""
+def test_linear_kernel_equals_reference(x_shape, M, dtype, fp32_gemm, monkeypatch):
+    """x w + b with the bias in cuBLASLt's epilogue == matmul then add; the epilogue path really ran. With the
+    3xTF32 GEMM on (TINYGRAD_LLM_FP32_GEMM), float32 shapes it takes go there (the bias added as it stores) and
+    make no cuBLASLt plan."""
     cuda = kernels()
+    monkeypatch.setattr(cuda.gemm_3xtf32, "MODE", fp32_gemm)
+    calls, run = [], cuda.gemm_3xtf32.gemm
+    monkeypatch.setattr(cuda.gemm_3xtf32, "gemm", lambda *args, **kwargs: calls.append(args) or run(*args, **kwargs))
     assert cuda.cublas.lt() is not None, cuda.cublas.lt.error
     rng = np.random.default_rng(len(x_shape) * 10 + M)
     x, w, b = randn(rng, *x_shape, dtype=dtype), randn(rng, x_shape[-1], M, dtype=dtype), randn(rng, M, dtype=dtype)
     compare_kernel(F.Linear, cuda.linear.LinearCuda, [x, w, b], {}, dtype)
     N = int(np.prod(x_shape[:-1]))
-    assert cuda.cublas.lt().plans.get((N, x_shape[-1], M, np.dtype(dtype), cuda.cublas.compute_type(dtype))) is not None
+    key = (N, x_shape[-1], M, np.dtype(dtype), cuda.cublas.compute_type(dtype))
+    taken = fp32_gemm == "3xtf32" and dtype == np.float32 and N >= 64 and M >= 64 and x_shape[-1] % 4 == 0
+    if taken:   # forward, dx and dw
+        assert len(calls) == 3
+    else:
+        assert cuda.cublas.lt().plans.get(key) is not None and not calls
 
 
 def test_linear_kernel_with_mismatched_shapes_takes_the_reference_and_raises():

@@ -11,7 +11,7 @@ import cupy as cp
 import numpy as np
 from cupy.cuda import cublas
 
-from . import runtime
+from . import gemm_3xtf32, runtime
 from .cublaslt import CUDA_TYPE, ONE, ZERO, _Lt, compute_type, lt
 from .runtime import OnFirstUse, default_pool, load_library, register_cache
 
@@ -85,12 +85,16 @@ def gemm(dtype, batch, M, N, K, a, lda, stride_a, b, ldb, stride_b, c, ldc, stri
     (ld) and its own batch stride, all in elements; a, b, c are device pointers. op(A) is M x K (A stored
     K x M when trans_a), op(B) K x N (B stored N x K when trans_b), C M x N. Row-major C = A B is
     column-major C^T = B^T A^T, so B goes first. Strided views (a head's columns inside qkv) are read in
-    place. A single float32 product (batch 1: Linear's backward, the LM head, sum_rows) goes to cuBLASLt's
+    place. A single float32 product (batch 1: Linear's backward, the LM head, sum_rows) in strict float32
+    goes to gemm_3xtf32 where that takes it (float32's accuracy on the tensor cores), else to cuBLASLt's
     plans (lt().matmul: the algorithm timed on first use) where the library loads and the addresses are
     16-byte aligned; the rest, and anything cuBLASLt declines, to cublasGemmEx / GemmStridedBatchedEx on the
     project's ctypes handle (capturable); CuPy's cuBLAS where that library is missing."""
     dtype = np.dtype(dtype)
     t = CUDA_TYPE[dtype]
+    if batch == 1 and dtype == np.float32 and gemm_3xtf32.takes(M, N, K, a, lda, b, ldb, c, ldc):
+        gemm_3xtf32.gemm(M, N, K, a, lda, b, ldb, c, ldc, trans_a, trans_b, beta=beta)
+        return
     if batch == 1 and dtype == np.float32:   # cuBLASLt's plan (its algorithm timed once), where it takes the product
         plans = lt()
         if plans is not None and plans.matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a, trans_b, in_type=t, beta=beta):

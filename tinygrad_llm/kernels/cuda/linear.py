@@ -2,7 +2,8 @@
 
 out = x w + b as one cuBLASLt matmul with the BIAS epilogue (the bias is added to each tile of the
 product before it is stored), as torch's addmm does, instead of a GEMM and then a pass over out reading
-and writing it again. Backward: the op's two GEMMs and column sum through cublas.matmul and
+and writing it again; in strict float32, gemm_3xtf32's kernel where it takes the shapes (the bias added
+as its tiles are stored). Backward: the op's two GEMMs and column sum through cublas.matmul and
 cublas.sum_rows_cuda (cuBLASLt's plans for float32, cublasGemmEx otherwise), which a CUDA graph can
 capture and CuPy's cannot. Every cuBLASLt plan's algorithm is timed on its first use (cublas.py says how,
 and TINYGRAD_LLM_GEMM_TUNE=0 turns that off). Anything missing (the library, an algorithm for the shape,
@@ -13,6 +14,7 @@ import numpy as np
 
 from ...functional import Linear
 from .cublas import blas, matmul, sum_rows_cuda
+from . import gemm_3xtf32
 from .cublaslt import alignment, lt
 from .runtime import served
 
@@ -36,6 +38,11 @@ class LinearCuda:
             K, M = w.shape
             x2 = x.reshape(-1, K)
             out = cp.empty(x.shape[:-1] + (M,), dtype=x.dtype)
+            pointers = (x2.data.ptr, K, w.data.ptr, M, out.data.ptr, M, b.data.ptr)
+            if x.dtype == np.float32 and gemm_3xtf32.takes(x2.shape[0], M, K, *pointers):
+                gemm_3xtf32.gemm(x2.shape[0], M, K, *pointers[:6], bias=b.data.ptr)
+                ctx.x, ctx.w, ctx.has_b = x, w, True
+                return out
             align = alignment(x2.data.ptr, w.data.ptr, out.data.ptr)
             if x2.shape[0] > 0 and align >= 16 and b.data.ptr % 16 == 0:
                 plan = lib.plan(x2.shape[0], K, M, np.dtype(x.dtype), align)
