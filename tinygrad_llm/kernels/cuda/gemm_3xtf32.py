@@ -1,6 +1,6 @@
 """Float32 matrix products on the tensor cores at float32's accuracy ("3xTF32"): row-major C = op(A) op(B)
 (+ bias) (+ beta C) for strict float32 (TF32 off), in place of cuBLAS's float32 GEMM (derivation of the error:
-docs/backward/matmul_3xtf32.md).
+docs/backward/linear.md).
 
 Each float32 operand x is split into tf32 words hi (x rounded to 11 significant bits) and lo = x - hi (exact;
 the tensor cores read its top 11 significant bits), and each product a b is taken as a_lo b_hi + a_hi b_lo +
