@@ -180,6 +180,74 @@ def test_model_loss_and_gradients_against_float32():
     assert all(g.dtype == np.float32 for g in grads[0].values())
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 96), (3, 7, 40), (5, 13)])
+def test_layer_norm_and_gelu_write_the_bf16_copy_of_their_output(shape):
+    """Under autocast (precision.BF16_COPY_PRODUCERS) LayerNorm's and GELU's CUDA kernels give the float32
+    kernels' outputs bit for bit, and offer bf16(output)'s bits (to_bf16's) for the next product to take, once;
+    outside a weight_copies region nothing is kept, and float64 offers nothing."""
+    import cupy as cp
+
+    from tinygrad_llm.kernels.cuda import mixed, mixed_elementwise
+    from tinygrad_llm.kernels.cuda.elementwise import GELUCuda
+    from tinygrad_llm.kernels.cuda.layer_norm import LayerNormCuda
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(sum(shape))
+    x = cp.asarray(rng.standard_normal(shape).astype(np.float32) * 3)
+    w, b = (cp.asarray(rng.standard_normal(shape[-1]).astype(np.float32)) for _ in range(2))
+    cases = [(mixed_elementwise.LayerNormBF16Cuda, LayerNormCuda, (x, w, b), {}),
+             (mixed_elementwise.GELUBF16Cuda, GELUCuda, (x,), {"approximate": "tanh"})]
+    for kernel, float_kernel, args, kwargs in cases:
+        want = float_kernel.forward(Context((True,) * len(args)), *args, **kwargs)
+        with precision.weight_copies():
+            out = kernel.forward(Context((True,) * len(args)), *args, **kwargs)
+            copy = precision.take_copy(out)
+            assert precision.take_copy(out) is None and precision.take_copy(want) is None
+        assert bool((out == want).all()), kernel.__name__
+        np.testing.assert_array_equal(copy.get(), mixed.to_bf16(want).get())
+        assert precision.take_copy(kernel.forward(Context((True,) * len(args)), *args, **kwargs)) is None
+        with precision.weight_copies():
+            out64 = kernel.forward(Context((True,) * len(args)), *(a.astype(np.float64) for a in args), **kwargs)
+            assert precision.take_copy(out64) is None and out64.dtype == np.float64
+
+
+def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
+    """The bf16 model's loss and gradients on the GPU are bitwise the same whether its products take the
+    producers' bf16 copies or convert the float32 outputs themselves, and they do take them (LayerNorm's 2 and
+    GELU's 1 a layer, ln_f's 1). Attention on its cuBLAS path here: the flash kernels add dQ atomically, in an
+    order that changes from run to run; and the embeddings' gradients (CuPy's scatter-add, atomic too) within
+    float32 rounding of the order only."""
+    from tinygrad_llm.kernels.cuda import flash_mma
+    monkeypatch.setattr(flash_mma, "MMA", "0")
+    m1 = small_model("bfloat16")
+    m2 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m1.state_dict().items()})
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
+    taken, original_take, results = [], precision.take_copy, []
+
+    def counting(a):
+        copy = original_take(a)
+        taken.append(copy is not None)
+        return copy
+
+    monkeypatch.setattr(precision, "take_copy", counting)
+    for model, offer in ((m1, True), (m2, False)):
+        if not offer:
+            monkeypatch.setattr(precision, "offer_copy", lambda a, copy: None)
+        with precision.weight_copies():
+            _, loss = model(x, y)
+            loss.backward()
+        grads = {name: backend.to_device(p.grad, "cpu") for name, p in model.named_parameters()}
+        results.append((loss.item(), grads))
+        if offer:
+            assert sum(taken) == 3 * model.config.n_layer + 1
+    assert results[0][0] == results[1][0]
+    for name, g in results[0][1].items():
+        if name.startswith(("transformer.wte", "transformer.wpe")):
+            assert norm_err(g, results[1][1][name]) < 1e-6, name
+        else:
+            np.testing.assert_array_equal(g, results[1][1][name], err_msg=name)
+
+
 def test_short_training_run_follows_the_float32_curve():
     from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt").read_text()[:200000]

@@ -160,7 +160,8 @@ def _check_norm_shapes(op, x, params):
 class LayerNorm(Function):
     """(B,T,C), (C,), (C,) -> (B,T,C): normalise over the last axis, then scale by w and shift by b."""
     kernels = {"cpu": "layer_norm.LayerNormNumba", "cuda": "layer_norm.LayerNormCuda"}
-    bf16_kernels = {"cpu": "mixed_elementwise.LayerNormBF16Numba"}   # float32, plus a bf16 copy (precision.BF16_COPY_PRODUCERS)
+    bf16_kernels = {"cpu": "mixed_elementwise.LayerNormBF16Numba",   # float32, plus a bf16 copy
+                    "cuda": "mixed_elementwise.LayerNormBF16Cuda"}   # (precision.BF16_COPY_PRODUCERS)
 
     @staticmethod
     def check_inputs(x, w=None, b=None, eps=1e-5):
@@ -303,7 +304,8 @@ _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 class GELU(Function):
     """(...) -> (...): x Phi(x) ("none", exact, via erf) or its tanh approximation ("tanh")."""
     kernels = {"cpu": "elementwise.GELUNumba", "cuda": "elementwise.GELUCuda"}
-    bf16_kernels = {"cpu": "mixed_elementwise.GELUBF16Numba"}   # float32, plus bf16 copies (precision.BF16_COPY_PRODUCERS)
+    bf16_kernels = {"cpu": "mixed_elementwise.GELUBF16Numba",   # float32, plus bf16 copies
+                    "cuda": "mixed_elementwise.GELUBF16Cuda"}   # (precision.BF16_COPY_PRODUCERS)
 
     @staticmethod
     def forward(ctx, x, approximate="none"):

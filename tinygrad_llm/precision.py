@@ -40,11 +40,11 @@ DTYPES = ("float32", "float64", BFLOAT16)   # what GPTConfig.dtype / --dtype acc
 # run in float32 under bfloat16 until they get bf16 kernels.
 BF16_OPS = ("Linear", "SelfAttention")
 
-# Ops that compute in float32 under autocast (outputs and gradients stay float32, as above) but whose CPU
-# kernel writes, in the same pass, the bf16 copy of what it produces for the bf16 product that consumes it:
-# GELU's output is the MLP's c_proj operand, its input gradient c_fc's dout; LayerNorm's output is c_attn's,
-# c_fc's or the LM head's operand (its input gradient joins the residual stream: no copy) (offer_copy /
-# take_copy below).
+# Ops that compute in float32 under autocast (outputs and gradients stay float32, as above) but whose kernels
+# write, in the same pass, the bf16 copy of what they produce for the bf16 product that consumes it: GELU's
+# output is the MLP's c_proj operand (and on the CPU its input gradient c_fc's dout); LayerNorm's output is
+# c_attn's, c_fc's or the LM head's operand (its input gradient joins the residual stream: no copy)
+# (offer_copy / take_copy below).
 BF16_COPY_PRODUCERS = ("GELU", "LayerNorm")
 
 # The CPU features that make bf16 products fast (/proc/cpuinfo flags): AVX-512 BF16 dot products, AMX tiles.

@@ -94,6 +94,35 @@ template<typename T> struct DropoutAddMask {
 
 template<typename T>
 __global__ void gelu_tanh_forward_v(const T* x, T* y, long long n) { map16<false>(x, x, y, n, GeluTanh()); }
+// gelu_tanh_forward_v, and yb[e] = bf16(y[e])'s bits beside it (bf16 autocast: the operand of the product that
+// reads y), in the same pass
+template<typename T>
+__global__ void gelu_tanh_forward_bf16_v(const T* x, T* y, unsigned short* yb, long long n) {
+    typedef typename Vec16<T>::type V;
+    const int W = sizeof(V) / sizeof(T);
+    long long stride = (long long)gridDim.x * blockDim.x, nv = n / W;
+    GeluTanh f;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nv + (n - nv * W); v += stride) {
+        if (v < nv) {
+            V a = reinterpret_cast<const V*>(x)[v];
+            T* e = reinterpret_cast<T*>(&a);
+            unsigned short h[W];
+            #pragma unroll
+            for (int k = 0; k < W; k++) { e[k] = f(e[k], (T)0, v * W + k); h[k] = f32_to_bf16((float)e[k]); }
+            reinterpret_cast<V*>(y)[v] = a;
+            if constexpr (W == 4) {
+                reinterpret_cast<uint2*>(yb)[v] = make_uint2(h[0] | ((unsigned)h[1] << 16), h[2] | ((unsigned)h[3] << 16));
+            } else {
+                for (int k = 0; k < W; k++) yb[v * W + k] = h[k];
+            }
+        } else {
+            long long i = nv * W + (v - nv);
+            T r = f(x[i], (T)0, i);
+            y[i] = r;
+            yb[i] = f32_to_bf16((float)r);
+        }
+    }
+}
 template<typename T>
 __global__ void gelu_tanh_backward_v(const T* x, const T* dout, T* dx, long long n) { map16<true>(x, dout, dx, n, GeluTanhGrad()); }
 template<typename T>
@@ -108,7 +137,7 @@ __global__ void dropout_add_v(const T* x, const T* y, T* out, long long n, const
                               unsigned long long seed, float p, T scale) {
     map16<true>(x, y, out, n, DropoutAddMask<T>{dropout_seed(seed_ptr, seed), p, scale});
 }
-""", ["gelu_tanh_forward_v", "gelu_tanh_backward_v", "dropout_v", "add_v", "dropout_add_v"])
+""", ["gelu_tanh_forward_v", "gelu_tanh_forward_bf16_v", "gelu_tanh_backward_v", "dropout_v", "add_v", "dropout_add_v"])
 
 _PREAMBLE = HEADER + _FORMULAS
 _gelu_tanh_forward = cp.ElementwiseKernel("T x", "T y", "T t, du; y = gelu_tanh(x, &t, &du);",
@@ -165,15 +194,25 @@ class GELUCuda:
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
+        return GELUCuda.forward_copy(ctx, x, approximate)[0]
+
+    @staticmethod
+    def forward_copy(ctx, x, approximate="none", bf16_copy=False):
+        """(y, None), or with bf16_copy on the tanh form's float32 vector path, (y, bf16(y)'s bits as uint16)
+        written in the same pass."""
         ctx.reference = not served(x)
         if ctx.reference:
-            return GELU.forward(ctx, x, approximate=approximate)
+            return GELU.forward(ctx, x, approximate=approximate), None
         ctx.x, ctx.approximate = x, approximate
         if approximate == "tanh" and _vectorized(x):
             y = cp.empty_like(x)
+            if bf16_copy and x.dtype == np.float32:
+                copy = cp.empty(x.shape, dtype=np.uint16)
+                _vector_launch("gelu_tanh_forward_bf16_v", x.size, x.dtype, (x, y, copy, np.int64(x.size)))
+                return y, copy
             _vector_launch("gelu_tanh_forward_v", x.size, x.dtype, (x, y, np.int64(x.size)))
-            return y
-        return (_gelu_tanh_forward if approximate == "tanh" else _gelu_exact_forward)(x)
+            return y, None
+        return (_gelu_tanh_forward if approximate == "tanh" else _gelu_exact_forward)(x), None
 
     @staticmethod
     def backward(ctx, dout):

@@ -11,10 +11,11 @@ from .columns import column_sums
 from .runtime import Source, served, warp_rows_launch
 
 _SOURCE = Source(r"""
-// x: (N, C) -> out (N, C), mean (N,), rstd (N,). w, b may be absent (has_w, has_b = 0). One warp a row.
+// x: (N, C) -> out (N, C), mean (N,), rstd (N,); ob (N, C), unless null: bf16(out)'s bits (bf16 autocast: the
+// operand of the product that reads out). w, b may be absent (has_w, has_b = 0). One warp a row.
 template<typename T>
 __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T* mean, T* rstd,
-                                   long long N, int C, T eps, int has_w, int has_b) {
+                                   unsigned short* ob, long long N, int C, T eps, int has_w, int has_b) {
     long long r = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (r >= N) return;
@@ -31,6 +32,7 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T
         if (has_w) y = y * w[c];
         if (has_b) y = y + b[c];
         o[c] = y;
+        if (ob) ob[r * C + c] = f32_to_bf16((float)y);
     }
     if (lane == 0) { mean[r] = mu; rstd[r] = rs; }
 }
@@ -98,22 +100,29 @@ class LayerNormCuda:
 
     @staticmethod
     def forward(ctx, x, w=None, b=None, eps=1e-5):
+        return LayerNormCuda.forward_copy(ctx, x, w, b, eps)[0]
+
+    @staticmethod
+    def forward_copy(ctx, x, w=None, b=None, eps=1e-5, bf16_copy=False):
+        """(out, None), or with bf16_copy and float32 x, (out, bf16(out)'s bits as uint16) from the same pass."""
         C = x.shape[-1]
         ctx.reference = not served(x, w, b) or C > 32 * _LN_SLOTS[-1]
         if ctx.reference:
-            return LayerNorm.forward(ctx, x, w, b, eps=eps)
+            return LayerNorm.forward(ctx, x, w, b, eps=eps), None
         x = cp.ascontiguousarray(x)
         N = x.size // C
         out = cp.empty_like(x)
+        copy = cp.empty(x.shape, dtype=np.uint16) if bf16_copy and x.dtype == np.float32 else None
         mean = cp.empty(N, dtype=x.dtype)
         rstd = cp.empty(N, dtype=x.dtype)
         dummy = x  # stands for an absent w or b (never read)
         grid, block = warp_rows_launch(N)
         _SOURCE("layer_norm_forward", x.dtype)(grid, block, (x, dummy if w is None else w, dummy if b is None else b,
-                                                             out, mean, rstd, np.int64(N), np.int32(C), x.dtype.type(eps),
+                                                             out, mean, rstd, np.uint64(0 if copy is None else copy.data.ptr),
+                                                             np.int64(N), np.int32(C), x.dtype.type(eps),
                                                              np.int32(w is not None), np.int32(b is not None)))
         ctx.x, ctx.w, ctx.mean, ctx.rstd, ctx.has_b = x, w, mean, rstd, b is not None
-        return out
+        return out, copy
 
     @staticmethod
     def backward(ctx, dout):

@@ -9,7 +9,8 @@ Where bf16 lives: only as the products' operands. The autograd's tensors (activa
 float32, so LayerNorm, softmax, GELU, dropout and the loss run their float32 kernels unchanged, and no
 gradient is rounded before it is summed. The price is one conversion pass over each product's float32
 input (x forward, dout backward, attention's Pd in forward; attention's backward pass writes its Pd and dS as
-bf16 itself). What a bf16 product saves for backward is its bf16 operand (x, q k v), half the bytes of the
+bf16 itself), except where the producer's kernel wrote the bf16 copy in its own pass and offered it
+(precision.offer_copy: LayerNorm's and GELU's outputs, mixed_elementwise.py). What a bf16 product saves for backward is its bf16 operand (x, q k v), half the bytes of the
 float32 input it replaces; attention keeps no (T, T) array by default (attention.SAVE). Weights are converted once per
 precision.weight_copies region (precision.weight_copy), not once per use.
 """
@@ -133,9 +134,9 @@ class LinearBF16Cuda:
         if ctx.reference:
             return LinearCuda.forward(ctx, x, w, b)
         K, M = w.shape
-        x2 = cp.ascontiguousarray(x).reshape(-1, K)
-        N = x2.shape[0]
-        xb = to_bf16(x2)
+        copy = precision.take_copy(x)   # LayerNorm's or GELU's output: the copy its kernel wrote (mixed_elementwise.py)
+        xb = copy.reshape(-1, K) if copy is not None else to_bf16(cp.ascontiguousarray(x).reshape(-1, K))
+        N = xb.shape[0]
         wb = precision.weight_copy(w, to_bf16)
         bias = None if b is None else cp.ascontiguousarray(b)
         out = cp.empty((N, M), dtype=np.float32)
