@@ -103,16 +103,16 @@ def _resident(fn, smem):
 
 
 def _slices(M, N, K, config, per_sm=1):
-    """The number of k slices S: the blocks (output tiles x S) run in waves of per_sm blocks a multiprocessor, and
-    S is chosen for the least time a slice's worth of work, waves / S, plus 1% a slice for the partial sums'
-    writes and their adding up (a tile count just over one wave, 144 on 132 multiprocessors, takes 2 waves
-    unsplit and 4 for 3 slices: 1.36 of the unsplit time against 2); each slice at least 8 k tiles, the partial
-    sums within WORKSPACE_BYTES."""
+    """The number of k slices S. The blocks (output tiles x S) run in waves of per_sm blocks a multiprocessor, and
+    a block takes its K / S / 32 k tiles plus about 4 tiles' time for filling the ring and storing: S minimises
+    waves x (K / (32 S) + 4), ties to the fewer. (384 x 384 outputs over K = 16,384 on 132 multiprocessors: 9
+    tiles, S = 14, one wave of 126 blocks; 768 x 3072 over 8,192: 144 tiles, S = 3, where unsplit they would take
+    2 waves, the second 12 blocks wide.) Each slice at least 8 k tiles, the partial sums within WORKSPACE_BYTES."""
     BM, BN = config[:2]
     tiles = -(-M // BM) * -(-N // BN)
     slots = cp.cuda.Device().attributes["MultiProcessorCount"] * per_sm
     most = max(1, min(K // (8 * 32), WORKSPACE_BYTES // (4 * M * N), 64))
-    cost = lambda s: -(-tiles * s // slots) / s + 0.01 * s
+    cost = lambda s: -(-tiles * s // slots) * (K / (32 * s) + 4)
     return min(range(1, most + 1), key=lambda s: (cost(s), s))
 
 
