@@ -1,8 +1,9 @@
-"""The short training run that the CPU and GPU bf16 tests compare with float32's: the loss curve of `steps`
-AdamW steps (clipping at 1.0) on random windows of a token array, each step in one weight_copies region."""
+"""What the CPU and GPU bf16 tests share: the short training run they compare with float32's (the loss curve of
+`steps` AdamW steps, clipping at 1.0, on random windows of a token array, each step in one weight_copies
+region), and one step of two equal bf16 models, with and without the producers' bf16 copies."""
 import numpy as np
 
-from tinygrad_llm import precision
+from tinygrad_llm import backend, precision
 from tinygrad_llm.optim import AdamW, clip_grad_norm, param_groups
 
 
@@ -22,3 +23,28 @@ def training_curve(model, data, steps, B, T=64):
         opt.zero_grad()
         losses.append(loss.item())
     return np.array(losses)
+
+
+def with_and_without_copies(with_copies, without, x, y, monkeypatch):
+    """One forward and backward of each model (the same weights) in a weight_copies region: `with_copies` as is,
+    `without` with precision.offer_copy doing nothing (every product converts its operand itself). Returns
+    ((loss, {name: gradient on the host}) of each, the number of copies the first one's products took)."""
+    taken, original_take, results = [], precision.take_copy, []
+
+    def counting(a):
+        copy = original_take(a)
+        taken.append(copy is not None)
+        return copy
+
+    monkeypatch.setattr(precision, "take_copy", counting)
+    for model, offer in ((with_copies, True), (without, False)):
+        if not offer:
+            monkeypatch.setattr(precision, "offer_copy", lambda a, copy: None)
+        with precision.weight_copies():
+            _, loss = model(x, y)
+            loss.backward()
+        grads = {name: backend.to_device(p.grad, "cpu") for name, p in model.named_parameters()}
+        results.append((loss.item(), grads))
+        if offer:
+            count = sum(taken)
+    return results, count

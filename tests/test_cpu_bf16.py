@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bf16_curves import training_curve
+from bf16_curves import training_curve, with_and_without_copies
 import torch
 
 from tinygrad_llm import precision
@@ -552,23 +552,8 @@ def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
     m2 = small_model("bfloat16", m1.state_dict())
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
-    taken, original_take, results = [], precision.take_copy, []
-
-    def counting(a):
-        copy = original_take(a)
-        taken.append(copy is not None)
-        return copy
-
-    monkeypatch.setattr(precision, "take_copy", counting)
-    for model, offer in ((m1, True), (m2, False)):
-        if not offer:
-            monkeypatch.setattr(precision, "offer_copy", lambda a, copy: None)
-        with precision.weight_copies():
-            _, loss = model(x, y)
-            loss.backward()
-        results.append((loss.item(), {name: p.grad for name, p in model.named_parameters()}))
-        if offer:
-            assert sum(taken) == 4 * model.config.n_layer + 1
+    results, taken = with_and_without_copies(m1, m2, x, y, monkeypatch)
+    assert taken == 4 * m1.config.n_layer + 1
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         np.testing.assert_array_equal(g, results[1][1][name], err_msg=name)

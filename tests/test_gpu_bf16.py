@@ -14,7 +14,7 @@ silently ran in float32 fails.
 """
 import numpy as np
 import pytest
-from bf16_curves import training_curve
+from bf16_curves import training_curve, with_and_without_copies
 
 from tinygrad_llm import backend, precision
 from tinygrad_llm import functional as F
@@ -222,24 +222,8 @@ def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
     m2 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m1.state_dict().items()})
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
-    taken, original_take, results = [], precision.take_copy, []
-
-    def counting(a):
-        copy = original_take(a)
-        taken.append(copy is not None)
-        return copy
-
-    monkeypatch.setattr(precision, "take_copy", counting)
-    for model, offer in ((m1, True), (m2, False)):
-        if not offer:
-            monkeypatch.setattr(precision, "offer_copy", lambda a, copy: None)
-        with precision.weight_copies():
-            _, loss = model(x, y)
-            loss.backward()
-        grads = {name: backend.to_device(p.grad, "cpu") for name, p in model.named_parameters()}
-        results.append((loss.item(), grads))
-        if offer:
-            assert sum(taken) == 3 * model.config.n_layer + 1
+    results, taken = with_and_without_copies(m1, m2, x, y, monkeypatch)
+    assert taken == 3 * m1.config.n_layer + 1
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         if name.startswith(("transformer.wte", "transformer.wpe")):
