@@ -27,6 +27,7 @@ import os
 
 import cupy as cp
 import numpy as np
+from cupy.cuda import cublas
 
 from .cublaslt import compute_type
 from .gemm_3xtf32_kernels import SOURCE
@@ -70,7 +71,14 @@ def enabled():
     return mode == "3xtf32"
 
 
-_capable = {}   # device id -> True where the GPU has tf32 tensor cores (compute capability 8.0 and later)
+_devices = {}   # device id -> (has tf32 tensor cores: compute capability 8.0 and later, multiprocessors)
+
+
+def _device():
+    dev = cp.cuda.Device()
+    if dev.id not in _devices:
+        _devices[dev.id] = int(dev.compute_capability) >= 80, dev.attributes["MultiProcessorCount"]
+    return _devices[dev.id]
 
 
 def takes(M, N, K, a, lda, b, ldb, c, ldc, bias=0):
@@ -78,19 +86,17 @@ def takes(M, N, K, a, lda, b, ldb, c, ldc, bias=0):
     cores, and supported()."""
     if not enabled():
         return False
-    from cupy.cuda import cublas
     if compute_type(np.float32) != cublas.CUBLAS_COMPUTE_32F:
         return False
-    dev = cp.cuda.Device()
-    if dev.id not in _capable:
-        _capable[dev.id] = int(dev.compute_capability) >= 80
-    return _capable[dev.id] and supported(M, N, K, a, lda, b, ldb, c, ldc, bias)
+    return _device()[0] and supported(M, N, K, a, lda, b, ldb, c, ldc, bias)
 
 
 def supported(M, N, K, a, lda, b, ldb, c, ldc, bias=0):
     """True when gemm takes the product: M and N at least MIN_SIZE, M, N and K multiples of 4, row strides multiples
-    of 4 elements, every address 16-byte aligned (the tiles load 16 bytes a copy; bias: 0 for none)."""
+    of 4 elements, every address 16-byte aligned (the tiles load 16 bytes a copy; bias: 0 for none), and M within
+    CUDA's grid (65,535 row blocks)."""
     return (M >= MIN_SIZE and N >= MIN_SIZE and K > 0 and M % 4 == 0 and N % 4 == 0 and K % 4 == 0
+            and M <= 65535 * CONFIG[0]
             and all(int(s) % 4 == 0 for s in (lda, ldb, ldc)) and all(int(p) % 16 == 0 for p in (a, b, c, bias)))
 
 
@@ -110,7 +116,7 @@ def _slices(M, N, K, config, per_sm=1):
     2 waves, the second 12 blocks wide.) Each slice at least 8 k tiles, the partial sums within WORKSPACE_BYTES."""
     BM, BN = config[:2]
     tiles = -(-M // BM) * -(-N // BN)
-    slots = cp.cuda.Device().attributes["MultiProcessorCount"] * per_sm
+    slots = _device()[1] * per_sm
     most = max(1, min(K // (8 * 32), WORKSPACE_BYTES // (4 * M * N), 64))
     cost = lambda s: -(-tiles * s // slots) * (K / (32 * s) + 4)
     return min(range(1, most + 1), key=lambda s: (cost(s), s))
