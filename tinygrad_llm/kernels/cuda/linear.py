@@ -13,8 +13,8 @@ import cupy as cp
 import numpy as np
 
 from ...functional import Linear
-from .cublas import blas, matmul, sum_rows_cuda
 from . import gemm_3xtf32
+from .cublas import blas, matmul, sum_rows_cuda
 from .cublaslt import alignment, lt
 from .runtime import served
 

@@ -10,9 +10,10 @@ float32, so LayerNorm, softmax, GELU, dropout and the loss run their float32 ker
 gradient is rounded before it is summed. The price is one conversion pass over each product's float32
 input (x forward, dout backward, attention's Pd in forward; attention's backward pass writes its Pd and dS as
 bf16 itself), except where the producer's kernel wrote the bf16 copy in its own pass and offered it
-(precision.offer_copy: LayerNorm's and GELU's outputs, mixed_elementwise.py). What a bf16 product saves for backward is its bf16 operand (x, q k v), half the bytes of the
-float32 input it replaces; attention keeps no (T, T) array by default (attention.SAVE). Weights are converted once per
-precision.weight_copies region (precision.weight_copy), not once per use.
+(precision.offer_copy: LayerNorm's and GELU's outputs, mixed_elementwise.py). What a bf16 product saves for
+backward is its bf16 operand (x, q k v), half the bytes of the float32 input it replaces; attention keeps no
+(T, T) array by default (attention.SAVE). Weights are converted once per precision.weight_copies region
+(precision.weight_copy), not once per use.
 """
 import cupy as cp
 import numpy as np
