@@ -8,6 +8,7 @@ def eager_then_replayed(step, outputs):
     import cupy as cp
     step()
     eager = [a.copy() for a in outputs]
+    cp.cuda.Device().synchronize()   # (the capture's stream does not wait for the eager run's)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()

@@ -1,7 +1,7 @@
 """The 3xTF32 GEMM (kernels/cuda/gemm_3xtf32.py): its split of a float32 value into tf32 parts, stated in NumPy
 (runs everywhere); on a GPU, every layout, edges, the bias, beta and split-k against float64 products of the
-same operands, its error against cuBLAS's float32 GEMM and against TF32's, which products go to it, its
-setting, reproducibility and a CUDA graph's replay.
+same operands, its error against cuBLAS's float32 GEMM and against TF32's, row strides wider than the rows,
+which products and which GPUs it takes, its setting, reproducibility and a CUDA graph's replay.
 
 Accuracy (largest error over the largest element of the float64 product): at most cuBLAS float32's own error on
 the same operands times 1.5, plus 2^-21 (the split's error on each product, which counts only in short sums,
@@ -101,7 +101,7 @@ def test_against_float64_cublas_and_tf32(g3, monkeypatch, ta, tb, M, N, K):
     rng = np.random.default_rng(M + N + K + 2 * ta + tb)
     a, b, da, db = operands(cp, rng, M, N, K, ta, tb)
     want = product64(a, b, ta, tb)
-    assert g3.takes(M, N, K, da.data.ptr, da.shape[1], db.data.ptr, db.shape[1], 0, N)
+    assert g3.takes(M, N, K, da.data.ptr, da.shape[1], db.data.ptr, db.shape[1], 0, N, trans_a=ta, trans_b=tb)
     calls = record(monkeypatch, g3)
     got = _cuda("cublas").matmul(da, db, trans_a=ta, trans_b=tb).get()
     assert len(calls) == 1
@@ -128,10 +128,11 @@ def test_bias_and_beta(g3, ta, tb, M, N, K):
     a, b, da, db = operands(cp, rng, M, N, K, ta, tb)
     bias = rng.standard_normal(N).astype(np.float32)
     c0 = rng.standard_normal((M, N)).astype(np.float32)
+    dbias = cp.asarray(bias)
     for beta in (0.0, 1.0, 0.5):
         dc = cp.asarray(c0)
         g3.gemm(M, N, K, da.data.ptr, da.shape[1], db.data.ptr, db.shape[1], dc.data.ptr, N, ta, tb,
-                bias=cp.asarray(bias).data.ptr, beta=beta)
+                bias=dbias.data.ptr, beta=beta)
         want = product64(a, b, ta, tb) + bias + beta * c0.astype(np.float64)
         # the product's bound (test_against_float64_cublas_and_tf32), and a rounding for each of the two adds
         size = (np.abs(a.T if ta else a).astype(np.float64) @ np.abs(b.T if tb else b) + np.abs(bias)
@@ -158,8 +159,9 @@ def test_which_products_it_takes(g3, monkeypatch):
     assert rel_err(out.get(), want) < 1e-6
     _cuda("cublas").matmul(x, w)
     assert len(calls) == 2
+    shifted = cp.asarray(rng.standard_normal(256 * 96 + 1).astype(np.float32))[1:].reshape(256, 96)
     for skipped in (lambda: _cuda("cublas").matmul(x[:, :95].copy(), w[:95]),       # K = 95
-                    lambda: _cuda("cublas").matmul(x.ravel()[1:1 + 255 * 96].reshape(255, 96), w),   # 4-byte aligned
+                    lambda: _cuda("cublas").matmul(shifted, w),                      # 4 bytes past 16-byte alignment
                     lambda: backend.sum_rows(x)):
         skipped()
     assert len(calls) == 2
@@ -170,6 +172,49 @@ def test_which_products_it_takes(g3, monkeypatch):
     _cuda("cublas").matmul(x, w)
     linear.forward(Context((True, True, True)), x, w, bias)
     assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("ta,tb", LAYOUTS)
+def test_row_strides_wider_than_the_rows(g3, ta, tb):
+    """Each operand a view of a wider array (row stride past its row's length), C too: the columns past the
+    view's are neither read nor written."""
+    import cupy as cp
+    rng = np.random.default_rng(11)
+    M, N, K, pad = 132, 96, 200, 8
+    a = rng.standard_normal((K, M + pad) if ta else (M, K + pad)).astype(np.float32)
+    b = rng.standard_normal((N, K + pad) if tb else (K, N + pad)).astype(np.float32)
+    c = np.full((M, N + pad), 7.0, np.float32)
+    da, db, dc = cp.asarray(a), cp.asarray(b), cp.asarray(c)
+    args = (M, N, K, da.data.ptr, a.shape[1], db.data.ptr, b.shape[1], dc.data.ptr, N + pad)
+    assert g3.takes(*args, trans_a=ta, trans_b=tb)
+    assert not g3.takes(M, N, K, da.data.ptr, (M if ta else K) - 4, db.data.ptr, b.shape[1], dc.data.ptr, N + pad,
+                        trans_a=ta, trans_b=tb)   # a row stride shorter than the row
+    g3.gemm(*args, ta, tb)
+    got = dc.get()
+    want = product64(a[:, :M] if ta else a[:, :K], b[:, :K] if tb else b[:, :N], ta, tb)
+    assert rel_err(got[:, :N], want) < 1e-6
+    assert bool((got[:, N:] == 7.0).all())
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_only_gpus_of_the_capabilities_with_the_shared_memory(g3, monkeypatch):
+    """takes() on a device outside CAPABILITIES, or one allowing less shared memory a block than a layout's kernel
+    asks for (an RTX or L-series part: 101,376 bytes), says no: that layout keeps cuBLAS."""
+    import cupy as cp
+    a, b, c = (cp.empty((128, 128), np.float32) for _ in range(3))
+    args = (128, 128, 128, a.data.ptr, 128, b.data.ptr, 128, c.data.ptr, 128)
+    capable, sms, shared = g3._device()
+    assert capable and g3.takes(*args)
+    dev = cp.cuda.Device().id
+    monkeypatch.setitem(g3._devices, dev, (False, sms, shared))
+    assert not g3.takes(*args)
+    monkeypatch.setitem(g3._devices, dev, (True, sms, 101376))
+    for ta, tb in LAYOUTS:
+        assert g3.takes(*args, trans_a=ta, trans_b=tb) == (g3.shared_bytes(g3.CONFIG, ta, tb) <= 101376)
+    assert g3.takes(*args, trans_a=True) and not g3.takes(*args)
 
 
 @pytest.mark.gpu

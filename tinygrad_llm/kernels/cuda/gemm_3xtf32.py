@@ -15,9 +15,11 @@ shared-memory tiles filled by cp.async (16 bytes a copy, zeros past the matrix).
 layout (k-contiguous, or m/n-contiguous), padded so that every fragment read hits 32 distinct banks; each
 8-wide k block is read in the order k = 2t, 2t + 1 for the fragments' slots t, t + 4 (a sum over k does not
 depend on its order when both operands agree), so a lane's two words of a k-contiguous fragment are
-neighbours (one 8-byte read). Products with fewer output tiles than the GPU holds blocks (the weight
-gradients: 384 x 1152 outputs summed over 16,384 rows) split k across blocks, each slice writing its partial
-sums to a kept workspace that a second kernel adds in slice order: results do not depend on scheduling.
+neighbours (one 8-byte read). Products with few output tiles for the GPU's multiprocessors (the weight
+gradients: 384 x 1152 outputs summed over 16,384 rows) split k across blocks where a model of the waves says it
+pays (_slices), each slice writing its partial sums to a kept workspace (one a device, made on the first split
+product: the eager warm-up steps make it before a graph is captured) that a second kernel adds in slice order:
+results do not depend on scheduling. Products on one stream only (the workspace is shared).
 
 MODE (TINYGRAD_LLM_FP32_GEMM, read at import): "3xtf32" (default) sends every strict-float32 product that
 takes() accepts here (cublas.gemm, Linear's forward); "cublas" keeps cuBLAS's float32 GEMM. TF32 mode
@@ -39,7 +41,7 @@ MODES = ("3xtf32", "cublas")
 # (BM, BN, WM, WN, STAGES): the block's outputs, each warp's, and the depth of the ring of k tiles
 CONFIG = (128, 128, 64, 32, 3)
 MIN_SIZE = 64              # rows and columns of C below which cuBLAS keeps the product
-WORKSPACE_BYTES = 32 << 20   # the split-k slices' partial sums (kept: nothing is allocated while a graph is captured)
+WORKSPACE_BYTES = 32 << 20   # the split-k slices' partial sums (kept, so a captured graph's replays reuse it)
 _modules = {}
 _workspace = register_cache({})   # device id -> the kept workspace (a captured graph keeps it alive)
 
@@ -71,32 +73,44 @@ def enabled():
     return mode == "3xtf32"
 
 
-_devices = {}   # device id -> (has tf32 tensor cores: compute capability 8.0 and later, multiprocessors)
+# Compute capabilities whose tensor cores run tf32 products at 7-8x the CUDA cores' float32 rate (A100; H100,
+# H200), so three tf32 products can beat one float32 one (measured on the H200). The RTX and L-series parts
+# (8.6, 8.9, 12.0) run tf32 at about their float32 rate, and allow 99 KiB of shared memory a block: cuBLAS.
+CAPABILITIES = (80, 90)
+_devices = {}   # device id -> (a capability of CAPABILITIES, multiprocessors, shared memory a block may ask for)
+_SHARED_OPTIN = 97   # cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
 def _device():
     dev = cp.cuda.Device()
     if dev.id not in _devices:
-        _devices[dev.id] = int(dev.compute_capability) >= 80, dev.attributes["MultiProcessorCount"]
+        try:
+            shared = cp.cuda.runtime.deviceGetAttribute(_SHARED_OPTIN, dev.id)
+        except Exception:   # (a runtime that cannot say: the kernels are not used)
+            shared = 0
+        _devices[dev.id] = int(dev.compute_capability) in CAPABILITIES, dev.attributes["MultiProcessorCount"], shared
     return _devices[dev.id]
 
 
-def takes(M, N, K, a, lda, b, ldb, c, ldc, bias=0):
-    """True when a float32 product goes to gemm(): MODE on, TF32 off (strict float32), a GPU with tf32 tensor
-    cores, and supported()."""
+def takes(M, N, K, a, lda, b, ldb, c, ldc, bias=0, trans_a=False, trans_b=False):
+    """True when a float32 product goes to gemm(): MODE on, TF32 off (strict float32), a GPU of CAPABILITIES with
+    the shared memory the kernel asks for, and supported()."""
     if not enabled():
         return False
     if compute_type(np.float32) != cublas.CUBLAS_COMPUTE_32F:
         return False
-    return _device()[0] and supported(M, N, K, a, lda, b, ldb, c, ldc, bias)
+    capable, _, shared = _device()
+    return (capable and shared_bytes(CONFIG, trans_a, trans_b) <= shared
+            and supported(M, N, K, a, lda, b, ldb, c, ldc, bias, trans_a, trans_b))
 
 
-def supported(M, N, K, a, lda, b, ldb, c, ldc, bias=0):
-    """True when gemm takes the product: M and N at least MIN_SIZE, M, N and K multiples of 4, row strides multiples
-    of 4 elements, every address 16-byte aligned (the tiles load 16 bytes a copy; bias: 0 for none), and M within
-    CUDA's grid (65,535 row blocks)."""
+def supported(M, N, K, a, lda, b, ldb, c, ldc, bias=0, trans_a=False, trans_b=False):
+    """True when gemm takes the product (op(A) M x K, A stored K x M when trans_a; op(B) K x N, stored N x K when
+    trans_b): M and N at least MIN_SIZE, M, N and K multiples of 4, row strides multiples of 4 elements and at
+    least their rows' lengths, every address 16-byte aligned (the tiles load 16 bytes a copy; bias: 0 for none),
+    and M within CUDA's grid (65,535 row blocks)."""
     return (M >= MIN_SIZE and N >= MIN_SIZE and K > 0 and M % 4 == 0 and N % 4 == 0 and K % 4 == 0
-            and M <= 65535 * CONFIG[0]
+            and M <= 65535 * CONFIG[0] and lda >= (M if trans_a else K) and ldb >= (K if trans_b else N) and ldc >= N
             and all(int(s) % 4 == 0 for s in (lda, ldb, ldc)) and all(int(p) % 16 == 0 for p in (a, b, c, bias)))
 
 

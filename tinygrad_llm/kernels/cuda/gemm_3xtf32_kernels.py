@@ -5,7 +5,8 @@ read, m16n8k8 products summed per k tile and promoted into float32 sums) and the
 SOURCE = r"""
 // x = hi + lo: hi is x rounded to tf32's 11 significant bits (half up in magnitude: add half a tf32 unit, clear
 // the 13 low bits), lo = x - hi exactly (|lo| <= 2^-11 |x|), of which the tensor cores read the top 19 bits
-// (truncated: off by under 2^-10 |lo| <= 2^-21 |x|). Inf and NaN inputs give NaN lo words, so NaN results.
+// (truncated: off by under 2^-10 |lo| <= 2^-21 |x|). Inf and NaN inputs give NaN lo words, so NaN results; so do
+// finite values within half a tf32 unit of float32's largest (|x| >= (2 - 2^-11) 2^127: hi rounds to infinity).
 __device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
     hi = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
     lo = __float_as_uint(x - __uint_as_float(hi));

@@ -20,7 +20,8 @@ from .runtime import served
 
 
 class LinearCuda:
-    """functional.Linear with the bias added in the GEMM's epilogue (cuBLASLt); backward is the op's."""
+    """functional.Linear with the bias added in the GEMM's epilogue (cuBLASLt's, or in strict float32 the 3xTF32
+    kernel's where it takes the shapes; both need cuBLASLt loaded); backward is the op's."""
 
     @staticmethod
     def forward(ctx, x, w, b=None):
