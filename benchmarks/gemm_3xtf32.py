@@ -9,14 +9,15 @@ For each product: ours (3xTF32), cuBLAS in float32 and cuBLAS in TF32, each thro
 back-to-back launches, median of 15 after a warm-up; the error is the largest absolute difference from the
 float64 product of the same operands over the largest element of that product. Needs CuPy and a GPU.
 """
-import argparse
-import os
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cli_args import Parser  # noqa: E402
 
 RECIPES = {"shakespeare": (16384, 384), "gpt2": (8192, 768)}   # rows (B*T), width C
 
@@ -47,7 +48,7 @@ def timed(cp, fn, reps=10, runs=15):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(__doc__)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="shakespeare")
     args = parser.parse_args(argv)
     from tinygrad_llm import backend

@@ -537,7 +537,7 @@ class Dropout(Function):
             ctx.mask = keep.astype(x.dtype) * x.dtype.type(1 / (1 - p))
         return x * ctx.mask
 
-    # derivation: docs/backward/dropout.md
+    # derivation: docs/backward/dropout_and_dropout_add.md
     @staticmethod
     def backward(ctx, dout):
         # dx = dout * mask  (mask = keep / (1 - p))
@@ -576,7 +576,7 @@ class DropoutAdd(Function):
         # the sum by Add's kernel for the device (threads on the CPU): the unfused x + dropout(y)'s additions
         return backend.accelerated(Add, x, dropped).forward(Context((False, False)), x, dropped)
 
-    # derivation: docs/backward/dropout.md
+    # derivation: docs/backward/dropout_and_dropout_add.md
     @staticmethod
     def backward(ctx, dout):
         # out = x + y * mask: dx = dout, dy = dout * mask

@@ -92,12 +92,11 @@ def gemm(dtype, batch, M, N, K, a, lda, stride_a, b, ldb, stride_b, c, ldc, stri
     project's ctypes handle (capturable); CuPy's cuBLAS where that library is missing."""
     dtype = np.dtype(dtype)
     t = CUDA_TYPE[dtype]
-    if batch == 1 and dtype == np.float32 and gemm_3xtf32.takes(M, N, K, a, lda, b, ldb, c, ldc, trans_a=trans_a,
-                                                                 trans_b=trans_b):
-        gemm_3xtf32.gemm(M, N, K, a, lda, b, ldb, c, ldc, trans_a, trans_b, beta=beta)
-        return
-    if batch == 1 and dtype == np.float32:   # cuBLASLt's plan (its algorithm timed once), where it takes the product
-        plans = lt()
+    if batch == 1 and dtype == np.float32:
+        if gemm_3xtf32.takes(M, N, K, a, lda, b, ldb, c, ldc, trans_a=trans_a, trans_b=trans_b):
+            gemm_3xtf32.gemm(M, N, K, a, lda, b, ldb, c, ldc, trans_a, trans_b, beta=beta)
+            return
+        plans = lt()   # cuBLASLt's plan (its algorithm timed once), where it takes the product
         if plans is not None and plans.matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a, trans_b, in_type=t, beta=beta):
             return
     lib = blas()

@@ -17,8 +17,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) ldsm4(qa[kk], Qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
     float m[2] = {(float)NEG_INF, (float)NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    zero(o);
     const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
     for (int k0 = 0; k0 < kend; k0 += 64) {
         __syncthreads();
@@ -26,8 +25,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
         load_tile<HD>(Vs, v + in0, st, k0, T);
         __syncthreads();
         float s[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        zero(s);
 #pragma unroll
         for (int kk = 0; kk < KS; kk++)
 #pragma unroll
@@ -76,10 +74,8 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
         ldsm4(va[kk], Vs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
     }
     float gk[HD / 8][4], gv[HD / 8][4];
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) gk[j][e] = gv[j][e] = 0.f;
+    zero(gk);
+    zero(gv);
     const int key0 = k0 + warp * 16 + g;
     for (int q0 = causal ? k0 : 0; q0 < T; q0 += 64) {
         __syncthreads();
@@ -92,10 +88,8 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
         }
         __syncthreads();
         float s[8][4], dp[8][4];   // S^T = K Q^T and dPd^T = V dy^T: rows = this warp's keys, columns = queries
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+        zero(s);
+        zero(dp);
 #pragma unroll
         for (int kk = 0; kk < KS; kk++)
 #pragma unroll
@@ -135,8 +129,7 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
         }
         __syncthreads();
         float gq[HD / 8][4];   // dQ rows q0 + 16w.. of this warp += dS (these 64 keys) k
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) gq[j][0] = gq[j][1] = gq[j][2] = gq[j][3] = 0.f;
+        zero(gq);
 #pragma unroll
         for (int kc = 0; kc < 4; kc++) {
             unsigned a[4];

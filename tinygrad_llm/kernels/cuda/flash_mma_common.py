@@ -3,15 +3,13 @@ product (mma.sync m16n8k16), bf16 rounding, the bf16 tiles' loader, the backward
 dQ's sums zeroed), the bf16 kernels' argument list, and the steps the bf16 and tf32 kernels share (the online
 softmax of a score tile, the output rows, Pd and dS of a tile, dQ's atomic sums, dk and dv). Kept apart from
 the launchers so each file stays short; the kernels are in flash_mma_bf16.py and flash_mma_tf32.py (which
-holds the tf32 helpers: m16n8k8, tf32 rounding and the 3xTF32 split, the tf32 tiles and their fragments).
+holds the tf32 helpers: tf32 rounding and the 3xTF32 split, the tf32 tiles and their fragments; the m16n8k8
+product is runtime.TENSOR_CORE's).
 """
 
-SOURCE = r"""
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
+from .runtime import TENSOR_CORE
+
+SOURCE = TENSOR_CORE + r"""
 // four 8x8 bf16 matrices from shared memory (lane l gives row l % 8 of matrix l / 8); .trans: transposed
 __device__ __forceinline__ void ldsm4(unsigned (&r)[4], const unsigned short* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"

@@ -1,6 +1,6 @@
 """The TF32 and 3xTF32 kernels of flash_mma.py (float32 q, k, v; m16n8k8 products; float32 outputs): one tf32
 product per tile product, or with SPLIT three (a_lo b_hi + a_hi b_lo + a_hi b_hi: float32's accuracy), and their
-helpers (the tf32 product, rounding and split, the tiles in shared memory and their fragments; SPLIT tiles hold
+helpers (tf32 rounding and split, the tiles in shared memory and their fragments; SPLIT tiles hold
 each value split once, as loaded). Derivation: docs/backward/flash_attention.md; the helpers shared with the
 bf16 kernels: flash_mma_common.py.
 """
@@ -8,12 +8,6 @@ bf16 kernels: flash_mma_common.py.
 SOURCE = r"""
 // ---- TF32: float32 q, k, v rounded to tf32 (round to nearest, ties away) as the mma operands ----
 __device__ __forceinline__ unsigned to_tf32(float x) { unsigned r; asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x)); return r; }
-// c (16x8 float32) += a (16x8 tf32, row fragments) b (8x8 tf32, column fragments b0 b1)
-__device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 // x = hi + lo + (under 2^-22 |x|): hi = tf32(x), lo = tf32(x - hi) (x - hi is exact in float32)
 __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
     hi = to_tf32(x);
@@ -118,8 +112,7 @@ __global__ void __launch_bounds__(128, SPLIT ? 1 : 3) tf32_flash_forward(TF32_AR
 #pragma unroll
     for (int kk = 0; kk < HD / 8; kk++) frag_a<SPLIT>(qa[kk], ql[SPLIT ? kk : 0], Qs, LD, warp * 16, kk * 8, g, t);
     float m[2] = {(float)NEG_INF, (float)NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    zero(o);
     const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
     for (int k0 = 0; k0 < kend; k0 += 64) {
         __syncthreads();
@@ -127,8 +120,7 @@ __global__ void __launch_bounds__(128, SPLIT ? 1 : 3) tf32_flash_forward(TF32_AR
         load_tile32<HD, SPLIT>(Vs, v + in0, st, k0, T);
         __syncthreads();
         float s[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        zero(s);
 #pragma unroll
         for (int kk = 0; kk < HD / 8; kk++)
 #pragma unroll
@@ -166,10 +158,8 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
     load_tile32<HD, SPLIT>(Ks, k + in0, st, k0, T);
     load_tile32<HD, SPLIT>(Vs, v + in0, st, k0, T);
     float gk[HD / 8][4], gv[HD / 8][4];
-#pragma unroll
-    for (int j = 0; j < HD / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) gk[j][e] = gv[j][e] = 0.f;
+    zero(gk);
+    zero(gv);
     const int key0 = k0 + warp * 16 + g;
     for (int q0 = causal ? k0 : 0; q0 < T; q0 += 64) {
         __syncthreads();
@@ -182,10 +172,8 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
         }
         __syncthreads();
         float s[8][4], dp[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+        zero(s);
+        zero(dp);
 #pragma unroll
         for (int kk = 0; kk < HD / 8; kk++) {
             unsigned ka[4], kl[4], va[4], vl[4];
@@ -219,8 +207,7 @@ __global__ void __launch_bounds__(128) tf32_flash_backward(TF32_ARGS, const floa
         }
         __syncthreads();
         float gq[HD / 8][4];
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) gq[j][0] = gq[j][1] = gq[j][2] = gq[j][3] = 0.f;
+        zero(gq);
 #pragma unroll
         for (int kc = 0; kc < 8; kc++) {   // keys 8kc..8kc+7: a = dS[query][key] = St[key][query] (slots as frag_a)
             int r = warp * 16 + g, k0 = 8 * kc + 2 * t;

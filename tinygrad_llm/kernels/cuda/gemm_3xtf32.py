@@ -25,6 +25,7 @@ MODE (TINYGRAD_LLM_FP32_GEMM, read at import): "3xtf32" (default) sends every st
 takes() accepts here (cublas.gemm, Linear's forward); "cublas" keeps cuBLAS's float32 GEMM. TF32 mode
 (backend.set_tf32) keeps cuBLAS's one-product TF32. Launches only: capturable into a CUDA graph.
 """
+import functools
 import os
 
 import cupy as cp
@@ -129,9 +130,13 @@ def _slices(M, N, K, config, per_sm=1):
     tiles, S = 14, one wave of 126 blocks; 768 x 3072 over 8,192: 144 tiles, S = 3, where unsplit they would take
     2 waves, the second 12 blocks wide.) Each slice at least 8 k tiles, the partial sums within WORKSPACE_BYTES."""
     BM, BN = config[:2]
-    tiles = -(-M // BM) * -(-N // BN)
-    slots = _device()[1] * per_sm
     most = max(1, min(K // (8 * 32), WORKSPACE_BYTES // (4 * M * N), 64))
+    return _cheapest(-(-M // BM) * -(-N // BN), _device()[1] * per_sm, K, most)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cheapest(tiles, slots, K, most):
+    """_slices' choice among 1..most (kept: an eager step asks it again for every product, 20 us each)."""
     cost = lambda s: -(-tiles * s // slots) * (K / (32 * s) + 4)
     return min(range(1, most + 1), key=lambda s: (cost(s), s))
 

@@ -2,7 +2,9 @@
 read, m16n8k8 products summed per k tile and promoted into float32 sums) and the sum of its split-k slices.
 """
 
-SOURCE = r"""
+from .runtime import TENSOR_CORE
+
+SOURCE = TENSOR_CORE + r"""
 // x = hi + lo: hi is x rounded to tf32's 11 significant bits (half up in magnitude: add half a tf32 unit, clear
 // the 13 low bits), lo = x - hi exactly (|lo| <= 2^-11 |x|), of which the tensor cores read the top 19 bits
 // (truncated: off by under 2^-10 |lo| <= 2^-21 |x|). Inf and NaN inputs give NaN lo words, so NaN results; so do
@@ -11,19 +13,9 @@ __device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
     hi = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
     lo = __float_as_uint(x - __uint_as_float(hi));
 }
-__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 // 16 bytes global -> shared, bypassing L1; bytes = 0 writes zeros (a chunk past the matrix)
 __device__ __forceinline__ void cp16(void* dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_u32(dst)), "l"(src), "r"(bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template<int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
@@ -74,10 +66,7 @@ __global__ void __launch_bounds__(256) gemm3x(const float* a, const float* b, fl
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
     const int kbeg = blockIdx.z * kslice, kend = min(K, kbeg + kslice), ktiles = (kend - kbeg + BK - 1) / BK;
     float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; i++)
-#pragma unroll
-        for (int j = 0; j < NT; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+    zero(acc);
     auto stage = [&](int s) { return smem + s * (TileA::WORDS + TileB::WORDS); };
     auto fill = [&](int kt) {
         if (kt < ktiles) {
@@ -95,10 +84,7 @@ __global__ void __launch_bounds__(256) gemm3x(const float* a, const float* b, fl
         fill(kt + STAGES - 1);
         const float *As = stage(kt % STAGES), *Bs = As + TileA::WORDS;
         float tacc[MT][NT][4];   // this k tile's sums
-#pragma unroll
-        for (int i = 0; i < MT; i++)
-#pragma unroll
-            for (int j = 0; j < NT; j++) tacc[i][j][0] = tacc[i][j][1] = tacc[i][j][2] = tacc[i][j][3] = 0.f;
+        zero(tacc);
 #pragma unroll
         for (int kb = 0; kb < BK; kb += 8) {
             unsigned ah[MT][4], al[MT][4], bh[NT][2], bl[NT][2];
@@ -116,9 +102,9 @@ __global__ void __launch_bounds__(256) gemm3x(const float* a, const float* b, fl
             for (int i = 0; i < MT; i++)
 #pragma unroll
                 for (int j = 0; j < NT; j++) {   // the small terms first
-                    mma_tf32(tacc[i][j], al[i], bh[j][0], bh[j][1]);
-                    mma_tf32(tacc[i][j], ah[i], bl[j][0], bl[j][1]);
-                    mma_tf32(tacc[i][j], ah[i], bh[j][0], bh[j][1]);
+                    mma1688(tacc[i][j], al[i], bh[j][0], bh[j][1]);
+                    mma1688(tacc[i][j], ah[i], bl[j][0], bl[j][1]);
+                    mma1688(tacc[i][j], ah[i], bh[j][0], bh[j][1]);
                 }
         }
         // the tile's sums into the running sums, rounded to nearest: the tensor cores' own additions truncate, and

@@ -1,5 +1,6 @@
 """What every CUDA kernel file shares: compiling a C++ source once per dtype, launch shapes, the
-library loader for what CuPy does not bind, and the C helpers (warp reductions, dropout's hash).
+library loader for what CuPy does not bind, and the C helpers (warp reductions, dropout's hash; and for the
+tensor-core kernels, TENSOR_CORE: a shared-memory address, zeroed accumulators, the tf32 product).
 
 A kernel file holds its C++ source beside its launcher and compiles it with `Source(code, names)`:
 the shared helpers (HEADER) are prepended, each kernel is a template over float and double, and a dtype
@@ -75,6 +76,31 @@ __device__ __forceinline__ unsigned long long dropout_seed(const unsigned long l
     unsigned long long z = seed_ptr[0] + (seed + 1) * 0xD1B54A32D192ED03ULL;
     z = (z ^ (z >> 32)) * 0xBF58476D1CE4E5B9ULL;
     return (z ^ (z >> 29)) & 0x7FFFFFFFFFFFFFFFULL;
+}
+"""
+
+# What the tensor-core kernels share (flash_mma*.py, gemm_3xtf32_kernels.py): a shared-memory address for PTX, and
+# the tf32 product. Prepended to those sources only.
+TENSOR_CORE = r"""
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// accumulator fragments (4 floats a lane each) set to zero
+template<int N> __device__ __forceinline__ void zero(float (&a)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++) a[j][0] = a[j][1] = a[j][2] = a[j][3] = 0.f;
+}
+template<int M, int N> __device__ __forceinline__ void zero(float (&a)[M][N][4]) {
+#pragma unroll
+    for (int i = 0; i < M; i++) zero(a[i]);
+}
+// c (16x8 float32) += a (16x8 tf32, row fragments) b (8x8 tf32, column fragments b0 b1)
+__device__ __forceinline__ void mma1688(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 """
 
