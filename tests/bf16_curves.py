@@ -25,23 +25,24 @@ def training_curve(model, data, steps, B, T=64):
     return np.array(losses)
 
 
-def with_and_without_copies(with_copies, without, x, y, monkeypatch):
+def with_and_without_copies(with_copies, without, x, y, monkeypatch, seed=None):
     """One forward and backward of each model (the same weights) in a weight_copies region: `with_copies` as is,
-    `without` with precision.offer_copy doing nothing (every product converts its operand itself). Returns
-    ((loss, {name: gradient on the host}) of each, the number of copies the first one's products took)."""
+    `without` with precision.offer_copy doing nothing (every product converts its operand itself and sums its
+    bias gradient). seed: dropout's generator for each run, np.random.default_rng(seed) (None: no generator).
+    Returns ((loss, {name: gradient on the host}) of each, the number of copies the first one's products took)."""
     taken, original_take, results = [], precision.take_copy, []
 
-    def counting(a):
-        copy = original_take(a)
-        taken.append(copy is not None)
-        return copy
+    def counting(a, sums=False):
+        got = original_take(a, sums=sums)
+        taken.append((got[0] if sums else got) is not None)
+        return got
 
     monkeypatch.setattr(precision, "take_copy", counting)
     for model, offer in ((with_copies, True), (without, False)):
         if not offer:
-            monkeypatch.setattr(precision, "offer_copy", lambda a, copy: None)
+            monkeypatch.setattr(precision, "offer_copy", lambda a, copy, sums=None: None)
         with precision.weight_copies():
-            _, loss = model(x, y)
+            _, loss = model(x, y, rng=None if seed is None else np.random.default_rng(seed))
             loss.backward()
         grads = {name: backend.to_device(p.grad, "cpu") for name, p in model.named_parameters()}
         results.append((loss.item(), grads))

@@ -150,8 +150,8 @@ def test_self_attention_under_autocast_the_same_whatever_it_keeps(causal, monkey
     assert rel_err(results["p"][0], y_ref) == 0.0   # the same Pd: "p" redraws exactly what "p+pd" kept
 
 
-def small_model(dtype, state=None):
-    config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64, dtype=dtype)
+def small_model(dtype, state=None, dropout=0.0):
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64, dtype=dtype, dropout=dropout)
     model = GPT(config, rng=np.random.default_rng(3))
     if state is not None:
         model.load_state_dict(state)
@@ -210,20 +210,64 @@ def test_layer_norm_and_gelu_write_the_bf16_copy_of_their_output(shape):
             assert precision.take_copy(out64) is None and out64.dtype == np.float64
 
 
-def test_model_with_producer_copies_equals_model_converting_itself(monkeypatch):
+@pytest.mark.parametrize("shape", [(4, 64, 96), (3, 7, 40), (5, 13), (2, 300, 1536)])
+def test_gelu_and_dropout_add_backward_offer_the_copy_and_column_sums_of_their_gradient(shape):
+    """Under autocast GELU's backward (tanh form) and DropoutAdd's give the float32 kernels' gradients bit for
+    bit, and offer, once, bf16(gradient)'s bits (to_bf16's) and its column sums (column_sums' of the gradient,
+    bit for bit: the bias gradient the next product would have summed); DropoutAdd's dx is dout itself.
+    Outside a weight_copies region nothing is kept."""
+    import cupy as cp
+
+    from tinygrad_llm.kernels.cuda import columns, mixed, mixed_elementwise
+    from tinygrad_llm.kernels.cuda.elementwise import DropoutAddCuda, GELUCuda
+    from tinygrad_llm.tensor import Context
+    rng = np.random.default_rng(sum(shape))
+    x, y, dout = (cp.asarray(rng.standard_normal(shape).astype(np.float32) * 3) for _ in range(3))
+    M = shape[-1]
+
+    def gelu(kernel):
+        ctx = Context((True,))
+        kernel.forward(ctx, x, approximate="tanh")
+        return (kernel.backward(ctx, dout),)
+
+    def dropout_add(kernel):
+        ctx = Context((True, True))
+        kernel.forward(ctx, x, y, p=0.2, rng=np.random.default_rng(7))
+        return kernel.backward(ctx, dout)
+
+    for run, kernel, float_kernel in ((gelu, mixed_elementwise.GELUBF16Cuda, GELUCuda),
+                                      (dropout_add, mixed_elementwise.DropoutAddBF16Cuda, DropoutAddCuda)):
+        want = run(float_kernel)
+        with precision.weight_copies():
+            got = run(kernel)
+            copy, sums = precision.take_copy(got[-1], sums=True)
+            assert precision.take_copy(got[-1], sums=True) == (None, None)
+        for g, w in zip(got, want):
+            assert g.shape == shape and g.dtype == np.float32 and bool((g == w).all()), kernel.__name__
+        if len(got) == 2:
+            assert got[0] is dout
+            assert 0.7 < float((got[1] != 0).mean()) < 0.9   # the mask dropped about a fifth
+        np.testing.assert_array_equal(copy.get(), mixed.to_bf16(want[-1]).get())
+        np.testing.assert_array_equal(sums.get(), columns.column_sums(want[-1].reshape(-1, M)).get())
+        assert precision.take_copy(run(kernel)[-1]) is None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_model_with_producer_copies_equals_model_converting_itself(dropout, monkeypatch):
     """The bf16 model's loss and gradients on the GPU are bitwise the same whether its products take the
-    producers' bf16 copies or convert the float32 outputs themselves, and they do take them (LayerNorm's 2 and
-    GELU's 1 a layer, ln_f's 1). Attention on its cuBLAS path here: the flash kernels add dQ atomically, in an
+    producers' bf16 copies (and a gradient's column sums) or convert the float32 arrays and sum the bias
+    gradients themselves, and they do take them. Attention on its cuBLAS path here: the flash kernels add dQ atomically, in an
     order that changes from run to run; and the embeddings' gradients (CuPy's scatter-add, atomic too) within
     float32 rounding of the order only."""
     from tinygrad_llm.kernels.cuda import flash_mma
     monkeypatch.setattr(flash_mma, "MMA", "0")
-    m1 = small_model("bfloat16")
-    m2 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m1.state_dict().items()})
+    m1 = small_model("bfloat16", dropout=dropout)
+    m2 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m1.state_dict().items()}, dropout)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
-    results, taken = with_and_without_copies(m1, m2, x, y, monkeypatch)
-    assert taken == 3 * m1.config.n_layer + 1
+    results, taken = with_and_without_copies(m1, m2, x, y, monkeypatch, seed=5)
+    # a layer: LayerNorm's 2 and GELU's 1 forward; GELU's 1 and, with dropout, DropoutAdd's 2 backward
+    assert taken == (4 + (2 if dropout else 0)) * m1.config.n_layer + 1
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         if name.startswith(("transformer.wte", "transformer.wpe")):

@@ -563,6 +563,7 @@ class DropoutAdd(Function):
     same generator state (one rng.random draw of y's shape), so dropout_add(x, y) == x + dropout(y) bit
     for bit, values and gradients."""
     kernels = {"cuda": "elementwise.DropoutAddCuda"}
+    bf16_kernels = {"cuda": "mixed_elementwise.DropoutAddBF16Cuda"}   # float32, plus dy's bf16 copy and column sums
 
     @staticmethod
     def forward(ctx, x, y, p=0.5, rng=None):

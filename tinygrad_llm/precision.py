@@ -42,10 +42,11 @@ BF16_OPS = ("Linear", "SelfAttention")
 
 # Ops that compute in float32 under autocast (outputs and gradients stay float32, as above) but whose kernels
 # write, in the same pass, the bf16 copy of what they produce for the bf16 product that consumes it: GELU's
-# output is the MLP's c_proj operand (and on the CPU its input gradient c_fc's dout); LayerNorm's output is
-# c_attn's, c_fc's or the LM head's operand (its input gradient joins the residual stream: no copy)
+# output is the MLP's c_proj operand and its input gradient c_fc's dout; LayerNorm's output is c_attn's, c_fc's
+# or the LM head's operand (its input gradient joins the residual stream: no copy); DropoutAdd's branch
+# gradient is c_proj's dout (on the GPU; with a gradient, its column sums: the product's bias gradient)
 # (offer_copy / take_copy below).
-BF16_COPY_PRODUCERS = ("GELU", "LayerNorm")
+BF16_COPY_PRODUCERS = ("DropoutAdd", "GELU", "LayerNorm")
 
 # The CPU features that make bf16 products fast (/proc/cpuinfo flags): AVX-512 BF16 dot products, AMX tiles.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -119,21 +120,24 @@ def weight_copy(w, convert, kind="bf16"):
     return entry[1]
 
 
-def offer_copy(x, copy):
+def offer_copy(x, copy, sums=None):
     """A BF16_COPY_PRODUCERS kernel hands over `copy`, the bf16 bits of x (an array it has just made and
-    returns, which nothing changes in place afterwards), for the product that takes x next (take_copy).
-    Kept only inside a weight_copies region, and dropped with it."""
+    returns, which nothing changes in place afterwards), for the product that takes x next (take_copy);
+    `sums`, where the kernel summed them in the same pass, x's column sums (x.reshape(-1, M).sum(axis=0) in
+    float32): a gradient's, which is that product's bias gradient. Kept only inside a weight_copies region,
+    and dropped with it."""
     if _operands is not None:
-        _operands[id(x)] = (x, copy)
+        _operands[id(x)] = (x, copy, sums)
 
 
-def take_copy(x):
+def take_copy(x, sums=False):
     """The bf16 copy offered for this very array x, removed from the region (a copy is taken once), or None:
-    then the product converts x itself. The entry holds x, so its id cannot name another array meanwhile."""
-    if _operands is None:
-        return None
-    entry = _operands.pop(id(x), None)
-    return entry[1] if entry is not None and entry[0] is x else None
+    then the product converts x itself. With sums=True, (copy, column sums or None), or (None, None). The
+    entry holds x, so its id cannot name another array meanwhile."""
+    entry = None if _operands is None else _operands.pop(id(x), None)
+    if entry is None or entry[0] is not x:
+        return (None, None) if sums else None
+    return entry[1:] if sums else entry[1]
 
 
 # ---- bf16 rounding on the host (tests, references) -------------------------------------------------

@@ -1,6 +1,6 @@
 """Elementwise ops on CUDA arrays (ops: tensor.Add, functional.GELU, functional.Dropout, functional.DropoutAdd).
 
-Each formula is a device function in _FORMULAS, written once and used twice: by the 16-byte vector
+Each formula is a device function in FORMULAS, written once and used twice: by the 16-byte vector
 kernels (float4 / double2 loads and stores, for C-contiguous arrays on a 16-byte boundary; CuPy's
 ElementwiseKernel moves one element a thread with generic indexing and measured several times slower on
 the model's activations) and, through their preamble, by the ElementwiseKernels that serve every other
@@ -14,7 +14,7 @@ from ...functional import GELU, Dropout, DropoutAdd
 from ...tensor import Add
 from .runtime import HEADER, Source, dropout_seed_args, served
 
-_FORMULAS = r"""
+FORMULAS = r"""
 // GELU's tanh form: y = x (1 + t) / 2 with t = tanh(u), u = s (x + c x^3); *du = du/dx = s (1 + 3 c x^2)
 template<typename T> __device__ __forceinline__ T gelu_tanh(T x, T* t_out, T* du) {
     const T c = 0.044715, s = 0.7978845608028654;  // sqrt(2/pi)
@@ -45,7 +45,7 @@ template<typename T> __device__ __forceinline__ T dropout_add_apply(T x, T y, un
 }
 """
 
-_SOURCE = Source(_FORMULAS + r"""
+_SOURCE = Source(FORMULAS + r"""
 template<typename T> struct Vec16;
 template<> struct Vec16<float> { typedef float4 type; };
 template<> struct Vec16<double> { typedef double2 type; };
@@ -139,7 +139,7 @@ __global__ void dropout_add_v(const T* x, const T* y, T* out, long long n, const
 }
 """, ["gelu_tanh_forward_v", "gelu_tanh_forward_bf16_v", "gelu_tanh_backward_v", "dropout_v", "add_v", "dropout_add_v"])
 
-_PREAMBLE = HEADER + _FORMULAS
+_PREAMBLE = HEADER + FORMULAS
 _gelu_tanh_forward = cp.ElementwiseKernel("T x", "T y", "T t, du; y = gelu_tanh(x, &t, &du);",
                                           "tinygrad_llm_gelu_tanh_forward", preamble=_PREAMBLE)
 _gelu_tanh_backward = cp.ElementwiseKernel("T x, T dout", "T dx", "dx = gelu_tanh_grad(x, dout);",
@@ -218,7 +218,7 @@ class GELUCuda:
     def backward(ctx, dout):
         if ctx.reference:
             return GELU.backward(ctx, dout)
-        # tanh: dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx); exact: dout * (Phi + x phi) (_FORMULAS)
+        # tanh: dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx); exact: dout * (Phi + x phi) (FORMULAS)
         if ctx.approximate == "tanh" and _vectorized(ctx.x, dout):
             dx = cp.empty_like(ctx.x)
             _vector_launch("gelu_tanh_backward_v", dx.size, dx.dtype, (ctx.x, dout, dx, np.int64(dx.size)))

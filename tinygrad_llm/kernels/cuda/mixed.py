@@ -10,7 +10,8 @@ float32, so LayerNorm, softmax, GELU, dropout and the loss run their float32 ker
 gradient is rounded before it is summed. The price is one conversion pass over each product's float32
 input (x forward, dout backward, attention's Pd in forward; attention's backward pass writes its Pd and dS as
 bf16 itself), except where the producer's kernel wrote the bf16 copy in its own pass and offered it
-(precision.offer_copy: LayerNorm's and GELU's outputs, mixed_elementwise.py). What a bf16 product saves for
+(precision.offer_copy: LayerNorm's and GELU's outputs, GELU's and DropoutAdd's input gradients with their
+column sums, mixed_elementwise.py). What a bf16 product saves for
 backward is its bf16 operand (x, q k v), half the bytes of the float32 input it replaces; attention keeps no
 (T, T) array by default (attention.SAVE). Weights are converted once per precision.weight_copies region
 (precision.weight_copy), not once per use.
@@ -126,7 +127,9 @@ def _matmul(M, N, K, a, lda, b, ldb, c, ldc, trans_a=False, trans_b=False, bias=
 class LinearBF16Cuda:
     """functional.Linear with bf16 operands: out = x w + b in one cuBLASLt matmul (bias in the epilogue),
     dx = dout w^T and dw = x^T dout likewise, every sum in float32, every result float32; db = sum(dout)
-    in float32, summed by the pass that converts dout to bf16 (columns.column_sums). Saves the bf16 x and w for backward. Anything but float32 takes LinearCuda."""
+    in float32, summed by the pass that converts dout to bf16 (columns.column_sums), or by dout's producer
+    with the copy it offered (GELU's and DropoutAdd's backward, mixed_elementwise.py). Saves the bf16 x and
+    w for backward. Anything but float32 takes LinearCuda."""
 
     @staticmethod
     def forward(ctx, x, w, b=None):
@@ -151,14 +154,20 @@ class LinearBF16Cuda:
             return LinearCuda.backward(ctx, dout)
         xb, wb = ctx.xb, ctx.wb
         (N, K), M = xb.shape, wb.shape[1]
-        dout2 = cp.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
         need = ctx.needs_input_grad
+        # dout's bf16 copy and column sums, where its producer's kernel made them (mixed_elementwise.py)
+        dob, sums = precision.take_copy(dout, sums=True)
+        dout2 = cp.ascontiguousarray(dout, dtype=np.float32).reshape(N, M)
         db = None
         if ctx.has_b and need[2]:   # db = sum(dout) in float32, in the pass that converts dout
-            dob = cp.empty((N, M), dtype=np.uint16)
-            db = column_sums(dout2, bf16_out=dob)
-        else:
-            dob = to_bf16(dout2)
+            if sums is not None:
+                db = sums
+            elif dob is None:
+                dob = cp.empty((N, M), dtype=np.uint16)
+                db = column_sums(dout2, bf16_out=dob)
+            else:
+                db = column_sums(dout2)
+        dob = to_bf16(dout2) if dob is None else dob.reshape(N, M)
         # dx = dout w^T, dw = x^T dout (summed over every leading axis), db = sum(dout)
         dx = dw = None
         if need[0]:

@@ -1,19 +1,74 @@
-"""LayerNorm and GELU under precision.autocast("bfloat16") on CUDA arrays (precision.BF16_COPY_PRODUCERS):
-float32 arithmetic, the float32 kernels' results to the bit (layer_norm.py, elementwise.py: the same kernels,
-one more store), and in the same pass the bf16 copy of the output for the bf16 product that reads it next:
-LayerNorm's output is c_attn's, c_fc's or the LM head's operand, GELU's c_proj's. The copies are handed over
-through precision.offer_copy and mixed.LinearBF16Cuda takes them, so the separate float32 -> bf16 pass over
-those activations (one read of 4 bytes and a launch, for each) is gone; the bf16 copy is what that product
-saves for its backward anyway. Backward is the float32 kernels': LayerNorm's input gradient joins the residual
-stream, and GELU's is c_fc's dout, whose column sums (c_fc's bias gradient) are taken in the pass that
-converts it (mixed.py), so a copy of it would save nothing.
+"""LayerNorm, GELU and DropoutAdd under precision.autocast("bfloat16") on CUDA arrays
+(precision.BF16_COPY_PRODUCERS): float32 arithmetic, the float32 kernels' results to the bit (layer_norm.py,
+elementwise.py: the same kernels or the same formulas, more stores), and in the same pass what the bf16 product
+that reads the result next would otherwise make in a pass of its own:
 
-Covered: float32 CuPy arrays (GELU: the tanh form, C-contiguous and 16-byte aligned); anything else runs the
-float32 kernel (or the op) unchanged and offers nothing.
+    LayerNorm forward     out, and bf16(out): c_attn's, c_fc's or the LM head's operand
+    GELU forward          y, and bf16(y): the MLP's c_proj's operand
+    GELU backward         dx, bf16(dx) and dx's column sums: c_fc's dout and bias gradient
+    DropoutAdd backward   dy = dout * mask, bf16(dy) and dy's column sums: c_proj's (attention's or the
+                          MLP's) dout and bias gradient
+
+The copies (and sums) are handed over through precision.offer_copy, and mixed.LinearBF16Cuda takes them: the
+float32 -> bf16 pass over those arrays (a read of 4 bytes a value, a write of 2 and a launch, each) is gone,
+and a backward's result is not read again for its bias gradient. The backward passes' sums are columns.py's
+(PARTIALS: the same blocks, the same order), so a bias gradient equals column_sums of the gradient bit for
+bit, as the product would have summed it. LayerNorm's input gradient joins the residual stream: nothing to
+offer. A result nothing takes (a product without a bias, a consumer that is not a product) costs its copy's
+2-byte store and the sums' small partials.
+
+Covered: float32 CuPy arrays (forward GELU: the tanh form, C-contiguous and 16-byte aligned; backward GELU:
+the tanh form); anything else runs the float32 kernel (or the op) unchanged and offers nothing.
 """
+import cupy as cp
+import numpy as np
+
 from ... import precision
-from .elementwise import GELUCuda
+from .columns import BLOCK, PARTIALS, fused_column_sums
+from .elementwise import FORMULAS, DropoutAddCuda, GELUCuda
 from .layer_norm import LayerNormCuda
+from .runtime import Source
+
+_SOURCE = Source(FORMULAS + PARTIALS + r"""
+template<typename T> struct GeluTanhGradAt {
+    const T* x; const T* dout;
+    __device__ __forceinline__ T operator()(long long i) const { return gelu_tanh_grad(x[i], dout[i]); }
+};
+template<typename T> struct DropoutAt {
+    const T* g; unsigned long long seed; float p; T scale;
+    __device__ __forceinline__ T operator()(long long i) const { return dropout_apply(g[i], seed, p, scale, i); }
+};
+// dx = GELU'(x) dout (tanh form), its bf16 bits and its column partials (columns.py's partials())
+template<typename T>
+__global__ void gelu_tanh_backward_columns(const T* __restrict__ x, const T* __restrict__ dout, T* dx, T* part,
+                                           unsigned short* bf, long long N, int M, long long rows_per_chunk) {
+    partials<T>(GeluTanhGradAt<T>{x, dout}, dx, part, bf, N, M, rows_per_chunk);
+}
+// dy = dout * mask (dropout's, element i of the forward's y), its bf16 bits and its column partials
+template<typename T>
+__global__ void dropout_columns(const T* __restrict__ g, T* dy, T* part, unsigned short* bf, long long N, int M,
+                                long long rows_per_chunk, const unsigned long long* seed_ptr, unsigned long long seed,
+                                float p, T scale) {
+    partials<T>(DropoutAt<T>{g, dropout_seed(seed_ptr, seed), p, scale}, dy, part, bf, N, M, rows_per_chunk);
+}
+""", ["gelu_tanh_backward_columns", "dropout_columns"])
+
+
+def _with_copy_and_sums(name, shape, args, tail=()):
+    """(values, bf16 copy, column sums) of the (..., M) float32 values kernel `name` computes from `args`,
+    offered for the product that takes them next."""
+    M = shape[-1]
+    N = int(np.prod(shape[:-1]))
+    out, copy = cp.empty(shape, dtype=np.float32), cp.empty(shape, dtype=np.uint16)
+    sums = fused_column_sums(lambda part, rows, chunks: _SOURCE(name, np.float32)(
+        (-(-M // 32), chunks), BLOCK, (*args, out, part, copy, np.int64(N), np.int32(M), np.int64(rows), *tail)),
+        N, M, np.float32)
+    precision.offer_copy(out, copy, sums=sums)
+    return out
+
+
+def _f32(*arrays):
+    return all(isinstance(a, cp.ndarray) and a.dtype == np.float32 and a.ndim >= 1 and a.size > 0 for a in arrays)
 
 
 class LayerNormBF16Cuda:
@@ -30,7 +85,8 @@ class LayerNormBF16Cuda:
 
 
 class GELUBF16Cuda:
-    """GELUCuda, its output's bf16 copy offered to the next product (module docstring)."""
+    """GELUCuda, its output's bf16 copy offered to the next product; backward (tanh form) offers its input
+    gradient's copy and column sums (module docstring)."""
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
@@ -39,4 +95,26 @@ class GELUBF16Cuda:
             precision.offer_copy(y, copy)
         return y
 
-    backward = staticmethod(GELUCuda.backward)
+    # derivation: docs/backward/gelu.md
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference or ctx.approximate != "tanh" or not _f32(ctx.x, dout) or dout.shape != ctx.x.shape:
+            return GELUCuda.backward(ctx, dout)
+        x = cp.ascontiguousarray(ctx.x)
+        return _with_copy_and_sums("gelu_tanh_backward_columns", x.shape, (x, cp.ascontiguousarray(dout)))
+
+
+class DropoutAddBF16Cuda:
+    """DropoutAddCuda; backward offers dy's bf16 copy and column sums (module docstring)."""
+
+    forward = staticmethod(DropoutAddCuda.forward)
+
+    # derivation: docs/backward/dropout_and_dropout_add.md
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.reference or not ctx.needs_input_grad[1] or not _f32(dout):
+            return DropoutAddCuda.backward(ctx, dout)
+        # dx = dout; dy = dout * mask: the forward's seed, the same element indices
+        dy = _with_copy_and_sums("dropout_columns", dout.shape, (cp.ascontiguousarray(dout),),
+                                 (ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale))
+        return (dout if ctx.needs_input_grad[0] else None), dy
