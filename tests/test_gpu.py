@@ -180,6 +180,10 @@ def test_column_sums_equal_float64_and_repeat_bit_for_bit(N, M, dtype):
     assert rel_err(got, a.astype(np.float64).sum(axis=0)) < tol
     assert bool((columns.column_sums(d) == got).all())   # no atomics: the same sums in the same order
     assert rel_err(columns.column_sums(d[:, ::2]), a[:, ::2].astype(np.float64).sum(axis=0)) < tol  # a strided view
+    if N * M > 1:   # off a 16-byte boundary: a column a lane instead of 16 bytes, the same sums to rounding
+        off = cp.empty(N * M + 1, dtype=dtype)[1:].reshape(N, M)
+        off[...] = d
+        assert not columns.vector(M, off) and rel_err(columns.column_sums(off), a.astype(np.float64).sum(axis=0)) < tol
 
 
 @pytest.mark.parametrize("N,M", [(5, 3), (64 * 256, 384), (1000, 1536)])
@@ -198,6 +202,8 @@ def test_column_sums_with_bf16_out_write_the_conversion_kernel_bits(N, M):
     assert rel_err(sums[3:], finite.sum(axis=0)[3:]) < 1e-5
     with pytest.raises(TypeError, match="bf16_out"):
         columns.column_sums(d, bf16_out=cp.empty((N, M), dtype=np.float32))
+    with pytest.raises(TypeError, match="8-byte boundary"):
+        columns.column_sums(d, bf16_out=cp.empty(N * M + 1, dtype=np.uint16)[1:].reshape(N, M))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])

@@ -215,7 +215,8 @@ def test_gelu_and_dropout_add_backward_offer_the_copy_and_column_sums_of_their_g
     """Under autocast GELU's backward (tanh form) and DropoutAdd's give the float32 kernels' gradients bit for
     bit, and offer, once, bf16(gradient)'s bits (to_bf16's) and its column sums (column_sums' of the gradient,
     bit for bit: the bias gradient the next product would have summed); DropoutAdd's dx is dout itself.
-    Outside a weight_copies region nothing is kept."""
+    Rows that do not split into 16-byte lanes (13 columns) run the float32 kernels and offer nothing; outside a
+    weight_copies region nothing is kept."""
     import cupy as cp
 
     from tinygrad_llm.kernels.cuda import columns, mixed, mixed_elementwise
@@ -246,7 +247,11 @@ def test_gelu_and_dropout_add_backward_offer_the_copy_and_column_sums_of_their_g
             assert g.shape == shape and g.dtype == np.float32 and bool((g == w).all()), kernel.__name__
         if len(got) == 2:
             assert got[0] is dout
-            assert 0.7 < float((got[1] != 0).mean()) < 0.9   # the mask dropped about a fifth
+            if dout.size > 10000:
+                assert 0.75 < float((got[1] != 0).mean()) < 0.85   # the mask dropped about a fifth
+        if M % 4:   # rows not in 16-byte lanes: the float32 kernel, nothing offered
+            assert copy is None and sums is None
+            continue
         np.testing.assert_array_equal(copy.get(), mixed.to_bf16(want[-1]).get())
         np.testing.assert_array_equal(sums.get(), columns.column_sums(want[-1].reshape(-1, M)).get())
         assert precision.take_copy(run(kernel)[-1]) is None

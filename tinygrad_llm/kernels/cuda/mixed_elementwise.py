@@ -17,14 +17,15 @@ bit, as the product would have summed it. LayerNorm's input gradient joins the r
 offer. A result nothing takes (a product without a bias, a consumer that is not a product) costs its copy's
 2-byte store and the sums' small partials.
 
-Covered: float32 CuPy arrays (forward GELU: the tanh form, C-contiguous and 16-byte aligned; backward GELU:
-the tanh form); anything else runs the float32 kernel (or the op) unchanged and offers nothing.
+Covered: float32 CuPy arrays (forward GELU: the tanh form, C-contiguous and 16-byte aligned; backward GELU and
+DropoutAdd: C-contiguous, 16-byte aligned, the last axis a multiple of 4, GELU's tanh form); anything else runs
+the float32 kernel (or the op) unchanged and offers nothing.
 """
 import cupy as cp
 import numpy as np
 
 from ... import precision
-from .columns import BLOCK, PARTIALS, fused_column_sums
+from .columns import BLOCK, PARTIALS, fused_column_sums, vector
 from .elementwise import FORMULAS, DropoutAddCuda, GELUCuda
 from .layer_norm import LayerNormCuda
 from .runtime import Source
@@ -32,43 +33,57 @@ from .runtime import Source
 _SOURCE = Source(FORMULAS + PARTIALS + r"""
 template<typename T> struct GeluTanhGradAt {
     const T* x; const T* dout;
-    __device__ __forceinline__ T operator()(long long i) const { return gelu_tanh_grad(x[i], dout[i]); }
+    template<int W> __device__ __forceinline__ void at(long long i, T (&v)[W]) const {
+        T xs[W];
+        load_lanes<W>(x + i, xs);
+        load_lanes<W>(dout + i, v);
+#pragma unroll
+        for (int k = 0; k < W; k++) v[k] = gelu_tanh_grad(xs[k], v[k]);
+    }
 };
 template<typename T> struct DropoutAt {
     const T* g; unsigned long long seed; float p; T scale;
-    __device__ __forceinline__ T operator()(long long i) const { return dropout_apply(g[i], seed, p, scale, i); }
+    template<int W> __device__ __forceinline__ void at(long long i, T (&v)[W]) const {
+        load_lanes<W>(g + i, v);
+#pragma unroll
+        for (int k = 0; k < W; k++) v[k] = dropout_apply(v[k], seed, p, scale, i + k);
+    }
 };
-// dx = GELU'(x) dout (tanh form), its bf16 bits and its column partials (columns.py's partials())
+// dx = GELU'(x) dout (tanh form), its bf16 bits and its column partials (columns.py's partials(), 16 bytes a lane)
 template<typename T>
 __global__ void gelu_tanh_backward_columns(const T* __restrict__ x, const T* __restrict__ dout, T* dx, T* part,
                                            unsigned short* bf, long long N, int M, long long rows_per_chunk) {
-    partials<T>(GeluTanhGradAt<T>{x, dout}, dx, part, bf, N, M, rows_per_chunk);
+    partials<T, true>(GeluTanhGradAt<T>{x, dout}, dx, part, bf, N, M, rows_per_chunk);
 }
 // dy = dout * mask (dropout's, element i of the forward's y), its bf16 bits and its column partials
 template<typename T>
 __global__ void dropout_columns(const T* __restrict__ g, T* dy, T* part, unsigned short* bf, long long N, int M,
                                 long long rows_per_chunk, const unsigned long long* seed_ptr, unsigned long long seed,
                                 float p, T scale) {
-    partials<T>(DropoutAt<T>{g, dropout_seed(seed_ptr, seed), p, scale}, dy, part, bf, N, M, rows_per_chunk);
+    partials<T, true>(DropoutAt<T>{g, dropout_seed(seed_ptr, seed), p, scale}, dy, part, bf, N, M, rows_per_chunk);
 }
 """, ["gelu_tanh_backward_columns", "dropout_columns"])
 
 
-def _with_copy_and_sums(name, shape, args, tail=()):
-    """(values, bf16 copy, column sums) of the (..., M) float32 values kernel `name` computes from `args`,
-    offered for the product that takes them next."""
+def _with_copy_and_sums(name, inputs, tail=()):
+    """(..., M) float32 values that kernel `name` computes from `inputs` (arrays of their shape), offered with
+    their bf16 copy and column sums for the product that takes them next."""
+    shape = inputs[0].shape
     M = shape[-1]
-    N = int(np.prod(shape[:-1]))
+    N = inputs[0].size // M
     out, copy = cp.empty(shape, dtype=np.float32), cp.empty(shape, dtype=np.uint16)
-    sums = fused_column_sums(lambda part, rows, chunks: _SOURCE(name, np.float32)(
-        (-(-M // 32), chunks), BLOCK, (*args, out, part, copy, np.int64(N), np.int32(M), np.int64(rows), *tail)),
-        N, M, np.float32)
+    sums = fused_column_sums(lambda part, rows, grid: _SOURCE(name, np.float32)(
+        grid, BLOCK, (*inputs, out, part, copy, np.int64(N), np.int32(M), np.int64(rows), *tail)), N, M, np.float32,
+        vec=True)
     precision.offer_copy(out, copy, sums=sums)
     return out
 
 
-def _f32(*arrays):
-    return all(isinstance(a, cp.ndarray) and a.dtype == np.float32 and a.ndim >= 1 and a.size > 0 for a in arrays)
+def _covered(*arrays):
+    """The fused backward passes take float32 CuPy arrays of one shape, C-contiguous on 16-byte boundaries,
+    the last axis a multiple of 4 (columns.vector: 16 bytes a lane)."""
+    return (all(isinstance(a, cp.ndarray) and a.dtype == np.float32 and a.shape == arrays[0].shape for a in arrays)
+            and arrays[0].ndim >= 1 and arrays[0].size > 0 and vector(arrays[0].shape[-1], *arrays))
 
 
 class LayerNormBF16Cuda:
@@ -98,10 +113,9 @@ class GELUBF16Cuda:
     # derivation: docs/backward/gelu.md
     @staticmethod
     def backward(ctx, dout):
-        if ctx.reference or ctx.approximate != "tanh" or not _f32(ctx.x, dout) or dout.shape != ctx.x.shape:
+        if ctx.reference or ctx.approximate != "tanh" or not _covered(ctx.x, dout):
             return GELUCuda.backward(ctx, dout)
-        x = cp.ascontiguousarray(ctx.x)
-        return _with_copy_and_sums("gelu_tanh_backward_columns", x.shape, (x, cp.ascontiguousarray(dout)))
+        return _with_copy_and_sums("gelu_tanh_backward_columns", (ctx.x, dout))
 
 
 class DropoutAddBF16Cuda:
@@ -112,9 +126,8 @@ class DropoutAddBF16Cuda:
     # derivation: docs/backward/dropout_and_dropout_add.md
     @staticmethod
     def backward(ctx, dout):
-        if ctx.reference or not ctx.needs_input_grad[1] or not _f32(dout):
+        if ctx.reference or not ctx.needs_input_grad[1] or not _covered(dout):
             return DropoutAddCuda.backward(ctx, dout)
         # dx = dout; dy = dout * mask: the forward's seed, the same element indices
-        dy = _with_copy_and_sums("dropout_columns", dout.shape, (cp.ascontiguousarray(dout),),
-                                 (ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale))
+        dy = _with_copy_and_sums("dropout_columns", (dout,), (ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale))
         return (dout if ctx.needs_input_grad[0] else None), dy
