@@ -167,6 +167,79 @@ def test_layer_norm_backward_at_model_size_equals_float64(N, C, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("N,C", [(37, 10), (4099, 65), (300, 384), (3, 1024)])
+def test_layer_norm_backward_adds_the_pending_gradient_bit_for_bit(N, C, dtype):
+    """Offered the gradient pending at x (ctx.pending, tensor.Function's sums_pending), the kernel takes it and
+    writes dx + pending: the bits of its own dx added by the autograd's Add (the GPU's vector add), whatever
+    the pending array's layout; dw, db unchanged. Not taken: another dtype or shape, dx not wanted."""
+    import cupy as cp
+    rng = np.random.default_rng(N * 3 + C)
+    x, dout, pending = (cp.asarray(randn(rng, N, C, dtype=dtype, scale=2) + 1) for _ in range(3))
+    w, b = cp.asarray(randn(rng, C, dtype=dtype)), cp.asarray(randn(rng, C, dtype=dtype))
+    LN = kernels().layer_norm.LayerNormCuda
+    assert LN.sums_pending == (0,)
+    ctx = Context((True,) * 3)
+    LN.forward(ctx, x, w, b)
+    dx, dw, db = LN.backward(ctx, dout)
+    want = backend.accelerated(Add, pending, dx).forward(Context((False, False)), pending, dx)  # what the autograd adds
+    for offered in (pending, cp.asfortranarray(pending)):
+        ctx.pending = {0: offered}
+        got = LN.backward(ctx, dout)
+        assert ctx.pending == {}                        # taken
+        assert bool((got[0] == want).all()) and bool((got[1] == dw).all()) and bool((got[2] == db).all())
+    assert not bool((dx == want).all())
+    for other in (pending.astype(np.float32 if dtype == np.float64 else np.float64), pending[:, :1]):
+        ctx.pending = {0: other}
+        assert bool((LN.backward(ctx, dout)[0] == dx).all()) and ctx.pending.get(0) is other
+    ctx.needs_input_grad, ctx.pending = (False, True, True), {0: pending}
+    assert LN.backward(ctx, dout)[0] is None and ctx.pending.get(0) is pending
+    wide, ctx = cp.asarray(randn(rng, 2, 1100, dtype=dtype)), Context((True,) * 3)   # the op's own path: nothing taken
+    LN.forward(ctx, wide)
+    ctx.pending = {0: wide}
+    assert ctx.reference and LN.backward(ctx, wide)[0] is not None and ctx.pending.get(0) is wide
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_blocks_with_the_residual_sum_in_layer_norm_equal_the_separate_add(dtype, monkeypatch):
+    """Two residual blocks (x + gelu(layer_norm(x)) * s) on the GPU: every gradient is the same bit for bit
+    whether LayerNorm's backward adds the residual stream's gradient into dx or the autograd adds it (the hint
+    off), and with it on, both LayerNorms did add it. Under bf16 autocast (float32) LayerNormBF16Cuda the same."""
+    from tinygrad_llm import precision
+    from tinygrad_llm.kernels.cuda import mixed_elementwise
+    ln = kernels().layer_norm
+    rng = np.random.default_rng(7)
+    # s as large as x: its gradient needs no column sum (a cuBLAS product, whose algorithm is chosen by timing)
+    arrays = [randn(rng, 2, 33, 96, dtype=dtype)] + [randn(rng, 96, dtype=dtype) for _ in range(4)] + [
+        randn(rng, 2, 33, 96, dtype=dtype)]
+    dout = backend.to_device(randn(rng, 2, 33, 96, dtype=dtype), "cuda")
+    taken = []
+    take = ln._take_pending
+    monkeypatch.setattr(ln, "_take_pending", lambda ctx, x: taken.append(take(ctx, x)) or taken[-1])
+
+    def grads(mixed):
+        x0, w1, b1, w2, b2, s = (Tensor(backend.to_device(a, "cuda"), requires_grad=True) for a in arrays)
+        with precision.autocast("bfloat16" if mixed else None):
+            x = x0 * 1.5
+            for w, b in ((w1, b1), (w2, b2)):
+                x = x + F.gelu(F.layer_norm(x, w, b)) * s
+            (x * Tensor(dout)).sum().backward()
+        return [t.grad for t in (x0, w1, b1, w2, b2, s)]
+
+    for mixed in (False, True) if dtype == np.float32 else (False,):
+        taken.clear()
+        fused = grads(mixed)
+        assert len(taken) == 2 and all(t is not None for t in taken)
+        with monkeypatch.context() as m:
+            m.setattr(ln.LayerNormCuda, "sums_pending", ())
+            m.setattr(mixed_elementwise.LayerNormBF16Cuda, "sums_pending", ())
+            taken.clear()
+            separate = grads(mixed)
+            assert taken == [None, None]
+        for g, h in zip(fused, separate):
+            assert g.dtype == dtype and bool((g == h).all())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("N,M", [(1, 1), (7, 33), (64, 384), (300, 1000), (64 * 256, 1152), (20000, 65), (0, 5)])
 def test_column_sums_equal_float64_and_repeat_bit_for_bit(N, M, dtype):
     import cupy as cp

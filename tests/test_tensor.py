@@ -334,3 +334,99 @@ def test_backward_gradient_of_wrong_shape_names_op_input_and_both_shapes():
     not_array = _op_with_backward(lambda dout: (dout, 1.0))
     with pytest.raises(RuntimeError, match=r"Scale backward returned a float as the gradient of input 1 \(shape \(3,\)\)"):
         not_array.apply(x, y).sum().backward()
+
+
+# ---- a backward that adds the gradient pending at its input itself (Function: sums_pending) -----------
+
+def _summing_op(fold, offers, inputs=1, declare=True):
+    """Scale: (x[, y]) -> 2 x (+ 3 y); with `declare`, sums_pending names every input. Its backward records what
+    backward() offers it, and with `fold` returns each offered gradient added to its own (taking it), else its own."""
+    from tinygrad_llm import Function
+
+    class Scale(Function):
+        sums_pending = tuple(range(inputs)) if declare else ()
+
+        @staticmethod
+        def forward(ctx, *xs):
+            return 2 * xs[0] + (3 * xs[1] if inputs > 1 else 0)
+
+        @staticmethod
+        def backward(ctx, dout):
+            pending = getattr(ctx, "pending", {})
+            offers.append({i: a.copy() for i, a in pending.items()})
+            grads = [2 * dout, 3 * dout][:inputs]          # d(2 x + 3 y) = 2 dx + 3 dy
+            if fold:
+                grads = [g + pending.pop(i) if i in pending else g for i, g in enumerate(grads)]
+            return tuple(grads)
+
+    return Scale
+
+
+def _residual_grads(op, dout):
+    """x.grad of (dout * (op(h) + h)).sum(), h = 1.5 x: the residual h's gradient is pending when op's backward runs."""
+    x = Tensor(np.linspace(-1.0, 2.0, 12).reshape(3, 4), requires_grad=True)
+    h = x * 1.5
+    out = op.apply(h)
+    (Tensor(dout) * (out + h)).sum().backward(retain_graph=True)
+    return x.grad, out
+
+
+def test_a_backward_is_offered_the_pending_gradient_and_its_sum_replaces_it():
+    dout = np.random.default_rng(0).standard_normal((3, 4))
+    offers = []
+    grad, _ = _residual_grads(_summing_op(True, offers), dout)
+    assert len(offers) == 1 and list(offers[0]) == [0]
+    np.testing.assert_array_equal(offers[0][0], dout)          # the residual branch's gradient at h
+    offers = []
+    unfolded, _ = _residual_grads(_summing_op(True, offers, declare=False), dout)
+    assert offers == [{}]                                       # undeclared: never offered, the engine adds
+    np.testing.assert_array_equal(grad, unfolded)              # replaced, not added a second time
+    np.testing.assert_allclose(grad, 1.5 * 3 * dout, rtol=1e-15)
+
+
+def test_nothing_is_offered_without_a_pending_gradient_or_to_an_input_passed_twice():
+    offers = []
+    x = Tensor(np.ones(3), requires_grad=True)
+    _summing_op(True, offers).apply(x).sum().backward()
+    assert offers == [{}] and np.array_equal(x.grad, 2 * np.ones(3))
+    offers, x.grad = [], None
+    (_summing_op(True, offers, inputs=2).apply(x, x) + x).sum().backward()   # x at both inputs: never offered
+    assert offers == [{}] and np.array_equal(x.grad, 6 * np.ones(3))
+    offers, x.grad = [], None
+    y = Tensor(np.ones(3), requires_grad=True)
+    (_summing_op(True, offers, inputs=2).apply(x, y) + y).sum().backward()   # only y has one pending
+    assert list(offers[0]) == [1] and np.array_equal(x.grad, 2 * np.ones(3)) and np.array_equal(y.grad, 4 * np.ones(3))
+
+
+def test_a_backward_that_leaves_the_offer_gets_the_engines_add_and_no_hint_stays_on_ctx():
+    dout = np.random.default_rng(1).standard_normal((3, 4))
+    offers = []
+    grad, out = _residual_grads(_summing_op(False, offers), dout)
+    assert list(offers[0]) == [0]                               # offered, not taken: the engine adds it
+    np.testing.assert_allclose(grad, 1.5 * 3 * dout, rtol=1e-15)
+    assert not hasattr(out._ctx, "pending")                     # retain_graph kept ctx, not the offered array
+    grad_folded, out = _residual_grads(_summing_op(True, []), dout)
+    assert not hasattr(out._ctx, "pending")
+    np.testing.assert_array_equal(grad, grad_folded)
+
+
+def test_the_offer_is_withdrawn_when_the_backward_raises():
+    from tinygrad_llm import Function
+
+    class Fails(Function):
+        sums_pending = (0,)
+
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, dout):
+            assert 0 in ctx.pending
+            raise ValueError("backward failed")
+
+    x = Tensor(np.ones(3), requires_grad=True)
+    out = Fails.apply(x)
+    with pytest.raises(ValueError, match="backward failed"):
+        (out + x).sum().backward()
+    assert not hasattr(out._ctx, "pending") and x.grad is None

@@ -36,6 +36,10 @@ class Function:
     An op whose forward (or a kernel registered for it) indexes with values from its inputs defines
     `check_inputs(*arrays, **attrs)`: apply calls it before any forward runs, whichever implementation
     serves the op, so no input can make a forward read or write out of bounds.
+
+    A class (op or kernel) whose backward can add the gradient pending at input i into its own names i in
+    `sums_pending`; backward() then offers `ctx.pending = {i: array}` (if one is pending and i's input is passed
+    once), and a backward that takes it, `ctx.pending.pop(i)` (unmodified), returns the sum as input i's gradient.
     """
 
     @staticmethod
@@ -83,7 +87,7 @@ class Function:
         result = Tensor(out, requires_grad=record)
         if record:
             ctx.op_name = cls.__name__
-            ctx.backward_fn = impl.backward
+            ctx.backward_fn, ctx.sums_pending = impl.backward, getattr(impl, "sums_pending", ())
             # a leaf is kept itself (its .grad is written), an op's output only as its _Node: the graph holds
             # no array that no backward saved (an unsaved activation dies with its Tensor)
             ctx.parents = tuple((x if x._ctx is None else x._node) if n else None for x, n in zip(inputs, needs))
@@ -206,7 +210,7 @@ class Tensor:
                     grad_mode._leaf_grad_hook(node, dout)
                 continue
             ctx = node._ctx
-            input_grads = ctx.backward_fn(ctx, dout)
+            input_grads, summed = _backward_offering(ctx, dout, grads) if ctx.sums_pending else (ctx.backward_fn(ctx, dout), ())
             input_grads = tuple(input_grads) if isinstance(input_grads, (list, tuple)) else (input_grads,)
             if len(input_grads) != len(ctx.parents):
                 raise RuntimeError(f"{ctx.op_name} backward returned {len(input_grads)} gradient(s) for its "
@@ -223,8 +227,8 @@ class Tensor:
                     raise RuntimeError(f"{ctx.op_name} backward gave a gradient of shape {tuple(dparent.shape)} for "
                                        f"input {i}, which has shape {parent.shape}")
                 key = id(parent)
-                # gradients meeting at one tensor: summed by Add's kernel for the device (the GPU's vector add)
-                grads[key] = dparent if key not in grads else backend.accelerated(Add, grads[key], dparent).forward(
+                # gradients meeting at one tensor: summed by Add's kernel for the device, or by the op's backward (sums_pending)
+                grads[key] = dparent if key not in grads or i in summed else backend.accelerated(Add, grads[key], dparent).forward(
                     Context((False, False)), grads[key], dparent)
             if not retain_graph:
                 ctx.__dict__ = {"freed": True, "op_name": ctx.op_name}
@@ -326,8 +330,7 @@ def _axes(axis):
 
 def _topological_order(root):
     """Nodes reachable from root that need gradients, each after all of its inputs (iterative DFS)."""
-    order, visited = [], set()
-    stack = [(root, False)]
+    order, visited, stack = [], set(), [(root, False)]
     while stack:
         node, children_done = stack.pop()
         if children_done:
@@ -342,6 +345,17 @@ def _topological_order(root):
                 if parent is not None and id(parent) not in visited:
                     stack.append((parent, False))
     return order
+
+
+def _backward_offering(ctx, dout, grads):
+    """ctx's backward, offered the gradients pending at its sums_pending inputs (Function); and the inputs it summed."""
+    ctx.pending = {i: grads[id(p)] for i in ctx.sums_pending if (p := ctx.parents[i]) is not None
+                   and id(p) in grads and sum(q is p for q in ctx.parents) == 1}
+    offered = tuple(ctx.pending)
+    try:
+        return ctx.backward_fn(ctx, dout), [i for i in offered if i not in ctx.pending]
+    finally:
+        del ctx.pending   # retain_graph keeps ctx, not these arrays
 
 
 def unbroadcast(grad, shape):
@@ -460,11 +474,8 @@ class Neg(Function):
 
 
 def matmul(a, b):
-    """a @ b on arrays; (..., K) @ (K, M) runs as one 2-D GEMM over every leading axis of a.
-
-    NumPy runs (B,T,K) @ (K,M) as B separate BLAS calls; one call is never slower and, with OpenBLAS
-    threads on a busy 2-core machine, was 20x faster (measured: 20 ms vs 450 ms for (12,64,128) @ (128,512)).
-    """
+    """a @ b on arrays; (..., K) @ (K, M) runs as one 2-D GEMM over every leading axis of a. NumPy runs (B,T,K) @
+    (K,M) as B BLAS calls; one call was 20x faster on a busy 2-core machine (20 ms vs 450 ms, (12,64,128) @ (128,512))."""
     if a.ndim > 2 and b.ndim == 2:
         return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
     return a @ b
@@ -484,11 +495,8 @@ class MatMul(Function):
         # Promote 1-D operands to matrices so one rule covers every case, then drop the added axes.
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
-        dout2 = dout
-        if b.ndim == 1:
-            dout2 = dout2[..., None]
-        if a.ndim == 1:
-            dout2 = dout2[..., None, :]
+        dout2 = dout[..., None] if b.ndim == 1 else dout
+        dout2 = dout2[..., None, :] if a.ndim == 1 else dout2
         da = db = None
         # out = a b  =>  da = dout b^T, db = a^T dout
         if ctx.needs_input_grad[0]:
@@ -677,9 +685,7 @@ class Max(Function):
     def forward(ctx, x, axis, keepdims):
         out = x.max(axis=axis, keepdims=True)
         ctx.x, ctx.out_keep, ctx.axis = x, out, axis
-        if keepdims:
-            return out
-        return out.reshape(()) if axis is None else out.squeeze(axis=axis)
+        return out if keepdims else out.reshape(()) if axis is None else out.squeeze(axis=axis)
 
     @staticmethod
     def backward(ctx, dout):

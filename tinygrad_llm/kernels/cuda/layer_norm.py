@@ -2,6 +2,12 @@
 w, b in one pass; backward reads x and dout once (each lane keeps its columns of the row in registers),
 writes dx, and sums dw, db over its rows in registers: per-block partials, added up by columns.column_sums
 without atomics (deterministic). Rows wider than 1024 take the op's own path.
+
+x's gradient usually meets the residual stream's there (a block's input feeds both its LayerNorm and the
+residual sum): backward takes the gradient already pending at x (tensor.Function: sums_pending) and writes
+dx + pending, one more read in the pass that writes dx instead of the autograd's separate add (a read of
+both, a write, a launch). The add is rounded on its own, never fused with the product before it, so the sum
+has the separate add's bits.
 """
 import cupy as cp
 import numpy as np
@@ -37,14 +43,18 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T
     if (lane == 0) { mean[r] = mu; rstd[r] = rs; }
 }
 
-// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dout w. One warp a row, lane l holding
+// a + b rounded on its own: nvcc never contracts it with a product into an FMA
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) (+ res, unless null), dxhat = dout w. One warp a row, lane l holding
 // columns l, l + 32, ... (V of them, C <= 32 V) in registers: x and dout are read once, dx written once. Each
 // warp sums dout xhat and dout over its rows in registers; the block adds its warps' sums in a fixed order and
 // writes them to part[blockIdx.x] = (dw partial (C), db partial (C)); columns.column_sums adds the blocks'.
 template<typename T, int V>
 __global__ void layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
-                                    const T* mean, const T* rstd, T* __restrict__ dx, T* __restrict__ part,
-                                    long long N, int C, int has_w, int need_dx) {
+                                    const T* mean, const T* rstd, const T* res, T* __restrict__ dx,
+                                    T* __restrict__ part, long long N, int C, int has_w, int need_dx) {
     extern __shared__ unsigned char smem_raw[];
     T* red = reinterpret_cast<T*>(smem_raw);            // (2, C)
     int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -72,7 +82,10 @@ __global__ void layer_norm_backward(const T* __restrict__ dout, const T* __restr
             #pragma unroll
             for (int k = 0; k < V; k++) {
                 int c = lane + 32 * k;
-                if (c < C) dx[r * C + c] = rs * (g[k] * wv[k] - m1 - xh[k] * m2);
+                if (c < C) {
+                    T d = rs * (g[k] * wv[k] - m1 - xh[k] * m2);
+                    dx[r * C + c] = res ? add_rn(d, res[r * C + c]) : d;
+                }
             }
         }
     }
@@ -96,7 +109,10 @@ _LN_SLOTS = (1, 2, 4, 8, 12, 16, 24, 32)   # the V instances: columns a lane hol
 
 
 class LayerNormCuda:
-    """LayerNorm over the last axis: one fused pass forward, one backward (+ a sum of per-block partials)."""
+    """LayerNorm over the last axis: one fused pass forward, one backward (+ a sum of per-block partials);
+    backward adds the gradient pending at x into dx (module docstring)."""
+
+    sums_pending = (0,)
 
     @staticmethod
     def forward(ctx, x, w=None, b=None, eps=1e-5):
@@ -135,14 +151,24 @@ class LayerNormCuda:
         need = ctx.needs_input_grad
         slots = next(v for v in _LN_SLOTS if 32 * v >= C)
         blocks = max(1, min(-(-N // _LN_WARPS), _LN_BLOCKS))
+        res = _take_pending(ctx, x) if need[0] else None
         dx = cp.empty_like(x) if need[0] else x  # x stands in when dx is not wanted (never written)
         part = cp.empty((blocks, 2 * C), dtype=x.dtype)
-        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dw = sum(dout * xhat),  db = sum(dout)
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (+ res),  dw = sum(dout * xhat),  db = sum(dout)
         _SOURCE(f"layer_norm_backward<{{T}}, {slots}>", x.dtype)(
             (blocks,), (32 * _LN_WARPS,),
-            (dout, x, x if w is None else w, ctx.mean, ctx.rstd, dx, part, np.int64(N), np.int32(C),
-             np.int32(w is not None), np.int32(bool(need[0]))),
+            (dout, x, x if w is None else w, ctx.mean, ctx.rstd, np.uint64(0 if res is None else res.data.ptr), dx, part,
+             np.int64(N), np.int32(C), np.int32(w is not None), np.int32(bool(need[0]))),
             shared_mem=2 * C * x.dtype.itemsize)
         want_w, want_b = w is not None and need[1], ctx.has_b and need[2]
         sums = column_sums(part) if want_w or want_b else None
         return (dx if need[0] else None), (sums[:C] if want_w else None), (sums[C:] if want_b else None)
+
+
+def _take_pending(ctx, x):
+    """The gradient pending at x, taken from the autograd's offer (ctx.pending, tensor.Function) when the kernel
+    can add it: a CuPy array of x's dtype and shape (made C-contiguous). None otherwise: the autograd adds it."""
+    pending = getattr(ctx, "pending", {}).get(0)
+    if not isinstance(pending, cp.ndarray) or pending.dtype != x.dtype or pending.shape != x.shape:
+        return None
+    return cp.ascontiguousarray(ctx.pending.pop(0))

@@ -89,6 +89,8 @@ def _covered(*arrays):
 class LayerNormBF16Cuda:
     """LayerNormCuda, its output's bf16 copy offered to the next product (module docstring)."""
 
+    sums_pending = (0,)   # backward adds the gradient pending at x into dx (layer_norm.py)
+
     @staticmethod
     def forward(ctx, x, w=None, b=None, eps=1e-5):
         out, copy = LayerNormCuda.forward_copy(ctx, x, w, b, eps, bf16_copy=True)
