@@ -451,6 +451,7 @@ def profile_by_op(data, vocab, steps, out, dtype="float32"):
     class Ranged:
         def __init__(self, impl, name):
             self.impl, self.name = impl, name
+            self.sums_pending = getattr(impl, "sums_pending", ())   # what the engine offers the kernel (tensor.py)
 
         def forward(self, ctx, *args, **attrs):
             with record_function(f"{self.name}.forward"):

@@ -185,6 +185,25 @@ def test_bf16_outputs_equal_float32_outputs(dropout_p):
     assert rel_err(mixed.from_bf16(g16), g32) < TOL["bfloat16"]
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B, T, NH, HS", [(2, 200, 3, 64), (1, 64, 2, 32), (3, 1, 2, 64)], ids=str)
+def test_forward_writes_y_bf16_copy(B, T, NH, HS, causal):
+    """y_bf16: the bf16 kernel writes to_bf16(y)'s bits beside y, and y and lse are those of a run without it, bit
+    for bit; anything but a (B, T, C) uint16 array for the bf16 kind's float32 y is refused."""
+    import cupy as cp
+    mma, mixed = modules()
+    _, bits, _ = inputs(B, T, NH, HS, "bfloat16", seed=B + T)
+    want_y, want_lse = mma.self_attention_forward(bits, NH, causal, 0.125, 3, 0.2)
+    yb = cp.full((B, T, NH * HS), 0xABCD, dtype=np.uint16)
+    y, lse = mma.self_attention_forward(bits, NH, causal, 0.125, 3, 0.2, y_bf16=yb)
+    assert bool((y == want_y).all()) and bool((lse == want_lse).all())
+    np.testing.assert_array_equal(yb.get(), mixed.to_bf16(y).get())
+    with pytest.raises(ValueError, match="y_bf16"):
+        mma.self_attention_forward(bits, NH, causal, 0.125, 3, 0.2, output="bfloat16", y_bf16=yb)
+    with pytest.raises(ValueError, match="y_bf16"):
+        mma.self_attention_forward(bits, NH, causal, 0.125, 3, 0.2, y_bf16=yb[:, :, :-1])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_dropout_seed_from_device_memory(kind):
     """seed_ptr set: the kernels hash with HEADER's dropout_seed(base in device memory, seed), the same mask as

@@ -150,8 +150,8 @@ def test_self_attention_under_autocast_the_same_whatever_it_keeps(causal, monkey
     assert rel_err(results["p"][0], y_ref) == 0.0   # the same Pd: "p" redraws exactly what "p+pd" kept
 
 
-def small_model(dtype, state=None, dropout=0.0):
-    config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64, dtype=dtype, dropout=dropout)
+def small_model(dtype, state=None, dropout=0.0, n_head=4):
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=n_head, n_embd=64, dtype=dtype, dropout=dropout)
     model = GPT(config, rng=np.random.default_rng(3))
     if state is not None:
         model.load_state_dict(state)
@@ -279,6 +279,21 @@ def test_model_with_producer_copies_equals_model_converting_itself(dropout, monk
             assert norm_err(g, results[1][1][name]) < 1e-6, name
         else:
             np.testing.assert_array_equal(g, results[1][1][name], err_msg=name)
+
+
+def test_flash_attention_offers_its_output_copy(monkeypatch):
+    """With attention on the flash kernels (the default), the forward also offers y's bf16 copy, which c_proj
+    takes: one more copy a layer; the loss is the same bits as without any offer (the forward has no
+    atomics; backward's dQ sums do, so the gradients are compared to float32 rounding of the order only)."""
+    m1 = small_model("bfloat16", dropout=0.2, n_head=2)   # heads of 32: the flash kernels take them
+    m2 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m1.state_dict().items()}, 0.2, 2)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
+    results, taken = with_and_without_copies(m1, m2, x, y, monkeypatch, seed=6)
+    assert taken == 7 * m1.config.n_layer + 1
+    assert results[0][0] == results[1][0]
+    for name, g in results[0][1].items():
+        assert norm_err(g, results[1][1][name]) < 1e-3, name
 
 
 def test_short_training_run_follows_the_float32_curve():

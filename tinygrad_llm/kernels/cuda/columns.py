@@ -4,9 +4,9 @@ writing the bf16 bits of every element on the way (a bf16 product's dout: the co
 Deterministic, no atomics: a block takes 32 lanes' columns and a chunk of rows, each of its 8 warps every 8th
 row of the chunk; a lane takes 16 bytes of a row (4 float32 or 2 float64 columns: a warp reads 512 neighbouring
 bytes a row) where the rows allow it (C-contiguous, 16-byte aligned, M a multiple of that), else one column.
-The block's sums go to a (chunks, M) array of partials, summed by the same kernel over its rows until one row is
-left. The order of every addition is fixed by the shape (and that choice), so one input gives one result bit for
-bit.
+The block's sums go to a (chunks, M) array of partials, which the same kernel then sums in one more launch (a
+block a column group, taking every chunk). The order of every addition is fixed by the shape (and that choice),
+so one input gives one result bit for bit.
 
 The first pass is a device function over any elementwise formula (PARTIALS), so a kernel that computes a
 gradient can sum its columns as it writes it: elementwise values in, the same partials out
@@ -21,37 +21,9 @@ from .runtime import Source, served
 # takes W = VEC ? 16 / sizeof(T) : 1 neighbouring columns, and f.at<W>(i, v) gives the W values from element i on.
 # part[blockIdx.y, c] = sum of v over the rows r of chunk blockIdx.y (rows_per_chunk of them); out (may be null):
 # out[i] = v; bf (may be null): bf[i] = bf16(v). Block (32, 8): lane threadIdx.x W columns, warp threadIdx.y a row
-# in 8. The sums are added with __fadd_rn / __dadd_rn, which the compiler never contracts with f's last product
+# in 8. The sums are added with add_rn (runtime.HEADER: __fadd_rn, __dadd_rn), never contracted with f's last product
 # into an FMA: the sums of a computed v are those of v as stored. VEC needs M % W == 0 and 16-byte aligned rows.
 PARTIALS = r"""
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-template<typename T, int W> struct Lanes;   // W values of T moved as one load or store
-template<typename T> struct Lanes<T, 1> { typedef T type; };
-template<> struct Lanes<float, 4> { typedef float4 type; };
-template<> struct Lanes<double, 2> { typedef double2 type; };
-template<int W, typename T> __device__ __forceinline__ void load_lanes(const T* p, T (&v)[W]) {
-    typename Lanes<T, W>::type a = *reinterpret_cast<const typename Lanes<T, W>::type*>(p);
-    const T* e = reinterpret_cast<const T*>(&a);
-#pragma unroll
-    for (int k = 0; k < W; k++) v[k] = e[k];
-}
-template<int W, typename T> __device__ __forceinline__ void store_lanes(T* p, const T (&v)[W]) {
-    typename Lanes<T, W>::type a;
-    T* e = reinterpret_cast<T*>(&a);
-#pragma unroll
-    for (int k = 0; k < W; k++) e[k] = v[k];
-    *reinterpret_cast<typename Lanes<T, W>::type*>(p) = a;
-}
-template<int W, typename T> __device__ __forceinline__ void store_bf16_lanes(unsigned short* p, const T (&v)[W]) {
-    if constexpr (W == 4) {
-        *reinterpret_cast<uint2*>(p) = make_uint2(f32_to_bf16((float)v[0]) | ((unsigned)f32_to_bf16((float)v[1]) << 16),
-                                                  f32_to_bf16((float)v[2]) | ((unsigned)f32_to_bf16((float)v[3]) << 16));
-    } else {
-#pragma unroll
-        for (int k = 0; k < W; k++) p[k] = f32_to_bf16((float)v[k]);
-    }
-}
 template<typename T, bool VEC, typename F>
 __device__ __forceinline__ void partials(F f, T* __restrict__ out, T* __restrict__ part,
                                          unsigned short* __restrict__ bf, long long N, int M, long long rows_per_chunk) {
@@ -126,10 +98,17 @@ def fused_column_sums(launch, N, M, dtype, vec):
     column_sums sums its own, so the result is column_sums of the values (vector(M, values) == vec), bit for bit."""
     if N == 0:
         return cp.zeros(M, dtype=dtype)
-    rows, chunks, grid = plan(N, M, 16 // np.dtype(dtype).itemsize if vec else 1)
+    lanes = 16 // np.dtype(dtype).itemsize if vec else 1
+    rows, chunks, grid = plan(N, M, lanes)
     part = cp.empty((chunks, M), dtype=dtype)
     launch(part, rows, grid)
-    return part.reshape(M) if chunks == 1 else column_sums(part)
+    if chunks == 1:
+        return part.reshape(M)
+    # the chunks' partials in one more launch: one block a column group takes every chunk (at most _BLOCKS rows)
+    out = cp.empty((1, M), dtype=dtype)
+    _SOURCE(f"column_partials<{{T}}, {'true' if vec else 'false'}>", dtype)(
+        (grid[0], 1), BLOCK, (part, out, np.uint64(0), np.int64(chunks), np.int32(M), np.int64(chunks)))
+    return out.reshape(M)
 
 
 def column_sums(a, bf16_out=None):

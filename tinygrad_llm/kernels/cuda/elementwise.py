@@ -35,10 +35,8 @@ template<typename T> __device__ __forceinline__ T dropout_apply(T x, unsigned lo
                                                                  long long e) {
     return dropout_keep(seed, e, p) ? x * scale : (T)0;
 }
-// x + dropout_apply(y): the product rounded on its own (__fmul_rn / __dmul_rn are never fused with the add
-// into an FMA), so the sum is the unfused Dropout-then-Add's bit for bit
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+// x + dropout_apply(y): the product rounded on its own (mul_rn, runtime.HEADER: never fused with the add into an
+// FMA), so the sum is the unfused Dropout-then-Add's bit for bit
 template<typename T> __device__ __forceinline__ T dropout_add_apply(T x, T y, unsigned long long seed, float p,
                                                                      T scale, long long e) {
     return x + (dropout_keep(seed, e, p) ? mul_rn(y, scale) : (T)0);

@@ -138,12 +138,14 @@ def _layout(B, NH, T, HS, inputs, outputs):
 
 
 def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0.0, seed_ptr=0, output="float32",
-            kind="bfloat16"):
+            kind="bfloat16", y_bf16=0):
     """y (layout's output strides, `output` storage) and lse (B NH T float32) from q, k, v (pointers to bf16
-    for kind bfloat16, else to float32)."""
+    for kind bfloat16, else to float32); y_bf16 (kind bfloat16, float32 output; 0: none): where y's bf16 bits go,
+    with y's strides, written beside y."""
     fn, smem = _kernels(kind, output, layout.HS)["forward"]
+    copy = (y_bf16,) if kind == "bfloat16" else ()
     fn((-(-layout.T // TILE), layout.B * layout.NH), (THREADS,),
-       layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(y, lse), shared_mem=smem)
+       layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(y, lse, *copy), shared_mem=smem)
 
 
 def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scale=1.0, seed=0, dropout_p=0.0,
@@ -182,17 +184,23 @@ def _kind(qkv):
     return "bfloat16" if qkv.dtype == np.uint16 else "tf32"
 
 
-def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, seed_ptr=0, output="float32", kind=None):
+def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, seed_ptr=0, output="float32", kind=None,
+                           y_bf16=None):
     """The packed (B, T, 3C) qkv (a C-contiguous CuPy array: uint16 bf16 bits, or float32) -> (y (B, T, C) of
-    `output` (uint16 bits for bfloat16), lse (B NH T float32)); kind (KINDS) defaults to _kind(qkv)."""
+    `output` (uint16 bits for bfloat16), lse (B NH T float32)); kind (KINDS) defaults to _kind(qkv). y_bf16: a
+    C-contiguous (B, T, C) uint16 array that receives y's bf16 bits in the same pass (bf16 kind, float32 y)."""
     B, T, C3 = qkv.shape
     C, kind = C3 // 3, kind or _kind(qkv)
     layout, size = _layout(*_packed(B, T, C, n_head)), qkv.dtype.itemsize
     y = cp.empty((B, T, C), dtype=np.float32 if output == "float32" else np.uint16)
     lse = cp.empty(B * n_head * T, dtype=np.float32)
     p = qkv.data.ptr
+    if y_bf16 is not None and (kind != "bfloat16" or output != "float32" or y_bf16.shape != y.shape
+                               or y_bf16.dtype != np.uint16 or not y_bf16.flags.c_contiguous):
+        raise ValueError(f"flash_mma: y_bf16 must be a C-contiguous uint16 array of shape {y.shape}, for the bf16 "
+                         f"kind's float32 output")
     forward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, lse.data.ptr, causal, scale, seed, dropout_p,
-            seed_ptr, output, kind)
+            seed_ptr, output, kind, 0 if y_bf16 is None else y_bf16.data.ptr)
     return y, lse
 
 

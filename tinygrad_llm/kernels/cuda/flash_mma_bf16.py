@@ -4,9 +4,9 @@ Derivation: docs/backward/flash_attention.md; the helpers they use: flash_mma_co
 
 SOURCE = r"""
 // Forward: a block per 64 queries of one (b, h); warp w owns rows 16w..16w+15. y = softmax(scale q k^T) (dropped) v,
-// lse = each row's log-sum-exp of its scaled scores (natural log).
+// lse = each row's log-sum-exp of its scaled scores (natural log); yb (unless null; float32 y only): y's bf16 bits.
 template<typename O, int HD>
-__global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* lse) {
+__global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* lse, unsigned short* yb) {
     MMA_SETUP
     constexpr int LDS = HD + 8, KS = HD / 16;
     unsigned short *Qs = sm, *Ks = Qs + 64 * LDS, *Vs = Ks + 64 * LDS;
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
             }
         }
     }
-    finish_rows<O, HD>(o, m, l, y, out0, ot, lse, bh, row0, t, T);
+    finish_rows<O, HD>(o, m, l, y, out0, ot, lse, bh, row0, t, T, yb);
 }
 
 // dK, dV of 64 keys of one (b, h) (warp w: keys 16w..16w+15), looping over the query tiles that see them; dQ's part

@@ -135,7 +135,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[8][4], float (&m)[2], fl
 // After the last key tile: y's rows row0 and row0 + 8 = o / l, and their log-sum-exp (natural log).
 template<typename O, int HD>
 __device__ __forceinline__ void finish_rows(const float (&o)[HD / 8][4], const float (&m)[2], float (&l)[2], O* y,
-        long long out0, long long ot, float* lse, long long bh, int row0, int t, int T) {
+        long long out0, long long ot, float* lse, long long bh, int row0, int t, int T, unsigned short* yb = nullptr) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
@@ -145,7 +145,11 @@ __device__ __forceinline__ void finish_rows(const float (&o)[HD / 8][4], const f
         float inv = 1.f / l[r];
         O* yr = y + out0 + qi * ot;
 #pragma unroll
-        for (int j = 0; j < HD / 8; j++) store2(yr + 8 * j + 2 * t, o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+        for (int j = 0; j < HD / 8; j++) {
+            float a = o[j][2 * r] * inv, b = o[j][2 * r + 1] * inv;
+            store2(yr + 8 * j + 2 * t, a, b);
+            if (yb) store2(yb + out0 + qi * ot + 8 * j + 2 * t, a, b);   // y's bf16 copy (float32 y only)
+        }
         if (t == 0) lse[bh * T + qi] = m[r] * 0.6931471805599453f + logf(l[r]);
     }
 }
@@ -170,20 +174,30 @@ __device__ __forceinline__ void grad_tile(float (&s)[8][4], float (&dp)[8][4], c
             s[j][e] = pd;                   // Pd^T
         }
 }
-// dQ's rows q0 + 16 warp + g (and + 8) += gq scale, atomically (dq_acc's strides ab, ah, at)
+// dQ's rows q0 + 16 warp + g (and + 8) += gq scale, atomically (dq_acc's strides ab, ah, at; rows 16-byte
+// aligned). A lane holds two neighbouring columns of each row; neighbours t and t ^ 1 swap halves (a shuffle) so
+// that even t holds four columns of row g and odd t four of row g + 8: one 16-byte atomic add (sm_90) instead of
+// four 4-byte ones.
 template<int HD>
 __device__ __forceinline__ void add_dq(const float (&gq)[HD / 8][4], float* dq_acc, long long bh, int NH, long long ab,
         long long ah, long long at, int q0, int warp, int g, int t, int T, float scale) {
+    const bool odd = t & 1;
+    const int qi = q0 + warp * 16 + g + (odd ? 8 : 0);
+    float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + (long long)qi * at + 2 * (t & ~1);
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int qi = q0 + warp * 16 + g + 8 * r;
+    for (int j = 0; j < HD / 8; j++) {
+        float o0 = __shfl_xor_sync(0xffffffff, odd ? gq[j][0] : gq[j][2], 1);
+        float o1 = __shfl_xor_sync(0xffffffff, odd ? gq[j][1] : gq[j][3], 1);
+        float a0 = (odd ? o0 : gq[j][0]) * scale, a1 = (odd ? o1 : gq[j][1]) * scale;
+        float a2 = (odd ? gq[j][2] : o0) * scale, a3 = (odd ? gq[j][3] : o1) * scale;
         if (qi >= T) continue;
-        float* acc = dq_acc + (bh / NH) * ab + (bh % NH) * ah + qi * at + 2 * t;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            atomicAdd(acc + 8 * j, gq[j][2 * r] * scale);
-            atomicAdd(acc + 8 * j + 1, gq[j][2 * r + 1] * scale);
-        }
+#if __CUDA_ARCH__ >= 900
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(acc + 8 * j), "f"(a0), "f"(a1), "f"(a2),
+                     "f"(a3) : "memory");
+#else
+        atomicAdd(acc + 8 * j, a0); atomicAdd(acc + 8 * j + 1, a1); atomicAdd(acc + 8 * j + 2, a2);
+        atomicAdd(acc + 8 * j + 3, a3);
+#endif
     }
 }
 // At the end: dk (times scale) and dv of the keys key0 and key0 + 8

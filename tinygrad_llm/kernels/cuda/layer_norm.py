@@ -43,49 +43,60 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T
     if (lane == 0) { mean[r] = mu; rstd[r] = rs; }
 }
 
-// a + b rounded on its own: nvcc never contracts it with a product into an FMA
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-
-// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) (+ res, unless null), dxhat = dout w. One warp a row, lane l holding
-// columns l, l + 32, ... (V of them, C <= 32 V) in registers: x and dout are read once, dx written once. Each
-// warp sums dout xhat and dout over its rows in registers; the block adds its warps' sums in a fixed order and
-// writes them to part[blockIdx.x] = (dw partial (C), db partial (C)); columns.column_sums adds the blocks'.
-template<typename T, int V>
+// dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) (+ res, unless null), dxhat = dout w. One warp a row, lane
+// l holding, in registers, W neighbouring columns from (l + 32 k) W on (k < V; C <= 32 V W; W = 16 / sizeof(T) with
+// VEC: 16-byte loads and stores, rows 16-byte aligned and C a multiple of W; else 1): x and dout are read once, dx
+// written once. Each warp sums dout xhat and dout over its rows in registers; the block adds its warps' sums in a
+// fixed order and writes them to part[blockIdx.x] = (dw partial (C), db partial (C)); columns.column_sums adds the
+// blocks'. dx is computed with runtime.HEADER's *_rn operations, so the kernel's copies with and without res
+// compute the same bits before the residual's add (add_rn: the separate add's bits).
+template<typename T, int V, bool VEC>
 __global__ void layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
                                     const T* mean, const T* rstd, const T* res, T* __restrict__ dx,
                                     T* __restrict__ part, long long N, int C, int has_w, int need_dx) {
+    constexpr int W = VEC ? 16 / sizeof(T) : 1;
     extern __shared__ unsigned char smem_raw[];
     T* red = reinterpret_cast<T*>(smem_raw);            // (2, C)
     int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    T aw[V], ab[V], wv[V];
+    T aw[V][W], ab[V][W], wv[V][W];
     #pragma unroll
     for (int k = 0; k < V; k++) {
-        int c = lane + 32 * k;
-        aw[k] = 0; ab[k] = 0;
-        wv[k] = (has_w && c < C) ? w[c] : (T)1;
+        int c0 = (lane + 32 * k) * W;
+        #pragma unroll
+        for (int e = 0; e < W; e++) { aw[k][e] = 0; ab[k][e] = 0; wv[k][e] = (T)1; }
+        if (has_w && c0 < C) load_lanes<W>(w + c0, wv[k]);
     }
     for (long long r = (long long)blockIdx.x * warps + warp; r < N; r += (long long)gridDim.x * warps) {
-        T xh[V], g[V];
+        T xh[V][W], g[V][W];
         T mu = mean[r], rs = rstd[r], s1 = 0, s2 = 0;
         #pragma unroll
         for (int k = 0; k < V; k++) {
-            int c = lane + 32 * k;
-            xh[k] = 0; g[k] = 0;
-            if (c < C) { xh[k] = (x[r * C + c] - mu) * rs; g[k] = dout[r * C + c]; }
-            T dxhat = g[k] * wv[k];
-            s1 += dxhat; s2 += dxhat * xh[k];
-            aw[k] += g[k] * xh[k]; ab[k] += g[k];
+            int c0 = (lane + 32 * k) * W;
+            #pragma unroll
+            for (int e = 0; e < W; e++) { xh[k][e] = 0; g[k][e] = 0; }
+            if (c0 < C) { load_lanes<W>(x + r * C + c0, xh[k]); load_lanes<W>(dout + r * C + c0, g[k]); }
+            #pragma unroll
+            for (int e = 0; e < W; e++) {
+                if (c0 < C) xh[k][e] = (xh[k][e] - mu) * rs;
+                T dxhat = g[k][e] * wv[k][e];
+                s1 += dxhat; s2 += dxhat * xh[k][e];
+                aw[k][e] += g[k][e] * xh[k][e]; ab[k][e] += g[k][e];
+            }
         }
         if (need_dx) {
             T m1 = warp_sum(s1) / C, m2 = warp_sum(s2) / C;
             #pragma unroll
             for (int k = 0; k < V; k++) {
-                int c = lane + 32 * k;
-                if (c < C) {
-                    T d = rs * (g[k] * wv[k] - m1 - xh[k] * m2);
-                    dx[r * C + c] = res ? add_rn(d, res[r * C + c]) : d;
+                int c0 = (lane + 32 * k) * W;
+                if (c0 >= C) continue;
+                T d[W], rv[W];
+                if (res) load_lanes<W>(res + r * C + c0, rv);
+                #pragma unroll
+                for (int e = 0; e < W; e++) {
+                    d[e] = mul_rn(rs, fma_rn(-xh[k][e], m2, fma_rn(g[k][e], wv[k][e], -m1)));   // as written
+                    if (res) d[e] = add_rn(d[e], rv[e]);
                 }
+                store_lanes<W>(dx + r * C + c0, d);
             }
         }
     }
@@ -93,19 +104,25 @@ __global__ void layer_norm_backward(const T* __restrict__ dout, const T* __restr
         if (warp == i) {
             #pragma unroll
             for (int k = 0; k < V; k++) {
-                int c = lane + 32 * k;
-                if (c < C) { red[c] = (i ? red[c] : (T)0) + aw[k]; red[C + c] = (i ? red[C + c] : (T)0) + ab[k]; }
+                int c0 = (lane + 32 * k) * W;
+                #pragma unroll
+                for (int e = 0; e < W; e++) {
+                    int c = c0 + e;
+                    if (c < C) { red[c] = (i ? red[c] : (T)0) + aw[k][e]; red[C + c] = (i ? red[C + c] : (T)0) + ab[k][e]; }
+                }
             }
         }
         __syncthreads();
     }
     for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) part[(long long)blockIdx.x * 2 * C + c] = red[c];
 }
-""", ["layer_norm_forward"] + [f"layer_norm_backward<{{T}}, {v}>" for v in (1, 2, 4, 8, 12, 16, 24, 32)])
+""", ["layer_norm_forward"] + [f"layer_norm_backward<{{T}}, {v}, false>" for v in (1, 2, 4, 8, 12, 16, 24, 32)]
+   + [f"layer_norm_backward<{{T}}, {v}, true>" for v in (1, 2, 3, 4, 6, 8, 12, 16)])
 
 _LN_WARPS = 8                # warps a block in backward (rows in flight a block)
 _LN_BLOCKS = 132 * 4         # blocks in backward at most: each warp then takes N / (8 * 528) rows
 _LN_SLOTS = (1, 2, 4, 8, 12, 16, 24, 32)   # the V instances: columns a lane holds (C <= 32 V)
+_LN_VEC_SLOTS = (1, 2, 3, 4, 6, 8, 12, 16)   # with 16-byte lanes: C <= 32 V W (W = 4 float32, 2 float64)
 
 
 class LayerNormCuda:
@@ -149,13 +166,15 @@ class LayerNormCuda:
         N = x.size // C
         dout = cp.ascontiguousarray(dout)
         need = ctx.needs_input_grad
-        slots = next(v for v in _LN_SLOTS if 32 * v >= C)
         blocks = max(1, min(-(-N // _LN_WARPS), _LN_BLOCKS))
         res = _take_pending(ctx, x) if need[0] else None
         dx = cp.empty_like(x) if need[0] else x  # x stands in when dx is not wanted (never written)
+        lanes = 16 // x.dtype.itemsize   # 16 bytes a load where every row allows it
+        vec = C % lanes == 0 and all(a.data.ptr % 16 == 0 for a in (dout, x, dx, res, w) if a is not None)
+        slots = next(v for v in (_LN_VEC_SLOTS if vec else _LN_SLOTS) if 32 * v * (lanes if vec else 1) >= C)
         part = cp.empty((blocks, 2 * C), dtype=x.dtype)
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (+ res),  dw = sum(dout * xhat),  db = sum(dout)
-        _SOURCE(f"layer_norm_backward<{{T}}, {slots}>", x.dtype)(
+        _SOURCE(f"layer_norm_backward<{{T}}, {slots}, {'true' if vec else 'false'}>", x.dtype)(
             (blocks,), (32 * _LN_WARPS,),
             (dout, x, x if w is None else w, ctx.mean, ctx.rstd, np.uint64(0 if res is None else res.data.ptr), dx, part,
              np.int64(N), np.int32(C), np.int32(w is not None), np.int32(bool(need[0]))),

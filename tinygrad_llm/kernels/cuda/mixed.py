@@ -1,9 +1,8 @@
 """bf16 products with float32 sums on CUDA arrays (precision.py's policy): Linear and SelfAttention under
 precision.autocast("bfloat16").
 
-How bf16 is held: as CuPy uint16 arrays of the bits, made by one conversion pass (round to nearest even)
-and read by cuBLAS as CUDA_R_16BF. CuPy's own bfloat16 dtype needs ml_dtypes and is marked experimental
-in CuPy 14, and nothing here needs more than storage: every arithmetic step on bf16 values is inside cuBLAS.
+How bf16 is held: as CuPy uint16 arrays of the bits (rounded to nearest even), read by cuBLAS as CUDA_R_16BF;
+CuPy's own bfloat16 dtype needs ml_dtypes (experimental in CuPy 14), and nothing here needs more than storage.
 
 Where bf16 lives: only as the products' operands. The autograd's tensors (activations, gradients) stay
 float32, so LayerNorm, softmax, GELU, dropout and the loss run their float32 kernels unchanged, and no
@@ -11,10 +10,9 @@ gradient is rounded before it is summed. The price is one conversion pass over e
 input (x forward, dout backward, attention's Pd in forward; attention's backward pass writes its Pd and dS as
 bf16 itself), except where the producer's kernel wrote the bf16 copy in its own pass and offered it
 (precision.offer_copy: LayerNorm's and GELU's outputs, GELU's and DropoutAdd's input gradients with their
-column sums, mixed_elementwise.py). What a bf16 product saves for
-backward is its bf16 operand (x, q k v), half the bytes of the float32 input it replaces; attention keeps no
-(T, T) array by default (attention.SAVE). Weights are converted once per precision.weight_copies region
-(precision.weight_copy), not once per use.
+column sums, mixed_elementwise.py; the flash kernels' y). What a bf16 product saves for backward is its bf16
+operand (x, q k v), half the bytes of the float32 input it replaces; attention keeps no (T, T) array by default
+(attention.SAVE). Weights are converted once per precision.weight_copies region (precision.weight_copy).
 """
 import cupy as cp
 import numpy as np
@@ -195,7 +193,8 @@ class SelfAttentionBF16Cuda:
     sums, float32 results). Saves the bf16 qkv and, as attention.SAVE says, the rows' log-sum-exp ("lse":
     backward multiplies the same bf16 q k^T again), or the float32 P ("p"), or the float32 P and the bf16
     Pd ("p+pd"). Where flash_mma.py takes the heads (32 or 64 wide; TINYGRAD_LLM_FLASH_MMA), its tensor-core
-    flash kernels do all of it instead (the same mask from the same seed), keeping the bf16 qkv, y and lse."""
+    flash kernels do all of it instead (the same mask from the same seed), keeping the bf16 qkv, y and lse, and
+    offering y's bf16 copy (written beside y) to c_proj."""
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -210,7 +209,10 @@ class SelfAttentionBF16Cuda:
         ctx.mma = flash_mma.enabled() and flash_mma.packed_supported(qb, NH)
         if ctx.mma:
             _draw_seed(ctx, causal, scale, dropout_p, rng)
-            y, ctx.lse = flash_mma.self_attention_forward(qb, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr)
+            yb = cp.empty((B, T, C), dtype=np.uint16)   # y's bf16 copy, written beside y: c_proj's operand
+            y, ctx.lse = flash_mma.self_attention_forward(qb, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr,
+                                                          y_bf16=yb)
+            precision.offer_copy(y, yb)
             ctx.qb, ctx.y, ctx.n_head = qb, y, NH
             return y
         s = cp.empty((B, NH, T, T), dtype=np.float32)

@@ -67,6 +67,48 @@ __device__ __forceinline__ bool dropout_keep(unsigned long long seed, long long 
     return (x >> 8) >= (unsigned int)ceilf(p * 16777216.0f);
 }
 
+// each operation rounded on its own, as written: nvcc never contracts these with a neighbour into an FMA (or splits
+// an FMA), so a formula written with them gives the same bits in every kernel that inlines it
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+// W values of T moved as one load or store (16 bytes: float4, double2), and W float32 values as bf16 bits
+template<typename T, int W> struct Lanes;
+template<typename T> struct Lanes<T, 1> { typedef T type; };
+template<> struct Lanes<float, 4> { typedef float4 type; };
+template<> struct Lanes<double, 2> { typedef double2 type; };
+template<int W, typename T> __device__ __forceinline__ void load_lanes(const T* p, T (&v)[W]) {
+    typename Lanes<T, W>::type a = *reinterpret_cast<const typename Lanes<T, W>::type*>(p);
+    const T* e = reinterpret_cast<const T*>(&a);
+#pragma unroll
+    for (int k = 0; k < W; k++) v[k] = e[k];
+}
+template<int W, typename T> __device__ __forceinline__ void store_lanes(T* p, const T (&v)[W]) {
+    typename Lanes<T, W>::type a;
+    T* e = reinterpret_cast<T*>(&a);
+#pragma unroll
+    for (int k = 0; k < W; k++) e[k] = v[k];
+    *reinterpret_cast<typename Lanes<T, W>::type*>(p) = a;
+}
+template<int W, typename T> struct Bf16Lanes {
+    static __device__ __forceinline__ void store(unsigned short* p, const T (&v)[W]) {
+#pragma unroll
+        for (int k = 0; k < W; k++) p[k] = f32_to_bf16((float)v[k]);
+    }
+};
+template<> struct Bf16Lanes<4, float> {   // 8 bytes in one store
+    static __device__ __forceinline__ void store(unsigned short* p, const float (&v)[4]) {
+        *reinterpret_cast<uint2*>(p) = make_uint2(f32_to_bf16(v[0]) | ((unsigned)f32_to_bf16(v[1]) << 16),
+                                                  f32_to_bf16(v[2]) | ((unsigned)f32_to_bf16(v[3]) << 16));
+    }
+};
+template<int W, typename T> __device__ __forceinline__ void store_bf16_lanes(unsigned short* p, const T (&v)[W]) {
+    Bf16Lanes<W, T>::store(p, v);
+}
+
 // The seed a dropout call hashes with. seed_ptr null: `seed` itself (drawn on the host from the caller's
 // generator). Else the step's 63-bit base in device memory (runtime.DeviceSeeds) and `seed` the call's index
 // in the step, mixed once: a captured CUDA graph reads the base anew at every replay.
