@@ -29,12 +29,14 @@ def with_and_without_copies(with_copies, without, x, y, monkeypatch, seed=None):
     """One forward and backward of each model (the same weights) in a weight_copies region: `with_copies` as is,
     `without` with precision.offer_copy doing nothing (every product converts its operand itself and sums its
     bias gradient). seed: dropout's generator for each run, np.random.default_rng(seed) (None: no generator).
-    Returns ((loss, {name: gradient on the host}) of each, the number of copies the first one's products took)."""
-    taken, original_take, results = [], precision.take_copy, []
+    Returns ((loss, {name: gradient on the host}) of each, the number of copies the first one's products took, and
+    of column sums (bias gradients) they took with them)."""
+    taken, summed, original_take, results = [], [], precision.take_copy, []
 
     def counting(a, sums=False):
         got = original_take(a, sums=sums)
         taken.append((got[0] if sums else got) is not None)
+        summed.append(sums and got[1] is not None)
         return got
 
     monkeypatch.setattr(precision, "take_copy", counting)
@@ -47,5 +49,5 @@ def with_and_without_copies(with_copies, without, x, y, monkeypatch, seed=None):
         grads = {name: backend.to_device(p.grad, "cpu") for name, p in model.named_parameters()}
         results.append((loss.item(), grads))
         if offer:
-            count = sum(taken)
-    return results, count
+            count, sums = sum(taken), sum(summed)
+    return results, count, sums

@@ -215,8 +215,8 @@ def test_gelu_and_dropout_add_backward_offer_the_copy_and_column_sums_of_their_g
     """Under autocast GELU's backward (tanh form) and DropoutAdd's give the float32 kernels' gradients bit for
     bit, and offer, once, bf16(gradient)'s bits (to_bf16's) and its column sums (column_sums' of the gradient,
     bit for bit: the bias gradient the next product would have summed); DropoutAdd's dx is dout itself.
-    Rows that do not split into 16-byte lanes (13 columns) run the float32 kernels and offer nothing; outside a
-    weight_copies region nothing is kept."""
+    Rows that do not split into 16-byte lanes (13 columns) run the float32 kernels and offer nothing, as does a
+    backward outside a weight_copies region (precision.collecting)."""
     import cupy as cp
 
     from tinygrad_llm.kernels.cuda import columns, mixed, mixed_elementwise
@@ -254,7 +254,32 @@ def test_gelu_and_dropout_add_backward_offer_the_copy_and_column_sums_of_their_g
             continue
         np.testing.assert_array_equal(copy.get(), mixed.to_bf16(want[-1]).get())
         np.testing.assert_array_equal(sums.get(), columns.column_sums(want[-1].reshape(-1, M)).get())
-        assert precision.take_copy(run(kernel)[-1]) is None
+        host = want[-1].get().astype(np.float64).reshape(-1, M).sum(axis=0)
+        assert rel_err(sums, host) < 1e-5                  # and those sums are the gradient's, summed in float64
+        outside = run(kernel)                              # no weight_copies region: the float32 kernels, no offer
+        assert precision.take_copy(outside[-1]) is None and all(bool((g == w).all()) for g, w in zip(outside, want))
+
+
+def test_dropout_add_under_autocast_keeps_the_ops_masks_with_kernels_off(monkeypatch):
+    """TINYGRAD_LLM_KERNELS=0 gives DropoutAdd's own masks (its generator's draws) under bf16 autocast too: the
+    bf16 kernel class defers to the op, forward and backward."""
+    import cupy as cp
+
+    from tinygrad_llm import functional as F
+    from tinygrad_llm.kernels.cuda import mixed_elementwise
+    from tinygrad_llm.tensor import Context
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS", "0")
+    rng = np.random.default_rng(2)
+    x, y, dout = (cp.asarray(rng.standard_normal((3, 40, 64)).astype(np.float32)) for _ in range(3))
+    ctx, ref = Context((True, True)), Context((True, True))
+    with precision.weight_copies():
+        got = mixed_elementwise.DropoutAddBF16Cuda.forward(ctx, x, y, p=0.3, rng=np.random.default_rng(4))
+        grads = mixed_elementwise.DropoutAddBF16Cuda.backward(ctx, dout)
+        assert precision.take_copy(grads[1]) is None
+    want = F.DropoutAdd.forward(ref, x, y, p=0.3, rng=np.random.default_rng(4))
+    assert bool((got == want).all())
+    for g, w in zip(grads, F.DropoutAdd.backward(ref, dout)):
+        assert bool((g == w).all())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -270,9 +295,11 @@ def test_model_with_producer_copies_equals_model_converting_itself(dropout, monk
     m2 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m1.state_dict().items()}, dropout)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
-    results, taken = with_and_without_copies(m1, m2, x, y, monkeypatch, seed=5)
-    # a layer: LayerNorm's 2 and GELU's 1 forward; GELU's 1 and, with dropout, DropoutAdd's 2 backward
+    results, taken, sums = with_and_without_copies(m1, m2, x, y, monkeypatch, seed=5)
+    # a layer: LayerNorm's 2 and GELU's 1 forward; GELU's 1 and, with dropout, DropoutAdd's 2 backward, each
+    # backward's with its column sums (c_fc's and the two c_proj's bias gradients)
     assert taken == (4 + (2 if dropout else 0)) * m1.config.n_layer + 1
+    assert sums == (1 + (2 if dropout else 0)) * m1.config.n_layer
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         if name.startswith(("transformer.wte", "transformer.wpe")):
@@ -289,8 +316,8 @@ def test_flash_attention_offers_its_output_copy(monkeypatch):
     m2 = small_model("bfloat16", {k: backend.to_device(v, "cpu") for k, v in m1.state_dict().items()}, 0.2, 2)
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 65, (4, 64)), rng.integers(0, 65, (4, 64))
-    results, taken = with_and_without_copies(m1, m2, x, y, monkeypatch, seed=6)
-    assert taken == 7 * m1.config.n_layer + 1
+    results, taken, sums = with_and_without_copies(m1, m2, x, y, monkeypatch, seed=6)
+    assert taken == 7 * m1.config.n_layer + 1 and sums == 3 * m1.config.n_layer
     assert results[0][0] == results[1][0]
     for name, g in results[0][1].items():
         assert norm_err(g, results[1][1][name]) < 1e-3, name

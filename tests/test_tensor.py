@@ -430,3 +430,36 @@ def test_the_offer_is_withdrawn_when_the_backward_raises():
     with pytest.raises(ValueError, match="backward failed"):
         (out + x).sum().backward()
     assert not hasattr(out._ctx, "pending") and x.grad is None
+
+
+def test_a_backward_that_drops_the_offer_and_raises_keeps_its_own_error():
+    from tinygrad_llm import Function
+
+    class Drops(Function):
+        sums_pending = (0,)
+
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, dout):
+            del ctx.pending
+            raise ValueError("its own error")
+
+    x = Tensor(np.ones(3), requires_grad=True)
+    with pytest.raises(ValueError, match="its own error"):
+        (Drops.apply(x) + x).sum().backward()
+
+
+def test_detect_anomaly_checks_the_sum_a_backward_returns():
+    """Under detect_anomaly the engine checks each returned gradient; a folded one is the sum, so an overflow in
+    the sum is reported naming the op that summed it."""
+    offers = []
+    x = Tensor(np.array([1e-3, 2e-3], dtype=np.float32), requires_grad=True)
+    h = x * 1.0
+    out = _summing_op(True, offers).apply(h)         # backward: 2 dout + the gradient pending at h
+    loss = ((out + h) * np.float32(1.5e38)).sum()    # finite; h's gradient 2 (1.5e38) + 1.5e38 is not
+    with detect_anomaly(), pytest.raises(FloatingPointError, match="Scale backward"):
+        loss.backward()
+    assert list(offers[0]) == [0]

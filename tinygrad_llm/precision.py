@@ -66,7 +66,7 @@ def is_mixed(dtype):
 _mode = None            # None (every op in its input dtype) or "bfloat16"
 _copies = None          # the current region's bf16 weight copies: key -> copy
 _copies_depth = 0
-_operands = None        # the current region's offered bf16 copies of activations: id(array) -> (array, copy)
+_operands = None        # the region's offered bf16 copies (activations, gradients): id(array) -> (array, copy, sums)
 _UNSET = object()
 
 
@@ -128,6 +128,12 @@ def offer_copy(x, copy, sums=None):
     and dropped with it."""
     if _operands is not None:
         _operands[id(x)] = (x, copy, sums)
+
+
+def collecting():
+    """True inside a weight_copies region, where an offered copy can be taken: outside one, a producer that would
+    write a copy only for the offer (a backward outside the step's region) runs its float32 kernel instead."""
+    return _operands is not None
 
 
 def take_copy(x, sums=False):

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from . import backend, grad_mode, leaf_grads
+from .backward_graph import backward_offering, topological_order
 from .grad_mode import _check_finite, detect_anomaly, is_grad_enabled, leaf_grad_hook, no_grad  # noqa: F401
 
 
@@ -195,7 +196,7 @@ class Tensor:
                 raise ValueError(f"backward(): gradient has shape {tuple(gradient.shape)}, tensor has shape {self.shape}")
 
         root = self if self._ctx is None else self._node
-        order = _topological_order(root)
+        order = topological_order(root)
         for node in order:
             if node._ctx is not None and getattr(node._ctx, "freed", False):
                 raise RuntimeError(f"backward through {node._ctx.op_name} a second time: its saved arrays were freed; use backward(retain_graph=True)")
@@ -210,7 +211,10 @@ class Tensor:
                     grad_mode._leaf_grad_hook(node, dout)
                 continue
             ctx = node._ctx
-            input_grads, summed = _backward_offering(ctx, dout, grads) if ctx.sums_pending else (ctx.backward_fn(ctx, dout), ())
+            if ctx.sums_pending:   # the op may add the gradients pending at these inputs into its own
+                input_grads, summed = backward_offering(ctx, dout, grads)
+            else:
+                input_grads, summed = ctx.backward_fn(ctx, dout), ()
             input_grads = tuple(input_grads) if isinstance(input_grads, (list, tuple)) else (input_grads,)
             if len(input_grads) != len(ctx.parents):
                 raise RuntimeError(f"{ctx.op_name} backward returned {len(input_grads)} gradient(s) for its "
@@ -227,9 +231,12 @@ class Tensor:
                     raise RuntimeError(f"{ctx.op_name} backward gave a gradient of shape {tuple(dparent.shape)} for "
                                        f"input {i}, which has shape {parent.shape}")
                 key = id(parent)
-                # gradients meeting at one tensor: summed by Add's kernel for the device, or by the op's backward (sums_pending)
-                grads[key] = dparent if key not in grads or i in summed else backend.accelerated(Add, grads[key], dparent).forward(
-                    Context((False, False)), grads[key], dparent)
+                # gradients meeting at one tensor: summed by Add's kernel for the device (the GPU's vector add), or
+                # already by the op's backward (sums_pending)
+                if key in grads and i not in summed:
+                    dparent = backend.accelerated(Add, grads[key], dparent).forward(
+                        Context((False, False)), grads[key], dparent)
+                grads[key] = dparent
             if not retain_graph:
                 ctx.__dict__ = {"freed": True, "op_name": ctx.op_name}
         leaf_grads.write(leaves)   # last, so an error above leaves every .grad as it was
@@ -326,36 +333,6 @@ def _plain_index(index):
 
 def _axes(axis):
     return tuple(axis) if isinstance(axis, list) else axis
-
-
-def _topological_order(root):
-    """Nodes reachable from root that need gradients, each after all of its inputs (iterative DFS)."""
-    order, visited, stack = [], set(), [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        if children_done:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
-        if node._ctx is not None:
-            for parent in getattr(node._ctx, "parents", ()):
-                if parent is not None and id(parent) not in visited:
-                    stack.append((parent, False))
-    return order
-
-
-def _backward_offering(ctx, dout, grads):
-    """ctx's backward, offered the gradients pending at its sums_pending inputs (Function); and the inputs it summed."""
-    ctx.pending = {i: grads[id(p)] for i in ctx.sums_pending if (p := ctx.parents[i]) is not None
-                   and id(p) in grads and sum(q is p for q in ctx.parents) == 1}
-    offered = tuple(ctx.pending)
-    try:
-        return ctx.backward_fn(ctx, dout), [i for i in offered if i not in ctx.pending]
-    finally:
-        del ctx.pending   # retain_graph keeps ctx, not these arrays
 
 
 def unbroadcast(grad, shape):
@@ -474,8 +451,11 @@ class Neg(Function):
 
 
 def matmul(a, b):
-    """a @ b on arrays; (..., K) @ (K, M) runs as one 2-D GEMM over every leading axis of a. NumPy runs (B,T,K) @
-    (K,M) as B BLAS calls; one call was 20x faster on a busy 2-core machine (20 ms vs 450 ms, (12,64,128) @ (128,512))."""
+    """a @ b on arrays; (..., K) @ (K, M) runs as one 2-D GEMM over every leading axis of a.
+
+    NumPy runs (B,T,K) @ (K,M) as B separate BLAS calls; one call is never slower and, with OpenBLAS
+    threads on a busy 2-core machine, was 20x faster (measured: 20 ms vs 450 ms for (12,64,128) @ (128,512)).
+    """
     if a.ndim > 2 and b.ndim == 2:
         return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
     return a @ b
@@ -495,8 +475,11 @@ class MatMul(Function):
         # Promote 1-D operands to matrices so one rule covers every case, then drop the added axes.
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
-        dout2 = dout[..., None] if b.ndim == 1 else dout
-        dout2 = dout2[..., None, :] if a.ndim == 1 else dout2
+        dout2 = dout
+        if b.ndim == 1:
+            dout2 = dout2[..., None]
+        if a.ndim == 1:
+            dout2 = dout2[..., None, :]
         da = db = None
         # out = a b  =>  da = dout b^T, db = a^T dout
         if ctx.needs_input_grad[0]:
@@ -685,7 +668,9 @@ class Max(Function):
     def forward(ctx, x, axis, keepdims):
         out = x.max(axis=axis, keepdims=True)
         ctx.x, ctx.out_keep, ctx.axis = x, out, axis
-        return out if keepdims else out.reshape(()) if axis is None else out.squeeze(axis=axis)
+        if keepdims:
+            return out
+        return out.reshape(()) if axis is None else out.squeeze(axis=axis)
 
     @staticmethod
     def backward(ctx, dout):

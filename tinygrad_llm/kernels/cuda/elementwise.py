@@ -44,16 +44,12 @@ template<typename T> __device__ __forceinline__ T dropout_add_apply(T x, T y, un
 """
 
 _SOURCE = Source(FORMULAS + r"""
-template<typename T> struct Vec16;
-template<> struct Vec16<float> { typedef float4 type; };
-template<> struct Vec16<double> { typedef double2 type; };
-
 // out[e] = f(x[e], y[e], e) for e < n (y unread when BINARY is false), 16 bytes a load and a store, then
 // the tail of n % W elements one at a time.
 template<bool BINARY, typename T, typename F>
 __device__ __forceinline__ void map16(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ out,
                                       long long n, F f) {
-    typedef typename Vec16<T>::type V;
+    typedef typename Lanes<T, 16 / sizeof(T)>::type V;   // runtime.HEADER
     const int W = sizeof(V) / sizeof(T);
     long long stride = (long long)gridDim.x * blockDim.x, nv = n / W;
     for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nv + (n - nv * W); v += stride) {
@@ -96,23 +92,17 @@ __global__ void gelu_tanh_forward_v(const T* x, T* y, long long n) { map16<false
 // reads y), in the same pass
 template<typename T>
 __global__ void gelu_tanh_forward_bf16_v(const T* x, T* y, unsigned short* yb, long long n) {
-    typedef typename Vec16<T>::type V;
-    const int W = sizeof(V) / sizeof(T);
+    constexpr int W = 16 / sizeof(T);
     long long stride = (long long)gridDim.x * blockDim.x, nv = n / W;
     GeluTanh f;
     for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < nv + (n - nv * W); v += stride) {
-        if (v < nv) {
-            V a = reinterpret_cast<const V*>(x)[v];
-            T* e = reinterpret_cast<T*>(&a);
-            unsigned short h[W];
+        if (v < nv) {   // runtime.HEADER's 16-byte lanes
+            T e[W];
+            load_lanes<W>(x + v * W, e);
             #pragma unroll
-            for (int k = 0; k < W; k++) { e[k] = f(e[k], (T)0, v * W + k); h[k] = f32_to_bf16((float)e[k]); }
-            reinterpret_cast<V*>(y)[v] = a;
-            if constexpr (W == 4) {
-                reinterpret_cast<uint2*>(yb)[v] = make_uint2(h[0] | ((unsigned)h[1] << 16), h[2] | ((unsigned)h[3] << 16));
-            } else {
-                for (int k = 0; k < W; k++) yb[v * W + k] = h[k];
-            }
+            for (int k = 0; k < W; k++) e[k] = f(e[k], (T)0, v * W + k);
+            store_lanes<W>(y + v * W, e);
+            store_bf16_lanes<W>(yb + v * W, e);
         } else {
             long long i = nv * W + (v - nv);
             T r = f(x[i], (T)0, i);

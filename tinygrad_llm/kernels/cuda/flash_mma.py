@@ -152,9 +152,10 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scal
              seed_ptr=0, output="float32", kind="bfloat16"):
     """dq, dk, dv (`output` storage, the input strides) from dy and the forward's y and lse; D: scratch of
     B NH T float32 (gets rowsum(dy * y)); work: with bfloat16 outputs, scratch of B NH T HS float32 for dQ's
-    sums (float32 dq is summed into in place; work may be None then). The same arguments as the forward, or
-    the mask differs. Launches only: a first pass writes D and zeroes dQ's sums, the kernel adds into them,
-    and with bfloat16 outputs a last pass rounds them into dq."""
+    sums (float32 dq is summed into in place; work may be None then): its rows must start 16-byte aligned (the
+    sums are added 16 bytes at a time). The same arguments as the forward, or the mask differs. Launches only:
+    a first pass writes D and zeroes dQ's sums, the kernel adds into them, and with bfloat16 outputs a last pass
+    rounds them into dq."""
     found = _kernels(kind, output, layout.HS)
     B, NH, T, HS = layout.B, layout.NH, layout.T, layout.HS
     rows = B * NH * T
@@ -164,6 +165,8 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scal
         raise ValueError("flash_mma: backward with bfloat16 outputs needs work, scratch of B NH T HS float32")
     else:
         acc, acc_strides = work, (NH * T * HS, T * HS, HS)
+    if int(acc) % 16 or any(int(s) % 4 for s in acc_strides):
+        raise ValueError("flash_mma: backward's dQ sums need rows on 16-byte boundaries (pointer % 16, strides % 4)")
     acc_strides = tuple(np.int64(s) for s in acc_strides)
     threads = rows * (HS // 4)
     found["rowdot"][0]((-(-threads // 256),), (256,), (*_pointers(y, dy, D, acc), np.int32(NH), np.int32(T),
@@ -196,9 +199,9 @@ def self_attention_forward(qkv, n_head, causal, scale, seed, dropout_p, seed_ptr
     lse = cp.empty(B * n_head * T, dtype=np.float32)
     p = qkv.data.ptr
     if y_bf16 is not None and (kind != "bfloat16" or output != "float32" or y_bf16.shape != y.shape
-                               or y_bf16.dtype != np.uint16 or not y_bf16.flags.c_contiguous):
-        raise ValueError(f"flash_mma: y_bf16 must be a C-contiguous uint16 array of shape {y.shape}, for the bf16 "
-                         f"kind's float32 output")
+                               or y_bf16.dtype != np.uint16 or not y_bf16.flags.c_contiguous or y_bf16.data.ptr % 4):
+        raise ValueError(f"flash_mma: y_bf16 must be a C-contiguous uint16 array of shape {y.shape} on a 4-byte "
+                         f"boundary, for the bf16 kind's float32 output")
     forward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, lse.data.ptr, causal, scale, seed, dropout_p,
             seed_ptr, output, kind, 0 if y_bf16 is None else y_bf16.data.ptr)
     return y, lse

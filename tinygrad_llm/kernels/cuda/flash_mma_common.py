@@ -176,8 +176,8 @@ __device__ __forceinline__ void grad_tile(float (&s)[8][4], float (&dp)[8][4], c
 }
 // dQ's rows q0 + 16 warp + g (and + 8) += gq scale, atomically (dq_acc's strides ab, ah, at; rows 16-byte
 // aligned). A lane holds two neighbouring columns of each row; neighbours t and t ^ 1 swap halves (a shuffle) so
-// that even t holds four columns of row g and odd t four of row g + 8: one 16-byte atomic add (sm_90) instead of
-// four 4-byte ones.
+// that even t holds four columns of row g and odd t four of row g + 8: one 16-byte atomic add (sm_90, CUDA 12.1 on)
+// instead of four 4-byte ones (earlier GPUs or compilers).
 template<int HD>
 __device__ __forceinline__ void add_dq(const float (&gq)[HD / 8][4], float* dq_acc, long long bh, int NH, long long ab,
         long long ah, long long at, int q0, int warp, int g, int t, int T, float scale) {
@@ -191,7 +191,7 @@ __device__ __forceinline__ void add_dq(const float (&gq)[HD / 8][4], float* dq_a
         float a0 = (odd ? o0 : gq[j][0]) * scale, a1 = (odd ? o1 : gq[j][1]) * scale;
         float a2 = (odd ? gq[j][2] : o0) * scale, a3 = (odd ? gq[j][3] : o1) * scale;
         if (qi >= T) continue;
-#if __CUDA_ARCH__ >= 900
+#if __CUDA_ARCH__ >= 900 && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
         asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(acc + 8 * j), "f"(a0), "f"(a1), "f"(a2),
                      "f"(a3) : "memory");
 #else

@@ -50,11 +50,12 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T
 // fixed order and writes them to part[blockIdx.x] = (dw partial (C), db partial (C)); columns.column_sums adds the
 // blocks'. dx is computed with runtime.HEADER's *_rn operations, so the kernel's copies with and without res
 // compute the same bits before the residual's add (add_rn: the separate add's bits).
-// Where a lane holds at most 48 bytes of a row (C = 384 in float32), three blocks a multiprocessor (at most 80
-// registers; 96 unbounded left room for two): 0.112 -> 0.084 ms for (16384, 384) with the residual on an H200.
-// Wider rows would spill under that bound and keep two.
+// float32 rows of which a lane holds at most 48 bytes (C = 384) run three blocks a multiprocessor (at most 80
+// registers: 96 unbounded left room for two; C = 384's instance then spills 16 bytes, and still ran 0.112 -> 0.084
+// ms for (16384, 384) with the residual on an H200). Wider rows, and float64, would spill more and keep two.
 template<typename T, int V, bool VEC>
-__global__ void __launch_bounds__(256, (VEC ? 16 * V : (int)sizeof(T) * V) <= 48 ? 3 : 1) layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(256, sizeof(T) == 4 && (VEC ? 16 * V : 4 * V) <= 48 ? 3 : 1)
+layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
                                     const T* mean, const T* rstd, const T* res, T* __restrict__ dx,
                                     T* __restrict__ part, long long N, int C, int has_w, int need_dx) {
     constexpr int W = VEC ? 16 / sizeof(T) : 1;
@@ -111,7 +112,9 @@ __global__ void __launch_bounds__(256, (VEC ? 16 * V : (int)sizeof(T) * V) <= 48
                 #pragma unroll
                 for (int e = 0; e < W; e++) {
                     int c = c0 + e;
-                    if (c < C) { red[c] = (i ? red[c] : (T)0) + aw[k][e]; red[C + c] = (i ? red[C + c] : (T)0) + ab[k][e]; }
+                    if (c >= C) continue;
+                    red[c] = (i ? red[c] : (T)0) + aw[k][e];
+                    red[C + c] = (i ? red[C + c] : (T)0) + ab[k][e];
                 }
             }
         }
@@ -146,6 +149,7 @@ class LayerNormCuda:
         if ctx.reference:
             return LayerNorm.forward(ctx, x, w, b, eps=eps), None
         x = cp.ascontiguousarray(x)
+        w, b = (None if a is None else cp.ascontiguousarray(a) for a in (w, b))   # the kernels index them densely
         N = x.size // C
         out = cp.empty_like(x)
         copy = cp.empty(x.shape, dtype=np.uint16) if bf16_copy and x.dtype == np.float32 else None
@@ -179,8 +183,8 @@ class LayerNormCuda:
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (+ res),  dw = sum(dout * xhat),  db = sum(dout)
         _SOURCE(f"layer_norm_backward<{{T}}, {slots}, {'true' if vec else 'false'}>", x.dtype)(
             (blocks,), (32 * _LN_WARPS,),
-            (dout, x, x if w is None else w, ctx.mean, ctx.rstd, np.uint64(0 if res is None else res.data.ptr), dx, part,
-             np.int64(N), np.int32(C), np.int32(w is not None), np.int32(bool(need[0]))),
+            (dout, x, x if w is None else w, ctx.mean, ctx.rstd, np.uint64(0 if res is None else res.data.ptr), dx,
+             part, np.int64(N), np.int32(C), np.int32(w is not None), np.int32(bool(need[0]))),
             shared_mem=2 * C * x.dtype.itemsize)
         want_w, want_b = w is not None and need[1], ctx.has_b and need[2]
         sums = column_sums(part) if want_w or want_b else None

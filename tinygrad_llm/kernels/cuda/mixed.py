@@ -209,10 +209,10 @@ class SelfAttentionBF16Cuda:
         ctx.mma = flash_mma.enabled() and flash_mma.packed_supported(qb, NH)
         if ctx.mma:
             _draw_seed(ctx, causal, scale, dropout_p, rng)
-            yb = cp.empty((B, T, C), dtype=np.uint16)   # y's bf16 copy, written beside y: c_proj's operand
+            yb = cp.empty((B, T, C), dtype=np.uint16) if precision.collecting() else None   # c_proj's operand
             y, ctx.lse = flash_mma.self_attention_forward(qb, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr,
                                                           y_bf16=yb)
-            precision.offer_copy(y, yb)
+            precision.offer_copy(y, yb)   # kept only where collecting(), where yb was made
             ctx.qb, ctx.y, ctx.n_head = qb, y, NH
             return y
         s = cp.empty((B, NH, T, T), dtype=np.float32)

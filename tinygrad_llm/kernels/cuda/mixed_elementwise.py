@@ -14,8 +14,10 @@ float32 -> bf16 pass over those arrays (a read of 4 bytes a value, a write of 2 
 and a backward's result is not read again for its bias gradient. The backward passes' sums are columns.py's
 (PARTIALS: the same blocks, the same order), so a bias gradient equals column_sums of the gradient bit for
 bit, as the product would have summed it. LayerNorm's input gradient joins the residual stream: nothing to
-offer. A result nothing takes (a product without a bias, a consumer that is not a product) costs its copy's
-2-byte store and the sums' small partials.
+offer. Offers are kept only inside a precision.weight_copies region (a training step's); outside one the
+backward passes run the float32 kernels. A product without a bias takes the copy and leaves the sums; an
+offer nothing takes (a consumer that is not a product) costs its 2-byte store and the sums' small partials, and
+is kept, with its array, until the region ends.
 
 Covered: float32 CuPy arrays (forward GELU: the tanh form, C-contiguous and 16-byte aligned; backward GELU and
 DropoutAdd: C-contiguous, 16-byte aligned, the last axis a multiple of 4, GELU's tanh form); anything else runs
@@ -24,7 +26,8 @@ the float32 kernel (or the op) unchanged and offers nothing.
 import cupy as cp
 import numpy as np
 
-from ... import precision
+from ... import backend, precision
+from ...functional import DropoutAdd
 from .columns import BLOCK, PARTIALS, fused_column_sums, vector
 from .elementwise import FORMULAS, DropoutAddCuda, GELUCuda
 from .layer_norm import LayerNormCuda
@@ -115,7 +118,7 @@ class GELUBF16Cuda:
     # derivation: docs/backward/gelu.md
     @staticmethod
     def backward(ctx, dout):
-        if ctx.reference or ctx.approximate != "tanh" or not _covered(ctx.x, dout):
+        if ctx.reference or ctx.approximate != "tanh" or not precision.collecting() or not _covered(ctx.x, dout):
             return GELUCuda.backward(ctx, dout)
         return _with_copy_and_sums("gelu_tanh_backward_columns", (ctx.x, dout))
 
@@ -123,12 +126,17 @@ class GELUBF16Cuda:
 class DropoutAddBF16Cuda:
     """DropoutAddCuda; backward offers dy's bf16 copy and column sums (module docstring)."""
 
-    forward = staticmethod(DropoutAddCuda.forward)
+    @staticmethod
+    def forward(ctx, x, y, p=0.5, rng=None):
+        if not backend.kernels_enabled():   # the op's own masks (its generator draws), as without autocast
+            ctx.reference = True
+            return DropoutAdd.forward(ctx, x, y, p=p, rng=rng)
+        return DropoutAddCuda.forward(ctx, x, y, p=p, rng=rng)
 
     # derivation: docs/backward/dropout_and_dropout_add.md
     @staticmethod
     def backward(ctx, dout):
-        if ctx.reference or not ctx.needs_input_grad[1] or not _covered(dout):
+        if ctx.reference or not ctx.needs_input_grad[1] or not precision.collecting() or not _covered(dout):
             return DropoutAddCuda.backward(ctx, dout)
         # dx = dout; dy = dout * mask: the forward's seed, the same element indices
         dy = _with_copy_and_sums("dropout_columns", (dout,), (ctx.seed_ptr, ctx.seed, ctx.p, ctx.scale))
