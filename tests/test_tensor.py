@@ -410,7 +410,10 @@ def test_a_backward_that_leaves_the_offer_gets_the_engines_add_and_no_hint_stays
     np.testing.assert_array_equal(grad, grad_folded)
 
 
-def test_the_offer_is_withdrawn_when_the_backward_raises():
+@pytest.mark.parametrize("drops_offer", [False, True], ids=["keeps", "drops"])
+def test_the_offer_is_withdrawn_when_the_backward_raises_and_its_error_stands(drops_offer):
+    """A backward that raises, with the offer still on ctx or after deleting it itself: its own error surfaces, and
+    no offered array stays on ctx."""
     from tinygrad_llm import Function
 
     class Fails(Function):
@@ -423,6 +426,8 @@ def test_the_offer_is_withdrawn_when_the_backward_raises():
         @staticmethod
         def backward(ctx, dout):
             assert 0 in ctx.pending
+            if drops_offer:
+                del ctx.pending
             raise ValueError("backward failed")
 
     x = Tensor(np.ones(3), requires_grad=True)
@@ -430,26 +435,6 @@ def test_the_offer_is_withdrawn_when_the_backward_raises():
     with pytest.raises(ValueError, match="backward failed"):
         (out + x).sum().backward()
     assert not hasattr(out._ctx, "pending") and x.grad is None
-
-
-def test_a_backward_that_drops_the_offer_and_raises_keeps_its_own_error():
-    from tinygrad_llm import Function
-
-    class Drops(Function):
-        sums_pending = (0,)
-
-        @staticmethod
-        def forward(ctx, x):
-            return x * 1.0
-
-        @staticmethod
-        def backward(ctx, dout):
-            del ctx.pending
-            raise ValueError("its own error")
-
-    x = Tensor(np.ones(3), requires_grad=True)
-    with pytest.raises(ValueError, match="its own error"):
-        (Drops.apply(x) + x).sum().backward()
 
 
 def test_detect_anomaly_checks_the_sum_a_backward_returns():
@@ -460,6 +445,6 @@ def test_detect_anomaly_checks_the_sum_a_backward_returns():
     h = x * 1.0
     out = _summing_op(True, offers).apply(h)         # backward: 2 dout + the gradient pending at h
     loss = ((out + h) * np.float32(1.5e38)).sum()    # finite; h's gradient 2 (1.5e38) + 1.5e38 is not
-    with detect_anomaly(), pytest.raises(FloatingPointError, match="Scale backward"):
+    with detect_anomaly(), np.errstate(over="ignore"), pytest.raises(FloatingPointError, match="Scale backward"):
         loss.backward()
     assert list(offers[0]) == [0]
