@@ -2,7 +2,9 @@
 arrays (256-byte aligned, with .data.ptr and .get()), and a compiled kernel records its launch instead of running,
 after checking that the launch passes exactly the parameters its C++ signature declares (macros expanded) and
 only pointers, NumPy scalars or arrays. Results are garbage (no kernel runs); what it checks is the launchers'
-control flow: which kernels a call launches, with how many arguments, what it offers, what it refuses.
+control flow: which kernels a call launches, with how many arguments, what it offers, what it refuses. Whatever
+CuPy function it does not define is NumPy's (arange, exp, take, ufuncs), on host arrays; cupy.cuda answers with an
+H200's properties and no device to count, and anything else there with a mock.
 
 install() puts it in sys.modules as `cupy`: only in a process of its own (test_cuda_launchers.py runs one).
 """
@@ -28,6 +30,10 @@ class ndarray(np.ndarray):
 
     def get(self):
         return np.asarray(self).copy()
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
 
 
 def empty(shape, dtype=np.float32):
@@ -71,6 +77,27 @@ def ascontiguousarray(a, dtype=None):
 
 def asfortranarray(a):
     return np.asfortranarray(a).view(ndarray)
+
+
+def _ours(value):
+    """NumPy results as this module's arrays (copied onto an aligned buffer), everything else as it is."""
+    if isinstance(value, np.ndarray) and not isinstance(value, ndarray):
+        return asarray(value)
+    if isinstance(value, tuple):
+        return tuple(_ours(v) for v in value)
+    return value
+
+
+def get_default_memory_pool():
+    return mock.MagicMock()
+
+
+def __getattr__(name):
+    """What this module does not define is NumPy's (arange, exp, take, ...), returning this module's arrays."""
+    found = getattr(np, name)
+    if isinstance(found, (type, np.ufunc)) or not callable(found):   # a ufunc keeps its .at; keeps our arrays
+        return found
+    return lambda *args, **kwargs: _ours(found(*args, **kwargs))
 
 
 def _macros(code):
@@ -122,13 +149,18 @@ class RawKernel(_Kernel):
 
 
 class ElementwiseKernel:
+    """Records the call; returns its outputs: those passed, else new arrays of the first array input's shape."""
+
     def __init__(self, in_params, out_params, operation, name="elementwise", **kwargs):
         self.name = name
+        self.n_in, self.n_out = len(in_params.split(",")), len(out_params.split(","))
 
     def __call__(self, *args):
+        assert len(args) in (self.n_in, self.n_in + self.n_out), f"{self.name}: {len(args)} arguments"
         launches.append((self.name, None, None, len(args)))
-        arrays = [a for a in args if isinstance(a, ndarray)]
-        return empty_like(arrays[0]) if arrays else None
+        outs = args[self.n_in:] or [empty_like(next(a for a in args if isinstance(a, np.ndarray)))
+                                    for _ in range(self.n_out)]
+        return outs[0] if self.n_out == 1 else tuple(outs)
 
 
 class _Anything(types.ModuleType):
@@ -145,8 +177,15 @@ def install():
     module.cuda = _Anything("cupy.cuda")
     module.cuda.__path__ = []
     sys.modules["cupy"] = module
+    runtime = module.cuda.runtime = _Anything("cupy.cuda.runtime")   # an H200's properties, no device to count
+    runtime.getDeviceProperties = lambda device=0: {"totalGlobalMem": 141 * 2 ** 30, "major": 9, "minor": 0,
+                                                    "multiProcessorCount": 132, "name": b"stand-in"}
+    runtime.deviceGetAttribute = lambda attribute, device=0: 232448 if attribute == 97 else 132
+    runtime.getDeviceCount = lambda: 0
+    module.cuda.Device = lambda *args: types.SimpleNamespace(id=0, compute_capability="90", synchronize=lambda: None,
+                                                             attributes={"MultiProcessorCount": 132})
     for name in ("cupy.cuda", "cupy.cuda.cublas", "cupy.cuda.runtime", "cupy._core", "cupy._core._routines_linalg"):
-        stand_in = module.cuda if name == "cupy.cuda" else _Anything(name)
+        stand_in = {"cupy.cuda": module.cuda, "cupy.cuda.runtime": runtime}.get(name) or _Anything(name)
         stand_in.__path__ = []
         sys.modules[name] = stand_in
     return module

@@ -1,8 +1,9 @@
 """The CUDA kernel files' Python side, run where there is no GPU (CI): in a process of its own, with CuPy replaced
 by tests/cupy_stand_in.py (host arrays; each launch checked against its kernel's C++ signature and recorded, not
 run). This checks what the GPU tests cannot check without a GPU: that each launcher passes its kernel the
-parameters it declares, launches the kernels it should for the case at hand, and offers and refuses what it should.
-The values are the GPU tests' business (tests/test_gpu*.py, test_flash_mma.py)."""
+parameters it declares, launches the kernels it should for the case at hand, and offers and refuses what it should;
+and a whole training step of a small GPT in float32 and in bf16 (forward, backward, clipping, AdamW), every launch
+checked. The values are the GPU tests' business (tests/test_gpu*.py, test_flash_mma.py)."""
 import os
 import subprocess
 import sys
@@ -124,6 +125,31 @@ def _scenarios():
                                                       dropout_p=0.2, rng=np.random.default_rng(0))
             assert ctx.mma and (precision.take_copy(out) is not None) == inside
             mixed.SelfAttentionBF16Cuda.backward(ctx, arr(2, 64, 128))
+
+    # strict float32 products on the tensor cores (3xTF32), one k slice and several (the partials' sum)
+    from tinygrad_llm.kernels.cuda import gemm_3xtf32
+    names()
+    for M, N, K in ((512, 384, 384), (384, 384, 16384)):
+        a, b, c = arr(M, K), arr(K, N), cp.empty((M, N))
+        assert gemm_3xtf32.supported(M, N, K, a.data.ptr, K, b.data.ptr, N, c.data.ptr, N)
+        gemm_3xtf32.gemm(M, N, K, a.data.ptr, K, b.data.ptr, N, c.data.ptr, N)
+        assert names() == (["gemm3x"] if K < 4096 else ["gemm3x", "gemm3x_sum"]), (M, N, K)
+
+    # a whole training step of a small GPT on the GPU path, float32 and bf16: every launch checked
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.optim import AdamW, clip_grad_norm, param_groups
+    ids = np.random.default_rng(1).integers(0, 65, (2, 64))
+    for dtype, expected in (("float32", {"layer_norm_backward", "multi_adamw", "dropout_add_v"}),
+                            ("bfloat16", {"mma_flash_backward", "gelu_tanh_backward_columns", "dropout_columns"})):
+        model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.2,
+                              dtype=dtype), rng=np.random.default_rng(0)).to("cuda")
+        opt = AdamW(param_groups(model, 0.1), lr=1e-3)
+        with np.errstate(all="ignore"), precision.weight_copies():   # garbage values: no kernel runs
+            _, loss = model(ids, ids, rng=np.random.default_rng(2))
+            loss.backward()
+            clip_grad_norm(model.parameters(), 1.0)
+            opt.step()
+        assert expected <= set(names()), dtype
     assert backend.device_of is not None
     print("all scenarios ran")
 
