@@ -26,8 +26,16 @@ def _scenarios():
 
     import cupy_stand_in
     cp = cupy_stand_in.install()
+    from tinygrad_llm.kernels.cuda import runtime
+
+    def no_library(name):   # on a GPU machine cuBLAS would load and be handed host pointers
+        raise OSError(f"lib{name} is not loaded beside the stand-in")
+
+    runtime.load_library = no_library   # before cublas.py and cublaslt.py import it
     from tinygrad_llm import backend, precision
-    from tinygrad_llm.kernels.cuda import columns, flash_mma, layer_norm, mixed, mixed_elementwise as me
+    from tinygrad_llm.kernels.cuda import columns, cublas, cublaslt, flash_mma, layer_norm, mixed
+    from tinygrad_llm.kernels.cuda import mixed_elementwise as me
+    assert cublas.load_library is no_library and cublaslt.load_library is no_library
     from tinygrad_llm.tensor import Context
     launched = cupy_stand_in.launches
     rng = np.random.default_rng(0)
