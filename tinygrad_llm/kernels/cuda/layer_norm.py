@@ -13,8 +13,11 @@ import cupy as cp
 import numpy as np
 
 from ...functional import LayerNorm
-from .columns import column_sums
+from .columns import column_sums, vector
 from .runtime import Source, served, warp_rows_launch
+
+_LN_SLOTS = (1, 2, 4, 8, 12, 16, 24, 32)   # backward's V instances: columns a lane holds (C <= 32 V)
+_LN_VEC_SLOTS = (1, 2, 3, 4, 6, 8, 12, 16)   # with 16-byte lanes: C <= 32 V W (W = 4 float32, 2 float64)
 
 _SOURCE = Source(r"""
 // x: (N, C) -> out (N, C), mean (N,), rstd (N,); ob (N, C), unless null: bf16(out)'s bits (bf16 autocast: the
@@ -55,9 +58,9 @@ __global__ void layer_norm_forward(const T* x, const T* w, const T* b, T* out, T
 // ms for (16384, 384) with the residual on an H200). Wider rows, and float64, would spill more and keep two.
 template<typename T, int V, bool VEC>
 __global__ void __launch_bounds__(256, sizeof(T) == 4 && (VEC ? 16 * V : 4 * V) <= 48 ? 3 : 1)
-layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
-                                    const T* mean, const T* rstd, const T* res, T* __restrict__ dx,
-                                    T* __restrict__ part, long long N, int C, int has_w, int need_dx) {
+layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w, const T* mean,
+                    const T* rstd, const T* res, T* __restrict__ dx, T* __restrict__ part, long long N, int C,
+                    int has_w, int need_dx) {
     constexpr int W = VEC ? 16 / sizeof(T) : 1;
     extern __shared__ unsigned char smem_raw[];
     T* red = reinterpret_cast<T*>(smem_raw);            // (2, C)
@@ -122,13 +125,11 @@ layer_norm_backward(const T* __restrict__ dout, const T* __restrict__ x, const T
     }
     for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) part[(long long)blockIdx.x * 2 * C + c] = red[c];
 }
-""", ["layer_norm_forward"] + [f"layer_norm_backward<{{T}}, {v}, false>" for v in (1, 2, 4, 8, 12, 16, 24, 32)]
-   + [f"layer_norm_backward<{{T}}, {v}, true>" for v in (1, 2, 3, 4, 6, 8, 12, 16)])
+""", ["layer_norm_forward"] + [f"layer_norm_backward<{{T}}, {v}, false>" for v in _LN_SLOTS]
+   + [f"layer_norm_backward<{{T}}, {v}, true>" for v in _LN_VEC_SLOTS])
 
 _LN_WARPS = 8                # warps a block in backward (rows in flight a block)
 _LN_BLOCKS = 132 * 4         # blocks in backward at most: each warp then takes N / (8 * 528) rows
-_LN_SLOTS = (1, 2, 4, 8, 12, 16, 24, 32)   # the V instances: columns a lane holds (C <= 32 V)
-_LN_VEC_SLOTS = (1, 2, 3, 4, 6, 8, 12, 16)   # with 16-byte lanes: C <= 32 V W (W = 4 float32, 2 float64)
 
 
 class LayerNormCuda:
@@ -177,7 +178,7 @@ class LayerNormCuda:
         res = _take_pending(ctx, x) if need[0] else None
         dx = cp.empty_like(x) if need[0] else x  # x stands in when dx is not wanted (never written)
         lanes = 16 // x.dtype.itemsize   # 16 bytes a load where every row allows it
-        vec = C % lanes == 0 and all(a.data.ptr % 16 == 0 for a in (dout, x, dx, res, w) if a is not None)
+        vec = vector(C, *(a for a in (dout, x, dx, res, w) if a is not None))
         slots = next(v for v in (_LN_VEC_SLOTS if vec else _LN_SLOTS) if 32 * v * (lanes if vec else 1) >= C)
         part = cp.empty((blocks, 2 * C), dtype=x.dtype)
         # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (+ res),  dw = sum(dout * xhat),  db = sum(dout)
