@@ -132,7 +132,12 @@ def _scenarios():
             out = mixed.SelfAttentionBF16Cuda.forward(ctx, arr(2, 64, 384), 2, causal=True, scale=0.125,
                                                       dropout_p=0.2, rng=np.random.default_rng(0))
             assert ctx.mma and (precision.take_copy(out) is not None) == inside
+            launched.clear()
             mixed.SelfAttentionBF16Cuda.backward(ctx, arr(2, 64, 128))
+            assert ctx.keep_bits is not None and launched[-1][0] == "mma_flash_backward<float, 64, true>"
+    flash_mma.self_attention_backward(qb, yy, lse, arr(2, 64, 128), 2, True, 0.125, 3, 0.0)   # no dropout: no mask
+    assert launched[-1][0] == "mma_flash_backward<float, 64, false>"
+    names()
 
     # strict float32 products on the tensor cores (3xTF32), one k slice and several (the partials' sum)
     from tinygrad_llm.kernels.cuda import gemm_3xtf32

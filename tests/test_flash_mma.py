@@ -204,6 +204,66 @@ def test_forward_writes_y_bf16_copy(B, T, NH, HS, causal):
         mma.self_attention_forward(bits, NH, causal, 0.125, 3, 0.2, y_bf16=yb[:, :, :-1])
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("B, T, NH, HS", [(2, 100, 2, 64), (1, 200, 3, 32), (1, 64, 1, 64)], ids=str)
+def test_stored_mask_is_the_hash_and_backward_reads_it(B, T, NH, HS, causal):
+    """keep_bits: the forward stores the dropout mask, each element's bit where flash_mma_common.py's keep_block
+    comment puts it, equal to the hash (test_dropout_hash's NumPy rule) on every element the attention sees; the
+    backward that reads it gives dk and dv bit for bit and dq to rounding (atomic sums) as the one that hashes, in
+    float32 and bf16 outputs."""
+    import cupy as cp
+    from test_dropout_hash import keep_reference
+    mma, mixed = modules()
+    _, bits, dout = inputs(B, T, NH, HS, "bfloat16", seed=T)
+    seed, p = 0x5EED_1234_ABCD_0077, 0.3
+    keep = mma.keep_bits_for(bits, NH, p)
+    assert keep is not None and keep.size == B * NH * (-(-T // 64)) ** 2 * 128 and keep.dtype == np.uint32
+    keep[...] = 0xFFFFFFFF
+    y, lse = mma.self_attention_forward(bits, NH, causal, 0.2, seed, p, keep_bits=keep)
+    y_hash, lse_hash = mma.self_attention_forward(bits, NH, causal, 0.2, seed, p)
+    assert bool((y == y_hash).all()) and bool((lse == lse_hash).all())
+    NT = -(-T // 64)   # words [bh, query tile, key tile, warp w, g, t]; bit 4 j + e of a word: the element
+    # (query 16 w + g + 8 (e / 2), key 8 j + 2 t + e % 2) of its tile pair
+    bh, qt, kt, w, g, t, j, e = np.meshgrid(*(np.arange(n) for n in (B * NH, NT, NT, 4, 8, 4, 8, 4)), indexing="ij")
+    q, k = qt * 64 + 16 * w + g + 8 * (e >> 1), kt * 64 + 8 * j + 2 * t + (e & 1)
+    seen = (q < T) & (k < T) & ((k <= q) if causal else True)
+    words = keep.get().reshape(B * NH, NT, NT, 4, 8, 4)[..., None, None]
+    stored = (words >> (4 * j + e).astype(np.uint32)) & 1
+    want = keep_reference(seed, (bh * T + q) * T + k, p)
+    np.testing.assert_array_equal(stored[seen].astype(bool), want[seen])
+    assert 0.6 < want[seen].mean() < 0.8
+    for output in ("float32", "bfloat16"):
+        dy = dout if output == "float32" else mixed.to_bf16(dout)
+        yy = y if output == "float32" else mixed.to_bf16(y)
+        read = mma.self_attention_backward(bits, yy, lse, dy, NH, causal, 0.2, seed, p, output=output, keep_bits=keep)
+        hashed = mma.self_attention_backward(bits, yy, lse, dy, NH, causal, 0.2, seed, p, output=output)
+        C = NH * HS
+        assert bool((read[..., C:] == hashed[..., C:]).all())   # dk, dv
+        widen = (lambda a: a) if output == "float32" else mixed.from_bf16
+        assert rel_err(widen(read[..., :C]), widen(hashed[..., :C])) < (1e-6 if output == "float32" else 1e-2)
+
+
+def test_keep_bits_policy_and_refusals():
+    """Stored only with dropout and where the mask is at most a third of the bf16 qkv's bytes (T <= 16 HS);
+    an array of another size or dtype, or one without dropout, is refused before anything runs."""
+    import cupy as cp
+    mma, _ = modules()
+    _, bits, dout = inputs(1, 96, 2, 32, "bfloat16", seed=1)
+    assert mma.keep_bits_for(bits, 2, 0.0) is None and mma.keep_bits_for(bits, 2, 1.0) is None
+    assert mma.keep_bits_for(bits, 2, 0.1).size == mma.keep_bits_words(1, 2, 96) == 2 * 4 * 128
+    long = cp.zeros((1, 16 * 32 + 1, 3 * 64), dtype=np.uint16)
+    assert mma.keep_bits_for(long, 2, 0.1) is None and mma.keep_bits_for(long[:, :-1], 2, 0.1) is not None
+    keep = mma.keep_bits_for(bits, 2, 0.1)
+    for bad in (keep[:-4], keep.view(np.int32), cp.zeros(keep.size, dtype=np.uint64)):
+        with pytest.raises(ValueError, match="keep_bits"):
+            mma.self_attention_forward(bits, 2, True, 0.2, 1, 0.1, keep_bits=bad)
+    with pytest.raises(ValueError, match="keep_bits is for the bf16 kind with dropout"):
+        mma.self_attention_forward(bits, 2, True, 0.2, 1, 0.0, keep_bits=keep)
+    y, lse = mma.self_attention_forward(bits, 2, True, 0.2, 1, 0.1, keep_bits=keep)
+    with pytest.raises(ValueError, match="keep_bits"):
+        mma.self_attention_backward(bits, y, lse, dout, 2, True, 0.2, 1, 0.1, keep_bits=keep[:-4])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_dropout_seed_from_device_memory(kind):
     """seed_ptr set: the kernels hash with HEADER's dropout_seed(base in device memory, seed), the same mask as
@@ -237,14 +297,19 @@ def test_replays_from_a_cuda_graph(kind):
     layout = mma._layout(*mma._packed(B, T, NH * HS, NH))
     C, size = NH * HS, taken.dtype.itemsize
     y, dqkv, work = cp.empty_like(dout), cp.empty(taken.shape, np.float32), cp.empty(B * NH * T * HS, np.float32)
-    lse, D = cp.empty(B * NH * T, np.float32), cp.empty(B * NH * T, np.float32)
+    lse, D = cp.empty(B * NH * T, np.float32), cp.empty(2 * B * NH * T, np.float32)   # bf16: D, then lse in base 2
+    dy_bf16 = cp.empty(dout.shape, np.uint16)   # the bf16 kernels' copy of the float32 dout
     p, g = taken.data.ptr, dqkv.data.ptr
 
-    def step():
+    def step(copy=dy_bf16.data.ptr):
         mma.forward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, lse.data.ptr, True, 0.2, 5, 0.1, kind=kind)
         mma.backward(layout, p, p + C * size, p + 2 * C * size, y.data.ptr, dout.data.ptr, lse.data.ptr, D.data.ptr,
-                     g, g + 4 * C, g + 8 * C, work.data.ptr, True, 0.2, 5, 0.1, kind=kind)
+                     g, g + 4 * C, g + 8 * C, work.data.ptr, True, 0.2, 5, 0.1, kind=kind, dy_bf16=copy)
 
+    if kind == "bfloat16":   # no scratch for dout's bf16 bits, or one off a 16-byte boundary: refused
+        for bad in (0, dy_bf16.data.ptr + 8):
+            with pytest.raises(ValueError, match="dy_bf16"):
+                step(bad)
     eager = eager_then_replayed(step, (y, dqkv))
     assert bool((y == eager[0]).all())
     assert rel_err(dqkv, eager[1]) < 1e-6

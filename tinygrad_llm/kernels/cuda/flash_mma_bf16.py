@@ -4,26 +4,39 @@ Derivation: docs/backward/flash_attention.md; the helpers they use: flash_mma_co
 
 SOURCE = r"""
 // Forward: a block per 64 queries of one (b, h); warp w owns rows 16w..16w+15. y = softmax(scale q k^T) (dropped) v,
-// lse = each row's log-sum-exp of its scaled scores (natural log); yb (unless null; float32 y only): y's bf16 bits.
+// lse = each row's log-sum-exp of its scaled scores (natural log); yb (unless null; float32 y only): y's bf16 bits;
+// keep_bits (unless null, with dropout): the mask, for the backward (keep_block). The key and value tiles come
+// through two shared-memory buffers: the next pair is copied (cp.async) while this one is multiplied.
 template<typename O, int HD>
-__global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* lse, unsigned short* yb) {
+__global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* lse, unsigned short* yb,
+                                                         unsigned* keep_bits) {
     MMA_SETUP
     constexpr int LDS = HD + 8, KS = HD / 16;
-    unsigned short *Qs = sm, *Ks = Qs + 64 * LDS, *Vs = Ks + 64 * LDS;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * 64;   // the longest causal rows first
-    load_tile<HD>(Qs, q + in0, st, q0, T);
+    unsigned short *Qs = sm, *KV = Qs + 64 * LDS;   // buffer i's keys at KV + 128 i LDS, its values after them
+    const int qt = gridDim.x - 1 - blockIdx.x, q0 = qt * 64;   // the longest causal rows first
+    const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
+    async_tile<HD>(Qs, q + in0, st, q0, T);
+    async_tile<HD>(KV, k + in0, st, 0, T);
+    async_tile<HD>(KV + 64 * LDS, v + in0, st, 0, T);
+    cp_commit();
+    cp_wait<0>();
     __syncthreads();
     unsigned qa[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) ldsm4(qa[kk], Qs + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
     float m[2] = {(float)NEG_INF, (float)NEG_INF}, l[2] = {0.f, 0.f}, o[HD / 8][4];
     zero(o);
-    const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
-    for (int k0 = 0; k0 < kend; k0 += 64) {
-        __syncthreads();
-        load_tile<HD>(Ks, k + in0, st, k0, T);
-        load_tile<HD>(Vs, v + in0, st, k0, T);
-        __syncthreads();
+    for (int k0 = 0, buf = 0; k0 < kend; k0 += 64, buf ^= 1) {
+        if (k0 > 0) {   // this pair landed, and every warp is done with the other buffer
+            cp_wait<0>();
+            __syncthreads();
+        }
+        if (k0 + 64 < kend) {
+            async_tile<HD>(KV + (buf ^ 1) * 128 * LDS, k + in0, st, k0 + 64, T);
+            async_tile<HD>(KV + (buf ^ 1) * 128 * LDS + 64 * LDS, v + in0, st, k0 + 64, T);
+            cp_commit();
+        }
+        const unsigned short *Ks = KV + buf * 128 * LDS, *Vs = Ks + 64 * LDS;
         float s[8][4];
         zero(s);
 #pragma unroll
@@ -35,7 +48,8 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
                 mma16816(s[2 * n], qa[kk], b[0], b[1]);
                 mma16816(s[2 * n + 1], qa[kk], b[2], b[3]);
             }
-        softmax_tile<HD>(s, m, l, o, k0, row0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
+        unsigned kept = softmax_tile<HD>(s, m, l, o, k0, row0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
+        if (keep_bits) keep_bits[keep_block(bh, qt, k0 / 64, gridDim.x) + threadIdx.x] = kept;
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {   // keys 16kk..16kk+15: P's fragments are the scores' accumulators
             unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
@@ -54,18 +68,26 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
 
 // dK, dV of 64 keys of one (b, h) (warp w: keys 16w..16w+15), looping over the query tiles that see them; dQ's part
 // from these keys added atomically to dq_acc (float32, zeroed before; element (b, h, t, d) at b ab + h ah + t at + d:
-// dq itself when it is float32, else a scratch). D = rowsum(dy * y).
-template<typename O, int HD>
-__global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy, const float* lse, const float* D,
-                                                          O* dk, O* dv, float* dq_acc, long long ab, long long ah,
-                                                          long long at) {
+// dq itself when it is float32, else a scratch). dyb: dy's bf16 bits (dy's strides); LD: rowsum(dy * y) for the
+// B NH T rows, then their log-sum-exps in base 2; BITS: dropout's mask from keep_bits (the forward's), not the hash.
+// Each query tile's q, dy, lse, D (and keep block) come through two shared-memory buffers: the next tile's are copied
+// (cp.async) while this one's are multiplied.
+template<typename O, int HD, bool BITS>
+__global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const unsigned short* dyb, const float* LD,
+                                                          const unsigned* keep_bits, O* dk, O* dv, float* dq_acc,
+                                                          long long ab, long long ah, long long at) {
     MMA_SETUP
     constexpr int LDS = HD + 8, KS = HD / 16, LDT = 64 + 8;
-    unsigned short *Ks = sm, *Vs = Ks + 64 * LDS, *Qs = Vs + 64 * LDS, *Ys = Qs + 64 * LDS, *St = Ys + 64 * LDS;
-    float *Ls = (float*)(St + 64 * LDT), *Ds = Ls + 64;
-    const int k0 = blockIdx.x * 64;
-    load_tile<HD>(Ks, k + in0, st, k0, T);
-    load_tile<HD>(Vs, v + in0, st, k0, T);
+    constexpr int BUF = 128 * LDS + 2 * 64 * 2 + 128 * 2;   // a buffer: q, dy (bf16), D, L (float32), keep block
+    unsigned short *Ks = sm, *Vs = Ks + 64 * LDS, *St = Vs + 64 * LDS, *QY = St + 64 * LDT;
+    const int k0 = blockIdx.x * 64, first = causal ? k0 : 0, kt = blockIdx.x;
+    const long long rows = (long long)gridDim.y * T;
+    async_tile<HD>(Ks, k + in0, st, k0, T);
+    async_tile<HD>(Vs, v + in0, st, k0, T);
+    async_queries<HD>(QY, q + in0, st, dyb + out0, ot, LD + bh * T, LD + rows + bh * T,
+                      BITS ? keep_bits + keep_block(bh, first / 64, kt, gridDim.x) : nullptr, first, T);
+    cp_commit();
+    cp_wait<0>();
     __syncthreads();
     unsigned ka[KS][4], va[KS][4];
 #pragma unroll
@@ -77,16 +99,20 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
     zero(gk);
     zero(gv);
     const int key0 = k0 + warp * 16 + g;
-    for (int q0 = causal ? k0 : 0; q0 < T; q0 += 64) {
-        __syncthreads();
-        load_tile<HD>(Qs, q + in0, st, q0, T);
-        load_tile<HD>(Ys, dy + out0, ot, q0, T);
-        if (threadIdx.x < 64) {
-            int qi = q0 + threadIdx.x;
-            Ls[threadIdx.x] = qi < T ? lse[bh * T + qi] * 1.4426950408889634f : 0.f;
-            Ds[threadIdx.x] = qi < T ? D[bh * T + qi] : 0.f;
+    for (int q0 = first, buf = 0; q0 < T; q0 += 64, buf ^= 1) {
+        if (q0 > first) {   // this tile landed, and every warp is done with the other buffer and with St
+            cp_wait<0>();
+            __syncthreads();
         }
-        __syncthreads();
+        if (q0 + 64 < T) {
+            async_queries<HD>(QY + (buf ^ 1) * BUF, q + in0, st, dyb + out0, ot, LD + bh * T, LD + rows + bh * T,
+                              BITS ? keep_bits + keep_block(bh, q0 / 64 + 1, kt, gridDim.x) : nullptr, q0 + 64, T);
+            cp_commit();
+        }
+        const unsigned short *Qs = QY + buf * BUF, *Ys = Qs + 64 * LDS;
+        const float *Ds = (const float*)(Ys + 64 * LDS), *Ls = Ds + 64;
+        unsigned words[4][2];
+        if (BITS) keep_words(words, (const unsigned*)(Ls + 64), warp, g, t);
         float s[8][4], dp[8][4];   // S^T = K Q^T and dPd^T = V dy^T: rows = this warp's keys, columns = queries
         zero(s);
         zero(dp);
@@ -103,7 +129,7 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const O* dy,
                 mma16816(dp[2 * n], va[kk], b[0], b[1]);
                 mma16816(dp[2 * n + 1], va[kk], b[2], b[3]);
             }
-        grad_tile(s, dp, Ls, Ds, key0, q0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
+        grad_tile<BITS>(s, dp, Ls, Ds, key0, q0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale, words);
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {   // queries 16kk..16kk+15: dV += Pd^T dy, dK += dS^T q
             unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),

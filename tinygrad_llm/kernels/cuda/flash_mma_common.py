@@ -1,6 +1,6 @@
 """The C++ helpers of flash_mma.py's kernels: shared-memory matrix loads (ldmatrix), the bf16 tensor-core
-product (mma.sync m16n8k16), bf16 rounding, the bf16 tiles' loader, the backward's first pass (rowsum(dy * y),
-dQ's sums zeroed), the bf16 kernels' argument list, and the steps the bf16 and tf32 kernels share (the online
+product (mma.sync m16n8k16), bf16 rounding, the bf16 tiles' asynchronous loaders, the backward's first pass
+(rowsum(dy * y), dQ's sums zeroed, dy's bf16 copy), the bf16 kernels' argument list, and the steps the bf16 and tf32 kernels share (the online
 softmax of a score tile, the output rows, Pd and dS of a tile, dQ's atomic sums, dk and dv). Kept apart from
 the launchers so each file stays short; the kernels are in flash_mma_bf16.py and flash_mma_tf32.py (which
 holds the tf32 helpers: tf32 rounding and the 3xTF32 split, the tf32 tiles and their fragments; the m16n8k8
@@ -31,11 +31,6 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
-__device__ __forceinline__ uint4 eight_bf16(const unsigned short* p) { return *(const uint4*)p; }
-__device__ __forceinline__ uint4 eight_bf16(const float* p) {
-    float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
-    return make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
-}
 __device__ __forceinline__ void store2(float* p, float a, float b) { *(float2*)p = make_float2(a, b); }
 __device__ __forceinline__ void store2(unsigned short* p, float a, float b) { *(unsigned*)p = pack_bf16(a, b); }
 
@@ -46,10 +41,12 @@ __device__ __forceinline__ float4 four(const unsigned short* p) {
                        __uint_as_float(u.y & 0xffff0000u));
 }
 // Backward's first pass, HD / 4 threads a row (b, h, t): D[(b NH + h) T + t] = sum_d dy y (4 elements a thread), and
-// the row of dq_acc (strides ab, ah, at) zeroed for the backward kernel's atomic sums.
+// the row of dq_acc (strides ab, ah, at) zeroed for the backward kernel's atomic sums. For the bf16 kernels (lse not
+// null): D[rows + r] = lse[r] in base 2, and (dyb not null) dy's bf16 bits into dyb (dy's strides).
 template<typename O, int HD>
-__global__ void mma_rowdot_zero(const O* y, const O* dy, float* D, float* dq_acc, int NH, int T, long long ob,
-                                long long oh, long long ot, long long ab, long long ah, long long at, long long rows) {
+__global__ void mma_rowdot_zero(const O* y, const O* dy, float* D, float* dq_acc, unsigned short* dyb, const float* lse,
+                                int NH, int T, long long ob, long long oh, long long ot, long long ab, long long ah,
+                                long long at, long long rows) {
     constexpr int L = HD / 4;
     long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x, r = i / L;
     int c = (int)(i % L) * 4;
@@ -61,22 +58,41 @@ __global__ void mma_rowdot_zero(const O* y, const O* dy, float* D, float* dq_acc
         float4 a = four(y + o), b = four(dy + o);
         total = a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
         *(float4*)(dq_acc + (bh / NH) * ab + (bh % NH) * ah + tt * at + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (dyb) *(uint2*)(dyb + o) = make_uint2(pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
     }
 #pragma unroll
     for (int m = L / 2; m > 0; m >>= 1) total += __shfl_xor_sync(0xffffffff, total, m);
-    if (live && c == 0) D[r] = total;
+    if (live && c == 0) {
+        D[r] = total;
+        if (lse) D[rows + r] = lse[r] * 1.4426950408889634f;
+    }
 }
 
-// rows [r0, r0 + 64) of a (T, HD) head matrix (row stride st elements) into dst[64][HD + 8] as bf16; zeros past T
-template<int HD, typename S>
-__device__ __forceinline__ void load_tile(unsigned short* dst, const S* src, long long st, int r0, int T) {
+// rows [r0, r0 + 64) of a (T, HD) bf16 head matrix (row stride st elements) into dst[64][HD + 8] through cp.async
+// (16 bytes a copy; zeros past T; commit and wait are the caller's)
+template<int HD>
+__device__ __forceinline__ void async_tile(unsigned short* dst, const unsigned short* src, long long st, int r0, int T) {
     constexpr int CH = HD / 8;
+#pragma unroll
     for (int e = threadIdx.x; e < 64 * CH; e += 128) {
         int r = e / CH, c = e % CH;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (r0 + r < T) x = eight_bf16(src + (long long)(r0 + r) * st + c * 8);
-        *(uint4*)(dst + r * (HD + 8) + c * 8) = x;
+        bool in = r0 + r < T;
+        cp16(dst + r * (HD + 8) + c * 8, src + (long long)(in ? r0 + r : r0) * st + c * 8, in ? 16 : 0);
     }
+}
+// A query tile of the bf16 backward through cp.async into dst: q[64][HD + 8] and dy[64][HD + 8] (bf16 rows
+// [r0, r0 + 64), strides sq and sy), then D[64] and L[64] (float32, a value a row; 128 threads; zeros past T), then
+// (bits not null) the 128 words of the tile pair's keep block.
+template<int HD>
+__device__ __forceinline__ void async_queries(unsigned short* dst, const unsigned short* q, long long sq,
+        const unsigned short* dy, long long sy, const float* D, const float* L, const unsigned* bits, int r0, int T) {
+    async_tile<HD>(dst, q, sq, r0, T);
+    async_tile<HD>(dst + 64 * (HD + 8), dy, sy, r0, T);
+    const int i = threadIdx.x & 63;
+    const bool in = r0 + i < T;
+    float* f = (float*)(dst + 128 * (HD + 8));
+    cp4(f + threadIdx.x, (threadIdx.x < 64 ? D : L) + (in ? r0 + i : r0), in ? 4 : 0);
+    if (bits && threadIdx.x < 32) cp16(f + 128 + 4 * threadIdx.x, bits + 4 * threadIdx.x, 16);
 }
 
 #define MMA_ARGS const unsigned short* q, const unsigned short* k, const unsigned short* v, int NH, int T, int HS, \
@@ -91,9 +107,10 @@ __device__ __forceinline__ void load_tile(unsigned short* dst, const S* src, lon
 // ---- what the bf16 and tf32 kernels share ----
 // The online softmax step of one 16 x 64 score tile s (accumulator layout: a lane holds rows row0 and row0 + 8,
 // keys k0 + 8 j + 2 t and + 1): masks, scales to base 2, moves the rows' maxima m and sums l on, rescales o, and
-// leaves P (dropped) in s for the product with V.
+// leaves P (dropped) in s for the product with V. Returns the dropout's keep bits of the lane's 32 elements, element
+// s[j][e] at bit 4 j + e (zero without dropout): the word keep_bits_tile stores.
 template<int HD>
-__device__ __forceinline__ void softmax_tile(float (&s)[8][4], float (&m)[2], float (&l)[2], float (&o)[HD / 8][4], int k0,
+__device__ __forceinline__ unsigned softmax_tile(float (&s)[8][4], float (&m)[2], float (&l)[2], float (&o)[HD / 8][4], int k0,
         int row0, int t, int T, int causal, float sl2, long long bh, int has_drop, unsigned long long seed, float drop_p,
         float drop_scale) {
     float mx[2] = {m[0], m[1]};
@@ -117,20 +134,43 @@ __device__ __forceinline__ void softmax_tile(float (&s)[8][4], float (&m)[2], fl
         l[r] *= alpha[r];
     }
     const float mb[2] = {m[0] == NEG_INF ? 0.f : m[0], m[1] == NEG_INF ? 0.f : m[1]};   // a masked score's x - mb: -inf
+    unsigned bits = 0;
+    if (has_drop) {   // a rolled loop: unrolled, the 32 hashes were all computed first, held in registers
+        const long long base = (bh * T + row0) * (long long)T + k0 + 2 * t;
+#pragma unroll 1
+        for (int i = 0; i < 32; i++)   // element s[i / 4][i % 4]
+            bits |= (unsigned)dropout_keep(seed, base + ((i & 2) ? 8LL * T : 0LL) + 8 * (i >> 2) + (i & 1), drop_p) << i;
+    }
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             float p = exp2_ftz(s[j][e] - mb[e >> 1]);
             l[e >> 1] += p;
-            if (has_drop) {
-                long long index = (bh * T + row0 + 8 * (e >> 1)) * (long long)T + k0 + 8 * j + 2 * t + (e & 1);
-                p = dropout_keep(seed, index, drop_p) ? p * drop_scale : 0.f;
-            }
+            if (has_drop) p = (bits >> (4 * j + e)) & 1u ? p * drop_scale : 0.f;
             s[j][e] = p;
         }
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+    return bits;
+}
+// The bf16 kernels' stored dropout mask, a 512-byte block of 128 words for each (b, h, query tile, key tile): word
+// 32 w + lane is softmax_tile's keep bits of warp w's lane. The backward's lane (g, t) of warp w needs, for its
+// element (key 16 w + g + 8 (e / 2), query 8 j + 2 t + e % 2), the forward's element (query 16 (j / 2) + 8 (j % 2) +
+// 2 t + e % 2, key 8 (2 w + e / 2) + g): word 32 (j / 2) + 4 (2 t + e % 2) + g / 2, bit 8 w + 4 (e / 2) + 2 (j % 2) +
+// g % 2. keep_words reads the eight words a lane takes from a block in shared memory, each shifted right by
+// 8 w + g % 2; keep_bit picks element (j, e) from them.
+__device__ __forceinline__ long long keep_block(long long bh, int qt, int kt, int tiles) {
+    return ((bh * tiles + qt) * tiles + kt) * 128;
+}
+__device__ __forceinline__ void keep_words(unsigned (&w)[4][2], const unsigned* block, int warp, int g, int t) {
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int b = 0; b < 2; b++) w[a][b] = block[32 * a + 4 * (2 * t + b) + (g >> 1)] >> (8 * warp + (g & 1));
+}
+__device__ __forceinline__ bool keep_bit(const unsigned (&w)[4][2], int j, int e) {
+    return (w[j >> 1][e & 1] >> (4 * (e >> 1) + 2 * (j & 1))) & 1u;
 }
 // After the last key tile: y's rows row0 and row0 + 8 = o / l, and their log-sum-exp (natural log).
 template<typename O, int HD>
@@ -154,10 +194,12 @@ __device__ __forceinline__ void finish_rows(const float (&o)[HD / 8][4], const f
     }
 }
 // Pd^T and dS^T of one 16 keys x 64 queries tile, in place of S^T (s) and dPd^T (dp): element (key0 + 8 (e / 2),
-// q0 + 8 j + 2 t + e % 2); Ls, Ds: the 64 queries' log-sum-exp (base 2) and rowsum(dy * y).
+// q0 + 8 j + 2 t + e % 2); Ls, Ds: the 64 queries' log-sum-exp (base 2) and rowsum(dy * y). words (BITS): the
+// forward's keep bits (keep_words) in place of the hash.
+template<bool BITS = false>
 __device__ __forceinline__ void grad_tile(float (&s)[8][4], float (&dp)[8][4], const float* Ls, const float* Ds, int key0,
         int q0, int t, int T, int causal, float sl2, long long bh, int has_drop, unsigned long long seed, float drop_p,
-        float drop_scale) {
+        float drop_scale, const unsigned (&words)[4][2] = {}) {
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -166,7 +208,7 @@ __device__ __forceinline__ void grad_tile(float (&s)[8][4], float (&dp)[8][4], c
             bool ok = qi < T && kj < T && !(causal && kj > qi);
             float p = ok ? exp2_ftz(s[j][e] * sl2 - Ls[c]) : 0.f, pd = p, dpd = dp[j][e];
             if (has_drop && ok) {
-                bool keep = dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
+                bool keep = BITS ? keep_bit(words, j, e) : dropout_keep(seed, (bh * T + qi) * (long long)T + kj, drop_p);
                 pd = keep ? p * drop_scale : 0.f;
                 dpd = keep ? dpd * drop_scale : 0.f;
             }

@@ -13,12 +13,6 @@ __device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
     hi = (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
     lo = __float_as_uint(x - __uint_as_float(hi));
 }
-// 16 bytes global -> shared, bypassing L1; bytes = 0 writes zeros (a chunk past the matrix)
-__device__ __forceinline__ void cp16(void* dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template<int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
 
 constexpr int BK = 32;
 // a tile's words: k-contiguous (R rows of BK, stride BK + 8) or R-contiguous (BK rows of R, stride R + 4)

@@ -181,9 +181,8 @@ class LinearBF16Cuda:
 def _heads(B, NH, M, N, K, a, lda, a_s, b, ldb, b_s, c, ldc, c_s, trans_a=False, trans_b=False):
     """gemm_heads_bf16 on byte addresses a, b (bf16) and c (float32) with (batch, head) strides a_s, b_s, c_s in
     elements; without libcublas, one CuPy product per (batch, head) on widened operands (slow, same values)."""
-    if gemm_heads_bf16(B, NH, M, N, K, a, lda, *a_s, b, ldb, *b_s, c, ldc, *c_s, trans_a=trans_a, trans_b=trans_b):
-        return
-    raise RuntimeError("bf16 attention needs libcublas (cublasGemmBatchedEx), which could not be loaded")
+    if not gemm_heads_bf16(B, NH, M, N, K, a, lda, *a_s, b, ldb, *b_s, c, ldc, *c_s, trans_a=trans_a, trans_b=trans_b):
+        raise RuntimeError("bf16 attention needs libcublas (cublasGemmBatchedEx), which could not be loaded")
 
 
 class SelfAttentionBF16Cuda:
@@ -193,8 +192,8 @@ class SelfAttentionBF16Cuda:
     sums, float32 results). Saves the bf16 qkv and, as attention.SAVE says, the rows' log-sum-exp ("lse":
     backward multiplies the same bf16 q k^T again), or the float32 P ("p"), or the float32 P and the bf16
     Pd ("p+pd"). Where flash_mma.py takes the heads (32 or 64 wide; TINYGRAD_LLM_FLASH_MMA), its tensor-core
-    flash kernels do all of it instead (the same mask from the same seed), keeping the bf16 qkv, y and lse, and
-    offering y's bf16 copy (written beside y) to c_proj."""
+    flash kernels do all of it instead (the same mask from the same seed), keeping the bf16 qkv, y, lse and (with
+    dropout, flash_mma.keep_bits_for) the mask's bits, and offering y's bf16 copy (written beside y) to c_proj."""
 
     @staticmethod
     def forward(ctx, qkv, n_head, causal=True, scale=1.0, dropout_p=0.0, rng=None):
@@ -210,8 +209,9 @@ class SelfAttentionBF16Cuda:
         if ctx.mma:
             _draw_seed(ctx, causal, scale, dropout_p, rng)
             yb = cp.empty((B, T, C), dtype=np.uint16) if precision.collecting() else None   # c_proj's operand
+            ctx.keep_bits = flash_mma.keep_bits_for(qb, NH, dropout_p)   # the mask, stored for the backward
             y, ctx.lse = flash_mma.self_attention_forward(qb, NH, causal, scale, ctx.seed, dropout_p, ctx.seed_ptr,
-                                                          y_bf16=yb)
+                                                          y_bf16=yb, keep_bits=ctx.keep_bits)
             precision.offer_copy(y, yb)   # kept only where collecting(), where yb was made
             ctx.qb, ctx.y, ctx.n_head = qb, y, NH
             return y
@@ -245,7 +245,7 @@ class SelfAttentionBF16Cuda:
         if ctx.mma:
             dout = cp.ascontiguousarray(dout, dtype=np.float32)
             return flash_mma.self_attention_backward(ctx.qb, ctx.y, ctx.lse, dout, ctx.n_head, ctx.causal, ctx.scale,
-                                                     ctx.seed, ctx.drop_p, ctx.seed_ptr)
+                                                     ctx.seed, ctx.drop_p, ctx.seed_ptr, keep_bits=ctx.keep_bits)
         qb, NH, causal = ctx.qb, ctx.n_head, ctx.causal
         B, T, C3 = qb.shape
         C = C3 // 3

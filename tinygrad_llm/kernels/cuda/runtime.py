@@ -121,14 +121,25 @@ __device__ __forceinline__ unsigned long long dropout_seed(const unsigned long l
 }
 """
 
-# What the tensor-core kernels share (flash_mma*.py, gemm_3xtf32_kernels.py): a shared-memory address for PTX, and
-# the tf32 product. Prepended to those sources only.
+# What the tensor-core kernels share (flash_mma*.py, gemm_3xtf32_kernels.py): a shared-memory address for PTX,
+# asynchronous copies into shared memory, and the tf32 product. Prepended to those sources only.
 TENSOR_CORE = r"""
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
+// 16 bytes global -> shared, bypassing L1; bytes = 0 writes zeros (a chunk past the matrix)
+__device__ __forceinline__ void cp16(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+// 4 bytes global -> shared; bytes = 0 writes zeros
+__device__ __forceinline__ void cp4(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+// the copies issued so far form a group; wait until at most N groups are still in flight
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template<int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
 // accumulator fragments (4 floats a lane each) set to zero
 template<int N> __device__ __forceinline__ void zero(float (&a)[N][4]) {
 #pragma unroll
