@@ -138,7 +138,7 @@ def packed_supported(qkv, n_head, output="float32", kind=None):
     C, kind = C3 // 3, kind or _kind(qkv)
     if (qkv.dtype == np.uint16) != (kind == "bfloat16") or qkv.dtype not in (np.uint16, np.float32):
         return False
-    return (C % n_head == 0 and B * n_head <= 65535   # one grid row a (batch, head): CUDA's grid y limit
+    return (C % n_head == 0 and B * n_head <= 65535   # the tf32 kernels: a grid row a (batch, head), y <= 65535
             and supported(C // n_head, (qkv.data.ptr,), (C3, C), output, kind))
 
 
@@ -174,8 +174,15 @@ def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0
     if keep_bits and (kind != "bfloat16" or not dropout_p or int(keep_bits) % 16):
         raise ValueError("flash_mma: keep_bits is for the bf16 kind with dropout, 16-byte aligned")
     copy = (y_bf16, keep_bits) if kind == "bfloat16" else ()
-    fn((-(-layout.T // TILE), layout.B * layout.NH), (THREADS,),
+    fn(_grid(kind, layout.T, layout.B * layout.NH), (THREADS,),
        layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(y, lse, *copy), shared_mem=smem)
+
+
+def _grid(kind, T, heads):
+    """A block a 64-row tile of a (b, h): the bf16 kernels take (b, h) as x and the tile as y, so that every head's
+    longest causal tiles (the last queries forward, the first keys backward) are issued before any shorter one
+    and the last wave holds the short ones; the tf32 kernels take (tile, (b, h))."""
+    return (heads, -(-T // TILE)) if kind == "bfloat16" else (-(-T // TILE), heads)
 
 
 def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scale=1.0, seed=0, dropout_p=0.0,
@@ -216,7 +223,7 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scal
     fn, smem = found["backward_bits" if keep_bits else "backward"]
     tail = (_pointers(dy_bf16 if copy else dy, D, keep_bits, dk, dv, acc) if bf16   # lse comes in D, in base 2
             else _pointers(dy, lse, D, dk, dv, acc))
-    fn((-(-T // TILE), B * NH), (THREADS,),
+    fn(_grid(kind, T, B * NH), (THREADS,),
        layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + tail + acc_strides, shared_mem=smem)
     if output != "float32":
         n = rows * HS

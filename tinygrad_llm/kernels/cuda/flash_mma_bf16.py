@@ -13,7 +13,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
     MMA_SETUP
     constexpr int LDS = HD + 8, KS = HD / 16;
     unsigned short *Qs = sm, *KV = Qs + 64 * LDS;   // buffer i's keys at KV + 128 i LDS, its values after them
-    const int qt = gridDim.x - 1 - blockIdx.x, q0 = qt * 64;   // the longest causal rows first
+    const int qt = gridDim.y - 1 - blockIdx.y, q0 = qt * 64;   // the longest causal rows first
     const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
     async_tile<HD>(Qs, q + in0, st, q0, T);
     async_tile<HD>(KV, k + in0, st, 0, T);
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
                 mma16816(s[2 * n + 1], qa[kk], b[2], b[3]);
             }
         unsigned kept = softmax_tile<HD>(s, m, l, o, k0, row0, t, T, causal, sl2, bh, has_drop, seed, drop_p, drop_scale);
-        if (keep_bits) keep_bits[keep_block(bh, qt, k0 / 64, gridDim.x) + threadIdx.x] = kept;
+        if (keep_bits) keep_bits[keep_block(bh, qt, k0 / 64, gridDim.y) + threadIdx.x] = kept;
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {   // keys 16kk..16kk+15: P's fragments are the scores' accumulators
             unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
@@ -80,12 +80,12 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const unsign
     constexpr int LDS = HD + 8, KS = HD / 16, LDT = 64 + 8;
     constexpr int BUF = 128 * LDS + 2 * 64 * 2 + 128 * 2;   // a buffer: q, dy (bf16), D, L (float32), keep block
     unsigned short *Ks = sm, *Vs = Ks + 64 * LDS, *St = Vs + 64 * LDS, *QY = St + 64 * LDT;
-    const int k0 = blockIdx.x * 64, first = causal ? k0 : 0, kt = blockIdx.x;
-    const long long rows = (long long)gridDim.y * T;
+    const int kt = blockIdx.y, k0 = kt * 64, first = causal ? k0 : 0;   // the longest causal key tiles first
+    const long long rows = (long long)gridDim.x * T;
     async_tile<HD>(Ks, k + in0, st, k0, T);
     async_tile<HD>(Vs, v + in0, st, k0, T);
     async_queries<HD>(QY, q + in0, st, dyb + out0, ot, LD + bh * T, LD + rows + bh * T,
-                      BITS ? keep_bits + keep_block(bh, first / 64, kt, gridDim.x) : nullptr, first, T);
+                      BITS ? keep_bits + keep_block(bh, first / 64, kt, gridDim.y) : nullptr, first, T);
     cp_commit();
     cp_wait<0>();
     __syncthreads();
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const unsign
         }
         if (q0 + 64 < T) {
             async_queries<HD>(QY + (buf ^ 1) * BUF, q + in0, st, dyb + out0, ot, LD + bh * T, LD + rows + bh * T,
-                              BITS ? keep_bits + keep_block(bh, q0 / 64 + 1, kt, gridDim.x) : nullptr, q0 + 64, T);
+                              BITS ? keep_bits + keep_block(bh, q0 / 64 + 1, kt, gridDim.y) : nullptr, q0 + 64, T);
             cp_commit();
         }
         const unsigned short *Qs = QY + buf * BUF, *Ys = Qs + 64 * LDS;

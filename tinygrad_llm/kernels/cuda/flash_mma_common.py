@@ -100,7 +100,7 @@ __device__ __forceinline__ void async_queries(unsigned short* dst, const unsigne
     const unsigned long long* seed_ptr, unsigned long long seed, float drop_p, float drop_scale, int has_drop
 #define MMA_SETUP if (has_drop) seed = dropout_seed(seed_ptr, seed); \
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3; \
-    const long long bh = blockIdx.y, in0 = (bh / NH) * sb + (bh % NH) * sh, out0 = (bh / NH) * ob + (bh % NH) * oh; \
+    const long long bh = blockIdx.x, in0 = (bh / NH) * sb + (bh % NH) * sh, out0 = (bh / NH) * ob + (bh % NH) * oh; \
     const float sl2 = scale * 1.4426950408889634f; \
     extern __shared__ __align__(16) unsigned short sm[];
 
@@ -135,9 +135,9 @@ __device__ __forceinline__ unsigned softmax_tile(float (&s)[8][4], float (&m)[2]
     }
     const float mb[2] = {m[0] == NEG_INF ? 0.f : m[0], m[1] == NEG_INF ? 0.f : m[1]};   // a masked score's x - mb: -inf
     unsigned bits = 0;
-    if (has_drop) {   // a rolled loop: unrolled, the 32 hashes were all computed first, held in registers
+    if (has_drop) {   // unrolled 4 times, not 32: all 32 hashes were computed first, held in registers (168 a thread)
         const long long base = (bh * T + row0) * (long long)T + k0 + 2 * t;
-#pragma unroll 1
+#pragma unroll 4
         for (int i = 0; i < 32; i++)   // element s[i / 4][i % 4]
             bits |= (unsigned)dropout_keep(seed, base + ((i & 2) ? 8LL * T : 0LL) + 8 * (i >> 2) + (i & 1), drop_p) << i;
     }
