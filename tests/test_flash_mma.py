@@ -210,8 +210,7 @@ def test_stored_mask_is_the_hash_and_backward_reads_it(B, T, NH, HS, causal):
     """keep_bits: the forward stores the dropout mask, each element's bit where flash_mma_common.py's keep_block
     comment puts it, equal to the hash (test_dropout_hash's NumPy rule) on every element the attention sees; the
     backward that reads it gives dk and dv bit for bit and dq to rounding (atomic sums) as the one that hashes, in
-    float32 and bf16 outputs."""
-    import cupy as cp
+    float32 and bf16 outputs, and one block's bits flipped changes them (so the bits are what it reads)."""
     from test_dropout_hash import keep_reference
     mma, mixed = modules()
     _, bits, dout = inputs(B, T, NH, HS, "bfloat16", seed=T)
@@ -241,6 +240,12 @@ def test_stored_mask_is_the_hash_and_backward_reads_it(B, T, NH, HS, causal):
         assert bool((read[..., C:] == hashed[..., C:]).all())   # dk, dv
         widen = (lambda a: a) if output == "float32" else mixed.from_bf16
         assert rel_err(widen(read[..., :C]), widen(hashed[..., :C])) < (1e-6 if output == "float32" else 1e-2)
+    flipped = keep.copy()
+    flipped[:128] ^= np.uint32(0xFFFFFFFF)   # (b, h) 0's first tile pair: its queries 0-63 against keys 0-63
+    read = mma.self_attention_backward(bits, y, lse, dout, NH, causal, 0.2, seed, p, keep_bits=keep)
+    changed = mma.self_attention_backward(bits, y, lse, dout, NH, causal, 0.2, seed, p, keep_bits=flipped)
+    assert not bool((changed[0, :64, C:] == read[0, :64, C:]).all())   # those keys' dk, dv
+    assert bool((changed[0, 64:, C:] == read[0, 64:, C:]).all()) and bool((changed[1:, :, C:] == read[1:, :, C:]).all())
 
 
 def test_keep_bits_policy_and_refusals():

@@ -138,7 +138,7 @@ def packed_supported(qkv, n_head, output="float32", kind=None):
     C, kind = C3 // 3, kind or _kind(qkv)
     if (qkv.dtype == np.uint16) != (kind == "bfloat16") or qkv.dtype not in (np.uint16, np.float32):
         return False
-    return (C % n_head == 0 and B * n_head <= 65535   # the tf32 kernels: a grid row a (batch, head), y <= 65535
+    return (C % n_head == 0 and (kind == "bfloat16" or B * n_head <= 65535)   # tf32: (b, h) is the grid's y
             and supported(C // n_head, (qkv.data.ptr,), (C3, C), output, kind))
 
 
@@ -193,9 +193,8 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scal
     be None then): its rows must start 16-byte aligned (the sums are added 16 bytes at a time); dy_bf16 (kind
     bfloat16 with float32 outputs): scratch with dy's strides, 16-byte aligned, for dy's bf16 bits (the products'
     operand); keep_bits (kind bfloat16): the mask the forward stored, read instead of the hash. The same arguments
-    as the forward, or the mask differs. Launches only: a first pass writes D (and
-    dy's bf16 bits) and zeroes dQ's sums, the kernel adds into them, and with bfloat16 outputs a last pass rounds
-    them into dq."""
+    as the forward, or the mask differs. Launches only: a first pass writes D (and dy's bf16 bits) and zeroes dQ's
+    sums, the kernel adds into them, and with bfloat16 outputs a last pass rounds them into dq."""
     found = _kernels(kind, output, layout.HS)
     B, NH, T, HS = layout.B, layout.NH, layout.T, layout.HS
     rows = B * NH * T

@@ -1,10 +1,10 @@
 """The C++ helpers of flash_mma.py's kernels: shared-memory matrix loads (ldmatrix), the bf16 tensor-core
 product (mma.sync m16n8k16), bf16 rounding, the bf16 tiles' asynchronous loaders, the backward's first pass
-(rowsum(dy * y), dQ's sums zeroed, dy's bf16 copy), the bf16 kernels' argument list, and the steps the bf16 and tf32 kernels share (the online
-softmax of a score tile, the output rows, Pd and dS of a tile, dQ's atomic sums, dk and dv). Kept apart from
-the launchers so each file stays short; the kernels are in flash_mma_bf16.py and flash_mma_tf32.py (which
-holds the tf32 helpers: tf32 rounding and the 3xTF32 split, the tf32 tiles and their fragments; the m16n8k8
-product is runtime.TENSOR_CORE's).
+(rowsum(dy * y), dQ's sums zeroed, dy's bf16 copy), the stored dropout mask's layout, the bf16 kernels' argument
+list, and the steps the bf16 and tf32 kernels share (the online softmax of a score tile, the output rows, Pd and
+dS of a tile, dQ's atomic sums, dk and dv). Kept apart from the launchers so each file stays short; the kernels
+are in flash_mma_bf16.py and flash_mma_tf32.py (which holds the tf32 helpers: tf32 rounding and the 3xTF32 split,
+the tf32 tiles and their fragments; the m16n8k8 product is runtime.TENSOR_CORE's).
 """
 
 from .runtime import TENSOR_CORE
@@ -108,7 +108,7 @@ __device__ __forceinline__ void async_queries(unsigned short* dst, const unsigne
 // The online softmax step of one 16 x 64 score tile s (accumulator layout: a lane holds rows row0 and row0 + 8,
 // keys k0 + 8 j + 2 t and + 1): masks, scales to base 2, moves the rows' maxima m and sums l on, rescales o, and
 // leaves P (dropped) in s for the product with V. Returns the dropout's keep bits of the lane's 32 elements, element
-// s[j][e] at bit 4 j + e (zero without dropout): the word keep_bits_tile stores.
+// s[j][e] at bit 4 j + e (zero without dropout): the word mma_flash_forward stores at keep_block.
 template<int HD>
 __device__ __forceinline__ unsigned softmax_tile(float (&s)[8][4], float (&m)[2], float (&l)[2], float (&o)[HD / 8][4], int k0,
         int row0, int t, int T, int causal, float sl2, long long bh, int has_drop, unsigned long long seed, float drop_p,
@@ -135,7 +135,7 @@ __device__ __forceinline__ unsigned softmax_tile(float (&s)[8][4], float (&m)[2]
     }
     const float mb[2] = {m[0] == NEG_INF ? 0.f : m[0], m[1] == NEG_INF ? 0.f : m[1]};   // a masked score's x - mb: -inf
     unsigned bits = 0;
-    if (has_drop) {   // unrolled 4 times, not 32: all 32 hashes were computed first, held in registers (168 a thread)
+    if (has_drop) {   // unrolled 4 times, not 32: all 32 hashes were computed first and held (CUDA 13: 168 registers)
         const long long base = (bh * T + row0) * (long long)T + k0 + 2 * t;
 #pragma unroll 4
         for (int i = 0; i < 32; i++)   // element s[i / 4][i % 4]
