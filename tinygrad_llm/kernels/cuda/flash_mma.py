@@ -171,8 +171,7 @@ def forward(layout, q, k, v, y, lse, causal=True, scale=1.0, seed=0, dropout_p=0
     with y's strides, written beside y; keep_bits (kind bfloat16 with dropout; 0: none): keep_bits_words words
     (16-byte aligned) that receive the dropout mask, for the backward."""
     fn, smem = _kernels(kind, output, layout.HS)["forward"]
-    if keep_bits and (kind != "bfloat16" or not dropout_p or int(keep_bits) % 16):
-        raise ValueError("flash_mma: keep_bits is for the bf16 kind with dropout, 16-byte aligned")
+    _check_keep_pointer(keep_bits, kind, dropout_p)
     copy = (y_bf16, keep_bits) if kind == "bfloat16" else ()
     fn(_grid(kind, layout.T, layout.B * layout.NH), (THREADS,),
        layout.args(q, k, v, causal, scale, seed, dropout_p, seed_ptr) + _pointers(y, lse, *copy), shared_mem=smem)
@@ -208,8 +207,7 @@ def backward(layout, q, k, v, y, dy, lse, D, dq, dk, dv, work, causal=True, scal
         raise ValueError("flash_mma: backward's dQ sums need rows on 16-byte boundaries (pointer % 16, strides % 4)")
     bf16 = kind == "bfloat16"
     copy = bf16 and output == "float32"   # the products read dy's bf16 bits: the first pass writes them
-    if keep_bits and (not bf16 or not dropout_p or int(keep_bits) % 16):
-        raise ValueError("flash_mma: keep_bits is for the bf16 kind with dropout, 16-byte aligned")
+    _check_keep_pointer(keep_bits, kind, dropout_p)
     if copy and (not dy_bf16 or int(dy_bf16) % 16):
         raise ValueError("flash_mma: the bf16 backward with float32 outputs needs dy_bf16, 16-byte aligned scratch "
                          "with dy's strides")
@@ -277,6 +275,12 @@ def self_attention_backward(qkv, y, lse, dy, n_head, causal, scale, seed, dropou
              dropout_p, seed_ptr, output, kind, 0 if dy_bf16 is None else dy_bf16.data.ptr,
              0 if keep_bits is None else keep_bits.data.ptr)
     return dqkv
+
+
+def _check_keep_pointer(keep_bits, kind, dropout_p):
+    """forward's and backward's refusal of a keep_bits pointer (0: none) where no mask is stored or read."""
+    if keep_bits and (kind != "bfloat16" or not dropout_p or int(keep_bits) % 16):
+        raise ValueError("flash_mma: keep_bits is for the bf16 kind with dropout, 16-byte aligned")
 
 
 def _check_keep_bits(keep_bits, B, NH, T):

@@ -15,9 +15,12 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
     unsigned short *Qs = sm, *KV = Qs + 64 * LDS;   // buffer i's keys at KV + 128 i LDS, its values after them
     const int qt = gridDim.y - 1 - blockIdx.y, q0 = qt * 64;   // the longest causal rows first
     const int row0 = q0 + warp * 16 + g, kend = causal ? min(T, q0 + 64) : T;
+    auto fetch = [&](int i, int r0) {   // keys and values [r0, r0 + 64) into buffer i
+        async_tile<HD>(KV + i * 128 * LDS, k + in0, st, r0, T);
+        async_tile<HD>(KV + i * 128 * LDS + 64 * LDS, v + in0, st, r0, T);
+    };
     async_tile<HD>(Qs, q + in0, st, q0, T);
-    async_tile<HD>(KV, k + in0, st, 0, T);
-    async_tile<HD>(KV + 64 * LDS, v + in0, st, 0, T);
+    fetch(0, 0);
     cp_commit();
     cp_wait<0>();
     __syncthreads();
@@ -32,8 +35,7 @@ __global__ void __launch_bounds__(128) mma_flash_forward(MMA_ARGS, O* y, float* 
             __syncthreads();
         }
         if (k0 + 64 < kend) {
-            async_tile<HD>(KV + (buf ^ 1) * 128 * LDS, k + in0, st, k0 + 64, T);
-            async_tile<HD>(KV + (buf ^ 1) * 128 * LDS + 64 * LDS, v + in0, st, k0 + 64, T);
+            fetch(buf ^ 1, k0 + 64);
             cp_commit();
         }
         const unsigned short *Ks = KV + buf * 128 * LDS, *Vs = Ks + 64 * LDS;
@@ -82,10 +84,13 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const unsign
     unsigned short *Ks = sm, *Vs = Ks + 64 * LDS, *St = Vs + 64 * LDS, *QY = St + 64 * LDT;
     const int kt = blockIdx.y, k0 = kt * 64, first = causal ? k0 : 0;   // the longest causal key tiles first
     const long long rows = (long long)gridDim.x * T;
+    auto fetch = [&](int i, int r0) {   // query tile [r0, r0 + 64) into buffer i
+        async_queries<HD>(QY + i * BUF, q + in0, st, dyb + out0, ot, LD + bh * T, LD + rows + bh * T,
+                          BITS ? keep_bits + keep_block(bh, r0 / 64, kt, gridDim.y) : nullptr, r0, T);
+    };
     async_tile<HD>(Ks, k + in0, st, k0, T);
     async_tile<HD>(Vs, v + in0, st, k0, T);
-    async_queries<HD>(QY, q + in0, st, dyb + out0, ot, LD + bh * T, LD + rows + bh * T,
-                      BITS ? keep_bits + keep_block(bh, first / 64, kt, gridDim.y) : nullptr, first, T);
+    fetch(0, first);
     cp_commit();
     cp_wait<0>();
     __syncthreads();
@@ -105,8 +110,7 @@ __global__ void __launch_bounds__(128) mma_flash_backward(MMA_ARGS, const unsign
             __syncthreads();
         }
         if (q0 + 64 < T) {
-            async_queries<HD>(QY + (buf ^ 1) * BUF, q + in0, st, dyb + out0, ot, LD + bh * T, LD + rows + bh * T,
-                              BITS ? keep_bits + keep_block(bh, q0 / 64 + 1, kt, gridDim.y) : nullptr, q0 + 64, T);
+            fetch(buf ^ 1, q0 + 64);
             cp_commit();
         }
         const unsigned short *Qs = QY + buf * BUF, *Ys = Qs + 64 * LDS;
